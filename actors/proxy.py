@@ -1,0 +1,239 @@
+"""The worker proxy: the only code that talks HTTP to a worker manager.
+
+One proxy serves one endpoint (host:port). It keeps one ``httpx.AsyncClient``
+open for its worker, probes the worker on an interval, and turns every outcome of
+an operation into a ``WorkerApplyOutput`` that names the worker — it never raises
+for a worker's failure.
+
+The same class runs as a Ray actor (``ray.remote(WorkerProxy)``, created by the
+coordinator) and as a plain object in unit tests, where an
+``httpx.MockTransport`` stands in for the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from actors.transport import (
+    WorkerBadAnswer,
+    WorkerCallError,
+    WorkerUnreachable,
+    map_transport_errors,
+    read_json,
+)
+from coordinator.config import ProbeSettings, Timeouts
+from coordinator.models import (
+    Endpoint,
+    SupportsOutcome,
+    WorkerApplyOutput,
+    WorkerApplyRequest,
+    WorkerStartupRequest,
+    WorkerSupportedModel,
+)
+
+log = logging.getLogger(__name__)
+
+_SUPPORTED = TypeAdapter(list[WorkerSupportedModel])
+
+#: Resends of a request that provably never reached the worker, and the pause
+#: before each.
+RETRY_BACKOFF = (0.2, 0.5)
+
+
+class ProbeState(BaseModel):
+    """What the proxy knows first-hand about its worker."""
+
+    reachable: bool | None = None  # None: not probed yet
+    consecutive_failures: int = 0
+    last_error: str | None = None
+    last_ok: float | None = None  # wall-clock seconds
+    checked_at: float | None = None
+
+
+ProbeListener = Callable[[Endpoint, ProbeState], Awaitable[None] | None]
+
+
+class WorkerProxy:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        timeouts: Timeouts | None = None,
+        probe: ProbeSettings | None = None,
+        headers: dict[str, str] | None = None,
+        on_probe_change: ProbeListener | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.endpoint = Endpoint(host, port)
+        self._timeouts = timeouts or Timeouts()
+        self._probe_settings = probe or ProbeSettings()
+        self._on_probe_change = on_probe_change
+        self._clock = clock
+        self._client = httpx.AsyncClient(
+            base_url=f"http://{host}:{port}/api/worker",
+            headers=headers or {},
+            transport=transport,
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=32),
+        )
+        self._state = ProbeState()
+        self._probe_task: asyncio.Task[None] | None = None
+        if self._probe_settings.enabled:
+            self._probe_task = asyncio.get_running_loop().create_task(self._probe_loop())
+
+    # ---- operations -----------------------------------------------------
+
+    async def apply(self, req: WorkerApplyRequest) -> WorkerApplyOutput:
+        what = f"apply {req.apply_type.value} {req.key}"
+
+        async def call() -> WorkerApplyOutput:
+            body = await self._request("POST", "/apply", "apply", json=req.model_dump(mode="json"))
+            try:
+                out = WorkerApplyOutput.model_validate(body)
+            except ValidationError as exc:
+                raise WorkerBadAnswer(f"answer is not a WorkerApplyOutput: {_first_error(exc)}") from exc
+            return out.model_copy(update={"host": self.endpoint.host, "port": self.endpoint.port})
+
+        return await self._operate(what, call)
+
+    async def startup(self, req: WorkerStartupRequest) -> WorkerApplyOutput:
+        return await self._lifecycle("startup", "/models/startup", req)
+
+    async def shutdown(self, req: WorkerStartupRequest) -> WorkerApplyOutput:
+        return await self._lifecycle("shutdown", "/models/shutdown", req)
+
+    async def supports(self) -> SupportsOutcome:
+        try:
+            body = await self._with_retries(
+                lambda: self._request("GET", "/models/supports", "supports")
+            )
+            try:
+                models = _SUPPORTED.validate_python(body)
+            except ValidationError as exc:
+                raise WorkerBadAnswer(
+                    f"answer is not a list of WorkerSupportedModel: {_first_error(exc)}"
+                ) from exc
+            return SupportsOutcome(endpoint=self.endpoint, models=models)
+        except WorkerCallError as exc:
+            return SupportsOutcome(endpoint=self.endpoint, error=f"{self.endpoint}: supports failed: {exc}")
+
+    async def probe_state(self) -> ProbeState:
+        return self._state
+
+    async def close(self) -> None:
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+        await self._client.aclose()
+
+    # ---- internals ------------------------------------------------------
+
+    async def _lifecycle(self, op: str, path: str, req: WorkerStartupRequest) -> WorkerApplyOutput:
+        started = time.monotonic()
+
+        async def call() -> WorkerApplyOutput:
+            # DB-GPT answers a successful startup/shutdown with a bare `null`.
+            await self._request("POST", path, op, json=req.model_dump(mode="json"))
+            return self._output(f"{op} {req.key} succeeded", True, started)
+
+        return await self._operate(f"{op} {req.key}", call)
+
+    async def _operate(
+        self, what: str, call: Callable[[], Awaitable[WorkerApplyOutput]]
+    ) -> WorkerApplyOutput:
+        started = time.monotonic()
+        if self._state.reachable is False:
+            return self._output(
+                f"{what} not sent: worker unreachable ({self._state.consecutive_failures} "
+                f"failed probes; last: {self._state.last_error})",
+                False,
+                started,
+            )
+        try:
+            return await self._with_retries(call)
+        except WorkerCallError as exc:
+            return self._output(f"{what} failed: {exc}", False, started)
+
+    async def _with_retries(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        """Resend only what provably never reached the worker."""
+        for pause in (*RETRY_BACKOFF, None):
+            try:
+                return await call()
+            except WorkerUnreachable:
+                if pause is None:
+                    raise
+                await asyncio.sleep(pause)
+        raise AssertionError("unreachable")
+
+    async def _request(self, method: str, path: str, op: str, **kwargs: Any) -> Any:
+        limit = self._timeouts.for_operation(op)
+        timeout = httpx.Timeout(limit, connect=self._timeouts.connect)
+        with map_transport_errors(limit):
+            response = await self._client.request(method, path, timeout=timeout, **kwargs)
+        return read_json(response)
+
+    def _output(self, message: str, success: bool, started: float) -> WorkerApplyOutput:
+        return WorkerApplyOutput(
+            message=f"{self.endpoint}: {message}",
+            success=success,
+            timecost=round(time.monotonic() - started, 4),
+            host=self.endpoint.host,
+            port=self.endpoint.port,
+        )
+
+    async def _probe_loop(self) -> None:
+        settings = self._probe_settings
+        while True:
+            started = time.monotonic()
+            try:
+                await self._probe_once()
+            except Exception:  # the loop survives; the logic raised
+                log.exception("probe of %s failed unexpectedly", self.endpoint)
+            await asyncio.sleep(max(0.0, settings.interval - (time.monotonic() - started)))
+
+    async def _probe_once(self) -> None:
+        settings = self._probe_settings
+        error: str | None = None
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(*self.endpoint), timeout=settings.timeout
+            )
+            writer.close()
+        except TimeoutError:
+            error = f"connect timed out after {settings.timeout:g} s"
+        except OSError as exc:
+            error = exc.strerror or type(exc).__name__
+        await self._record_probe(error)
+
+    async def _record_probe(self, error: str | None) -> None:
+        now = self._clock()
+        old = self._state
+        if error is None:
+            new = ProbeState(reachable=True, last_ok=now, checked_at=now)
+        else:
+            failures = old.consecutive_failures + 1
+            dead = failures >= self._probe_settings.failures_to_dead
+            new = ProbeState(
+                reachable=False if dead else old.reachable,
+                consecutive_failures=failures,
+                last_error=error,
+                last_ok=old.last_ok,
+                checked_at=now,
+            )
+        self._state = new
+        if new.reachable != old.reachable and self._on_probe_change is not None:
+            result = self._on_probe_change(self.endpoint, new)
+            if asyncio.iscoroutine(result):
+                await result
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+    return f"{loc}: {err['msg']}"

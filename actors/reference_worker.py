@@ -1,0 +1,373 @@
+"""A reference worker manager: DB-GPT's worker-manager HTTP API over simulated
+models, for the quick start, the tests and the benchmarks.
+
+It behaves as PROTOCOL.md says a real DB-GPT 0.8.2 worker manager does: it
+registers itself as ``WorkerManager@service`` and each running model as
+``{model}@{type}`` with a controller, sends heartbeats, marks a stopped model
+unhealthy (still listed, so it can be started again), answers handler errors with
+a bare ``500 Internal Server Error`` and bad bodies with FastAPI's 422.
+
+Fault knobs (``/api/_reference/faults`` or :meth:`ReferenceWorker.set_faults`):
+``latency`` added to every worker call, ``fail_next`` N calls answered 500,
+``hang`` (accept and never answer). Every worker call is appended to a journal
+(``/api/_reference/journal``), so tests can see the order operations arrived in.
+
+Run one as a process::
+
+    python -m actors.reference_worker --port 18001 \\
+        --controller http://127.0.0.1:8000 --model chatgpt-test@llm
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import time
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import PlainTextResponse
+from pydantic import BaseModel, Field
+
+from actors.serving import HttpServer
+from coordinator.models import (
+    WORKER_MANAGER_KEY,
+    ApplyType,
+    ModelInstance,
+    WorkerApplyOutput,
+    WorkerApplyRequest,
+    WorkerStartupRequest,
+    parse_worker_key,
+    worker_key,
+)
+
+log = logging.getLogger(__name__)
+
+#: Providers the simulated worker accepts in a startup request.
+KNOWN_PROVIDERS = {"proxy/openai", "proxy/sim", "hf", "vllm", "llama.cpp"}
+
+
+class SimModel(BaseModel):
+    name: str
+    worker_type: str = "llm"
+    provider: str = "proxy/openai"
+    params: dict[str, Any] = Field(default_factory=dict)
+    running: bool = True
+
+    @property
+    def key(self) -> str:
+        return worker_key(self.name, self.worker_type)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}@{self.provider}"
+
+
+class Faults(BaseModel):
+    latency: float = Field(0.0, ge=0)
+    fail_next: int = Field(0, ge=0)
+    hang: bool = False
+
+
+class WorkerSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 0
+    controller: str | None = None  # controller_addr; None: do not register
+    heartbeat_interval: float = 5.0
+    models: list[SimModel] = Field(default_factory=list)
+    start_delay: float = 0.0  # seconds a model takes to start
+    stop_delay: float = 0.0
+    faults: Faults = Faults()
+
+
+class _Fault(Exception):
+    pass
+
+
+class ReferenceWorker:
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.models: dict[str, SimModel] = {m.key: m.model_copy() for m in settings.models}
+        self.faults = settings.faults.model_copy()
+        self.journal: list[dict[str, Any]] = []
+        self._http = HttpServer(self._app(), settings.host, settings.port)
+        self._controller: httpx.AsyncClient | None = None
+        self._heartbeats: asyncio.Task[None] | None = None
+        self._hung = asyncio.Event()  # set on stop, to release hung calls
+
+    @property
+    def port(self) -> int:
+        assert self._http.port is not None, "not started"
+        return self._http.port
+
+    @property
+    def address(self) -> str:
+        return f"{self.settings.host}:{self.port}"
+
+    async def start(self) -> int:
+        await self._http.start()
+        if self.settings.controller:
+            self._controller = httpx.AsyncClient(base_url=self.settings.controller, timeout=5)
+            await self._register_all()
+            self._heartbeats = asyncio.get_running_loop().create_task(self._heartbeat_loop())
+        log.info("reference worker serving at %s", self.address)
+        return self.port
+
+    async def stop(self, deregister: bool = True) -> None:
+        if self._heartbeats is not None:
+            self._heartbeats.cancel()
+        if self._controller is not None:
+            if deregister:
+                for key in [WORKER_MANAGER_KEY, *self.models]:
+                    await self._deregister(key, remove=True)
+            await self._controller.aclose()
+        self._hung.set()
+        await self._http.stop()
+
+    def set_faults(self, **changes: Any) -> Faults:
+        self.faults = Faults.model_validate({**self.faults.model_dump(), **changes})
+        return self.faults
+
+    # ---- the simulated worker manager -----------------------------------
+
+    async def apply(self, req: WorkerApplyRequest) -> WorkerApplyOutput:
+        started = time.monotonic()
+        model = self.models.get(req.key)
+        if model is None:
+            raise _Fault(f"{req.key} is not served here")
+        where = f"model {model.label}({self.address})"
+        match req.apply_type:
+            case ApplyType.START:
+                await self._start(model)
+                message = f"{where} start successfully"
+            case ApplyType.STOP:
+                await self._stop(model)
+                message = f"{where} stop successfully"
+            case ApplyType.RESTART:
+                await self._stop(model)
+                await self._start(model)
+                message = f"{where} restart successfully"
+            case ApplyType.UPDATE_PARAMS:
+                model.params.update(req.params or {})
+                await self._stop(model)
+                await self._start(model)
+                message = "Update worker params and restart successfully"
+        return WorkerApplyOutput(message=message, success=True, timecost=round(time.monotonic() - started, 4))
+
+    async def startup(self, req: WorkerStartupRequest) -> None:
+        held = self.models.get(req.key)
+        if held is not None and held.running:
+            raise _Fault(f"{req.key} is already running")
+        provider = req.params.get("provider", "proxy/openai")
+        if provider not in KNOWN_PROVIDERS:
+            raise _Fault(f"unknown provider {provider!r}")
+        model = SimModel(
+            name=req.model, worker_type=req.worker_type.value, provider=provider,
+            params=dict(req.params), running=False,
+        )
+        self.models[model.key] = model
+        await self._start(model)
+
+    async def shutdown(self, req: WorkerStartupRequest) -> None:
+        model = self.models.pop(req.key, None)
+        if model is None:
+            raise _Fault(f"{req.key} is not served here")
+        await self._stop(model)
+        await self._deregister(model.key, remove=True)
+
+    def supports(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "host": self.settings.host,
+                "port": self.port,
+                "models": [
+                    {
+                        "model": m.name, "worker_type": m.worker_type, "provider": m.provider,
+                        "path": None, "path_exist": False, "proxy": m.provider.startswith("proxy/"),
+                        "enabled": True, "params": [], "description": None,
+                    }
+                    for m in self.models.values()
+                ],
+            }
+        ]
+
+    async def _start(self, model: SimModel) -> None:
+        if model.running:
+            return
+        await asyncio.sleep(self.settings.start_delay)
+        model.running = True
+        await self._register(model.key)
+
+    async def _stop(self, model: SimModel) -> None:
+        await asyncio.sleep(self.settings.stop_delay)
+        model.running = False
+        await self._deregister(model.key, remove=False)
+
+    # ---- talking to the controller --------------------------------------
+
+    def _instance(self, key: str) -> dict[str, Any]:
+        return ModelInstance(model_name=key, host=self.settings.host, port=self.port, healthy=True).model_dump(
+            mode="json"
+        )
+
+    async def _controller_call(self, method: str, path: str, **kwargs: Any) -> None:
+        if self._controller is None:
+            return
+        try:
+            response = await self._controller.request(method, path, **kwargs)
+            response.raise_for_status()
+        except httpx.HTTPError as exc:
+            # The next heartbeat registers again; a controller outage is not ours to fix.
+            log.warning("%s: controller call %s %s failed: %s", self.address, method, path, exc)
+
+    async def _register(self, key: str) -> None:
+        await self._controller_call("POST", "/api/controller/models", json=self._instance(key))
+
+    async def _deregister(self, key: str, remove: bool) -> None:
+        params = {"model_name": key, "host": self.settings.host, "port": self.port,
+                  "remove_from_registry": str(remove).lower()}
+        await self._controller_call("DELETE", "/api/controller/models", params=params)
+
+    async def _register_all(self) -> None:
+        await self._register(WORKER_MANAGER_KEY)
+        for model in self.models.values():
+            await self._register(model.key)
+            if not model.running:  # listed, unhealthy: startable
+                await self._deregister(model.key, remove=False)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval)
+            for key in [WORKER_MANAGER_KEY, *(k for k, m in self.models.items() if m.running)]:
+                await self._controller_call("POST", "/api/controller/heartbeat", json=self._instance(key))
+
+    # ---- HTTP -----------------------------------------------------------
+
+    def _app(self) -> FastAPI:
+        app = FastAPI(title="Reference worker manager", docs_url=None, redoc_url=None)
+
+        @app.middleware("http")
+        async def faults(request: Request, call_next):
+            if not request.url.path.startswith("/api/worker"):
+                return await call_next(request)
+            self.journal.append({"t": time.time(), "path": request.url.path, "body": (await request.body()).decode()})
+            if self.faults.hang:
+                await self._hung.wait()
+            if self.faults.latency:
+                await asyncio.sleep(self.faults.latency)
+            if self.faults.fail_next > 0:
+                self.faults.fail_next -= 1
+                return PlainTextResponse("Internal Server Error", status_code=500)
+            return await call_next(request)
+
+        @app.exception_handler(_Fault)
+        async def handler_failed(request: Request, exc: _Fault) -> PlainTextResponse:
+            # What DB-GPT answers when a handler raises: no detail.
+            log.info("%s: %s", self.address, exc)
+            return PlainTextResponse("Internal Server Error", status_code=500)
+
+        @app.post("/api/worker/apply")
+        async def apply(req: WorkerApplyRequest) -> WorkerApplyOutput:
+            return await self.apply(req)
+
+        @app.post("/api/worker/models/startup")
+        async def startup(req: WorkerStartupRequest) -> None:
+            await self.startup(req)
+
+        @app.post("/api/worker/models/shutdown")
+        async def shutdown(req: WorkerStartupRequest) -> None:
+            await self.shutdown(req)
+
+        @app.get("/api/worker/models/supports")
+        async def supports() -> list[dict[str, Any]]:
+            return self.supports()
+
+        @app.get("/api/worker/parameter/descriptions")
+        async def descriptions(model: str, worker_type: str = "llm") -> list[dict[str, Any]]:
+            return []
+
+        @app.post("/api/_reference/faults")
+        async def set_faults(changes: dict[str, Any]) -> Faults:
+            return self.set_faults(**changes)
+
+        @app.get("/api/_reference/journal")
+        async def journal() -> list[dict[str, Any]]:
+            return self.journal
+
+        return app
+
+
+class ReferenceWorkerHost:
+    """Runs reference workers inside a Ray actor (``ray.remote(ReferenceWorkerHost)``);
+    one actor may host many, so a benchmark fleet does not cost a process each."""
+
+    def __init__(self) -> None:
+        self._workers: dict[int, ReferenceWorker] = {}
+
+    async def add(self, settings: WorkerSettings) -> int:
+        worker = ReferenceWorker(settings)
+        port = await worker.start()
+        self._workers[port] = worker
+        return port
+
+    async def remove(self, port: int, deregister: bool = True) -> None:
+        worker = self._workers.pop(port)
+        await worker.stop(deregister=deregister)
+
+    async def set_faults(self, port: int, **changes: Any) -> Faults:
+        return self._workers[port].set_faults(**changes)
+
+    async def journal(self, port: int) -> list[dict[str, Any]]:
+        return self._workers[port].journal
+
+    async def models(self, port: int) -> dict[str, SimModel]:
+        return self._workers[port].models
+
+    async def ports(self) -> list[int]:
+        return sorted(self._workers)
+
+    async def stop_all(self) -> None:
+        for port in list(self._workers):
+            await self.remove(port)
+
+
+def _parse_model(spec: str) -> SimModel:
+    name, wtype = parse_worker_key(spec) if "@" in spec else (spec, "llm")
+    return SimModel(name=name, worker_type=wtype)
+
+
+async def _serve(settings: WorkerSettings) -> None:
+    worker = ReferenceWorker(settings)
+    await worker.start()
+    print(f"listening on {worker.address}", flush=True)  # parents wait for this line
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await worker.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m actors.reference_worker", description=__doc__.split("\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--controller", help="controller URL to register with, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--model", action="append", default=[], help="model[@worker_type]; repeatable")
+    parser.add_argument("--heartbeat-interval", type=float, default=5.0)
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every worker call")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = WorkerSettings(
+        host=args.host, port=args.port, controller=args.controller,
+        heartbeat_interval=args.heartbeat_interval, models=[_parse_model(m) for m in args.model],
+        faults=Faults(latency=args.latency),
+    )
+    asyncio.run(_serve(settings))
+
+
+if __name__ == "__main__":
+    main()

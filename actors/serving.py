@@ -1,0 +1,64 @@
+"""Serve an ASGI app with uvicorn on the running event loop (an actor's, or a
+process's own), on a socket we bind ourselves so that port 0 works and the bound
+port is known before the first request."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import uvicorn
+
+
+class HttpServer:
+    def __init__(self, app, host: str, port: int) -> None:
+        self.host = host
+        self._requested_port = port
+        self.port: int | None = None
+        self._app = app
+        self._server: uvicorn.Server | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def start(self) -> int:
+        """Bind, start serving, return the bound port. Raises ``OSError`` when the
+        address is taken."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self._requested_port))
+        except OSError:
+            sock.close()
+            raise
+        sock.set_inheritable(True)
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            self._app,
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+            timeout_graceful_shutdown=1,
+        )
+        self._server = uvicorn.Server(config)
+        self._task = asyncio.get_running_loop().create_task(self._server.serve(sockets=[sock]))
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()  # raises what stopped it
+                raise RuntimeError("HTTP server exited during start-up")
+            await asyncio.sleep(0.01)
+        return self.port
+
+    async def stop(self) -> None:
+        if self._server is None or self._task is None:
+            return
+        self._server.should_exit = True
+        try:
+            await asyncio.wait_for(self._task, timeout=5)
+        except (TimeoutError, asyncio.CancelledError):
+            self._task.cancel()
+        self._server = self._task = None

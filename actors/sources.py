@@ -1,0 +1,149 @@
+"""Where a watcher gets instances from. Each source answers one question,
+:meth:`Source.next`: "wait until you may have something new, then give me the
+full instance list" — or ``None`` for "I am alive and nothing changed", or
+:class:`SourceError` when it could not answer. The watcher does the rest
+(versions, staleness, backoff).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Protocol
+
+import httpx
+import yaml
+from pydantic import TypeAdapter, ValidationError
+
+from actors.transport import WorkerCallError, map_transport_errors, read_json
+from coordinator.config import (
+    DbgptSource,
+    EmbeddedSource,
+    RegistrySource,
+    StaticSource,
+    load_instances_file,
+)
+from coordinator.models import ModelInstance
+
+_INSTANCES = TypeAdapter(list[ModelInstance])
+
+
+class SourceError(Exception):
+    pass
+
+
+class Source(Protocol):
+    target: str
+
+    async def next(self, first: bool) -> list[ModelInstance] | None:
+        """``first`` asks for an answer now (first call, or a retry after a
+        failure) instead of waiting for the next change or poll."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class DbgptControllerSource:
+    """Polls ``GET /api/controller/models`` on a DB-GPT controller. With several
+    URLs (replicas), the last one that answered is asked first."""
+
+    def __init__(
+        self, settings: DbgptSource, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        self._settings = settings
+        self._urls = settings.controller_urls
+        self.target = ", ".join(self._urls)
+        self._client = httpx.AsyncClient(timeout=settings.request_timeout, transport=transport)
+
+    async def next(self, first: bool) -> list[ModelInstance]:
+        if not first:
+            await asyncio.sleep(self._settings.poll_interval)
+        errors = []
+        for i, url in enumerate(self._urls):
+            try:
+                with map_transport_errors(self._settings.request_timeout):
+                    response = await self._client.get(f"{url}/api/controller/models")
+                instances = _INSTANCES.validate_python(read_json(response))
+            except (WorkerCallError, ValidationError) as exc:
+                errors.append(f"{url}: {_short(exc)}")
+                continue
+            if i:  # remember the replica that answered
+                self._urls.insert(0, self._urls.pop(i))
+            return instances
+        raise SourceError("; ".join(errors))
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+class EmbeddedRegistrySource:
+    """Long-polls the embedded registry actor: a change arrives as soon as it is
+    made. The actor is looked up by name, again after it restarts."""
+
+    def __init__(self, settings: EmbeddedSource, actor_name: str, namespace: str, long_poll: float) -> None:
+        self._actor_name, self._namespace = actor_name, namespace
+        self._long_poll = long_poll
+        self._since: tuple[str, int] | None = None
+        self._handle = None
+        self.target = f"ray actor {actor_name!r} (http://{settings.host}:{settings.port})"
+
+    async def next(self, first: bool) -> list[ModelInstance] | None:
+        import ray
+        from ray.exceptions import RayError
+
+        try:
+            if self._handle is None:
+                self._handle = ray.get_actor(self._actor_name, namespace=self._namespace)
+            ref = self._handle.wait_for_change.remote(None if first else self._since, self._long_poll)
+            snap = await asyncio.wait_for(ref, self._long_poll + 10)
+        except (RayError, ValueError, TimeoutError) as exc:
+            self._handle = None
+            raise SourceError(f"embedded registry unavailable: {_short(exc)}") from exc
+        if snap is None:
+            return None
+        self._since = (snap.epoch, snap.version)
+        return list(snap.instances)
+
+    async def close(self) -> None:
+        pass
+
+
+class StaticFileSource:
+    """Instances from the config, or from a file re-read when it changes."""
+
+    def __init__(self, settings: StaticSource) -> None:
+        self._settings = settings
+        self._seen: tuple[int, int] | None = None
+        self.target = str(settings.path) if settings.path else "inline instances"
+
+    async def next(self, first: bool) -> list[ModelInstance] | None:
+        path = self._settings.path
+        if not first:
+            await asyncio.sleep(self._settings.poll_interval)
+        if path is None:
+            return list(self._settings.instances or []) if first else None
+        try:
+            st = path.stat()
+            if not first and (st.st_mtime_ns, st.st_size) == self._seen:
+                return None
+            instances = load_instances_file(Path(path))
+        except (OSError, ValueError, yaml.YAMLError) as exc:  # ValidationError is a ValueError
+            raise SourceError(f"cannot read {path}: {_short(exc)}") from exc
+        self._seen = (st.st_mtime_ns, st.st_size)
+        return instances
+
+    async def close(self) -> None:
+        pass
+
+
+def build_source(settings: RegistrySource, registry_actor: str, namespace: str, long_poll: float) -> Source:
+    if isinstance(settings, DbgptSource):
+        return DbgptControllerSource(settings)
+    if isinstance(settings, EmbeddedSource):
+        return EmbeddedRegistrySource(settings, registry_actor, namespace, long_poll)
+    return StaticFileSource(settings)
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:299] + "…"

@@ -1,0 +1,89 @@
+"""The boundary between httpx and the rest of the project.
+
+:func:`map_transport_errors` turns every httpx exception into one of these, and
+:func:`read_json` turns an answer that is not what the protocol promises into
+:class:`WorkerBadAnswer`::
+
+    WorkerCallError
+    ├── WorkerUnreachable     connection refused or connect timeout: the request
+    │                         never reached the worker, so resending it is safe
+    ├── WorkerTimeout         no answer within the deadline; the worker may have
+    │                         carried the request out
+    ├── WorkerConnectionLost  the connection broke after the request was sent
+    │                         (worker killed mid-call, truncated answer)
+    ├── WorkerHTTPError       the worker answered with a non-2xx status
+    └── WorkerBadAnswer       a 2xx answer we cannot read (not JSON, wrong shape)
+
+These never leave the proxy: it turns them into ``WorkerApplyOutput(success=False)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+
+BODY_EXCERPT = 300
+
+
+class WorkerCallError(Exception):
+    #: Whether the request provably never reached the worker.
+    never_sent: bool = False
+
+
+class WorkerUnreachable(WorkerCallError):
+    never_sent = True
+
+
+class WorkerTimeout(WorkerCallError):
+    pass
+
+
+class WorkerConnectionLost(WorkerCallError):
+    pass
+
+
+class WorkerHTTPError(WorkerCallError):
+    def __init__(self, status: int, body: str) -> None:
+        super().__init__(f"HTTP {status}: {excerpt(body) or '(empty body)'}")
+        self.status, self.body = status, body
+
+
+class WorkerBadAnswer(WorkerCallError):
+    pass
+
+
+def excerpt(text: str, limit: int = BODY_EXCERPT) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@contextmanager
+def map_transport_errors(timeout: float) -> Iterator[None]:
+    """Re-raise httpx's exceptions as :class:`WorkerCallError` subclasses."""
+    try:
+        yield
+    except httpx.ConnectTimeout as exc:
+        raise WorkerUnreachable("connect timed out") from exc
+    except httpx.ConnectError as exc:
+        raise WorkerUnreachable(f"connection refused ({exc})" if str(exc) else "connection refused") from exc
+    except httpx.TimeoutException as exc:
+        raise WorkerTimeout(f"no answer within {timeout:g} s") from exc
+    except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+        raise WorkerConnectionLost(f"connection lost mid-call ({exc})") from exc
+    except httpx.DecodingError as exc:
+        raise WorkerBadAnswer(f"undecodable answer ({exc})") from exc
+    except httpx.TransportError as exc:
+        raise WorkerConnectionLost(f"transport error ({type(exc).__name__}: {exc})") from exc
+
+
+def read_json(response: httpx.Response) -> Any:
+    """The JSON body of a 2xx answer, or the error that says why there is none."""
+    if not response.is_success:
+        raise WorkerHTTPError(response.status_code, response.text)
+    try:
+        return response.json()
+    except ValueError as exc:
+        raise WorkerBadAnswer(f"answer is not JSON: {excerpt(response.text, 120)!r}") from exc

@@ -1,0 +1,140 @@
+"""The registry watcher: one per configured source, keeping a versioned snapshot of
+the instances the source lists.
+
+A consumer asks :meth:`RegistryWatcher.listen` for anything newer than the
+``(epoch, version)`` it holds and waits up to a timeout (a long poll, as in Ray
+Serve's ``LongPollHost``). When the source fails, the watcher keeps the last good
+snapshot, says it is stale, and backs off; a failing source never empties the set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+
+from coordinator.longpoll import ChangeFeed
+from actors.sources import Source, SourceError, build_source
+from coordinator.config import BackoffSettings, RegistrySource
+from coordinator.liveset import Snapshot
+from coordinator.models import ModelInstance
+from coordinator.status import WatcherStatus
+
+log = logging.getLogger(__name__)
+
+#: A fetch slower than this is logged: the loop is alive but struggling.
+SLOW_FETCH_WARNING = 10.0
+
+
+class RegistryWatcher:
+    def __init__(
+        self,
+        settings: RegistrySource,
+        backoff: BackoffSettings | None = None,
+        registry_actor: str = "",
+        namespace: str = "",
+        long_poll: float = 10.0,
+        source: Source | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._source = source or build_source(settings, registry_actor, namespace, long_poll)
+        self._backoff = backoff or BackoffSettings()
+        self._clock = clock
+        self._epoch = uuid.uuid4().hex
+        self._version = 0
+        self._instances: tuple[ModelInstance, ...] = ()
+        self._status = WatcherStatus(
+            source=settings.name or settings.kind, kind=settings.kind, target=self._source.target
+        )
+        self._feed = ChangeFeed()
+        self._ready = asyncio.Event()
+        self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    # ---- for consumers --------------------------------------------------
+
+    async def listen(self, since: tuple[str, int] | None, timeout: float) -> Snapshot | None:
+        """The snapshot as soon as it is newer than ``since``; ``None`` if nothing
+        changed within ``timeout``. A ``since`` from another epoch (this watcher
+        restarted) is answered at once."""
+        # Until the first fetch has finished there is nothing worth answering with.
+        changed = await self._feed.wait_until(
+            lambda: self._ready.is_set() and since != (self._epoch, self._version), timeout
+        )
+        if not changed:
+            return None
+        return self.snapshot()
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(self._epoch, self._version, self._instances)
+
+    async def status(self) -> WatcherStatus:
+        return self._status
+
+    async def ready(self, timeout: float) -> WatcherStatus:
+        """Wait until the first fetch has finished, well or badly."""
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except TimeoutError:
+            pass
+        return self._status
+
+    async def close(self) -> None:
+        self._loop_task.cancel()
+        await self._source.close()
+
+    # ---- the loop -------------------------------------------------------
+
+    async def _run(self) -> None:
+        first = True
+        while True:
+            started = time.monotonic()
+            try:
+                instances = await self._source.next(first)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the loop survives any one failure
+                self._record_failure(exc)
+                first = True
+                await asyncio.sleep(self._backoff.delay(self._status.consecutive_failures))
+                continue
+            first = False
+            elapsed = time.monotonic() - started
+            if elapsed > SLOW_FETCH_WARNING and instances is not None:
+                log.warning("%s: fetch took %.1f s", self._status.source, elapsed)
+            self._record_success(instances)
+
+    def _record_success(self, instances: list[ModelInstance] | None) -> None:
+        if instances is not None and tuple(instances) != self._instances:
+            self._instances = tuple(instances)
+            self._version += 1
+        self._status = self._status.model_copy(
+            update={
+                "version": self._version,
+                "instances": len(self._instances),
+                "ready": True,
+                "stale": False,
+                "last_success": self._clock(),
+                "consecutive_failures": 0,
+                "last_error": None,
+            }
+        )
+        self._ready.set()
+        self._feed.notify()
+
+    def _record_failure(self, exc: Exception) -> None:
+        failures = self._status.consecutive_failures + 1
+        message = str(exc) if isinstance(exc, SourceError) else f"{type(exc).__name__}: {exc}"
+        if failures == 1:
+            log.warning("%s: source failed, keeping the last snapshot: %s", self._status.source, message)
+        self._status = self._status.model_copy(
+            update={
+                "ready": True,
+                "stale": True,
+                "consecutive_failures": failures,
+                "last_error": message,
+            }
+        )
+        self._ready.set()
+        self._feed.notify()

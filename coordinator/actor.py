@@ -1,0 +1,44 @@
+"""The coordinator as a Ray actor: the service with Ray links plugged in.
+
+Created by :func:`coordinator.start` as a named actor with ``max_restarts=-1``.
+After a restart ``__init__`` runs again and the service rebuilds its live set from
+the watchers (which outlive it) and starts fresh proxies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import ray
+
+from coordinator.config import CoordinatorConfig
+from coordinator.naming import watcher_actor
+from coordinator.ray_links import RayProxies, RayWatchers
+from coordinator.service import CoordinatorService
+
+log = logging.getLogger(__name__)
+
+
+class CoordinatorActor(CoordinatorService):
+    def __init__(self, config: CoordinatorConfig, name: str, namespace: str) -> None:
+        me = ray.get_runtime_context().current_actor
+        watchers = RayWatchers({s.name: watcher_actor(name, s.name) for s in config.registries}, namespace)
+        self._ray_proxies = RayProxies(config, me)
+        super().__init__(config, watchers, self._ray_proxies, name=name, namespace=namespace)
+        self._main = asyncio.get_running_loop().create_task(self._run_logged())
+
+    async def _run_logged(self) -> None:
+        try:
+            await self.run()
+        except Exception:
+            log.exception("coordinator loop stopped")
+            raise
+
+    async def get_config(self) -> CoordinatorConfig:
+        return self.config
+
+    async def close(self) -> None:
+        """Stop following and retire every proxy (before the actor is killed)."""
+        self._main.cancel()
+        self._ray_proxies.close()

@@ -1,0 +1,419 @@
+"""What a driver script holds: :func:`start`, :func:`attach` and :class:`Cluster`.
+
+Every call validates its input with pydantic *before* anything is sent, and exists
+twice: ``cluster.apply(...)`` blocks (for plain scripts), ``await
+cluster.aio.apply(...)`` does not (for async code). Both are built from one
+description of the call (:class:`_Call`), so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import (
+    ActorDiedError,
+    ActorUnavailableError,
+    GetTimeoutError,
+    RayError,
+    RayTaskError,
+)
+
+from coordinator.config import CoordinatorConfig, EmbeddedSource
+from coordinator.errors import (
+    CoordinatorError,
+    CoordinatorNotFoundError,
+    CoordinatorUnavailableError,
+    WaitTimeoutError,
+)
+from coordinator.models import (
+    ApplyResult,
+    ApplyType,
+    ModelInstance,
+    SupportsOutcome,
+    WorkerApplyOutput,
+    WorkerApplyRequest,
+    WorkerStartupRequest,
+    WorkerSupportedModel,
+    WorkerType,
+)
+from coordinator.naming import DEFAULT_NAME, DEFAULT_NAMESPACE, registry_actor, watcher_actor
+from coordinator.status import ClusterStatus
+
+log = logging.getLogger(__name__)
+
+#: Seconds a driver allows beyond the operation's own deadline.
+CALL_MARGIN = 30.0
+#: Deadline of calls that only read the coordinator's state.
+READ_TIMEOUT = 30.0
+
+
+def _options(name: str, namespace: str, detached: bool) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": namespace,
+        "lifetime": "detached" if detached else None,
+        "max_restarts": -1,
+        "num_cpus": 0,
+        "get_if_exists": True,
+    }
+
+
+def start(
+    config: CoordinatorConfig | dict[str, Any],
+    name: str = DEFAULT_NAME,
+    namespace: str = DEFAULT_NAMESPACE,
+    detached: bool = False,
+    ready_timeout: float = 60.0,
+) -> Cluster:
+    """Start the coordinator, its watchers and any embedded registries on the
+    connected Ray cluster (``ray.init()`` is called when Ray is not initialised),
+    or return the running one with that name.
+
+    With ``detached=True`` the actors outlive this driver. If any part fails to
+    start, the parts this call created are removed again.
+    """
+    # Imported here, not at the top: the actor modules import this package, and a
+    # Ray worker process that loads one of them first must not come back here.
+    from actors.registry import EmbeddedRegistry
+    from actors.watcher import RegistryWatcher
+    from coordinator.actor import CoordinatorActor
+
+    config = CoordinatorConfig.model_validate(config)
+    if not ray.is_initialized():
+        ray.init(namespace=namespace)
+    try:
+        handle = ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        handle = None
+    if handle is not None:
+        running = ray.get(handle.get_config.remote(), timeout=READ_TIMEOUT)
+        if running != config:
+            log.warning("coordinator %r is already running with another config; attaching to it", name)
+        return Cluster(name, namespace, handle)
+
+    created: list[Any] = []
+    try:
+        registries = []
+        for source in config.registries:
+            if isinstance(source, EmbeddedSource):
+                reg = ray.remote(EmbeddedRegistry).options(
+                    **_options(registry_actor(name, source.name), namespace, detached)
+                ).remote(source)
+                created.append(reg)
+                registries.append((source, reg))
+        for source, reg in registries:
+            try:
+                ray.get(reg.ready.remote(), timeout=ready_timeout)
+            except RayTaskError as exc:
+                raise CoordinatorError(
+                    f"embedded registry {source.name!r} could not serve on "
+                    f"{source.host}:{source.port}: {exc.cause}"
+                ) from None
+        for source in config.registries:
+            created.append(
+                ray.remote(RegistryWatcher).options(
+                    **_options(watcher_actor(name, source.name), namespace, detached)
+                ).remote(
+                    source,
+                    config.backoff,
+                    registry_actor=registry_actor(name, source.name),
+                    namespace=namespace,
+                    long_poll=config.long_poll_timeout,
+                )
+            )
+        handle = ray.remote(CoordinatorActor).options(**_options(name, namespace, detached)).remote(
+            config, name, namespace
+        )
+        created.append(handle)
+        if not ray.get(handle.ready.remote(ready_timeout), timeout=ready_timeout + READ_TIMEOUT):
+            log.warning("coordinator %r started, but not every watcher answered within %ss", name, ready_timeout)
+    except BaseException:
+        for actor in created:
+            ray.kill(actor, no_restart=True)
+        raise
+    # A named actor that is not detached lives while its creator holds a handle:
+    # the Cluster keeps them.
+    return Cluster(name, namespace, handle, owned=created)
+
+
+def attach(name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE) -> Cluster:
+    """A handle on a running coordinator."""
+    if not ray.is_initialized():
+        ray.init(namespace=namespace)
+    try:
+        handle = ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        raise CoordinatorNotFoundError(name, namespace) from None
+    return Cluster(name, namespace, handle)
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One coordinator call: the method, its arguments, how long to wait, whether
+    it may be resent after the coordinator died (only reads), and how to shape
+    the answer."""
+
+    method: str
+    args: tuple[Any, ...] = ()
+    timeout: float = READ_TIMEOUT
+    resendable: bool = True
+    post: Callable[[Any], Any] = field(default=lambda x: x)
+
+
+class _Calls:
+    """Builds :class:`_Call` s; shared by the sync and the async face."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self._cluster = cluster
+
+    def _op_timeout(self, op: str, timeout: float | None) -> float:
+        if timeout is not None:
+            return timeout
+        t = self._cluster.config.timeouts
+        return t.for_operation(op) + 3 * t.connect + CALL_MARGIN
+
+    def instances(self, model: str | None, worker_type: str | None, healthy_only: bool) -> _Call:
+        wt = WorkerType(worker_type).value if worker_type is not None else None
+        return _Call("instances", (model, wt, healthy_only))
+
+    def wait_for(self, model: str, count: int, worker_type: str, timeout: float) -> _Call:
+        return _Call(
+            "wait_for", (model, count, WorkerType(worker_type).value, timeout), timeout=timeout + READ_TIMEOUT
+        )
+
+    def apply(
+        self, model: str, apply_type: str, worker_type: str, params: dict[str, Any] | None,
+        timeout: float | None,
+    ) -> _Call:
+        req = WorkerApplyRequest(model=model, apply_type=apply_type, worker_type=worker_type, params=params)
+        return _Call("apply", (req,), self._op_timeout("apply", timeout), resendable=False)
+
+    def lifecycle(self, op: str, req: WorkerStartupRequest | dict[str, Any], timeout: float | None) -> _Call:
+        req = WorkerStartupRequest.model_validate(req)
+        return _Call(op, (req,), self._op_timeout(op, timeout), resendable=False)
+
+    def supports(self, timeout: float | None) -> _Call:
+        return _Call("supports", (), self._op_timeout("supports", timeout))
+
+    def supported_models(self, timeout: float | None) -> _Call:
+        return _Call("supports", (), self._op_timeout("supports", timeout), post=_merge_supports)
+
+    def status(self) -> _Call:
+        return _Call("status")
+
+
+def _merge_supports(outcomes: list[SupportsOutcome]) -> list[WorkerSupportedModel]:
+    merged = []
+    for outcome in outcomes:
+        if outcome.error:
+            log.warning("%s", outcome.error)
+        merged.extend(outcome.models)
+    return merged
+
+
+def _translate(exc: BaseException, call: _Call) -> BaseException:
+    """Ray's exceptions about the coordinator, as ours."""
+    if isinstance(exc, RayTaskError):
+        cause = exc.cause
+        if isinstance(cause, CoordinatorError):
+            return cause
+        return CoordinatorError(f"coordinator failed in {call.method}: {type(cause).__name__}: {cause}")
+    maybe = "" if call.resendable else "; the operation may or may not have been carried out"
+    if isinstance(exc, (GetTimeoutError, TimeoutError)):
+        return CoordinatorUnavailableError(f"no answer to {call.method} within {call.timeout:g} s{maybe}")
+    if isinstance(exc, (ActorDiedError, ActorUnavailableError)):
+        return CoordinatorUnavailableError(f"coordinator unavailable during {call.method}{maybe}: {exc}")
+    return exc
+
+
+def _resend(exc: BaseException, ref: Any, call: _Call, attempt: int, cluster: Cluster) -> bool:
+    """After a failed call: cancel it if it timed out; say whether to send it once
+    more (only reads, only after the coordinator died and was found again)."""
+    if isinstance(exc, (GetTimeoutError, TimeoutError)):
+        ray.cancel(ref)
+        return False
+    return isinstance(exc, ActorDiedError) and attempt == 1 and call.resendable and cluster._reresolve()
+
+
+class Cluster:
+    """A handle on a running coordinator. Blocking calls; ``cluster.aio`` has the
+    same calls as coroutines."""
+
+    def __init__(self, name: str, namespace: str, handle: Any, owned: list[Any] | None = None) -> None:
+        self.name, self.namespace = name, namespace
+        self._handle = handle
+        self._owned = owned or []
+        self._config: CoordinatorConfig | None = None
+        self._calls = _Calls(self)
+        self.aio = AsyncCluster(self)
+
+    def __repr__(self) -> str:
+        return f"Cluster(name={self.name!r}, namespace={self.namespace!r})"
+
+    @property
+    def config(self) -> CoordinatorConfig:
+        if self._config is None:
+            self._config = self._run(_Call("get_config"))
+        return self._config
+
+    # -- the calls --
+
+    def instances(
+        self, model: str | None = None, worker_type: str | None = None, healthy_only: bool = True
+    ) -> list[ModelInstance]:
+        return self._run(self._calls.instances(model, worker_type, healthy_only))
+
+    def wait_for(self, model: str, count: int = 1, worker_type: str = "llm", timeout: float = 60.0) -> list[ModelInstance]:
+        return self._run(self._calls.wait_for(model, count, worker_type, timeout))
+
+    def apply(
+        self, model: str, apply_type: ApplyType | str, worker_type: WorkerType | str = "llm",
+        params: dict[str, Any] | None = None, timeout: float | None = None,
+    ) -> ApplyResult:
+        return self._run(self._calls.apply(model, apply_type, worker_type, params, timeout))
+
+    def startup(self, req: WorkerStartupRequest | dict[str, Any], timeout: float | None = None) -> WorkerApplyOutput:
+        return self._run(self._calls.lifecycle("startup", req, timeout))
+
+    def shutdown(self, req: WorkerStartupRequest | dict[str, Any], timeout: float | None = None) -> WorkerApplyOutput:
+        return self._run(self._calls.lifecycle("shutdown", req, timeout))
+
+    def supported_models(self, timeout: float | None = None) -> list[WorkerSupportedModel]:
+        return self._run(self._calls.supported_models(timeout))
+
+    def supports(self, timeout: float | None = None) -> list[SupportsOutcome]:
+        """Per worker manager: its models, or why it could not say."""
+        return self._run(self._calls.supports(timeout))
+
+    def status(self) -> ClusterStatus:
+        return self._run(self._calls.status())
+
+    def registry_url(self, source: str | None = None) -> str:
+        """The controller URL of an embedded registry (the first one by default):
+        what DB-GPT workers take as ``controller_addr``."""
+        embedded = [s for s in self.config.registries if isinstance(s, EmbeddedSource)]
+        chosen = [s for s in embedded if source in (None, s.name)]
+        if not chosen:
+            raise CoordinatorError(f"no embedded registry source named {source!r} in this config")
+        actor = ray.get_actor(registry_actor(self.name, chosen[0].name), namespace=self.namespace)
+        return ray.get(actor.ready.remote(), timeout=READ_TIMEOUT)
+
+    def stop(self) -> None:
+        """Remove the coordinator, its watchers and its embedded registries."""
+        _stop(self.name, self.namespace, self._handle)
+
+    # -- running a call, blocking --
+
+    def _run(self, call: _Call) -> Any:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            raise RuntimeError(
+                f"Cluster.{call.method}() blocks; in async code use 'await cluster.aio.{call.method}(...)'"
+            )
+        for attempt in (1, 2):
+            ref = getattr(self._handle, call.method).remote(*call.args)
+            try:
+                return call.post(ray.get(ref, timeout=call.timeout))
+            except (RayError, TimeoutError) as exc:
+                if _resend(exc, ref, call, attempt, self):
+                    continue
+                raise _translate(exc, call) from None
+        raise AssertionError("unreachable")
+
+    def _reresolve(self) -> bool:
+        """Look the named actor up again (it may have been replaced)."""
+        try:
+            self._handle = ray.get_actor(self.name, namespace=self.namespace)
+        except ValueError:
+            return False
+        return True
+
+
+class AsyncCluster:
+    """``cluster.aio``: the calls of :class:`Cluster`, as coroutines."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self._cluster = cluster
+        self._calls = cluster._calls
+
+    async def config(self) -> CoordinatorConfig:
+        if self._cluster._config is None:
+            self._cluster._config = await self._run(_Call("get_config"))
+        return self._cluster._config
+
+    async def instances(
+        self, model: str | None = None, worker_type: str | None = None, healthy_only: bool = True
+    ) -> list[ModelInstance]:
+        return await self._run(self._calls.instances(model, worker_type, healthy_only))
+
+    async def wait_for(self, model: str, count: int = 1, worker_type: str = "llm", timeout: float = 60.0) -> list[ModelInstance]:
+        return await self._run(self._calls.wait_for(model, count, worker_type, timeout))
+
+    async def apply(
+        self, model: str, apply_type: ApplyType | str, worker_type: WorkerType | str = "llm",
+        params: dict[str, Any] | None = None, timeout: float | None = None,
+    ) -> ApplyResult:
+        await self.config()
+        return await self._run(self._calls.apply(model, apply_type, worker_type, params, timeout))
+
+    async def startup(self, req: WorkerStartupRequest | dict[str, Any], timeout: float | None = None) -> WorkerApplyOutput:
+        await self.config()
+        return await self._run(self._calls.lifecycle("startup", req, timeout))
+
+    async def shutdown(self, req: WorkerStartupRequest | dict[str, Any], timeout: float | None = None) -> WorkerApplyOutput:
+        await self.config()
+        return await self._run(self._calls.lifecycle("shutdown", req, timeout))
+
+    async def supported_models(self, timeout: float | None = None) -> list[WorkerSupportedModel]:
+        await self.config()
+        return await self._run(self._calls.supported_models(timeout))
+
+    async def supports(self, timeout: float | None = None) -> list[SupportsOutcome]:
+        await self.config()
+        return await self._run(self._calls.supports(timeout))
+
+    async def status(self) -> ClusterStatus:
+        return await self._run(self._calls.status())
+
+    async def _run(self, call: _Call) -> Any:
+        for attempt in (1, 2):
+            ref = getattr(self._cluster._handle, call.method).remote(*call.args)
+            try:
+                return call.post(await asyncio.wait_for(ref, call.timeout))
+            except (RayError, TimeoutError) as exc:
+                if _resend(exc, ref, call, attempt, self._cluster):
+                    continue
+                raise _translate(exc, call) from None
+        raise AssertionError("unreachable")
+
+
+def _stop(name: str, namespace: str, handle: Any) -> None:
+    try:
+        config: CoordinatorConfig = ray.get(handle.get_config.remote(), timeout=READ_TIMEOUT)
+        ray.get(handle.close.remote(), timeout=READ_TIMEOUT)
+    except RayError as exc:  # already gone: remove what is left by name below
+        log.info("coordinator %r did not answer on stop: %s", name, exc)
+        config = None
+    ray.kill(handle, no_restart=True)
+    if config is None:
+        return
+    for source in config.registries:
+        for actor_name in (watcher_actor(name, source.name), registry_actor(name, source.name)):
+            try:
+                actor = ray.get_actor(actor_name, namespace=namespace)
+            except ValueError:
+                continue
+            try:
+                ray.get(actor.close.remote(), timeout=10)
+            except RayError:
+                pass
+            ray.kill(actor, no_restart=True)
+

@@ -1,0 +1,50 @@
+"""The errors a driver sees. Request-level mistakes raise; a worker's failure never
+does — it becomes a ``WorkerApplyOutput(success=False)`` naming the worker.
+
+::
+
+    CoordinatorError
+    ├── NoInstancesError            apply to a model@type that no registry lists
+    ├── UnknownEndpointError        startup/shutdown to a host:port no registry lists
+    ├── WaitTimeoutError            wait_for() saw too few healthy instances in time
+    ├── CoordinatorUnavailableError the coordinator actor is gone, restarting, or
+    │                               did not answer in time
+    └── CoordinatorNotFoundError    attach() to a name that is not running
+
+Bad input raises ``pydantic.ValidationError`` before anything is sent.
+The worker-call errors a proxy maps httpx exceptions to live in
+``actors.transport``; they never leave the proxy.
+"""
+
+from __future__ import annotations
+
+
+class CoordinatorError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class NoInstancesError(CoordinatorError):
+    def __init__(self, key: str) -> None:
+        super().__init__(f"no registry lists any instance of {key}")
+        self.key = key
+
+
+class UnknownEndpointError(CoordinatorError):
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(f"no registry lists a worker manager at {host}:{port}")
+        self.host, self.port = host, port
+
+
+class CoordinatorUnavailableError(CoordinatorError):
+    """The call may or may not have been carried out; the message says which step
+    failed."""
+
+
+class CoordinatorNotFoundError(CoordinatorError):
+    def __init__(self, name: str, namespace: str) -> None:
+        super().__init__(f"no coordinator named {name!r} is running in namespace {namespace!r}")
+        self.name, self.namespace = name, namespace
+
+
+class WaitTimeoutError(CoordinatorError, TimeoutError):
+    pass

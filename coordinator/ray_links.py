@@ -1,0 +1,125 @@
+"""The Ray side of the coordinator: the only module that calls ``.remote()`` on
+watchers and proxies, and that turns Ray's exceptions about them into
+:class:`~coordinator.service.LinkError` (in the manner of Ray Serve's
+``ActorReplicaWrapper``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import ray
+from ray.exceptions import ActorDiedError, RayError
+
+from actors.proxy import WorkerProxy
+from coordinator.config import CoordinatorConfig
+from coordinator.liveset import Snapshot
+from coordinator.models import Endpoint
+from coordinator.service import LinkError
+from coordinator.status import WatcherStatus
+
+log = logging.getLogger(__name__)
+
+#: Extra seconds a watcher has to answer a long poll beyond its timeout.
+LISTEN_GRACE = 10.0
+
+
+class RayWatchers:
+    """Named watcher actors, looked up again after any failure (they restart)."""
+
+    def __init__(self, actor_names: dict[str, str], namespace: str) -> None:
+        self._names = actor_names
+        self._namespace = namespace
+        self._handles: dict[str, Any] = {}
+
+    def _handle(self, source: str) -> Any:
+        if source not in self._handles:
+            self._handles[source] = ray.get_actor(self._names[source], namespace=self._namespace)
+        return self._handles[source]
+
+    async def _call(self, source: str, method: str, *args: Any, deadline: float) -> Any:
+        try:
+            ref = getattr(self._handle(source), method).remote(*args)
+            return await asyncio.wait_for(ref, deadline)
+        except (RayError, ValueError, TimeoutError) as exc:
+            self._handles.pop(source, None)
+            raise LinkError(f"watcher {self._names[source]!r}: {type(exc).__name__}: {exc}") from exc
+
+    async def listen(self, source: str, since: tuple[str, int] | None, timeout: float) -> Snapshot | None:
+        return await self._call(source, "listen", since, timeout, deadline=timeout + LISTEN_GRACE)
+
+    async def status(self, source: str) -> WatcherStatus:
+        return await self._call(source, "status", deadline=5.0)
+
+
+class _ReportTo:
+    """A proxy's probe listener: forwards reachability changes to the coordinator."""
+
+    def __init__(self, coordinator: Any) -> None:
+        self._coordinator = coordinator
+
+    def __call__(self, endpoint: Endpoint, state: Any) -> None:
+        self._coordinator.report_probe.remote(tuple(endpoint), state)
+
+
+class RayProxies:
+    """One ``WorkerProxy`` actor per endpoint, owned by the coordinator actor (so
+    they die with it and are rebuilt after its restart). A proxy found dead is
+    replaced at once; the call that found it reports the failure."""
+
+    def __init__(self, config: CoordinatorConfig, coordinator: Any) -> None:
+        self._config = config
+        self._report = _ReportTo(coordinator)
+        self._handles: dict[Endpoint, Any] = {}
+        self._actor_cls = ray.remote(WorkerProxy)
+
+    def endpoints(self) -> set[Endpoint]:
+        return set(self._handles)
+
+    def ensure(self, endpoint: Endpoint) -> None:
+        if endpoint not in self._handles:
+            self._handles[endpoint] = self._spawn(endpoint)
+
+    def _spawn(self, endpoint: Endpoint) -> Any:
+        return self._actor_cls.options(num_cpus=0, max_restarts=0).remote(
+            endpoint.host,
+            endpoint.port,
+            timeouts=self._config.timeouts,
+            probe=self._config.probe,
+            headers=self._config.headers,
+            on_probe_change=self._report,
+        )
+
+    def retire(self, endpoint: Endpoint) -> None:
+        handle = self._handles.pop(endpoint, None)
+        if handle is not None:
+            ray.kill(handle, no_restart=True)
+
+    async def call(self, endpoint: Endpoint, method: str, *args: Any, deadline: float) -> Any:
+        handle = self._handles.get(endpoint)
+        if handle is None:
+            raise LinkError("no proxy: the endpoint left the registry")
+        try:
+            return await asyncio.wait_for(getattr(handle, method).remote(*args), deadline)
+        except TimeoutError as exc:
+            raise LinkError(f"proxy gave no answer within {deadline:g} s") from exc
+        except ActorDiedError as exc:
+            self._replace(endpoint, handle)
+            raise LinkError(f"proxy actor died mid-call ({_first_line(exc)}); a new one was started") from exc
+        except RayError as exc:
+            raise LinkError(f"proxy unavailable ({type(exc).__name__}: {_first_line(exc)})") from exc
+
+    def _replace(self, endpoint: Endpoint, dead: Any) -> None:
+        if self._handles.get(endpoint) is dead:
+            log.warning("proxy for %s died; starting a new one", endpoint)
+            self._handles[endpoint] = self._spawn(endpoint)
+
+    def close(self) -> None:
+        for endpoint in list(self._handles):
+            self.retire(endpoint)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__

@@ -1,0 +1,271 @@
+"""The coordinator's logic, as a plain asyncio object.
+
+It follows every watcher (long poll), merges their snapshots into the live set,
+keeps one proxy per live endpoint, and dispatches operations through the proxies.
+It talks to watchers and proxies only through the two links it is given
+(:class:`WatcherLink`, :class:`ProxyLink`): the Ray implementations live in
+``coordinator.ray_links``, and tests pass in-process fakes.
+
+Its state is soft. After a restart it is rebuilt from the watchers; nothing here
+needs to survive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from coordinator.config import CoordinatorConfig
+from coordinator.errors import NoInstancesError, UnknownEndpointError, WaitTimeoutError
+from coordinator.liveset import (
+    Snapshot,
+    apply_targets,
+    diff_endpoints,
+    endpoint_is_listed,
+    endpoints_of,
+    filter_instances,
+    manager_endpoints,
+    merge_sources,
+)
+from coordinator.longpoll import ChangeFeed
+from coordinator.models import (
+    ApplyResult,
+    Endpoint,
+    ModelInstance,
+    SupportsOutcome,
+    WorkerApplyOutput,
+    WorkerApplyRequest,
+    WorkerStartupRequest,
+    parse_worker_key,
+    worker_key,
+)
+from coordinator.ordering import KeyedSerializer
+from coordinator.status import ClusterStatus, InstanceStatus, WatcherStatus
+
+log = logging.getLogger(__name__)
+
+
+class LinkError(Exception):
+    """A watcher or proxy could not be reached (dead, restarting, too slow)."""
+
+
+class WatcherLink(Protocol):
+    async def listen(self, source: str, since: tuple[str, int] | None, timeout: float) -> Snapshot | None: ...
+
+    async def status(self, source: str) -> WatcherStatus: ...
+
+
+class ProxyLink(Protocol):
+    def endpoints(self) -> set[Endpoint]: ...
+
+    def ensure(self, endpoint: Endpoint) -> None: ...
+
+    def retire(self, endpoint: Endpoint) -> None: ...
+
+    async def call(self, endpoint: Endpoint, method: str, *args: Any, deadline: float) -> Any:
+        """Run ``method`` on the endpoint's proxy; raise :class:`LinkError` when the
+        proxy itself failed (it never raises for the worker's failures)."""
+        ...
+
+
+class Reachability(Protocol):
+    reachable: bool | None
+    last_error: str | None
+
+
+class CoordinatorService:
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        watchers: WatcherLink,
+        proxies: ProxyLink,
+        name: str = "",
+        namespace: str = "",
+    ) -> None:
+        self.config = config
+        self.name, self.namespace = name, namespace
+        self._watchers = watchers
+        self._proxies = proxies
+        self._sources = [s.name for s in config.registries]
+        self._snapshots: dict[str, Sequence[ModelInstance]] = {}
+        self._instances: list[ModelInstance] = []
+        self._probes: dict[Endpoint, Reachability] = {}
+        self._serial = KeyedSerializer()
+        self._feed = ChangeFeed()
+
+    # ---- following the watchers -----------------------------------------
+
+    async def run(self) -> None:
+        """Follow every watcher until cancelled."""
+        async with asyncio.TaskGroup() as tg:
+            for source in self._sources:
+                tg.create_task(self._follow(source), name=f"follow {source}")
+
+    async def _follow(self, source: str) -> None:
+        since: tuple[str, int] | None = None
+        failures = 0
+        while True:
+            try:
+                snap = await self._watchers.listen(source, since, self.config.long_poll_timeout)
+            except LinkError as exc:
+                # Keep the last snapshot: a dead watcher is not an empty registry.
+                failures += 1
+                if failures == 1:
+                    log.warning("watcher %s unavailable, keeping its last snapshot: %s", source, exc)
+                await asyncio.sleep(self.config.backoff.delay(failures))
+                continue
+            except Exception:  # the loop survives; this is a bug worth a traceback
+                log.exception("following watcher %s failed", source)
+                await asyncio.sleep(self.config.backoff.delay(1))
+                continue
+            failures = 0
+            if snap is None:
+                continue
+            since = (snap.epoch, snap.version)
+            self._snapshots[source] = snap.instances
+            self._reconcile()
+
+    def _reconcile(self) -> None:
+        self._instances = merge_sources(self._snapshots)
+        diff = diff_endpoints(self._proxies.endpoints(), endpoints_of(self._instances))
+        for ep in sorted(diff.added):
+            self._proxies.ensure(ep)
+        for ep in sorted(diff.removed):
+            self._proxies.retire(ep)
+            self._probes.pop(ep, None)
+        self._feed.notify()
+
+    async def report_probe(self, endpoint: Endpoint, state: Reachability) -> None:
+        """A proxy says its worker became reachable or unreachable."""
+        endpoint = Endpoint(*endpoint)
+        if endpoint in self._proxies.endpoints():
+            self._probes[endpoint] = state
+            log.info("%s is now %s", endpoint, "reachable" if state.reachable else f"unreachable ({state.last_error})")
+            self._feed.notify()
+
+    async def ready(self, timeout: float) -> bool:
+        """Whether every watcher has delivered its first snapshot within ``timeout``."""
+        return await self._feed.wait_until(lambda: len(self._snapshots) == len(self._sources), timeout)
+
+    # ---- reads ----------------------------------------------------------
+
+    def _unreachable(self) -> frozenset[Endpoint]:
+        return frozenset(ep for ep, st in self._probes.items() if st.reachable is False)
+
+    async def instances(
+        self, model: str | None = None, worker_type: str | None = None, healthy_only: bool = True
+    ) -> list[ModelInstance]:
+        return filter_instances(self._instances, model, worker_type, healthy_only, self._unreachable())
+
+    async def wait_for(
+        self, model: str, count: int, worker_type: str = "llm", timeout: float = 60.0
+    ) -> list[ModelInstance]:
+        """Wait until at least ``count`` healthy instances of the model are live."""
+
+        def found() -> list[ModelInstance]:
+            return filter_instances(self._instances, model, worker_type, True, self._unreachable())
+
+        if not await self._feed.wait_until(lambda: len(found()) >= count, timeout):
+            raise WaitTimeoutError(
+                f"{worker_key(model, worker_type)}: {len(found())} of {count} healthy instances "
+                f"after {timeout:g} s"
+            )
+        return found()
+
+    async def status(self) -> ClusterStatus:
+        async def watcher_status(source: str) -> WatcherStatus:
+            try:
+                return await self._watchers.status(source)
+            except LinkError as exc:
+                kind = self.config.source(source).kind
+                return WatcherStatus(source=source, kind=kind, target="?", stale=True, last_error=str(exc))
+
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(watcher_status(s)) for s in self._sources]
+        rows = []
+        for inst in self._instances:
+            name, wtype = parse_worker_key(inst.model_name)
+            probe = self._probes.get(inst.endpoint)
+            rows.append(
+                InstanceStatus(
+                    model=name, worker_type=wtype, host=inst.host, port=inst.port,
+                    registry_healthy=bool(inst.healthy),
+                    reachable=probe.reachable if probe else None,
+                    probe_error=probe.last_error if probe and probe.reachable is False else None,
+                    last_heartbeat=inst.last_heartbeat,
+                )
+            )
+        return ClusterStatus(
+            name=self.name, namespace=self.namespace, instances=rows,
+            watchers=[t.result() for t in tasks], proxies=len(self._proxies.endpoints()),
+            busy_keys=self._serial.busy_keys(),
+        )
+
+    # ---- operations -----------------------------------------------------
+
+    async def apply(self, req: WorkerApplyRequest) -> ApplyResult:
+        """Apply to every registered instance of the model, healthy or not."""
+        async with self._serial.hold(req.key):
+            targets = apply_targets(self._instances, req.model, req.worker_type)
+            if not targets:
+                raise NoInstancesError(req.key)
+            what = f"apply {req.apply_type.value} {req.key}"
+            outputs = await self._fan_out(targets, "apply", req, op="apply", what=what)
+        return ApplyResult.of(outputs)
+
+    async def startup(self, req: WorkerStartupRequest) -> WorkerApplyOutput:
+        return await self._lifecycle("startup", req)
+
+    async def shutdown(self, req: WorkerStartupRequest) -> WorkerApplyOutput:
+        return await self._lifecycle("shutdown", req)
+
+    async def _lifecycle(self, op: str, req: WorkerStartupRequest) -> WorkerApplyOutput:
+        async with self._serial.hold(req.key):
+            if not endpoint_is_listed(self._instances, req.endpoint):
+                raise UnknownEndpointError(req.host, req.port)
+            [output] = await self._fan_out([req.endpoint], op, req, op=op, what=f"{op} {req.key}")
+        return output
+
+    async def supports(self) -> list[SupportsOutcome]:
+        """``GET /models/supports`` on every healthy, reachable worker manager."""
+        unreachable = self._unreachable()
+        targets = [ep for ep in manager_endpoints(self._instances) if ep not in unreachable]
+        deadline = self._deadline("supports")
+
+        async def one(ep: Endpoint) -> SupportsOutcome:
+            try:
+                return await self._proxies.call(ep, "supports", deadline=deadline)
+            except LinkError as exc:
+                return SupportsOutcome(endpoint=ep, error=f"{ep}: supports failed: {exc}")
+
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(one(ep)) for ep in targets]
+        return [t.result() for t in tasks]
+
+    async def _fan_out(
+        self, targets: list[Endpoint], method: str, req: Any, op: str, what: str
+    ) -> list[WorkerApplyOutput]:
+        """One output per target, in target order; a proxy failure is that
+        target's failed output, never an exception."""
+        deadline = self._deadline(op)
+
+        async def one(ep: Endpoint) -> WorkerApplyOutput:
+            try:
+                return await self._proxies.call(ep, method, req, deadline=deadline)
+            except LinkError as exc:
+                return WorkerApplyOutput(
+                    message=f"{ep}: {what} failed: {exc}", success=False, timecost=-1,
+                    host=ep.host, port=ep.port,
+                )
+
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(one(ep)) for ep in targets]
+        return [t.result() for t in tasks]
+
+    def _deadline(self, op: str) -> float:
+        """How long to wait for a proxy: its operation timeout, plus the connect
+        attempts it may retry, plus a margin."""
+        t = self.config.timeouts
+        return t.for_operation(op) + 3 * t.connect + 5.0

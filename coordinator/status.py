@@ -1,0 +1,54 @@
+"""What ``Cluster.status()`` reports: every instance with the registry's word and
+the proxy's first-hand probe, and every watcher with its freshness."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel
+
+
+class WatcherStatus(BaseModel):
+    source: str  # the source's name in the config
+    kind: str  # dbgpt | embedded | static
+    target: str  # controller URL(s), registry actor, or file
+    version: int = 0
+    instances: int = 0
+    ready: bool = False  # the first fetch has finished, well or badly
+    stale: bool = False  # the last fetch failed; the snapshot is the last good one
+    last_success: float | None = None  # wall-clock seconds
+    consecutive_failures: int = 0
+    last_error: str | None = None
+
+
+class InstanceStatus(BaseModel):
+    model: str
+    worker_type: str
+    host: str
+    port: int
+    registry_healthy: bool
+    #: The proxy's probe: True reachable, False unreachable, None not probed yet.
+    reachable: bool | None
+    probe_error: str | None = None
+    last_heartbeat: datetime | None = None
+
+    @property
+    def healthy(self) -> bool:
+        return self.registry_healthy and self.reachable is not False
+
+    @property
+    def why_unhealthy(self) -> str | None:
+        if self.reachable is False:
+            return f"unreachable: {self.probe_error}"
+        if not self.registry_healthy:
+            return "registry marks it unhealthy"
+        return None
+
+
+class ClusterStatus(BaseModel):
+    name: str
+    namespace: str
+    instances: list[InstanceStatus]
+    watchers: list[WatcherStatus]
+    proxies: int
+    busy_keys: list[str]
