@@ -1,0 +1,158 @@
+"""The embedded registry over real HTTP on loopback, and watchers following it.
+No Ray: the registry and watchers run as plain objects on the test's loop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+import yaml
+
+from actors.registry import EmbeddedRegistry
+from actors.sources import DbgptControllerSource, StaticFileSource
+from actors.watcher import RegistryWatcher
+from coordinator.config import BackoffSettings, DbgptSource, EmbeddedSource, StaticSource
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.anyio
+
+FAST_BACKOFF = BackoffSettings(initial=0.05, maximum=0.2)
+
+
+@pytest.fixture
+async def registry():
+    reg = EmbeddedRegistry(EmbeddedSource(port=0, heartbeat_interval=0.1, heartbeat_timeout=0.3))
+    url = await reg.ready()
+    async with httpx.AsyncClient(base_url=url) as client:
+        yield reg, url, client
+    await reg.close()
+
+
+def instance(key="chatgpt-test@llm", port=18001, **kw):
+    return {"model_name": key, "host": "127.0.0.1", "port": port, "weight": 1.0, "check_healthy": True,
+            "healthy": False, "enabled": True, "prompt_template": None, "last_heartbeat": None,
+            "remove_from_registry": False, **kw}
+
+
+async def test_serves_dbgpts_controller_api(registry):
+    _, _, client = registry
+    assert (await client.get("/api/health")).json() == {"status": "ok"}
+    assert (await client.post("/api/controller/models", json=instance())).json() is True
+    [got] = (await client.get("/api/controller/models")).json()
+    assert set(got) == set(instance())  # the same fields DB-GPT's controller returns
+    assert got["healthy"] is True and got["last_heartbeat"]
+    r = await client.get("/api/controller/models", params={"model_name": "other@llm"})
+    assert r.json() == []
+    r = await client.delete("/api/controller/models", params={
+        "model_name": "chatgpt-test@llm", "host": "127.0.0.1", "port": 18001, "remove_from_registry": "false"})
+    assert r.json() is True
+    assert (await client.get("/api/controller/models", params={"healthy_only": "true"})).json() == []
+    assert len((await client.get("/api/controller/models")).json()) == 1
+    assert (await client.post("/api/controller/heartbeat", json=instance(port=18002))).json() is True
+    assert len((await client.get("/api/controller/models", params={"healthy_only": True})).json()) == 1
+
+
+async def test_bad_bodies_get_422_and_change_nothing(registry):
+    _, _, client = registry
+    for body in ({"host": "h"}, {**instance(), "port": "x"}, {**instance(), "port": 70000}):
+        assert (await client.post("/api/controller/models", json=body)).status_code == 422
+    assert (await client.post("/api/controller/models", content=b"{not json")).status_code == 422
+    assert (await client.get("/api/controller/models")).json() == []
+
+
+async def test_silent_instances_are_marked_unhealthy_by_the_expiry_loop(registry):
+    reg, _, client = registry
+    await client.post("/api/controller/models", json=instance())
+    deadline = time.monotonic() + 5
+    while (await reg.list_instances())[0].healthy:
+        assert time.monotonic() < deadline, "never expired"
+        await asyncio.sleep(0.05)
+
+
+async def test_long_poll_answers_as_soon_as_something_changes(registry):
+    reg, _, client = registry
+    first = await reg.wait_for_change(None, 1)
+    assert await reg.wait_for_change((first.epoch, first.version), 0.05) is None
+    waiting = asyncio.create_task(reg.wait_for_change((first.epoch, first.version), 10))
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    await client.post("/api/controller/models", json=instance())
+    snap = await waiting
+    assert time.monotonic() - started < 2  # liveness, not speed: a change wakes the poll
+    assert snap.version == first.version + 1 and len(snap.instances) == 1
+
+
+async def test_dbgpt_watcher_follows_a_controller_over_http(registry):
+    _, url, client = registry
+    dead_replica = f"http://127.0.0.1:{free_port()}"
+    settings = DbgptSource(name="dbgpt", urls=[dead_replica, url], poll_interval=0.05)
+    watcher = RegistryWatcher(settings, FAST_BACKOFF)
+    try:
+        status = await watcher.ready(5)
+        assert status.ready and not status.stale
+        await client.post("/api/controller/models", json=instance())
+        snap = await watcher.listen(None, 5)
+        while not snap.instances:
+            snap = await watcher.listen((snap.epoch, snap.version), 5)
+        assert snap.instances[0].model_name == "chatgpt-test@llm"
+    finally:
+        await watcher.close()
+
+
+async def test_an_unreachable_source_keeps_the_last_snapshot_and_says_stale(registry):
+    reg, url, client = registry
+    await client.post("/api/controller/models", json=instance())
+    watcher = RegistryWatcher(DbgptSource(name="d", url=url, poll_interval=0.05), FAST_BACKOFF)
+    try:
+        await watcher.ready(5)
+        before = watcher.snapshot()
+        assert len(before.instances) == 1
+        await reg.close()  # the controller goes away
+        deadline = time.monotonic() + 5
+        while not (await watcher.status()).stale:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        status = await watcher.status()
+        assert status.consecutive_failures >= 1 and "connection refused" in status.last_error
+        assert watcher.snapshot() == before  # never emptied
+    finally:
+        await watcher.close()
+
+
+async def test_static_file_is_reread_when_it_changes_and_a_broken_file_is_stale(tmp_path):
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump([instance(healthy=True)]))
+    watcher = RegistryWatcher(StaticSource(name="s", path=path, poll_interval=0.05), FAST_BACKOFF)
+    try:
+        await watcher.ready(5)
+        snap = watcher.snapshot()
+        assert [i.port for i in snap.instances] == [18001]
+        path.write_text(yaml.safe_dump({"instances": [instance(port=18001), instance(port=18002)]}))
+        snap = await watcher.listen((snap.epoch, snap.version), 5)
+        assert [i.port for i in snap.instances] == [18001, 18002]
+        path.write_text("instances: [{model_name: x, port: -1}]")
+        deadline = time.monotonic() + 5
+        while not (await watcher.status()).stale:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        assert "cannot read" in (await watcher.status()).last_error
+        assert watcher.snapshot() == snap
+    finally:
+        await watcher.close()
+
+
+async def test_inline_static_instances_are_published_once():
+    source = StaticFileSource(StaticSource(instances=[instance()], poll_interval=0.01))
+    assert len(await source.next(first=True)) == 1
+    assert await source.next(first=False) is None
+
+
+async def test_controller_answering_garbage_is_a_source_error(registry):
+    def garbage(request):
+        return httpx.Response(200, json=[{"model_name": "x"}])
+
+    source = DbgptControllerSource(DbgptSource(url="http://c:1"), transport=httpx.MockTransport(garbage))
+    with pytest.raises(Exception, match="http://c:1"):
+        await source.next(first=True)

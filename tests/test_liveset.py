@@ -1,0 +1,91 @@
+"""Pure decisions about the live set: merging sources, diffing endpoints, targets."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from coordinator.liveset import (
+    apply_targets,
+    diff_endpoints,
+    endpoint_is_listed,
+    filter_instances,
+    manager_endpoints,
+    merge_sources,
+)
+from coordinator.models import Endpoint, ModelInstance
+
+
+def inst(key: str, port: int, healthy: bool = True, beat: int | None = None, host: str = "h") -> ModelInstance:
+    return ModelInstance(
+        model_name=key, host=host, port=port, healthy=healthy,
+        last_heartbeat=datetime.fromtimestamp(beat) if beat else None,
+    )
+
+
+def test_same_entry_in_two_sources_appears_once_preferring_the_healthy_one():
+    merged = merge_sources(
+        {"a": [inst("m@llm", 1, healthy=False, beat=200)], "b": [inst("m@llm", 1, healthy=True, beat=100)]}
+    )
+    assert len(merged) == 1 and merged[0].healthy
+
+
+def test_among_equally_healthy_duplicates_the_newer_heartbeat_wins():
+    merged = merge_sources({"a": [inst("m@llm", 1, beat=100)], "b": [inst("m@llm", 1, beat=200)]})
+    assert merged[0].last_heartbeat == datetime.fromtimestamp(200)
+
+
+instances = st.lists(
+    st.builds(
+        inst,
+        key=st.sampled_from(["a@llm", "b@llm", "WorkerManager@service"]),
+        port=st.integers(1, 4),
+        healthy=st.booleans(),
+        beat=st.one_of(st.none(), st.integers(1, 10**6)),
+    ),
+    max_size=12,
+)
+
+
+@given(st.dictionaries(st.sampled_from(["x", "y", "z"]), instances))
+def test_merge_is_deterministic_and_loses_no_entry(snapshots):
+    merged = merge_sources(snapshots)
+    wanted = {i.identity for insts in snapshots.values() for i in insts}
+    assert {i.identity for i in merged} == wanted
+    assert len(merged) == len(wanted)
+    assert merge_sources(dict(reversed(list(snapshots.items())))) == merged
+
+
+def test_diff_says_which_proxies_to_create_and_retire():
+    diff = diff_endpoints({Endpoint("h", 1), Endpoint("h", 2)}, {Endpoint("h", 2), Endpoint("h", 3)})
+    assert diff.added == {Endpoint("h", 3)}
+    assert diff.removed == {Endpoint("h", 1)}
+
+
+def test_apply_targets_every_registered_instance_healthy_or_not():
+    live = [inst("m@llm", 2, healthy=False), inst("m@llm", 1), inst("m@text2vec", 3), inst("n@llm", 4)]
+    assert apply_targets(live, "m", "llm") == [Endpoint("h", 1), Endpoint("h", 2)]
+    assert apply_targets(live, "m", "text2vec") == [Endpoint("h", 3)]
+    assert apply_targets(live, "absent", "llm") == []
+
+
+def test_supports_goes_to_healthy_worker_managers_only():
+    live = [inst("WorkerManager@service", 1), inst("WorkerManager@service", 2, healthy=False), inst("m@llm", 3)]
+    assert manager_endpoints(live) == [Endpoint("h", 1)]
+    assert manager_endpoints(live, healthy_only=False) == [Endpoint("h", 1), Endpoint("h", 2)]
+
+
+def test_startup_needs_an_endpoint_some_registry_lists():
+    live = [inst("WorkerManager@service", 1)]
+    assert endpoint_is_listed(live, Endpoint("h", 1))
+    assert not endpoint_is_listed(live, Endpoint("h", 9))
+
+
+def test_healthy_means_registry_healthy_and_not_found_unreachable():
+    live = [inst("m@llm", 1), inst("m@llm", 2), inst("m@llm", 3, healthy=False)]
+    found = filter_instances(live, "m", "llm", healthy_only=True, unreachable=frozenset({Endpoint("h", 2)}))
+    assert [i.port for i in found] == [1]
+    assert len(filter_instances(live, "m", None, healthy_only=False)) == 3
+    assert filter_instances(live, "m", "text2vec", healthy_only=False) == []

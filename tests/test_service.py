@@ -1,0 +1,218 @@
+"""The coordinator's logic with in-process links: no Ray, no HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from coordinator.config import CoordinatorConfig
+from coordinator.errors import NoInstancesError, UnknownEndpointError, WaitTimeoutError
+from coordinator.liveset import Snapshot
+from coordinator.models import (
+    Endpoint,
+    ModelInstance,
+    SupportsOutcome,
+    WorkerApplyOutput,
+    WorkerApplyRequest,
+    WorkerStartupRequest,
+)
+from coordinator.service import CoordinatorService, LinkError
+from coordinator.status import WatcherStatus
+
+pytestmark = pytest.mark.anyio
+
+
+def inst(key: str, port: int, healthy: bool = True) -> ModelInstance:
+    return ModelInstance(model_name=key, host="h", port=port, healthy=healthy)
+
+
+class FakeWatchers:
+    def __init__(self) -> None:
+        self.snapshots: dict[str, Snapshot] = {}
+        self.changed = asyncio.Event()
+        self.dead: set[str] = set()
+
+    def publish(self, source: str, *instances: ModelInstance) -> None:
+        old = self.snapshots.get(source)
+        self.snapshots[source] = Snapshot("e", (old.version if old else 0) + 1, instances)
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    async def listen(self, source, since, timeout):
+        if source in self.dead:
+            raise LinkError("watcher died")
+        snap = self.snapshots.get(source)
+        if snap is not None and since != (snap.epoch, snap.version):
+            return snap
+        try:
+            await asyncio.wait_for(self.changed.wait(), timeout)
+        except TimeoutError:
+            pass
+        return None
+
+    async def status(self, source):
+        if source in self.dead:
+            raise LinkError("watcher died")
+        return WatcherStatus(source=source, kind="static", target="t")
+
+
+class FakeProxies:
+    def __init__(self) -> None:
+        self.live: set[Endpoint] = set()
+        self.created: list[Endpoint] = []
+        self.retired: list[Endpoint] = []
+        self.calls: list[tuple[Endpoint, str, Any]] = []
+        self.behaviour: dict[Endpoint, Any] = {}
+        self.delay = 0.0
+
+    def endpoints(self):
+        return set(self.live)
+
+    def ensure(self, ep):
+        self.live.add(ep)
+        self.created.append(ep)
+
+    def retire(self, ep):
+        self.live.discard(ep)
+        self.retired.append(ep)
+
+    async def call(self, ep, method, *args, deadline):
+        self.calls.append((ep, method, args[0] if args else None))
+        await asyncio.sleep(self.delay)
+        if self.behaviour.get(ep) == "dead":
+            raise LinkError("proxy actor died mid-call")
+        if method == "supports":
+            return SupportsOutcome(endpoint=ep)
+        return WorkerApplyOutput(message=f"{ep} {method} ok", success=True, host=ep.host, port=ep.port)
+
+
+@pytest.fixture
+async def service():
+    config = CoordinatorConfig.model_validate(
+        {"registries": [{"kind": "static", "name": "a", "instances": []}, {"kind": "static", "name": "b", "instances": []}],
+         "backoff": {"initial": 0.01, "maximum": 0.05}, "long_poll_timeout": 0.2}
+    )
+    watchers, proxies = FakeWatchers(), FakeProxies()
+    svc = CoordinatorService(config, watchers, proxies)
+    task = asyncio.create_task(svc.run())
+    yield svc, watchers, proxies
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def settle(svc: CoordinatorService, count: int, model: str = "m") -> None:
+    await svc.wait_for(model, count, timeout=5)
+
+
+async def test_apply_reaches_every_registered_instance_and_reports_each(service):
+    svc, watchers, proxies = service
+    watchers.publish("a", inst("m@llm", 1), inst("m@llm", 2, healthy=False), inst("other@llm", 3))
+    watchers.publish("b", inst("m@llm", 4))
+    await settle(svc, 2)
+    result = await svc.apply(WorkerApplyRequest(model="m", apply_type="start"))
+    assert [o.port for o in result.outputs] == [1, 2, 4]
+    assert result.output.success
+    assert {c[0].port for c in proxies.calls} == {1, 2, 4}
+
+
+async def test_a_dead_proxy_is_that_instances_failure_only(service):
+    svc, watchers, proxies = service
+    watchers.publish("a", inst("m@llm", 1), inst("m@llm", 2))
+    await settle(svc, 2)
+    proxies.behaviour[Endpoint("h", 2)] = "dead"
+    result = await svc.apply(WorkerApplyRequest(model="m", apply_type="restart"))
+    assert [o.success for o in result.outputs] == [True, False]
+    assert "h:2: apply restart m@llm failed: proxy actor died" in result.outputs[1].message
+    assert result.output.success is False
+
+
+async def test_apply_to_an_unlisted_model_raises(service):
+    svc, watchers, _ = service
+    watchers.publish("a", inst("m@llm", 1))
+    await settle(svc, 1)
+    with pytest.raises(NoInstancesError, match="ghost@llm"):
+        await svc.apply(WorkerApplyRequest(model="ghost", apply_type="start"))
+
+
+async def test_startup_to_an_unlisted_endpoint_raises_and_sends_nothing(service):
+    svc, watchers, proxies = service
+    watchers.publish("a", inst("WorkerManager@service", 1))
+    await svc.wait_for("WorkerManager", 1, worker_type="service", timeout=5)
+    with pytest.raises(UnknownEndpointError, match="h:9"):
+        await svc.startup(WorkerStartupRequest(host="h", port=9, model="n", worker_type="llm"))
+    assert proxies.calls == []
+    out = await svc.startup(WorkerStartupRequest(host="h", port=1, model="n", worker_type="llm"))
+    assert out.success and proxies.calls[0][:2] == (Endpoint("h", 1), "startup")
+
+
+async def test_operations_on_one_model_are_serialised_and_others_overlap(service):
+    svc, watchers, proxies = service
+    watchers.publish("a", inst("m@llm", 1), inst("n@llm", 2))
+    await settle(svc, 1)
+    proxies.delay = 0.05
+    order: list[str] = []
+
+    async def run(model: str, kind: str) -> None:
+        await svc.apply(WorkerApplyRequest(model=model, apply_type=kind))
+        order.append(f"{model}:{kind}")
+
+    async with asyncio.TaskGroup() as tg:
+        for kind in ("stop", "start", "restart"):
+            tg.create_task(run("m", kind))
+            await asyncio.sleep(0)
+        tg.create_task(run("n", "restart"))
+    assert [x for x in order if x.startswith("m:")] == ["m:stop", "m:start", "m:restart"]
+    assert order.index("n:restart") < order.index("m:restart")  # not queued behind m
+
+
+async def test_proxies_follow_the_endpoints_the_registries_list(service):
+    svc, watchers, proxies = service
+    watchers.publish("a", inst("m@llm", 1), inst("WorkerManager@service", 1), inst("m@llm", 2))
+    await settle(svc, 2)
+    assert proxies.live == {Endpoint("h", 1), Endpoint("h", 2)}
+    watchers.publish("a", inst("m@llm", 1))
+    await asyncio.wait_for(_until(lambda: proxies.retired == [Endpoint("h", 2)]), 5)
+    assert proxies.created.count(Endpoint("h", 1)) == 1
+
+
+async def test_a_dead_watcher_keeps_its_last_snapshot(service):
+    svc, watchers, _ = service
+    watchers.publish("a", inst("m@llm", 1))
+    watchers.publish("b", inst("m@llm", 2))
+    await settle(svc, 2)
+    watchers.dead.add("b")
+    watchers.publish("a", inst("m@llm", 1), inst("m@llm", 3))
+    await settle(svc, 3)
+    assert {i.port for i in await svc.instances("m")} == {1, 2, 3}
+    status = await svc.status()
+    assert [w.stale for w in status.watchers] == [False, True]
+
+
+async def test_unreachable_workers_leave_the_healthy_set_and_status_says_why(service):
+    svc, watchers, _ = service
+    watchers.publish("a", inst("m@llm", 1), inst("m@llm", 2))
+    await settle(svc, 2)
+
+    class Dead:
+        reachable, last_error = False, "Connection refused"
+
+    await svc.report_probe(Endpoint("h", 2), Dead())
+    assert [i.port for i in await svc.instances("m")] == [1]
+    assert len(await svc.instances("m", healthy_only=False)) == 2
+    row = [r for r in (await svc.status()).instances if r.port == 2][0]
+    assert row.why_unhealthy == "unreachable: Connection refused"
+
+
+async def test_wait_for_gives_up_with_a_count(service):
+    svc, watchers, _ = service
+    watchers.publish("a", inst("m@llm", 1))
+    with pytest.raises(WaitTimeoutError, match="1 of 2"):
+        await svc.wait_for("m", 2, timeout=0.2)
+
+
+async def _until(cond) -> None:
+    while not cond():
+        await asyncio.sleep(0.01)
