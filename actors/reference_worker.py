@@ -95,6 +95,7 @@ class ReferenceWorker:
         self.journal: list[dict[str, Any]] = []
         self._http = HttpServer(self._app(), settings.host, settings.port)
         self._controller: httpx.AsyncClient | None = None
+        self._controller_lock = asyncio.Lock()
         self._heartbeats: asyncio.Task[None] | None = None
         self._hung = asyncio.Event()  # set on stop, to release hung calls
 
@@ -213,11 +214,16 @@ class ReferenceWorker:
             mode="json"
         )
 
-    async def _controller_call(self, method: str, path: str, **kwargs: Any) -> None:
+    async def _controller_call(self, method: str, path: str, only_if: str | None = None, **kwargs: Any) -> None:
         if self._controller is None:
             return
         try:
-            response = await self._controller.request(method, path, **kwargs)
+            # One call at a time, so the controller sees them in the order they
+            # were made (a late heartbeat must not re-register a removed model).
+            async with self._controller_lock:
+                if only_if not in (None, WORKER_MANAGER_KEY) and not self._is_running(only_if):
+                    return  # stopped or removed while this call waited its turn
+                response = await self._controller.request(method, path, **kwargs)
             response.raise_for_status()
         except httpx.HTTPError as exc:
             # The next heartbeat registers again; a controller outage is not ours to fix.
@@ -241,8 +247,15 @@ class ReferenceWorker:
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval)
-            for key in [WORKER_MANAGER_KEY, *(k for k, m in self.models.items() if m.running)]:
-                await self._controller_call("POST", "/api/controller/heartbeat", json=self._instance(key))
+            for key in [WORKER_MANAGER_KEY, *self.models]:
+                if key == WORKER_MANAGER_KEY or self._is_running(key):
+                    await self._controller_call(
+                        "POST", "/api/controller/heartbeat", json=self._instance(key), only_if=key
+                    )
+
+    def _is_running(self, key: str) -> bool:
+        model = self.models.get(key)
+        return model is not None and model.running
 
     # ---- HTTP -----------------------------------------------------------
 

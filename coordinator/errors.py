@@ -20,19 +20,28 @@ from __future__ import annotations
 
 
 class CoordinatorError(Exception):
-    """Base of every error this package raises on purpose."""
+    """Base of every error this package raises on purpose.
+
+    Subclasses keep the arguments they were built from in ``_args`` so that they
+    survive pickling (Ray carries them from the coordinator to the driver).
+    """
+
+    _args: tuple = ()
+
+    def __reduce__(self):
+        return (type(self), self._args) if self._args else super().__reduce__()
 
 
 class NoInstancesError(CoordinatorError):
     def __init__(self, key: str) -> None:
         super().__init__(f"no registry lists any instance of {key}")
-        self.key = key
+        self.key, self._args = key, (key,)
 
 
 class UnknownEndpointError(CoordinatorError):
     def __init__(self, host: str, port: int) -> None:
         super().__init__(f"no registry lists a worker manager at {host}:{port}")
-        self.host, self.port = host, port
+        self.host, self.port, self._args = host, port, (host, port)
 
 
 class CoordinatorUnavailableError(CoordinatorError):
@@ -43,7 +52,7 @@ class CoordinatorUnavailableError(CoordinatorError):
 class CoordinatorNotFoundError(CoordinatorError):
     def __init__(self, name: str, namespace: str) -> None:
         super().__init__(f"no coordinator named {name!r} is running in namespace {namespace!r}")
-        self.name, self.namespace = name, namespace
+        self.name, self.namespace, self._args = name, namespace, (name, namespace)
 
 
 class WaitTimeoutError(CoordinatorError, TimeoutError):

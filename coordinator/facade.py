@@ -25,7 +25,7 @@ class WorkerOperationError(CoordinatorError):
 
     def __init__(self, output: WorkerApplyOutput) -> None:
         super().__init__(output.message)
-        self.output = output
+        self.output, self._args = output, (output,)
 
 
 class RayWorkerManager:

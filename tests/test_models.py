@@ -135,3 +135,21 @@ def test_public_names_are_exactly_the_documented_ones():
     assert set(coordinator.__all__) == expected
     for name in expected:
         assert getattr(coordinator, name) is not None
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        coordinator.NoInstancesError("m@llm"),
+        coordinator.UnknownEndpointError("h", 1),
+        coordinator.CoordinatorNotFoundError("n", "ns"),
+        coordinator.CoordinatorUnavailableError("gone"),
+        coordinator.WaitTimeoutError("late"),
+        coordinator.WorkerOperationError(WorkerApplyOutput(message="boom", success=False)),
+    ],
+)
+def test_errors_survive_the_trip_from_the_coordinator_to_the_driver(error):
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error) and str(copy) == str(error)

@@ -1,0 +1,27 @@
+# The two commands a newcomer needs:
+#   make demo   set up, then run the quick start (local Ray, embedded registry)
+#   make test   set up, then run the whole test suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test setup bench clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or: make PYTHON=python3 ...)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-token} $(PY) examples/quickstart.py
+
+test: $(STAMP)
+	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-token} $(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis
