@@ -84,6 +84,7 @@ class WorkerProxy:
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=32),
         )
         self._state = ProbeState()
+        self._closed = asyncio.Event()
         self._probe_task: asyncio.Task[None] | None = None
         if self._probe_settings.enabled:
             self._probe_task = asyncio.get_running_loop().create_task(self._probe_loop())
@@ -127,9 +128,15 @@ class WorkerProxy:
     async def probe_state(self) -> ProbeState:
         return self._state
 
+    async def lifeline(self) -> None:
+        """Returns only when the proxy is closed. The coordinator keeps one call to
+        it pending, so the proxy's death reaches it at once, as an error."""
+        await self._closed.wait()
+
     async def close(self) -> None:
         if self._probe_task is not None:
             self._probe_task.cancel()
+        self._closed.set()
         await self._client.aclose()
 
     # ---- internals ------------------------------------------------------

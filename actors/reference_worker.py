@@ -25,11 +25,11 @@ import asyncio
 import logging
 import signal
 import time
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field
 
 from actors.serving import HttpServer
@@ -70,6 +70,20 @@ class Faults(BaseModel):
     latency: float = Field(0.0, ge=0)
     fail_next: int = Field(0, ge=0)
     hang: bool = False
+    #: Answer every worker call with a malformed response of this kind.
+    garbage: Literal["html", "not_json", "wrong_shape", "truncated"] | None = None
+
+
+def _garbage(kind: str) -> Response:
+    match kind:
+        case "html":
+            return HTMLResponse("<html><body><h1>502 Bad Gateway</h1></body></html>", status_code=500)
+        case "not_json":
+            return PlainTextResponse("OK")
+        case "wrong_shape":
+            return JSONResponse({"unexpected": True})
+    # Promise more bytes than are sent: the connection closes mid-body.
+    return Response('{"message": "cut sh', media_type="application/json", headers={"content-length": "400"})
 
 
 class WorkerSettings(BaseModel):
@@ -93,6 +107,10 @@ class ReferenceWorker:
         self.models: dict[str, SimModel] = {m.key: m.model_copy() for m in settings.models}
         self.faults = settings.faults.model_copy()
         self.journal: list[dict[str, Any]] = []
+        #: Applies in progress per model key, and the most seen at once.
+        self.inflight: dict[str, int] = {}
+        self.peak: dict[str, int] = {}
+        self.peak_total = 0
         self._http = HttpServer(self._app(), settings.host, settings.port)
         self._controller: httpx.AsyncClient | None = None
         self._controller_lock = asyncio.Lock()
@@ -135,6 +153,15 @@ class ReferenceWorker:
     # ---- the simulated worker manager -----------------------------------
 
     async def apply(self, req: WorkerApplyRequest) -> WorkerApplyOutput:
+        self.inflight[req.key] = self.inflight.get(req.key, 0) + 1
+        self.peak[req.key] = max(self.peak.get(req.key, 0), self.inflight[req.key])
+        self.peak_total = max(self.peak_total, sum(self.inflight.values()))
+        try:
+            return await self._apply(req)
+        finally:
+            self.inflight[req.key] -= 1
+
+    async def _apply(self, req: WorkerApplyRequest) -> WorkerApplyOutput:
         started = time.monotonic()
         model = self.models.get(req.key)
         if model is None:
@@ -271,6 +298,8 @@ class ReferenceWorker:
                 await self._hung.wait()
             if self.faults.latency:
                 await asyncio.sleep(self.faults.latency)
+            if self.faults.garbage:
+                return _garbage(self.faults.garbage)
             if self.faults.fail_next > 0:
                 self.faults.fail_next -= 1
                 return PlainTextResponse("Internal Server Error", status_code=500)
@@ -335,6 +364,11 @@ class ReferenceWorkerHost:
 
     async def journal(self, port: int) -> list[dict[str, Any]]:
         return self._workers[port].journal
+
+    async def peaks(self, port: int) -> tuple[dict[str, int], int]:
+        """Most applies seen at once, per model key and in all."""
+        worker = self._workers[port]
+        return dict(worker.peak), worker.peak_total
 
     async def models(self, port: int) -> dict[str, SimModel]:
         return self._workers[port].models

@@ -10,11 +10,15 @@ as a plain object on any event loop.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
 import logging
+import signal
 import time
 import uuid
 from collections.abc import Callable
+from typing import Protocol
 
 from fastapi import FastAPI
 
@@ -57,21 +61,78 @@ def controller_app(registry: EmbeddedRegistry) -> FastAPI:
     return app
 
 
+class StateStore(Protocol):
+    async def load(self) -> bytes | None: ...
+
+    async def save(self, blob: bytes) -> None: ...
+
+
+class GcsStateStore:
+    """Keeps the registry's state in Ray's GCS key-value store, which outlives
+    the actor (and is fault tolerant when the GCS is)."""
+
+    NAMESPACE = "ray-model-coordinator"
+
+    def __init__(self, key: str) -> None:
+        self._key = key
+
+    async def load(self) -> bytes | None:
+        from ray.experimental import internal_kv
+
+        return await asyncio.to_thread(internal_kv._internal_kv_get, self._key, namespace=self.NAMESPACE)
+
+    async def save(self, blob: bytes) -> None:
+        from ray.experimental import internal_kv
+
+        await asyncio.to_thread(internal_kv._internal_kv_put, self._key, blob, True, namespace=self.NAMESPACE)
+
+
 class EmbeddedRegistry:
-    def __init__(self, settings: EmbeddedSource, clock: Callable[[], float] = time.time) -> None:
+    """With a ``state``, the registry saves its entries (and the port it bound)
+    on every change and restores them when it starts again, so a restarted
+    registry actor comes back on the same address with no worker lost."""
+
+    def __init__(
+        self,
+        settings: EmbeddedSource,
+        state: StateStore | str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._settings = settings
+        self._state = GcsStateStore(state) if isinstance(state, str) else state
         self._store = RegistryStore(settings.heartbeat_timeout, clock)
         self._epoch = uuid.uuid4().hex
         self._feed = ChangeFeed()
         self._published = self._store.version
-        self._http = HttpServer(controller_app(self), settings.host, settings.port)
+        self._http: HttpServer | None = None
         loop = asyncio.get_running_loop()
-        self._serving = loop.create_task(self._http.start())
+        self._serving = loop.create_task(self._start())
         self._expiry = loop.create_task(self._expiry_loop())
+        self._saving: asyncio.Task[None] | None = None
+
+    async def _start(self) -> None:
+        port = self._settings.port
+        if self._state is not None:
+            blob = await self._state.load()
+            if blob:
+                saved = json.loads(blob)
+                self._store.load(saved["store"])
+                # Workers were not silent; the registry was away. Give them a
+                # full timeout to be heard from again.
+                self._store.touch_all()
+                self._published = self._store.version
+                port = port or saved["port"]
+                log.warning("registry restored %d entries; serving again on port %s", len(self._store), port)
+        self._http = HttpServer(controller_app(self), self._settings.host, port)
+        await self._http.start()
+        if self._state is not None:
+            await self._save()
+            self._saving = asyncio.get_running_loop().create_task(self._save_loop())
 
     async def ready(self) -> str:
         """The URL workers should use as ``controller_addr``, once serving."""
         await asyncio.shield(self._serving)
+        assert self._http is not None
         return self._http.url
 
     # ---- the controller calls (also served over HTTP) -------------------
@@ -114,7 +175,16 @@ class EmbeddedRegistry:
 
     async def close(self) -> None:
         self._expiry.cancel()
-        await self._http.stop()
+        if self._saving is not None:
+            self._saving.cancel()
+        if self._http is not None:
+            await self._http.stop()
+
+    async def forget(self) -> None:
+        """Close, and delete the saved state (the registry is being removed)."""
+        await self.close()
+        if self._state is not None:
+            await self._state.save(b"")
 
     # ---- internals ------------------------------------------------------
 
@@ -123,6 +193,23 @@ class EmbeddedRegistry:
         if self._store.version != self._published:
             self._published = self._store.version
             self._feed.notify()
+
+    async def _save(self) -> None:
+        assert self._http is not None and self._state is not None
+        blob = json.dumps({"port": self._http.port, "store": self._store.dump()})
+        await self._state.save(blob.encode())
+
+    async def _save_loop(self) -> None:
+        saved = self._store.version
+        while True:
+            await self._feed.wait_until(lambda: self._store.version != saved, timeout=3600)
+            version = self._store.version
+            try:
+                await self._save()
+                saved = version
+            except Exception:
+                log.exception("saving the registry state failed; retrying")
+                await asyncio.sleep(1.0)
 
     async def _expiry_loop(self) -> None:
         while True:
@@ -138,3 +225,34 @@ class EmbeddedRegistry:
                     inst.model_name, inst.host, inst.port, self._settings.heartbeat_timeout,
                 )
             self._publish()
+
+
+async def _serve(settings: EmbeddedSource) -> None:
+    registry = EmbeddedRegistry(settings)
+    print(f"listening on {await registry.ready()}", flush=True)  # parents wait for this line
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await registry.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve the registry as a plain process, without Ray: a stand-in for a
+    DB-GPT model controller (``python -m actors.registry --port 8000``)."""
+    parser = argparse.ArgumentParser(prog="python -m actors.registry", description=main.__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--heartbeat-interval", type=float, default=20.0)
+    parser.add_argument("--heartbeat-timeout", type=float, default=60.0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(_serve(EmbeddedSource(
+        host=args.host, port=args.port,
+        heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout,
+    )))
+
+
+if __name__ == "__main__":
+    main()

@@ -97,6 +97,12 @@ class RegistryStore:
             "entries": [i.model_dump(mode="json") for i in self._entries.values()],
         }
 
+    def touch_all(self) -> None:
+        """Stamp every entry's heartbeat with now (after a restore)."""
+        stamp = self._now()
+        for ident, inst in self._entries.items():
+            self._entries[ident] = inst.model_copy(update={"last_heartbeat": stamp})
+
     def load(self, state: dict) -> None:
         self.version = int(state["version"])
         self._entries = {}

@@ -13,6 +13,7 @@ import logging
 import ray
 
 from coordinator.config import CoordinatorConfig
+from coordinator.models import Endpoint
 from coordinator.naming import watcher_actor
 from coordinator.ray_links import RayProxies, RayWatchers
 from coordinator.service import CoordinatorService
@@ -34,6 +35,10 @@ class CoordinatorActor(CoordinatorService):
         except Exception:
             log.exception("coordinator loop stopped")
             raise
+
+    async def proxy_handle(self, host: str, port: int):
+        """The proxy actor serving host:port (for debugging), or None."""
+        return self._ray_proxies.handle(Endpoint(host, port))
 
     async def get_config(self) -> CoordinatorConfig:
         return self.config

@@ -9,7 +9,9 @@ description of the call (:class:`_Call`), so they cannot drift apart.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,7 +105,7 @@ def start(
             if isinstance(source, EmbeddedSource):
                 reg = ray.remote(EmbeddedRegistry).options(
                     **_options(registry_actor(name, source.name), namespace, detached)
-                ).remote(source)
+                ).remote(source, state=registry_actor(name, source.name))
                 created.append(reg)
                 registries.append((source, reg))
         for source, reg in registries:
@@ -231,13 +233,21 @@ def _translate(exc: BaseException, call: _Call) -> BaseException:
     return exc
 
 
-def _resend(exc: BaseException, ref: Any, call: _Call, attempt: int, cluster: Cluster) -> bool:
-    """After a failed call: cancel it if it timed out; say whether to send it once
-    more (only reads, only after the coordinator died and was found again)."""
+def _retry_after(exc: BaseException, ref: Any, call: _Call, attempt: int, deadline: float, cluster: Cluster) -> float | None:
+    """After a failed call: seconds to wait before sending it again, or None to
+    give up. A call that timed out is cancelled. Only reads are resent — while
+    the coordinator restarts, or once after it was replaced — and only within
+    the call's deadline."""
     if isinstance(exc, (GetTimeoutError, TimeoutError)):
         ray.cancel(ref)
-        return False
-    return isinstance(exc, ActorDiedError) and attempt == 1 and call.resendable and cluster._reresolve()
+        return None
+    if not call.resendable or time.monotonic() >= deadline:
+        return None
+    if isinstance(exc, ActorUnavailableError):
+        return min(1.0, 0.1 * attempt)
+    if isinstance(exc, ActorDiedError) and attempt <= 3 and cluster._reresolve():
+        return 0.0
+    return None
 
 
 class Cluster:
@@ -318,14 +328,16 @@ class Cluster:
             raise RuntimeError(
                 f"Cluster.{call.method}() blocks; in async code use 'await cluster.aio.{call.method}(...)'"
             )
-        for attempt in (1, 2):
+        deadline = time.monotonic() + call.timeout
+        for attempt in itertools.count(1):
             ref = getattr(self._handle, call.method).remote(*call.args)
             try:
-                return call.post(ray.get(ref, timeout=call.timeout))
+                return call.post(ray.get(ref, timeout=max(0.1, deadline - time.monotonic())))
             except (RayError, TimeoutError) as exc:
-                if _resend(exc, ref, call, attempt, self):
-                    continue
-                raise _translate(exc, call) from None
+                wait = _retry_after(exc, ref, call, attempt, deadline, self)
+                if wait is None:
+                    raise _translate(exc, call) from None
+                time.sleep(wait)
         raise AssertionError("unreachable")
 
     def _reresolve(self) -> bool:
@@ -384,14 +396,16 @@ class AsyncCluster:
         return await self._run(self._calls.status())
 
     async def _run(self, call: _Call) -> Any:
-        for attempt in (1, 2):
+        deadline = time.monotonic() + call.timeout
+        for attempt in itertools.count(1):
             ref = getattr(self._cluster._handle, call.method).remote(*call.args)
             try:
-                return call.post(await asyncio.wait_for(ref, call.timeout))
+                return call.post(await asyncio.wait_for(ref, max(0.1, deadline - time.monotonic())))
             except (RayError, TimeoutError) as exc:
-                if _resend(exc, ref, call, attempt, self._cluster):
-                    continue
-                raise _translate(exc, call) from None
+                wait = _retry_after(exc, ref, call, attempt, deadline, self._cluster)
+                if wait is None:
+                    raise _translate(exc, call) from None
+                await asyncio.sleep(wait)
         raise AssertionError("unreachable")
 
 
@@ -406,14 +420,15 @@ def _stop(name: str, namespace: str, handle: Any) -> None:
     if config is None:
         return
     for source in config.registries:
-        for actor_name in (watcher_actor(name, source.name), registry_actor(name, source.name)):
+        # A registry removed on purpose also forgets its saved state.
+        for actor_name, method in ((watcher_actor(name, source.name), "close"),
+                                   (registry_actor(name, source.name), "forget")):
             try:
                 actor = ray.get_actor(actor_name, namespace=namespace)
             except ValueError:
                 continue
             try:
-                ray.get(actor.close.remote(), timeout=10)
+                ray.get(getattr(actor, method).remote(), timeout=10)
             except RayError:
                 pass
             ray.kill(actor, no_restart=True)
-

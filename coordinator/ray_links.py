@@ -72,16 +72,41 @@ class RayProxies:
         self._config = config
         self._report = _ReportTo(coordinator)
         self._handles: dict[Endpoint, Any] = {}
+        self._lifelines: dict[Endpoint, asyncio.Task[None]] = {}
         self._actor_cls = ray.remote(WorkerProxy)
 
     def endpoints(self) -> set[Endpoint]:
         return set(self._handles)
 
+    def handle(self, endpoint: Endpoint) -> Any:
+        return self._handles.get(endpoint)
+
     def ensure(self, endpoint: Endpoint) -> None:
         if endpoint not in self._handles:
-            self._handles[endpoint] = self._spawn(endpoint)
+            self._spawn(endpoint)
 
-    def _spawn(self, endpoint: Endpoint) -> Any:
+    def _spawn(self, endpoint: Endpoint) -> None:
+        handle = self._new_proxy(endpoint)
+        self._handles[endpoint] = handle
+        self._lifelines[endpoint] = asyncio.get_running_loop().create_task(
+            self._follow_lifeline(endpoint, handle), name=f"lifeline {endpoint}"
+        )
+
+    async def _follow_lifeline(self, endpoint: Endpoint, handle: Any) -> None:
+        """Replace the proxy as soon as it dies, not at the next call to it."""
+        while True:
+            try:
+                await handle.lifeline.remote()
+                return  # closed on purpose
+            except ActorDiedError as exc:
+                if self._handles.get(endpoint) is handle:
+                    log.warning("proxy for %s died (%s); starting a new one", endpoint, _first_line(exc))
+                    self._spawn(endpoint)
+                return
+            except RayError:  # unavailable for a moment; it may come back
+                await asyncio.sleep(1.0)
+
+    def _new_proxy(self, endpoint: Endpoint) -> Any:
         return self._actor_cls.options(num_cpus=0, max_restarts=0).remote(
             endpoint.host,
             endpoint.port,
@@ -93,6 +118,9 @@ class RayProxies:
 
     def retire(self, endpoint: Endpoint) -> None:
         handle = self._handles.pop(endpoint, None)
+        lifeline = self._lifelines.pop(endpoint, None)
+        if lifeline is not None:
+            lifeline.cancel()
         if handle is not None:
             ray.kill(handle, no_restart=True)
 
@@ -105,15 +133,10 @@ class RayProxies:
         except TimeoutError as exc:
             raise LinkError(f"proxy gave no answer within {deadline:g} s") from exc
         except ActorDiedError as exc:
-            self._replace(endpoint, handle)
-            raise LinkError(f"proxy actor died mid-call ({_first_line(exc)}); a new one was started") from exc
+            # Its lifeline has seen the death too and is starting a new proxy.
+            raise LinkError(f"proxy actor died mid-call ({_first_line(exc)})") from exc
         except RayError as exc:
             raise LinkError(f"proxy unavailable ({type(exc).__name__}: {_first_line(exc)})") from exc
-
-    def _replace(self, endpoint: Endpoint, dead: Any) -> None:
-        if self._handles.get(endpoint) is dead:
-            log.warning("proxy for %s died; starting a new one", endpoint)
-            self._handles[endpoint] = self._spawn(endpoint)
 
     def close(self) -> None:
         for endpoint in list(self._handles):

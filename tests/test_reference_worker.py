@@ -100,3 +100,16 @@ async def test_heartbeats_bring_a_worker_back_into_a_fresh_registry(fleet):
     while not await reg.list_instances("WorkerManager@service"):
         assert time.monotonic() < deadline
         await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("kind", ["html", "not_json", "wrong_shape", "truncated"])
+async def test_garbage_knob_answers_malformed(fleet, kind):
+    _, worker, client = fleet
+    worker.set_faults(garbage=kind)
+    try:
+        r = await client.get("/models/supports")
+    except httpx.RemoteProtocolError:
+        assert kind == "truncated"
+        return
+    assert kind != "truncated"
+    assert r.status_code == (500 if kind == "html" else 200)
