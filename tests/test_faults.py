@@ -249,3 +249,19 @@ def test_malformed_answers_are_per_instance_failures_with_the_reason(clusters, r
     finally:
         ray.get(host.stop_all.remote())
         ray.kill(host)
+
+
+def test_a_worker_that_comes_back_is_reachable_again_without_anyone_acting(clusters, worker_process):
+    cluster = clusters("comeback", EMBEDDED)
+    url = cluster.registry_url()
+    first = worker_process("b1@llm", controller=url, heartbeat_interval=1)
+    cluster.wait_for("b1", count=1, timeout=20)
+    first.kill()
+    wait_until(lambda: not cluster.instances("b1"), timeout=10, what="dead worker excluded")
+    out = cluster.apply("b1", "start").outputs[0]
+    assert not out.success and ("unreachable" in out.message or "refused" in out.message)
+    worker_process("b1@llm", controller=url, heartbeat_interval=1, port=first.port)
+    cluster.wait_for("b1", count=1, timeout=20)
+    wait_until(lambda: all(r.reachable for r in cluster.status().instances if r.port == first.port),
+               timeout=10, what="probe sees it again")
+    assert cluster.apply("b1", "start").success
