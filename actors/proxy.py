@@ -25,6 +25,7 @@ from actors.transport import (
     WorkerBadAnswer,
     WorkerCallError,
     WorkerUnreachable,
+    client_limits,
     map_transport_errors,
     read_json,
 )
@@ -81,7 +82,7 @@ class WorkerProxy:
             base_url=f"http://{host}:{port}/api/worker",
             headers=headers or {},
             transport=transport,
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=32),
+            limits=client_limits(256),
         )
         self._state = ProbeState()
         self._closed = asyncio.Event()

@@ -33,6 +33,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from pydantic import BaseModel, Field
 
 from actors.serving import HttpServer
+from actors.transport import client_limits
 from coordinator.models import (
     WORKER_MANAGER_KEY,
     ApplyType,
@@ -129,7 +130,9 @@ class ReferenceWorker:
     async def start(self) -> int:
         await self._http.start()
         if self.settings.controller:
-            self._controller = httpx.AsyncClient(base_url=self.settings.controller, timeout=5)
+            self._controller = httpx.AsyncClient(
+                base_url=self.settings.controller, timeout=5, limits=client_limits()
+            )
             await self._register_all()
             self._heartbeats = asyncio.get_running_loop().create_task(self._heartbeat_loop())
         log.info("reference worker serving at %s", self.address)
@@ -289,22 +292,6 @@ class ReferenceWorker:
     def _app(self) -> FastAPI:
         app = FastAPI(title="Reference worker manager", docs_url=None, redoc_url=None)
 
-        @app.middleware("http")
-        async def faults(request: Request, call_next):
-            if not request.url.path.startswith("/api/worker"):
-                return await call_next(request)
-            self.journal.append({"t": time.time(), "path": request.url.path, "body": (await request.body()).decode()})
-            if self.faults.hang:
-                await self._hung.wait()
-            if self.faults.latency:
-                await asyncio.sleep(self.faults.latency)
-            if self.faults.garbage:
-                return _garbage(self.faults.garbage)
-            if self.faults.fail_next > 0:
-                self.faults.fail_next -= 1
-                return PlainTextResponse("Internal Server Error", status_code=500)
-            return await call_next(request)
-
         @app.exception_handler(_Fault)
         async def handler_failed(request: Request, exc: _Fault) -> PlainTextResponse:
             # What DB-GPT answers when a handler raises: no detail.
@@ -339,7 +326,42 @@ class ReferenceWorker:
         async def journal() -> list[dict[str, Any]]:
             return self.journal
 
-        return app
+        return self._with_faults(app)
+
+    def _with_faults(self, app: FastAPI):
+        """A plain ASGI layer (cheaper than Starlette's BaseHTTPMiddleware) that
+        journals every worker call and applies the fault knobs."""
+
+        async def layer(scope, receive, send):
+            if scope["type"] != "http" or not scope["path"].startswith("/api/worker"):
+                return await app(scope, receive, send)
+            chunks, more = [], True
+            while more:
+                message = await receive()
+                chunks.append(message.get("body", b""))
+                more = message.get("more_body", False)
+            body = b"".join(chunks)
+            self.journal.append({"t": time.time(), "path": scope["path"], "body": body.decode()})
+            faults = self.faults
+            if faults.hang:
+                await self._hung.wait()
+            if faults.latency:
+                await asyncio.sleep(faults.latency)
+            early = None
+            if faults.garbage:
+                early = _garbage(faults.garbage)
+            elif faults.fail_next > 0:
+                faults.fail_next -= 1
+                early = PlainTextResponse("Internal Server Error", status_code=500)
+            if early is not None:
+                return await early(scope, receive, send)
+
+            async def replay():
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            await app(scope, replay, send)
+
+        return layer
 
 
 class ReferenceWorkerHost:

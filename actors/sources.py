@@ -15,7 +15,7 @@ import httpx
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
-from actors.transport import WorkerCallError, map_transport_errors, read_json
+from actors.transport import WorkerCallError, client_limits, map_transport_errors, read_json
 from coordinator.config import (
     DbgptSource,
     EmbeddedSource,
@@ -53,7 +53,9 @@ class DbgptControllerSource:
         self._settings = settings
         self._urls = settings.controller_urls
         self.target = ", ".join(self._urls)
-        self._client = httpx.AsyncClient(timeout=settings.request_timeout, transport=transport)
+        self._client = httpx.AsyncClient(
+            timeout=settings.request_timeout, transport=transport, limits=client_limits()
+        )
 
     async def next(self, first: bool) -> list[ModelInstance]:
         if not first:

@@ -27,6 +27,21 @@ import httpx
 
 BODY_EXCERPT = 300
 
+#: Idle connections are dropped after this many seconds. uvicorn (which DB-GPT's
+#: servers run on) closes idle keep-alive connections after 5 s, httpx's own
+#: default; with equal timers a request can be written onto a connection the
+#: server is closing, and fail in a way that must not be retried. Expiring well
+#: before the server does avoids that race.
+KEEPALIVE_EXPIRY = 2.0
+
+
+def client_limits(max_connections: int = 100) -> httpx.Limits:
+    return httpx.Limits(
+        max_connections=max_connections,
+        max_keepalive_connections=min(32, max_connections),
+        keepalive_expiry=KEEPALIVE_EXPIRY,
+    )
+
 
 class WorkerCallError(Exception):
     #: Whether the request provably never reached the worker.

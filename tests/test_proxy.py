@@ -151,3 +151,12 @@ async def test_unreachable_worker_fails_fast_without_sending():
     await proxy._record_probe(None)  # the worker came back
     assert (await proxy.apply(APPLY)).success
     assert changes == [True, False, True]
+
+
+
+def test_idle_connections_expire_before_a_uvicorn_servers_keepalive_does():
+    # uvicorn closes idle connections after 5 s; a request written onto a
+    # connection it is closing fails in a way that must not be retried.
+    from actors.transport import client_limits
+
+    assert client_limits().keepalive_expiry < 5

@@ -1,0 +1,5 @@
+"""python -m coordinator: the command line."""
+
+from coordinator.cli import main
+
+main()

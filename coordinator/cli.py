@@ -1,0 +1,227 @@
+"""The command line: ``coordinator`` (or ``python -m coordinator``).
+
+    coordinator start --config coordinator.yaml      # detached: outlives the command
+    coordinator status [--json]
+    coordinator apply chatgpt-test restart [--worker-type llm] [--param k=v ...]
+    coordinator startup --host H --port P --model M [--worker-type llm] [--param k=v ...]
+    coordinator shutdown --host H --port P --model M [--worker-type llm]
+    coordinator supports [--json]
+    coordinator stop
+
+Every command takes ``--address`` (a Ray cluster; default: the one this machine
+is part of), ``--namespace`` and ``--name``. Operations print one row per
+instance and exit 1 when any instance failed; a mistake is one line on stderr
+(exit 2), with ``--verbose`` for the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+import click
+import yaml
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from coordinator.config import CoordinatorConfig
+from coordinator.errors import CoordinatorError
+from coordinator.models import WorkerApplyOutput
+from coordinator.naming import DEFAULT_NAME, DEFAULT_NAMESPACE
+
+console = Console()
+errors = Console(stderr=True)
+
+
+class Context:
+    def __init__(self, address: str | None, namespace: str, name: str, verbose: bool) -> None:
+        self.address, self.namespace, self.name, self.verbose = address, namespace, name, verbose
+
+    def connect(self) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=self.address or "auto", namespace=self.namespace,
+                     logging_level=logging.WARNING, log_to_driver=False)
+
+    def cluster(self):
+        import coordinator
+
+        self.connect()
+        return coordinator.attach(self.name, namespace=self.namespace)
+
+
+def _params(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """``k=v`` pairs; values are read as YAML scalars (numbers, booleans, strings)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r} is not key=value", param_hint="--param")
+        out[key] = yaml.safe_load(value) if value else ""
+    return out
+
+
+def _outputs_table(title: str, outputs: list[WorkerApplyOutput]) -> Table:
+    table = Table(title=title)
+    for col in ("worker", "ok", "seconds", "message"):
+        table.add_column(col)
+    for o in outputs:
+        table.add_row(f"{o.host}:{o.port}", "[green]yes[/]" if o.success else "[red]no[/]",
+                      f"{o.timecost:.3f}" if o.timecost is not None and o.timecost >= 0 else "-", o.message)
+    return table
+
+
+def _finish(outputs: list[WorkerApplyOutput], as_json: bool, title: str) -> None:
+    if as_json:
+        click.echo(json.dumps([o.model_dump(mode="json") for o in outputs], indent=2))
+    else:
+        console.print(_outputs_table(title, outputs))
+    if not all(o.success for o in outputs):
+        sys.exit(1)
+
+
+class _Group(click.Group):
+    """Turns the errors a user can cause into one readable line."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (CoordinatorError, ValidationError, ConnectionError, TimeoutError, OSError, ValueError) as exc:
+            obj = ctx.obj
+            if obj is not None and obj.verbose:
+                raise
+            message = str(exc).strip().splitlines()
+            if isinstance(exc, ValidationError):
+                message = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+            errors.print(f"[red]error:[/] {type(exc).__name__}: {'; '.join(message)}", highlight=False, soft_wrap=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group)
+@click.option("--address", envvar="RAY_ADDRESS", help="Ray cluster address (default: auto)")
+@click.option("--namespace", default=DEFAULT_NAMESPACE, show_default=True)
+@click.option("--name", default=DEFAULT_NAME, show_default=True, help="the coordinator's actor name")
+@click.option("-v", "--verbose", is_flag=True, help="tracebacks instead of one-line errors")
+@click.pass_context
+def cli(ctx: click.Context, address: str | None, namespace: str, name: str, verbose: bool) -> None:
+    """Drive a fleet of DB-GPT model workers through the Ray coordinator."""
+    ctx.obj = Context(address, namespace, name, verbose)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING)
+
+
+@cli.command()
+@click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.pass_obj
+def start(obj: Context, config_path: str) -> None:
+    """Start the coordinator and its watchers, detached."""
+    import coordinator
+
+    config = CoordinatorConfig.from_file(config_path)
+    obj.connect()
+    cluster = coordinator.start(config, name=obj.name, namespace=obj.namespace, detached=True)
+    console.print(f"coordinator [bold]{obj.name}[/] running in namespace [bold]{obj.namespace}[/]")
+    for w in cluster.status().watchers:
+        console.print(f"  watching {w.kind} {w.target}: {w.instances} instances")
+
+
+@cli.command()
+@click.pass_obj
+def stop(obj: Context) -> None:
+    """Remove the coordinator, its watchers and its embedded registries."""
+    obj.cluster().stop()
+    console.print(f"coordinator {obj.name} stopped")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.pass_obj
+def status(obj: Context, as_json: bool) -> None:
+    """Instances with registry health and probe state; watchers with freshness."""
+    st = obj.cluster().status()
+    if as_json:
+        click.echo(st.model_dump_json(indent=2))
+        return
+    table = Table(title=f"instances ({st.name})")
+    for col in ("model", "type", "worker", "registry", "probe", "last heartbeat"):
+        table.add_column(col)
+    for r in sorted(st.instances, key=lambda r: (r.model, r.worker_type, r.host, r.port)):
+        probe = {True: "[green]reachable[/]", False: f"[red]unreachable[/] {r.probe_error or ''}",
+                 None: "-"}[r.reachable]
+        table.add_row(r.model, r.worker_type, f"{r.host}:{r.port}",
+                      "[green]healthy[/]" if r.registry_healthy else "[red]unhealthy[/]", probe,
+                      r.last_heartbeat.strftime("%H:%M:%S") if r.last_heartbeat else "-")
+    console.print(table)
+    table = Table(title="watchers")
+    for col in ("source", "kind", "target", "version", "instances", "state", "last error"):
+        table.add_column(col)
+    for w in st.watchers:
+        state = "[red]stale[/]" if w.stale else ("[green]fresh[/]" if w.ready else "starting")
+        table.add_row(w.source, w.kind, w.target, str(w.version), str(w.instances), state, w.last_error or "")
+    console.print(table)
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("apply_type", type=click.Choice(["start", "stop", "restart", "update_params"]))
+@click.option("--worker-type", default="llm", show_default=True)
+@click.option("--param", "params", multiple=True, help="key=value, repeatable (update_params)")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def apply(obj: Context, model: str, apply_type: str, worker_type: str, params: tuple[str, ...], as_json: bool) -> None:
+    """Apply an operation to every instance of MODEL."""
+    result = obj.cluster().apply(model, apply_type, worker_type=worker_type, params=_params(params) or None)
+    _finish(result.outputs, as_json, f"{apply_type} {model}@{worker_type}")
+
+
+def _lifecycle(op: str):
+    @click.option("--host", required=True)
+    @click.option("--port", required=True, type=int)
+    @click.option("--model", required=True)
+    @click.option("--worker-type", default="llm", show_default=True)
+    @click.option("--param", "params", multiple=True, help="key=value, repeatable")
+    @click.option("--json", "as_json", is_flag=True)
+    @click.pass_obj
+    def command(obj: Context, host: str, port: int, model: str, worker_type: str,
+                params: tuple[str, ...], as_json: bool) -> None:
+        req = {"host": host, "port": port, "model": model, "worker_type": worker_type, "params": _params(params)}
+        output = getattr(obj.cluster(), op)(req)
+        _finish([output], as_json, f"{op} {model}@{worker_type} on {host}:{port}")
+
+    command.__doc__ = f"{op.capitalize()} a model on the worker manager at HOST:PORT."
+    return cli.command(name=op)(command)
+
+
+_lifecycle("startup")
+_lifecycle("shutdown")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def supports(obj: Context, as_json: bool) -> None:
+    """Models every healthy worker manager can run."""
+    outcomes = obj.cluster().supports()
+    if as_json:
+        click.echo(json.dumps([o.model_dump(mode="json") for o in outcomes], indent=2))
+    else:
+        table = Table(title="supported models")
+        for col in ("worker", "model", "type", "provider", "error"):
+            table.add_column(col)
+        for o in outcomes:
+            worker = f"{o.endpoint[0]}:{o.endpoint[1]}"
+            if o.error:
+                table.add_row(worker, "", "", "", f"[red]{o.error}[/]")
+            for wsm in o.models:
+                for m in wsm.models:
+                    table.add_row(worker, m.model, m.worker_type, m.provider or "", "")
+        console.print(table)
+    if any(o.error for o in outcomes):
+        sys.exit(1)
+
+
+def main() -> None:
+    cli(prog_name="coordinator")

@@ -1,0 +1,120 @@
+"""The command line, in-process against the session's Ray: a detached start from a
+config file, then the operator's commands, exit codes and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import ray
+from click.testing import CliRunner
+
+from actors.reference_worker import ReferenceWorkerHost, SimModel, WorkerSettings
+from coordinator.cli import cli
+
+pytestmark = pytest.mark.ray
+
+BASE = ["--name", "cli", "--namespace", "tests"]
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, [*BASE, *args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def deployed(ray_session, tmp_path_factory):
+    config = tmp_path_factory.mktemp("cli") / "coordinator.yaml"
+    config.write_text(
+        "registries:\n"
+        "  - {kind: embedded, name: reg, port: 0, heartbeat_interval: 1, heartbeat_timeout: 3}\n"
+        "timeouts: {apply: 5, connect: 1}\n"
+    )
+    result = run("start", "--config", str(config))
+    assert result.exit_code == 0, result.output
+    assert "watching embedded" in result.output
+    import coordinator
+
+    cluster = coordinator.attach("cli", namespace="tests")
+    host = ray.remote(ReferenceWorkerHost).options(num_cpus=0).remote()
+    ports = ray.get([host.add.remote(WorkerSettings(controller=cluster.registry_url(), heartbeat_interval=1,
+                                                    models=[SimModel(name="cli-model")])) for _ in range(2)])
+    cluster.wait_for("cli-model", count=2, timeout=30)
+    yield host, ports
+    ray.get(host.stop_all.remote())
+    ray.kill(host)
+    result = run("stop")
+    assert result.exit_code == 0 and "stopped" in result.output
+    with pytest.raises(ValueError):
+        ray.get_actor("cli", namespace="tests")
+
+
+def test_status_lists_instances_and_watchers(deployed):
+    _, ports = deployed
+    result = run("status", "--json")
+    assert result.exit_code == 0
+    st = json.loads(result.output)
+    assert {r["port"] for r in st["instances"] if r["model"] == "cli-model"} == set(ports)
+    assert st["watchers"][0]["source"] == "reg" and not st["watchers"][0]["stale"]
+    table = CliRunner().invoke(cli, [*BASE, "status"], terminal_width=200)
+    assert "cli-model" in table.output and "watchers" in table.output
+
+
+def test_apply_prints_every_instance_and_exits_0(deployed):
+    _, ports = deployed
+    result = run("apply", "cli-model", "restart", "--json")
+    assert result.exit_code == 0, result.output
+    outs = json.loads(result.output)
+    assert sorted(o["port"] for o in outs) == sorted(ports)
+    assert all("restart successfully" in o["message"] for o in outs)
+
+
+def test_apply_exits_1_when_any_instance_failed(deployed):
+    host, ports = deployed
+    ray.get(host.set_faults.remote(ports[0], fail_next=1))
+    result = run("apply", "cli-model", "start", "--json")
+    assert result.exit_code == 1
+    failed = [o for o in json.loads(result.output) if not o["success"]]
+    assert [o["port"] for o in failed] == [ports[0]]
+
+
+def test_params_are_typed_key_values(deployed):
+    result = run("apply", "cli-model", "update_params", "--param", "temperature=0.5", "--param", "stream=true",
+                 "--json")
+    assert result.exit_code == 0
+    assert "Update worker params and restart successfully" in result.output
+    bad = run("apply", "cli-model", "update_params", "--param", "novalue")
+    assert bad.exit_code == 2 and "key=value" in bad.output
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["apply", "ghost", "start"], "NoInstancesError: no registry lists any instance of ghost@llm"),
+        (["apply", "cli-model", "start", "--worker-type", "gpu"], "worker_type"),
+        (["startup", "--host", "127.0.0.1", "--port", "1", "--model", "m"], "UnknownEndpointError"),
+        (["startup", "--host", "127.0.0.1", "--port", "70000", "--model", "m"], "port"),
+    ],
+)
+def test_request_mistakes_are_one_line_with_exit_2(deployed, args, needle):
+    result = CliRunner().invoke(cli, [*BASE, *args])
+    assert result.exit_code == 2
+    text = result.stderr
+    assert needle in text
+    assert "Traceback" not in text and len(text.strip().splitlines()) == 1
+
+
+def test_startup_shutdown_and_supports(deployed):
+    _, ports = deployed
+    where = ["--host", "127.0.0.1", "--port", str(ports[1]), "--model", "cli-extra"]
+    assert run("startup", *where, "--param", "provider=proxy/openai").exit_code == 0
+    supports = json.loads(run("supports", "--json").output)
+    models = {(o["endpoint"][1], m["model"]) for o in supports for w in o["models"] for m in w["models"]}
+    assert (ports[1], "cli-extra") in models and (ports[0], "cli-extra") not in models
+    assert run("shutdown", *where).exit_code == 0
+
+
+def test_attaching_to_nothing_is_a_clear_error(ray_session):
+    result = CliRunner().invoke(cli, ["--name", "absent", "--namespace", "tests", "status"])
+    assert result.exit_code == 2
+    assert "no coordinator named 'absent'" in result.output
+
