@@ -30,6 +30,7 @@ from actors.transport import (
     read_json,
 )
 from coordinator.config import ProbeSettings, Timeouts
+from coordinator.metrics import NoMetrics, RayMetrics
 from coordinator.models import (
     Endpoint,
     SupportsOutcome,
@@ -72,7 +73,9 @@ class WorkerProxy:
         on_probe_change: ProbeListener | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Callable[[], float] = time.time,
+        export_metrics: bool = False,
     ) -> None:
+        self._metrics = RayMetrics() if export_metrics else NoMetrics()
         self.endpoint = Endpoint(host, port)
         self._timeouts = timeouts or Timeouts()
         self._probe_settings = probe or ProbeSettings()
@@ -225,6 +228,7 @@ class WorkerProxy:
         if error is None:
             new = ProbeState(reachable=True, last_ok=now, checked_at=now)
         else:
+            self._metrics.probe_failure(str(self.endpoint))
             failures = old.consecutive_failures + 1
             dead = failures >= self._probe_settings.failures_to_dead
             new = ProbeState(

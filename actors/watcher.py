@@ -19,6 +19,7 @@ from coordinator.longpoll import ChangeFeed
 from actors.sources import Source, SourceError, build_source
 from coordinator.config import BackoffSettings, RegistrySource
 from coordinator.liveset import Snapshot
+from coordinator.metrics import NoMetrics, RayMetrics
 from coordinator.models import ModelInstance
 from coordinator.status import WatcherStatus
 
@@ -38,7 +39,9 @@ class RegistryWatcher:
         long_poll: float = 10.0,
         source: Source | None = None,
         clock: Callable[[], float] = time.time,
+        export_metrics: bool = False,
     ) -> None:
+        self._metrics = RayMetrics() if export_metrics else NoMetrics()
         self._source = source or build_source(settings, registry_actor, namespace, long_poll)
         self._backoff = backoff or BackoffSettings()
         self._clock = clock
@@ -122,6 +125,7 @@ class RegistryWatcher:
         )
         self._ready.set()
         self._feed.notify()
+        self._metrics.watcher(self._status.source, stale=False, failed=False)
 
     def _record_failure(self, exc: Exception) -> None:
         failures = self._status.consecutive_failures + 1
@@ -138,3 +142,4 @@ class RegistryWatcher:
         )
         self._ready.set()
         self._feed.notify()
+        self._metrics.watcher(self._status.source, stale=True, failed=True)

@@ -42,9 +42,11 @@ from coordinator.models import (
     WorkerSupportedModel,
     WorkerType,
 )
+from coordinator.rollout import ApplyPlan, RolloutProgress
 from coordinator.status import ClusterStatus, InstanceStatus, WatcherStatus
 
 __all__ = [
+    "ApplyPlan",
     "ApplyResult",
     "ApplyType",
     "AsyncCluster",
@@ -63,6 +65,7 @@ __all__ = [
     "NoInstancesError",
     "ProbeSettings",
     "RayWorkerManager",
+    "RolloutProgress",
     "StaticSource",
     "SupportedModel",
     "SupportsOutcome",

@@ -13,6 +13,7 @@ import logging
 import ray
 
 from coordinator.config import CoordinatorConfig
+from coordinator.metrics import RayMetrics
 from coordinator.models import Endpoint
 from coordinator.naming import watcher_actor
 from coordinator.ray_links import RayProxies, RayWatchers
@@ -26,7 +27,7 @@ class CoordinatorActor(CoordinatorService):
         me = ray.get_runtime_context().current_actor
         watchers = RayWatchers({s.name: watcher_actor(name, s.name) for s in config.registries}, namespace)
         self._ray_proxies = RayProxies(config, me)
-        super().__init__(config, watchers, self._ray_proxies, name=name, namespace=namespace)
+        super().__init__(config, watchers, self._ray_proxies, name=name, namespace=namespace, metrics=RayMetrics())
         self._main = asyncio.get_running_loop().create_task(self._run_logged())
 
     async def _run_logged(self) -> None:

@@ -16,6 +16,7 @@ instance and exit 1 when any instance failed; a mistake is one line on stderr
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -25,6 +26,7 @@ import click
 import yaml
 from pydantic import ValidationError
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 
 from coordinator.config import CoordinatorConfig
@@ -169,12 +171,52 @@ def status(obj: Context, as_json: bool) -> None:
 @click.argument("apply_type", type=click.Choice(["start", "stop", "restart", "update_params"]))
 @click.option("--worker-type", default="llm", show_default=True)
 @click.option("--param", "params", multiple=True, help="key=value, repeatable (update_params)")
+@click.option("--max-unavailable", type=int, help="roll through batches of at most this many instances")
+@click.option("--health-timeout", type=float, help="seconds a batch has to come back healthy")
+@click.option("--dry-run", is_flag=True, help="print the plan; send nothing")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def apply(obj: Context, model: str, apply_type: str, worker_type: str, params: tuple[str, ...], as_json: bool) -> None:
-    """Apply an operation to every instance of MODEL."""
-    result = obj.cluster().apply(model, apply_type, worker_type=worker_type, params=_params(params) or None)
+def apply(obj: Context, model: str, apply_type: str, worker_type: str, params: tuple[str, ...],
+          max_unavailable: int | None, health_timeout: float | None, dry_run: bool, as_json: bool) -> None:
+    """Apply an operation to every instance of MODEL (all at once, or rolling)."""
+    cluster = obj.cluster()
+    kwargs = dict(worker_type=worker_type, params=_params(params) or None, max_unavailable=max_unavailable,
+                  health_timeout=health_timeout)
+    if dry_run:
+        plan = cluster.apply(model, apply_type, dry_run=True, **kwargs)
+        if as_json:
+            click.echo(plan.model_dump_json(indent=2))
+            return
+        table = Table(title=f"plan: {apply_type} {plan.key}, {plan.instances} instances (nothing sent)")
+        table.add_column("batch")
+        table.add_column("instances")
+        for i, batch in enumerate(plan.batches, 1):
+            table.add_row(str(i), ", ".join(f"{h}:{p}" for h, p in batch))
+        console.print(table)
+        return
+    if max_unavailable is None or as_json:
+        result = cluster.apply(model, apply_type, **kwargs)
+    else:
+        result = asyncio.run(_apply_with_progress(cluster, model, apply_type, kwargs))
     _finish(result.outputs, as_json, f"{apply_type} {model}@{worker_type}")
+
+
+async def _apply_with_progress(cluster, model: str, apply_type: str, kwargs: dict):
+    """Run a rolling apply and show one progress bar, batch by batch."""
+    key = f"{model}@{kwargs['worker_type']}"
+    task = asyncio.ensure_future(cluster.aio.apply(model, apply_type, **kwargs))
+    with Progress(console=console, transient=False) as progress:
+        bar = progress.add_task(f"{apply_type} {key}", total=None)
+        while not task.done():
+            rollout = next((r for r in (await cluster.aio.status()).rollouts if r.key == key), None)
+            if rollout is not None:
+                current = ", ".join(f"{h}:{p}" for h, p in rollout.current)
+                progress.update(bar, total=rollout.batches, completed=rollout.done,
+                                description=f"{apply_type} {key}: {rollout.phase} [{current}]")
+            await asyncio.wait([task], timeout=0.3)
+        result = task.result()
+        progress.update(bar, total=1, completed=1, description=f"{apply_type} {key}: done")
+    return result
 
 
 def _lifecycle(op: str):

@@ -43,6 +43,7 @@ from coordinator.models import (
     WorkerSupportedModel,
     WorkerType,
 )
+from coordinator.rollout import ApplyOptions, ApplyPlan
 from coordinator.naming import DEFAULT_NAME, DEFAULT_NAMESPACE, registry_actor, watcher_actor
 from coordinator.status import ClusterStatus
 
@@ -52,6 +53,8 @@ log = logging.getLogger(__name__)
 CALL_MARGIN = 30.0
 #: Deadline of calls that only read the coordinator's state.
 READ_TIMEOUT = 30.0
+#: A driver's last-resort deadline for a rolling apply given no timeout.
+ROLLOUT_BACKSTOP = 24 * 3600.0
 
 
 def _options(name: str, namespace: str, detached: bool) -> dict[str, Any]:
@@ -126,6 +129,7 @@ def start(
                     registry_actor=registry_actor(name, source.name),
                     namespace=namespace,
                     long_poll=config.long_poll_timeout,
+                    export_metrics=True,
                 )
             )
         handle = ray.remote(CoordinatorActor).options(**_options(name, namespace, detached)).remote(
@@ -190,10 +194,21 @@ class _Calls:
 
     def apply(
         self, model: str, apply_type: str, worker_type: str, params: dict[str, Any] | None,
-        timeout: float | None,
+        timeout: float | None, max_unavailable: int | None = None, dry_run: bool = False,
+        health_timeout: float | None = None,
     ) -> _Call:
         req = WorkerApplyRequest(model=model, apply_type=apply_type, worker_type=worker_type, params=params)
-        return _Call("apply", (req,), self._op_timeout("apply", timeout), resendable=False)
+        options = ApplyOptions(
+            apply_type=req.apply_type, max_unavailable=max_unavailable, dry_run=dry_run,
+            health_timeout=health_timeout,
+        )
+        if dry_run:
+            return _Call("apply", (req, options))
+        if timeout is None and max_unavailable is not None:
+            # A rollout is bounded batch by batch in the coordinator (operation
+            # deadline + health gate each); the driver only keeps a backstop.
+            timeout = ROLLOUT_BACKSTOP
+        return _Call("apply", (req, options), self._op_timeout("apply", timeout), resendable=False)
 
     def lifecycle(self, op: str, req: WorkerStartupRequest | dict[str, Any], timeout: float | None) -> _Call:
         req = WorkerStartupRequest.model_validate(req)
@@ -283,9 +298,19 @@ class Cluster:
 
     def apply(
         self, model: str, apply_type: ApplyType | str, worker_type: WorkerType | str = "llm",
-        params: dict[str, Any] | None = None, timeout: float | None = None,
-    ) -> ApplyResult:
-        return self._run(self._calls.apply(model, apply_type, worker_type, params, timeout))
+        params: dict[str, Any] | None = None, timeout: float | None = None, *,
+        max_unavailable: int | None = None, dry_run: bool = False, health_timeout: float | None = None,
+    ) -> ApplyResult | ApplyPlan:
+        """Apply to every registered instance of ``model@worker_type``.
+
+        ``max_unavailable=k`` rolls a restart/update_params through batches of at
+        most k, waiting after each until its instances are healthy again (up to
+        ``health_timeout``) and stopping at the first failed batch; the rest are
+        reported as not attempted. ``dry_run=True`` returns the plan
+        (:class:`ApplyPlan`) and sends nothing.
+        """
+        return self._run(self._calls.apply(
+            model, apply_type, worker_type, params, timeout, max_unavailable, dry_run, health_timeout))
 
     def startup(self, req: WorkerStartupRequest | dict[str, Any], timeout: float | None = None) -> WorkerApplyOutput:
         return self._run(self._calls.lifecycle("startup", req, timeout))
@@ -371,10 +396,12 @@ class AsyncCluster:
 
     async def apply(
         self, model: str, apply_type: ApplyType | str, worker_type: WorkerType | str = "llm",
-        params: dict[str, Any] | None = None, timeout: float | None = None,
-    ) -> ApplyResult:
+        params: dict[str, Any] | None = None, timeout: float | None = None, *,
+        max_unavailable: int | None = None, dry_run: bool = False, health_timeout: float | None = None,
+    ) -> ApplyResult | ApplyPlan:
         await self.config()
-        return await self._run(self._calls.apply(model, apply_type, worker_type, params, timeout))
+        return await self._run(self._calls.apply(
+            model, apply_type, worker_type, params, timeout, max_unavailable, dry_run, health_timeout))
 
     async def startup(self, req: WorkerStartupRequest | dict[str, Any], timeout: float | None = None) -> WorkerApplyOutput:
         await self.config()

@@ -48,6 +48,8 @@ class Timeouts(_Strict):
     startup: float = Field(900.0, gt=0)  # loading a large model takes minutes
     shutdown: float = Field(120.0, gt=0)
     supports: float = Field(30.0, gt=0)
+    #: In a rolling apply, how long a batch has to come back healthy.
+    rollout_health: float = Field(300.0, gt=0)
 
     def for_operation(self, op: str) -> float:
         return float(getattr(self, op))

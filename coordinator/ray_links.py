@@ -114,6 +114,7 @@ class RayProxies:
             probe=self._config.probe,
             headers=self._config.headers,
             on_probe_change=self._report,
+            export_metrics=True,
         )
 
     def retire(self, endpoint: Endpoint) -> None:

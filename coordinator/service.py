@@ -30,6 +30,7 @@ from coordinator.liveset import (
     merge_sources,
 )
 from coordinator.longpoll import ChangeFeed
+from coordinator.metrics import Metrics, NoMetrics, live_counts
 from coordinator.models import (
     ApplyResult,
     Endpoint,
@@ -42,9 +43,14 @@ from coordinator.models import (
     worker_key,
 )
 from coordinator.ordering import KeyedSerializer
+from coordinator.rollout import ApplyOptions, ApplyPlan, RolloutProgress, not_attempted, plan_batches
 from coordinator.status import ClusterStatus, InstanceStatus, WatcherStatus
 
 log = logging.getLogger(__name__)
+
+
+#: Seconds between re-recordings of the live-instance gauges.
+GAUGE_REFRESH = 5.0
 
 
 class LinkError(Exception):
@@ -83,8 +89,10 @@ class CoordinatorService:
         proxies: ProxyLink,
         name: str = "",
         namespace: str = "",
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
+        self._metrics = metrics or NoMetrics()
         self.name, self.namespace = name, namespace
         self._watchers = watchers
         self._proxies = proxies
@@ -93,6 +101,7 @@ class CoordinatorService:
         self._instances: list[ModelInstance] = []
         self._probes: dict[Endpoint, Reachability] = {}
         self._serial = KeyedSerializer()
+        self._rollouts: dict[str, RolloutProgress] = {}
         self._feed = ChangeFeed()
 
     # ---- following the watchers -----------------------------------------
@@ -102,6 +111,7 @@ class CoordinatorService:
         async with asyncio.TaskGroup() as tg:
             for source in self._sources:
                 tg.create_task(self._follow(source), name=f"follow {source}")
+            tg.create_task(self._republish_gauges(), name="gauges")
 
     async def _follow(self, source: str) -> None:
         since: tuple[str, int] | None = None
@@ -135,7 +145,25 @@ class CoordinatorService:
         for ep in sorted(diff.removed):
             self._proxies.retire(ep)
             self._probes.pop(ep, None)
+        self._changed()
+
+    def _changed(self) -> None:
+        self._record_live_instances()
         self._feed.notify()
+
+    def _record_live_instances(self) -> None:
+        unreachable = self._unreachable()
+        self._metrics.live_instances(live_counts([
+            (i.model_name, "unreachable" if i.endpoint in unreachable else "healthy" if i.healthy else "unhealthy")
+            for i in self._instances
+        ]))
+
+    async def _republish_gauges(self) -> None:
+        """Gauges are re-recorded on a timer, not only on change, so a scrape
+        after a quiet hour (or after an exporter restart) still sees them."""
+        while True:
+            await asyncio.sleep(GAUGE_REFRESH)
+            self._record_live_instances()
 
     async def report_probe(self, endpoint: Endpoint, state: Reachability) -> None:
         """A proxy says its worker became reachable or unreachable."""
@@ -143,7 +171,7 @@ class CoordinatorService:
         if endpoint in self._proxies.endpoints():
             self._probes[endpoint] = state
             log.info("%s is now %s", endpoint, "reachable" if state.reachable else f"unreachable ({state.last_error})")
-            self._feed.notify()
+            self._changed()
 
     async def ready(self, timeout: float) -> bool:
         """Whether every watcher has delivered its first snapshot within ``timeout``."""
@@ -200,20 +228,64 @@ class CoordinatorService:
         return ClusterStatus(
             name=self.name, namespace=self.namespace, instances=rows,
             watchers=[t.result() for t in tasks], proxies=len(self._proxies.endpoints()),
-            busy_keys=self._serial.busy_keys(),
+            busy_keys=self._serial.busy_keys(), rollouts=list(self._rollouts.values()),
         )
 
     # ---- operations -----------------------------------------------------
 
-    async def apply(self, req: WorkerApplyRequest) -> ApplyResult:
-        """Apply to every registered instance of the model, healthy or not."""
+    async def apply(self, req: WorkerApplyRequest, options: ApplyOptions | None = None) -> ApplyResult | ApplyPlan:
+        """Apply to every registered instance of the model, healthy or not: all
+        at once, or in batches of ``options.max_unavailable`` with a health gate
+        between them; with ``options.dry_run``, only say what would be done."""
+        options = options or ApplyOptions(apply_type=req.apply_type)
         async with self._serial.hold(req.key):
             targets = apply_targets(self._instances, req.model, req.worker_type)
             if not targets:
+                self._metrics.operation("apply", "error")
                 raise NoInstancesError(req.key)
-            what = f"apply {req.apply_type.value} {req.key}"
-            outputs = await self._fan_out(targets, "apply", req, op="apply", what=what)
-        return ApplyResult.of(outputs)
+            batches = plan_batches(targets, options.max_unavailable)
+            if options.dry_run:
+                return ApplyPlan(key=req.key, apply_type=req.apply_type, batches=batches)
+            if len(batches) == 1:
+                what = f"apply {req.apply_type.value} {req.key}"
+                return ApplyResult.of(await self._fan_out(targets, "apply", req, op="apply", what=what))
+            health_timeout = options.health_timeout or self.config.timeouts.rollout_health
+            return ApplyResult.of(await self._roll(req, batches, health_timeout))
+
+    async def _roll(
+        self, req: WorkerApplyRequest, batches: list[list[Endpoint]], health_timeout: float
+    ) -> list[WorkerApplyOutput]:
+        progress = RolloutProgress(key=req.key, batches=len(batches))
+        self._rollouts[req.key] = progress
+        outputs: list[WorkerApplyOutput] = []
+        try:
+            for i, batch in enumerate(batches, 1):
+                progress.current, progress.phase = batch, "applying"
+                what = f"apply {req.apply_type.value} {req.key} (batch {i}/{len(batches)})"
+                done = await self._fan_out(batch, "apply", req, op="apply", what=what)
+                outputs += done
+                rest = [ep for later in batches[i:] for ep in later]
+                if not all(o.success for o in done):
+                    outputs += not_attempted(rest, f"batch {i} of {len(batches)} failed")
+                    progress.phase = "stopped"
+                    break
+                progress.phase = "waiting for health"
+                self._feed.notify()
+                if not await self._feed.wait_until(lambda: self._batch_healthy(req.key, batch), health_timeout):
+                    outputs += not_attempted(rest, f"batch {i} not healthy within {health_timeout:g} s")
+                    progress.phase = "stopped"
+                    break
+                progress.done = i
+            else:
+                progress.phase = "finished"
+        finally:
+            self._rollouts.pop(req.key, None)
+        return outputs
+
+    def _batch_healthy(self, key: str, batch: list[Endpoint]) -> bool:
+        unreachable = self._unreachable()
+        healthy = {i.endpoint for i in self._instances if i.model_name == key and i.healthy}
+        return all(ep in healthy and ep not in unreachable for ep in batch)
 
     async def startup(self, req: WorkerStartupRequest) -> WorkerApplyOutput:
         return await self._lifecycle("startup", req)
@@ -224,6 +296,7 @@ class CoordinatorService:
     async def _lifecycle(self, op: str, req: WorkerStartupRequest) -> WorkerApplyOutput:
         async with self._serial.hold(req.key):
             if not endpoint_is_listed(self._instances, req.endpoint):
+                self._metrics.operation(op, "error")
                 raise UnknownEndpointError(req.host, req.port)
             [output] = await self._fan_out([req.endpoint], op, req, op=op, what=f"{op} {req.key}")
         return output
@@ -262,7 +335,12 @@ class CoordinatorService:
 
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(one(ep)) for ep in targets]
-        return [t.result() for t in tasks]
+        outputs = [t.result() for t in tasks]
+        for o in outputs:
+            if o.timecost is not None and o.timecost >= 0:
+                self._metrics.instance_latency(op, o.timecost)
+        self._metrics.operation(op, "success" if all(o.success for o in outputs) else "failure")
+        return outputs
 
     def _deadline(self, op: str) -> float:
         """How long to wait for a proxy: its operation timeout, plus the connect

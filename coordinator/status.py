@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
+
+from coordinator.rollout import RolloutProgress
 
 
 class WatcherStatus(BaseModel):
@@ -52,3 +54,4 @@ class ClusterStatus(BaseModel):
     watchers: list[WatcherStatus]
     proxies: int
     busy_keys: list[str]
+    rollouts: list[RolloutProgress] = Field(default_factory=list)

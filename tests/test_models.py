@@ -124,7 +124,7 @@ def test_worker_keys_split_at_the_last_at_sign():
 
 def test_public_names_are_exactly_the_documented_ones():
     expected = {
-        "ApplyResult", "ApplyType", "AsyncCluster", "BackoffSettings", "Cluster", "ClusterStatus",
+        "ApplyPlan", "ApplyResult", "ApplyType", "RolloutProgress", "AsyncCluster", "BackoffSettings", "Cluster", "ClusterStatus",
         "CoordinatorConfig", "CoordinatorError", "CoordinatorNotFoundError",
         "CoordinatorUnavailableError", "DbgptSource", "EmbeddedSource", "Endpoint", "InstanceStatus",
         "ModelInstance", "NoInstancesError", "ProbeSettings", "RayWorkerManager", "StaticSource",

@@ -216,3 +216,79 @@ async def test_wait_for_gives_up_with_a_count(service):
 async def _until(cond) -> None:
     while not cond():
         await asyncio.sleep(0.01)
+
+
+# ---- rolling operations -------------------------------------------------
+
+from pydantic import ValidationError  # noqa: E402
+
+from coordinator.rollout import ApplyOptions, ApplyPlan, plan_batches  # noqa: E402
+
+
+def test_batches_are_all_at_once_by_default_and_at_most_k_otherwise():
+    eps = [Endpoint("h", p) for p in range(1, 6)]
+    assert plan_batches(eps, None) == [eps]
+    assert [len(b) for b in plan_batches(eps, 2)] == [2, 2, 1]
+    assert plan_batches(eps, 9) == [eps]
+    with pytest.raises(ValueError):
+        plan_batches(eps, 0)
+
+
+@pytest.mark.parametrize("kind", ["start", "stop"])
+def test_only_restart_and_update_params_can_roll(kind):
+    with pytest.raises(ValidationError, match="max_unavailable"):
+        ApplyOptions(apply_type=kind, max_unavailable=1)
+    with pytest.raises(ValidationError):
+        ApplyOptions(apply_type="restart", max_unavailable=0)
+
+
+async def test_dry_run_returns_the_plan_and_sends_nothing(service):
+    svc, watchers, proxies = service
+    watchers.publish("a", *(inst("m@llm", p) for p in range(1, 6)))
+    await settle(svc, 5)
+    req = WorkerApplyRequest(model="m", apply_type="restart")
+    plan = await svc.apply(req, ApplyOptions(apply_type="restart", max_unavailable=2, dry_run=True))
+    assert isinstance(plan, ApplyPlan)
+    assert plan.batches == [[("h", 1), ("h", 2)], [("h", 3), ("h", 4)], [("h", 5)]]
+    assert proxies.calls == []
+
+
+async def test_a_rollout_goes_batch_by_batch(service):
+    svc, watchers, proxies = service
+    watchers.publish("a", *(inst("m@llm", p) for p in range(1, 6)))
+    await settle(svc, 5)
+    proxies.delay = 0.02
+    result = await svc.apply(WorkerApplyRequest(model="m", apply_type="restart"),
+                             ApplyOptions(apply_type="restart", max_unavailable=2))
+    assert result.success and [o.port for o in result.outputs] == [1, 2, 3, 4, 5]
+    batches_seen = [sorted(c[0].port for c in proxies.calls[i:i + 2]) for i in (0, 2)]
+    assert batches_seen == [[1, 2], [3, 4]]
+
+
+async def test_a_rollout_stops_at_the_first_failed_batch(service):
+    svc, watchers, proxies = service
+    watchers.publish("a", *(inst("m@llm", p) for p in range(1, 6)))
+    await settle(svc, 5)
+    proxies.behaviour[Endpoint("h", 3)] = "dead"
+    result = await svc.apply(WorkerApplyRequest(model="m", apply_type="restart"),
+                             ApplyOptions(apply_type="restart", max_unavailable=2))
+    assert len(result.outputs) == 5  # every instance accounted for
+    assert [o.success for o in result.outputs] == [True, True, False, True, False]
+    assert "not attempted: batch 2 of 3 failed" in result.outputs[-1].message
+    assert {c[0].port for c in proxies.calls} == {1, 2, 3, 4}
+
+
+async def test_a_batch_that_does_not_come_back_healthy_stops_the_rollout(service):
+    svc, watchers, proxies = service
+    watchers.publish("a", inst("m@llm", 1), inst("m@llm", 2, healthy=False))
+    await settle(svc, 1)
+    result = await svc.apply(WorkerApplyRequest(model="m", apply_type="restart"),
+                             ApplyOptions(apply_type="restart", max_unavailable=1, health_timeout=0.5))
+    # batch 1 is port 1 (healthy) and passes; batch 2 is port 2, the last: nothing after it
+    assert [o.success for o in result.outputs] == [True, True]
+    watchers.publish("a", inst("m@llm", 1, healthy=False), inst("m@llm", 2))
+    await settle(svc, 1)
+    result = await svc.apply(WorkerApplyRequest(model="m", apply_type="restart"),
+                             ApplyOptions(apply_type="restart", max_unavailable=1, health_timeout=0.5))
+    assert result.outputs[0].success
+    assert "not attempted: batch 1 not healthy within 0.5 s" in result.outputs[1].message

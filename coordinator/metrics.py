@@ -1,0 +1,97 @@
+"""Metrics, exported through Ray's Prometheus endpoint (every node's
+``--metrics-export-port``; Ray prefixes each name with ``ray_``).
+
+| name | kind | tags |
+|---|---|---|
+| coordinator_operations_total | counter | operation, outcome (success / failure / error) |
+| coordinator_instance_operation_seconds | histogram | operation |
+| coordinator_live_instances | gauge | model, health (healthy / unhealthy / unreachable) |
+| coordinator_watcher_stale | gauge (0/1) | source |
+| coordinator_watcher_errors_total | counter | source |
+| coordinator_probe_failures_total | counter | endpoint |
+
+The code that records them takes a :class:`Metrics`; :class:`NoMetrics` (the
+default) does nothing, so the logic stays testable without Ray, and
+:func:`ray_metrics` builds the real ones inside an actor.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Protocol
+
+LATENCY_BOUNDARIES = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900]
+
+
+class Metrics(Protocol):
+    def operation(self, operation: str, outcome: str) -> None: ...
+
+    def instance_latency(self, operation: str, seconds: float) -> None: ...
+
+    def live_instances(self, counts: dict[tuple[str, str], int]) -> None: ...
+
+    def watcher(self, source: str, stale: bool, failed: bool) -> None: ...
+
+    def probe_failure(self, endpoint: str) -> None: ...
+
+
+class NoMetrics:
+    def operation(self, operation: str, outcome: str) -> None:
+        pass
+
+    def instance_latency(self, operation: str, seconds: float) -> None:
+        pass
+
+    def live_instances(self, counts: dict[tuple[str, str], int]) -> None:
+        pass
+
+    def watcher(self, source: str, stale: bool, failed: bool) -> None:
+        pass
+
+    def probe_failure(self, endpoint: str) -> None:
+        pass
+
+
+class RayMetrics:
+    def __init__(self) -> None:
+        from ray.util import metrics
+
+        self._ops = metrics.Counter(
+            "coordinator_operations_total", "Operations by kind and outcome", tag_keys=("operation", "outcome"))
+        self._latency = metrics.Histogram(
+            "coordinator_instance_operation_seconds", "Per-instance operation latency",
+            boundaries=LATENCY_BOUNDARIES, tag_keys=("operation",))
+        self._live = metrics.Gauge(
+            "coordinator_live_instances", "Live instances by model and health", tag_keys=("model", "health"))
+        self._stale = metrics.Gauge("coordinator_watcher_stale", "1 while a watcher's snapshot is stale",
+                                    tag_keys=("source",))
+        self._watch_errors = metrics.Counter(
+            "coordinator_watcher_errors_total", "Failed registry fetches", tag_keys=("source",))
+        self._probe_failures = metrics.Counter(
+            "coordinator_probe_failures_total", "Failed worker probes", tag_keys=("endpoint",))
+        self._live_keys: set[tuple[str, str]] = set()
+
+    def operation(self, operation: str, outcome: str) -> None:
+        self._ops.inc(1, {"operation": operation, "outcome": outcome})
+
+    def instance_latency(self, operation: str, seconds: float) -> None:
+        self._latency.observe(seconds, {"operation": operation})
+
+    def live_instances(self, counts: dict[tuple[str, str], int]) -> None:
+        for key in self._live_keys - set(counts):  # a model that left reads 0, not its last value
+            self._live.set(0, {"model": key[0], "health": key[1]})
+        for (model, health), n in counts.items():
+            self._live.set(n, {"model": model, "health": health})
+        self._live_keys = set(counts)
+
+    def watcher(self, source: str, stale: bool, failed: bool) -> None:
+        self._stale.set(1 if stale else 0, {"source": source})
+        if failed:
+            self._watch_errors.inc(1, {"source": source})
+
+    def probe_failure(self, endpoint: str) -> None:
+        self._probe_failures.inc(1, {"endpoint": endpoint})
+
+
+def live_counts(models_and_health: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    return dict(Counter(models_and_health))

@@ -1,0 +1,72 @@
+"""The examples run, against reference workers, so they cannot rot. They join the
+session's Ray through RAY_ADDRESS, as a driver on a real cluster would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import ray
+
+import coordinator
+from actors.reference_worker import ReferenceWorkerHost, SimModel, WorkerSettings
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.ray
+
+
+def run_example(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token",
+           "COLUMNS": "240"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_rolling_restart_example(ray_session):
+    done = run_example("examples/rolling_restart.py")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "plan: 5 instances in 3 batches (nothing sent)" in out
+    assert "rolling restart: success=True" in out
+    assert out.count("restart successfully") >= 5
+    assert "rolling restart with a failing worker: success=False" in out
+    assert "not attempted: batch 2 of 3 failed" in out
+
+
+def test_dbgpt_cluster_example_against_a_controller_process(ray_session, worker_process):
+    controller = subprocess.Popen([sys.executable, "-m", "actors.registry", "--port", "0"], cwd=ROOT,
+                                  stdout=subprocess.PIPE, text=True)
+    try:
+        url = controller.stdout.readline().split()[-1]
+        for _ in range(2):
+            worker_process("chatgpt-test@llm", controller=url, heartbeat_interval=1)
+        done = run_example("examples/dbgpt_cluster.py", "--controller", url, "--restart", "chatgpt-test")
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count("restart successfully") == 2
+        assert "can run: chatgpt-test (proxy/openai)" in done.stdout
+    finally:
+        controller.kill()
+        controller.wait()
+
+
+def test_job_submit_example_drives_a_running_coordinator(ray_session):
+    cluster = coordinator.start(
+        {"registries": [{"kind": "embedded", "port": 0, "heartbeat_interval": 1, "heartbeat_timeout": 3}]},
+        name="job-example", namespace="tests", detached=True,
+    )
+    host = ray.remote(ReferenceWorkerHost).options(num_cpus=0).remote()
+    try:
+        ray.get([host.add.remote(WorkerSettings(controller=cluster.registry_url(), heartbeat_interval=1,
+                                                models=[SimModel(name="job-model")])) for _ in range(2)])
+        cluster.wait_for("job-model", count=2, timeout=30)
+        done = run_example("examples/job_submit.py", "--model", "job-model", "--name", "job-example",
+                           "--namespace", "tests")
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "job-model@llm: 2 instances" in done.stdout
+        assert done.stdout.count("restart successfully") == 2
+    finally:
+        ray.get(host.stop_all.remote())
+        ray.kill(host)
+        cluster.stop()

@@ -1,0 +1,84 @@
+"""The coordinator's metrics reach Ray's Prometheus endpoint."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import pytest
+import ray
+
+import coordinator
+from actors.reference_worker import ReferenceWorkerHost, SimModel, WorkerSettings
+from tests.conftest import free_port, wait_until
+
+pytestmark = pytest.mark.ray
+
+
+def scrape() -> str:
+    port = ray.nodes()[0]["MetricsExportPort"]
+    return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+
+
+def sample(text: str, name: str, **tags: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in tags.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_operations_latency_live_instances_and_probe_failures_are_exported(ray_session):
+    closed = free_port()
+    cluster = coordinator.start(
+        {"registries": [
+            {"kind": "embedded", "name": "reg", "port": 0, "heartbeat_interval": 1, "heartbeat_timeout": 3},
+            {"kind": "static", "name": "ghost", "instances": [
+                {"model_name": "metric-model@llm", "host": "127.0.0.1", "port": closed, "healthy": True}]},
+        ], "timeouts": {"apply": 5, "connect": 1}},
+        name="metrics", namespace="tests",
+    )
+    host = ray.remote(ReferenceWorkerHost).options(num_cpus=0).remote()
+    try:
+        ray.get(host.add.remote(WorkerSettings(controller=cluster.registry_url(), heartbeat_interval=1,
+                                               models=[SimModel(name="metric-model")])))
+        cluster.wait_for("metric-model", count=1, timeout=30)
+        assert not cluster.apply("metric-model", "start").success  # the ghost fails
+        with pytest.raises(coordinator.NoInstancesError):
+            cluster.apply("nothing", "start")
+
+        def exported() -> str | None:
+            text = scrape()
+            return text if sample(text, "ray_coordinator_operations_total", operation="apply",
+                                  outcome="error") else None
+
+        text = wait_until(exported, timeout=60, interval=1, what="metrics exported")
+        assert sample(text, "ray_coordinator_operations_total", operation="apply", outcome="failure") >= 1
+        assert sample(text, "ray_coordinator_instance_operation_seconds_count", operation="apply") >= 1
+        live = [line for line in text.splitlines() if line.startswith("ray_coordinator_live_instances")]
+        assert sample(text, "ray_coordinator_live_instances", model="metric-model@llm", health="healthy") == 1, live
+        def probes_exported() -> str | None:
+            text = scrape()
+            return text if sample(text, "ray_coordinator_probe_failures_total", endpoint=f"127.0.0.1:{closed}") \
+                else None
+
+        text = wait_until(probes_exported, timeout=60, interval=1, what="probe failures exported")
+        assert sample(text, "ray_coordinator_watcher_stale", source="reg") == 0
+        assert re.search(r'ray_coordinator_live_instances\{[^}]*health="unreachable"', text)
+    finally:
+        ray.get(host.stop_all.remote())
+        ray.kill(host)
+        cluster.stop()
+
+
+def test_grafana_dashboard_plots_every_exported_metric():
+    import json
+
+    from coordinator import metrics
+    from tests.conftest import ROOT
+
+    dash = json.loads((ROOT / "examples" / "grafana_dashboard.json").read_text())
+    exprs = " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])
+    names = re.findall(r"^\| (coordinator_\w+) \|", metrics.__doc__, flags=re.M)
+    assert len(names) == 6
+    for name in names:
+        assert f"ray_{name}" in exprs, name
