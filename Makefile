@@ -23,5 +23,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-token} $(PY) -m pytest
 
+# The benchmark suite (about 10 minutes on 2 cores) and the dispatch profile.
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-token} $(PY) -m bench.suite
+	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-token} $(PY) -m bench.detection
+
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

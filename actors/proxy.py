@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -131,6 +132,16 @@ class WorkerProxy:
 
     async def probe_state(self) -> ProbeState:
         return self._state
+
+    async def process_info(self) -> dict[str, str | int | None]:
+        """Where this proxy runs: Ray node (None outside Ray) and PID."""
+        try:
+            import ray
+
+            node_id = ray.get_runtime_context().get_node_id()
+        except Exception:
+            node_id = None
+        return {"node_id": node_id, "pid": os.getpid()}
 
     async def lifeline(self) -> None:
         """Returns only when the proxy is closed. The coordinator keeps one call to

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 import ray
 
 from coordinator.config import CoordinatorConfig
 from coordinator.metrics import RayMetrics
 from coordinator.models import Endpoint
+from coordinator.placement import NodeInfo
 from coordinator.naming import watcher_actor
 from coordinator.ray_links import RayProxies, RayWatchers
 from coordinator.service import CoordinatorService
@@ -23,10 +25,12 @@ log = logging.getLogger(__name__)
 
 
 class CoordinatorActor(CoordinatorService):
-    def __init__(self, config: CoordinatorConfig, name: str, namespace: str) -> None:
+    def __init__(
+        self, config: CoordinatorConfig, name: str, namespace: str, nodes: list[NodeInfo] | None = None
+    ) -> None:
         me = ray.get_runtime_context().current_actor
         watchers = RayWatchers({s.name: watcher_actor(name, s.name) for s in config.registries}, namespace)
-        self._ray_proxies = RayProxies(config, me)
+        self._ray_proxies = RayProxies(config, me, nodes)
         super().__init__(config, watchers, self._ray_proxies, name=name, namespace=namespace, metrics=RayMetrics())
         self._main = asyncio.get_running_loop().create_task(self._run_logged())
 
@@ -36,6 +40,10 @@ class CoordinatorActor(CoordinatorService):
         except Exception:
             log.exception("coordinator loop stopped")
             raise
+
+    async def process_info(self) -> dict[str, str | int]:
+        """Where the coordinator runs: Ray node and PID (for placement checks and profiling)."""
+        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
     async def proxy_handle(self, host: str, port: int):
         """The proxy actor serving host:port (for debugging), or None."""

@@ -43,6 +43,7 @@ from coordinator.models import (
     WorkerSupportedModel,
     WorkerType,
 )
+from coordinator.placement import HEAD_NODE_RESOURCE, NodeInfo
 from coordinator.rollout import ApplyOptions, ApplyPlan
 from coordinator.naming import DEFAULT_NAME, DEFAULT_NAMESPACE, registry_actor, watcher_actor
 from coordinator.status import ClusterStatus
@@ -57,7 +58,7 @@ READ_TIMEOUT = 30.0
 ROLLOUT_BACKSTOP = 24 * 3600.0
 
 
-def _options(name: str, namespace: str, detached: bool) -> dict[str, Any]:
+def _options(name: str, namespace: str, detached: bool, on_head: bool) -> dict[str, Any]:
     return {
         "name": name,
         "namespace": namespace,
@@ -65,6 +66,9 @@ def _options(name: str, namespace: str, detached: bool) -> dict[str, Any]:
         "max_restarts": -1,
         "num_cpus": 0,
         "get_if_exists": True,
+        # A sliver of the head's marker resource pins the actor (and its restarts)
+        # to the head node without taking anything from it.
+        "resources": {HEAD_NODE_RESOURCE: 0.001} if on_head else {},
     }
 
 
@@ -101,13 +105,14 @@ def start(
             log.warning("coordinator %r is already running with another config; attaching to it", name)
         return Cluster(name, namespace, handle)
 
+    on_head = config.placement.on_head
     created: list[Any] = []
     try:
         registries = []
         for source in config.registries:
             if isinstance(source, EmbeddedSource):
                 reg = ray.remote(EmbeddedRegistry).options(
-                    **_options(registry_actor(name, source.name), namespace, detached)
+                    **_options(registry_actor(name, source.name), namespace, detached, on_head)
                 ).remote(source, state=registry_actor(name, source.name))
                 created.append(reg)
                 registries.append((source, reg))
@@ -122,7 +127,7 @@ def start(
         for source in config.registries:
             created.append(
                 ray.remote(RegistryWatcher).options(
-                    **_options(watcher_actor(name, source.name), namespace, detached)
+                    **_options(watcher_actor(name, source.name), namespace, detached, on_head)
                 ).remote(
                     source,
                     config.backoff,
@@ -132,8 +137,9 @@ def start(
                     export_metrics=True,
                 )
             )
-        handle = ray.remote(CoordinatorActor).options(**_options(name, namespace, detached)).remote(
-            config, name, namespace
+        nodes = [NodeInfo.from_ray(n) for n in ray.nodes()]
+        handle = ray.remote(CoordinatorActor).options(**_options(name, namespace, detached, on_head)).remote(
+            config, name, namespace, nodes
         )
         created.append(handle)
         if not ray.get(handle.ready.remote(ready_timeout), timeout=ready_timeout + READ_TIMEOUT):

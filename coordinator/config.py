@@ -81,6 +81,18 @@ class BackoffSettings(_Strict):
         return min(self.maximum, self.initial * 2 ** max(0, failures - 1))
 
 
+class PlacementSettings(_Strict):
+    """Where the actors run on a multi-node Ray cluster."""
+
+    #: The coordinator, its watchers and embedded registries run on the head node.
+    on_head: bool = True
+    #: A proxy prefers the Ray node whose IP is its worker's host.
+    colocate_proxies: bool = True
+    #: Worker host -> a custom resource of the node its proxy should prefer; for
+    #: hosts whose Ray node has another address, or raylets that share an IP.
+    host_resources: dict[str, str] = Field(default_factory=dict)
+
+
 class _Source(_Strict):
     name: str | None = Field(None, pattern=_NAME)
 
@@ -151,6 +163,7 @@ class CoordinatorConfig(_Strict):
     timeouts: Timeouts = Timeouts()
     probe: ProbeSettings = ProbeSettings()
     backoff: BackoffSettings = BackoffSettings()
+    placement: PlacementSettings = PlacementSettings()
     #: Extra headers sent with every worker call.
     headers: dict[str, str] = Field(default_factory=dict)
     #: How long a watcher long poll waits before answering "nothing new".

@@ -11,11 +11,13 @@ from typing import Any
 
 import ray
 from ray.exceptions import ActorDiedError, RayError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.proxy import WorkerProxy
 from coordinator.config import CoordinatorConfig
 from coordinator.liveset import Snapshot
 from coordinator.models import Endpoint
+from coordinator.placement import NodeInfo, proxy_node
 from coordinator.service import LinkError
 from coordinator.status import WatcherStatus
 
@@ -23,6 +25,8 @@ log = logging.getLogger(__name__)
 
 #: Extra seconds a watcher has to answer a long poll beyond its timeout.
 LISTEN_GRACE = 10.0
+#: Seconds between refreshes of the table of Ray nodes used to place proxies.
+NODE_REFRESH = 30.0
 
 
 class RayWatchers:
@@ -68,9 +72,11 @@ class RayProxies:
     they die with it and are rebuilt after its restart). A proxy found dead is
     replaced at once; the call that found it reports the failure."""
 
-    def __init__(self, config: CoordinatorConfig, coordinator: Any) -> None:
+    def __init__(self, config: CoordinatorConfig, coordinator: Any, nodes: list[NodeInfo] | None = None) -> None:
         self._config = config
         self._report = _ReportTo(coordinator)
+        self._nodes = list(nodes or [])
+        self._node_refresh = asyncio.get_running_loop().create_task(self._refresh_nodes())
         self._handles: dict[Endpoint, Any] = {}
         self._lifelines: dict[Endpoint, asyncio.Task[None]] = {}
         self._actor_cls = ray.remote(WorkerProxy)
@@ -101,13 +107,35 @@ class RayProxies:
             except ActorDiedError as exc:
                 if self._handles.get(endpoint) is handle:
                     log.warning("proxy for %s died (%s); starting a new one", endpoint, _first_line(exc))
-                    self._spawn(endpoint)
+                    await self._refresh_nodes_once()  # its node may be the one that died
+                    if self._handles.get(endpoint) is handle:
+                        self._spawn(endpoint)
                 return
             except RayError:  # unavailable for a moment; it may come back
                 await asyncio.sleep(1.0)
 
+    async def _refresh_nodes(self) -> None:
+        """Keep the node table current (nodes join and leave)."""
+        while True:
+            await self._refresh_nodes_once()
+            await asyncio.sleep(NODE_REFRESH)
+
+    async def _refresh_nodes_once(self) -> None:
+        try:  # ray.nodes() is a blocking GCS call: keep it off the loop
+            rows = await asyncio.to_thread(ray.nodes)
+            self._nodes = [NodeInfo.from_ray(r) for r in rows]
+        except Exception:
+            log.exception("could not refresh the node table")
+
     def _new_proxy(self, endpoint: Endpoint) -> Any:
-        return self._actor_cls.options(num_cpus=0, max_restarts=0).remote(
+        placement = self._config.placement
+        node = proxy_node(endpoint.host, self._nodes, placement.host_resources, placement.colocate_proxies)
+        # Pinned (not soft): Ray's soft affinity was seen to place a 0-CPU actor
+        # on another node while the preferred one was alive. Only nodes the table
+        # says are alive are chosen, and the table is refreshed before a dead
+        # proxy is replaced, so a proxy is not pinned to a node that is gone.
+        strategy = NodeAffinitySchedulingStrategy(node, soft=False) if node else "DEFAULT"
+        return self._actor_cls.options(num_cpus=0, max_restarts=0, scheduling_strategy=strategy).remote(
             endpoint.host,
             endpoint.port,
             timeouts=self._config.timeouts,
@@ -140,6 +168,7 @@ class RayProxies:
             raise LinkError(f"proxy unavailable ({type(exc).__name__}: {_first_line(exc)})") from exc
 
     def close(self) -> None:
+        self._node_refresh.cancel()
         for endpoint in list(self._handles):
             self.retire(endpoint)
 

@@ -201,14 +201,24 @@ def test_killed_coordinator_restarts_and_the_driver_handle_keeps_working(cluster
     w = worker_process("c1@llm", controller=cluster.registry_url(), heartbeat_interval=1)
     cluster.wait_for("c1", count=1, timeout=20)
 
-    ray.kill(ray.get_actor("coord-kill", namespace="tests"), no_restart=False)
-    started = time.monotonic()
-    try:
-        during = cluster.instances("c1")  # succeeds after the restart, or says why not
-    except coordinator.CoordinatorUnavailableError:
-        during = None
-    assert time.monotonic() - started < 60
-    assert during in (None, []) or [i.port for i in during] == [w.port]
+    coord = ray.get_actor("coord-kill", namespace="tests")
+    pid = ray.get(coord.process_info.remote())["pid"]
+    ray.kill(coord, no_restart=False)
+
+    def restarted() -> bool:
+        started = time.monotonic()
+        try:
+            during = cluster.instances("c1")  # succeeds, or says why not; never hangs
+        except coordinator.CoordinatorUnavailableError:
+            during = None
+        assert time.monotonic() - started < 60
+        assert during in (None, []) or [i.port for i in during] == [w.port]
+        try:
+            return ray.get(coord.process_info.remote(), timeout=5)["pid"] != pid
+        except (ray.exceptions.RayError, TimeoutError):
+            return False
+
+    wait_until(restarted, timeout=60, what="coordinator restarted in a new process")
     assert [i.port for i in cluster.wait_for("c1", count=1, timeout=30)] == [w.port]
     assert cluster.apply("c1", "restart").success
 
