@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import time
 from typing import Any, Literal
 
@@ -32,7 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field
 
-from actors.serving import HttpServer
+from actors.serving import HttpServer, serve_until_signalled
 from actors.transport import client_limits
 from coordinator.models import (
     WORKER_MANAGER_KEY,
@@ -257,7 +256,8 @@ class ReferenceWorker:
             response.raise_for_status()
         except httpx.HTTPError as exc:
             # The next heartbeat registers again; a controller outage is not ours to fix.
-            log.warning("%s: controller call %s %s failed: %s", self.address, method, path, exc)
+            log.warning("%s: controller call %s %s failed: %s %s", self.address, method, path,
+                        type(exc).__name__, exc)
 
     async def _register(self, key: str) -> None:
         await self._controller_call("POST", "/api/controller/models", json=self._instance(key))
@@ -411,13 +411,7 @@ def _parse_model(spec: str) -> SimModel:
 async def _serve(settings: WorkerSettings) -> None:
     worker = ReferenceWorker(settings)
     await worker.start()
-    print(f"listening on {worker.address}", flush=True)  # parents wait for this line
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await worker.stop()
+    await serve_until_signalled(worker.address, worker.stop)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -428,12 +422,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", action="append", default=[], help="model[@worker_type]; repeatable")
     parser.add_argument("--heartbeat-interval", type=float, default=5.0)
     parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every worker call")
+    parser.add_argument("--start-delay", type=float, default=0.0, help="seconds a model takes to start")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = WorkerSettings(
         host=args.host, port=args.port, controller=args.controller,
         heartbeat_interval=args.heartbeat_interval, models=[_parse_model(m) for m in args.model],
-        faults=Faults(latency=args.latency),
+        faults=Faults(latency=args.latency), start_delay=args.start_delay,
     )
     asyncio.run(_serve(settings))
 

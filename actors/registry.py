@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import json
 import logging
-import signal
 import time
 import uuid
 from collections.abc import Callable
@@ -24,7 +23,7 @@ from fastapi import FastAPI
 
 from coordinator.longpoll import ChangeFeed
 from actors.registry_store import RegistryStore
-from actors.serving import HttpServer
+from actors.serving import HttpServer, serve_until_signalled
 from coordinator.config import EmbeddedSource
 from coordinator.liveset import Snapshot
 from coordinator.models import ModelInstance
@@ -229,13 +228,7 @@ class EmbeddedRegistry:
 
 async def _serve(settings: EmbeddedSource) -> None:
     registry = EmbeddedRegistry(settings)
-    print(f"listening on {await registry.ready()}", flush=True)  # parents wait for this line
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await registry.close()
+    await serve_until_signalled(await registry.ready(), registry.close)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,7 +5,9 @@ port is known before the first request."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
+from collections.abc import Awaitable, Callable
 
 import uvicorn
 
@@ -66,3 +68,15 @@ class HttpServer:
         except (TimeoutError, asyncio.CancelledError):
             self._task.cancel()
         self._server = self._task = None
+
+
+async def serve_until_signalled(address: str, close: Callable[[], Awaitable[None]]) -> None:
+    """For a server run as its own process: announce the address on stdout (the
+    line a parent process waits for), run until SIGTERM or SIGINT, then close."""
+    print(f"listening on {address}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await close()

@@ -25,21 +25,31 @@ from actors.reference_worker import ReferenceWorkerHost, SimModel, WorkerSetting
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+#: Leaf frames of threads that are waiting, not working (Ray's core-worker
+#: loop, its GC thread, thread pools, the selector).
+IDLE = ("Worker.main_loop", "Condition.wait", "Event.wait", "Thread.run", "_worker", "select",
+        "EpollSelector.select")
+
+
 def summarise(raw: Path, top: int) -> str:
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
-    total = 0
+    total = idle = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack:
             continue
         n = int(count)
-        total += n
         frames = [f.split(" (")[0] + " (" + f.split("/")[-1] if "(" in f else f for f in stack.split(";")]
+        if frames[-1].startswith(IDLE):
+            idle += n
+            continue
+        total += n
         own[frames[-1]] += n
         for f in set(frames):
             inclusive[f] += n
-    lines = [f"samples: {total}", "own time:"]
+    total = max(total, 1)
+    lines = [f"busy samples: {total} ({total / (total + idle):.0%} of all; the rest waiting)", "own time:"]
     lines += [f"  {n / total:6.1%}  {f}" for f, n in own.most_common(top)]
     lines += ["inclusive time (frames under the event loop):"]
     skip = ("<module>", "run (", "Runner.", "BaseEventLoop.run", "main (", "_run_code", "_run_module", "Handle._run")
