@@ -30,7 +30,6 @@ from coordinator.errors import (
     CoordinatorError,
     CoordinatorNotFoundError,
     CoordinatorUnavailableError,
-    WaitTimeoutError,
 )
 from coordinator.models import (
     ApplyResult,

@@ -46,17 +46,19 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def ray_session() -> Iterator[None]:
+def ray_session() -> Iterator[str]:
+    """One local Ray for the session; yields its dashboard (job API) address."""
     import ray
 
-    ray.init(
+    context = ray.init(
         num_cpus=2,
-        include_dashboard=False,
+        include_dashboard=True,  # the job API, for `ray job submit`
+        dashboard_host="127.0.0.1",
         namespace="tests",
         runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
         logging_level="WARNING",
     )
-    yield
+    yield f"http://{context.dashboard_url}"
     ray.shutdown()
 
 

@@ -28,6 +28,8 @@ def test_every_node_installs_the_project_and_keeps_token_auth():
     assert any("pip install" in c and "ray-model-coordinator" in c for c in config["setup_commands"])
     starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
     assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
+    # jobs run `python` from PATH: it must be the interpreter with the project
+    assert all("export PATH=~/rmc-venv/bin:$PATH" in c for c in starts if "ray start" in c)
     assert "~/.ray/auth_token" in config["file_mounts"]
     assert all("--dashboard-host=127.0.0.1" in c for c in config["head_start_ray_commands"] if "--head" in c)
 

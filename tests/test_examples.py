@@ -51,7 +51,7 @@ def test_dbgpt_cluster_example_against_a_controller_process(ray_session, worker_
         controller.wait()
 
 
-def test_job_submit_example_drives_a_running_coordinator(ray_session):
+def test_job_submit_example_runs_as_a_ray_job_against_a_running_coordinator(ray_session):
     cluster = coordinator.start(
         {"registries": [{"kind": "embedded", "port": 0, "heartbeat_interval": 1, "heartbeat_timeout": 3}]},
         name="job-example", namespace="tests", detached=True,
@@ -61,8 +61,14 @@ def test_job_submit_example_drives_a_running_coordinator(ray_session):
         ray.get([host.add.remote(WorkerSettings(controller=cluster.registry_url(), heartbeat_interval=1,
                                                 models=[SimModel(name="job-model")])) for _ in range(2)])
         cluster.wait_for("job-model", count=2, timeout=30)
-        done = run_example("examples/job_submit.py", "--model", "job-model", "--name", "job-example",
-                           "--namespace", "tests")
+        # The command in the example's docstring, with this interpreter for `python`.
+        env = {**os.environ, "RAY_AUTH_MODE": "token"}
+        done = subprocess.run(
+            [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", ray_session,
+             "--working-dir", ".", "--", sys.executable, "examples/job_submit.py", "--model", "job-model",
+             "--name", "job-example", "--namespace", "tests"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         assert "job-model@llm: 2 instances" in done.stdout
         assert done.stdout.count("restart successfully") == 2
