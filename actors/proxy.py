@@ -96,11 +96,20 @@ class WorkerProxy:
 
     # ---- operations -----------------------------------------------------
 
-    async def apply(self, req: WorkerApplyRequest) -> WorkerApplyOutput:
+    async def apply(self, req: WorkerApplyRequest | str) -> WorkerApplyOutput:
+        """``req`` may come as its JSON text: the coordinator serialises a request
+        once per apply instead of once per proxy, and the text is sent as is."""
+        if isinstance(req, str):
+            content = req.encode()
+            req = WorkerApplyRequest.model_validate_json(content)
+        else:
+            content = req.model_dump_json().encode()
         what = f"apply {req.apply_type.value} {req.key}"
 
         async def call() -> WorkerApplyOutput:
-            body = await self._request("POST", "/apply", "apply", json=req.model_dump(mode="json"))
+            body = await self._request(
+                "POST", "/apply", "apply", content=content, headers={"content-type": "application/json"}
+            )
             try:
                 out = WorkerApplyOutput.model_validate(body)
             except ValidationError as exc:

@@ -248,7 +248,9 @@ class CoordinatorService:
                 return ApplyPlan(key=req.key, apply_type=req.apply_type, batches=batches)
             if len(batches) == 1:
                 what = f"apply {req.apply_type.value} {req.key}"
-                return ApplyResult.of(await self._fan_out(targets, "apply", req, op="apply", what=what))
+                # Serialised once here, not once per proxy call.
+                wire = req.model_dump_json()
+                return ApplyResult.of(await self._fan_out(targets, "apply", wire, op="apply", what=what))
             health_timeout = options.health_timeout or self.config.timeouts.rollout_health
             return ApplyResult.of(await self._roll(req, batches, health_timeout))
 
@@ -262,7 +264,7 @@ class CoordinatorService:
             for i, batch in enumerate(batches, 1):
                 progress.current, progress.phase = batch, "applying"
                 what = f"apply {req.apply_type.value} {req.key} (batch {i}/{len(batches)})"
-                done = await self._fan_out(batch, "apply", req, op="apply", what=what)
+                done = await self._fan_out(batch, "apply", req.model_dump_json(), op="apply", what=what)
                 outputs += done
                 rest = [ep for later in batches[i:] for ep in later]
                 if not all(o.success for o in done):

@@ -160,3 +160,13 @@ def test_idle_connections_expire_before_a_uvicorn_servers_keepalive_does():
     from actors.transport import client_limits
 
     assert client_limits().keepalive_expiry < 5
+
+
+async def test_a_request_sent_as_json_text_goes_out_unchanged():
+    proxy, seen = proxy_with(lambda r: httpx.Response(200, json={"message": "ok"}))
+    out = await proxy.apply(APPLY.model_dump_json())
+    assert out.success
+    assert seen[0].content == APPLY.model_dump_json().encode()
+    assert seen[0].headers["content-type"] == "application/json"
+    again = await proxy.apply(APPLY)  # the model itself works as well, with the same body
+    assert again.success and seen[1].content == seen[0].content
