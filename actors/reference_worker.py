@@ -278,10 +278,8 @@ class ReferenceWorker:
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval)
             for key in [WORKER_MANAGER_KEY, *self.models]:
-                if key == WORKER_MANAGER_KEY or self._is_running(key):
-                    await self._controller_call(
-                        "POST", "/api/controller/heartbeat", json=self._instance(key), only_if=key
-                    )
+                # only_if: skipped, under the controller lock, unless still running.
+                await self._controller_call("POST", "/api/controller/heartbeat", json=self._instance(key), only_if=key)
 
     def _is_running(self, key: str) -> bool:
         model = self.models.get(key)

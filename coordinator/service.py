@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
 
 from coordinator.config import CoordinatorConfig
 from coordinator.errors import NoInstancesError, UnknownEndpointError, WaitTimeoutError
@@ -48,6 +48,8 @@ from coordinator.status import ClusterStatus, InstanceStatus, WatcherStatus
 
 log = logging.getLogger(__name__)
 
+
+T = TypeVar("T")
 
 #: Seconds between re-recordings of the live-instance gauges.
 GAUGE_REFRESH = 5.0
@@ -246,16 +248,15 @@ class CoordinatorService:
             batches = plan_batches(targets, options.max_unavailable)
             if options.dry_run:
                 return ApplyPlan(key=req.key, apply_type=req.apply_type, batches=batches)
+            wire = req.model_dump_json()  # serialised once per apply, not once per proxy
             if len(batches) == 1:
                 what = f"apply {req.apply_type.value} {req.key}"
-                # Serialised once here, not once per proxy call.
-                wire = req.model_dump_json()
-                return ApplyResult.of(await self._fan_out(targets, "apply", wire, op="apply", what=what))
+                return ApplyResult.of(await self._fan_out(targets, "apply", wire, what))
             health_timeout = options.health_timeout or self.config.timeouts.rollout_health
-            return ApplyResult.of(await self._roll(req, batches, health_timeout))
+            return ApplyResult.of(await self._roll(req, wire, batches, health_timeout))
 
     async def _roll(
-        self, req: WorkerApplyRequest, batches: list[list[Endpoint]], health_timeout: float
+        self, req: WorkerApplyRequest, wire: str, batches: list[list[Endpoint]], health_timeout: float
     ) -> list[WorkerApplyOutput]:
         progress = RolloutProgress(key=req.key, batches=len(batches))
         self._rollouts[req.key] = progress
@@ -264,7 +265,7 @@ class CoordinatorService:
             for i, batch in enumerate(batches, 1):
                 progress.current, progress.phase = batch, "applying"
                 what = f"apply {req.apply_type.value} {req.key} (batch {i}/{len(batches)})"
-                done = await self._fan_out(batch, "apply", req.model_dump_json(), op="apply", what=what)
+                done = await self._fan_out(batch, "apply", wire, what)
                 outputs += done
                 rest = [ep for later in batches[i:] for ep in later]
                 if not all(o.success for o in done):
@@ -300,49 +301,50 @@ class CoordinatorService:
             if not endpoint_is_listed(self._instances, req.endpoint):
                 self._metrics.operation(op, "error")
                 raise UnknownEndpointError(req.host, req.port)
-            [output] = await self._fan_out([req.endpoint], op, req, op=op, what=f"{op} {req.key}")
+            [output] = await self._fan_out([req.endpoint], op, req, f"{op} {req.key}")
         return output
 
     async def supports(self) -> list[SupportsOutcome]:
         """``GET /models/supports`` on every healthy, reachable worker manager."""
         unreachable = self._unreachable()
         targets = [ep for ep in manager_endpoints(self._instances) if ep not in unreachable]
-        deadline = self._deadline("supports")
+        return await self._each(
+            targets, "supports", (),
+            lambda ep, exc: SupportsOutcome(endpoint=ep, error=f"{ep}: supports failed: {exc}"),
+        )
 
-        async def one(ep: Endpoint) -> SupportsOutcome:
-            try:
-                return await self._proxies.call(ep, "supports", deadline=deadline)
-            except LinkError as exc:
-                return SupportsOutcome(endpoint=ep, error=f"{ep}: supports failed: {exc}")
-
-        async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(one(ep)) for ep in targets]
-        return [t.result() for t in tasks]
-
-    async def _fan_out(
-        self, targets: list[Endpoint], method: str, req: Any, op: str, what: str
-    ) -> list[WorkerApplyOutput]:
-        """One output per target, in target order; a proxy failure is that
-        target's failed output, never an exception."""
-        deadline = self._deadline(op)
-
-        async def one(ep: Endpoint) -> WorkerApplyOutput:
-            try:
-                return await self._proxies.call(ep, method, req, deadline=deadline)
-            except LinkError as exc:
-                return WorkerApplyOutput(
-                    message=f"{ep}: {what} failed: {exc}", success=False, timecost=-1,
-                    host=ep.host, port=ep.port,
-                )
-
-        async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(one(ep)) for ep in targets]
-        outputs = [t.result() for t in tasks]
+    async def _fan_out(self, targets: list[Endpoint], op: str, req: Any, what: str) -> list[WorkerApplyOutput]:
+        """Run proxy operation ``op`` on every target: one output per target, in
+        target order; a proxy failure is that target's failed output."""
+        outputs = await self._each(
+            targets, op, (req,),
+            lambda ep, exc: WorkerApplyOutput(
+                message=f"{ep}: {what} failed: {exc}", success=False, timecost=-1, host=ep.host, port=ep.port
+            ),
+        )
         for o in outputs:
             if o.timecost is not None and o.timecost >= 0:
                 self._metrics.instance_latency(op, o.timecost)
         self._metrics.operation(op, "success" if all(o.success for o in outputs) else "failure")
         return outputs
+
+    async def _each(
+        self, targets: list[Endpoint], op: str, args: tuple[Any, ...],
+        failed: Callable[[Endpoint, LinkError], T],
+    ) -> list[T]:
+        """Call ``op`` on every target's proxy at once, under the operation's
+        deadline; a proxy that fails becomes ``failed(endpoint, error)``."""
+        deadline = self._deadline(op)
+
+        async def one(ep: Endpoint) -> T:
+            try:
+                return await self._proxies.call(ep, op, *args, deadline=deadline)
+            except LinkError as exc:
+                return failed(ep, exc)
+
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(one(ep)) for ep in targets]
+        return [t.result() for t in tasks]
 
     def _deadline(self, op: str) -> float:
         """How long to wait for a proxy: its operation timeout, plus the connect
