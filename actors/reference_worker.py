@@ -177,14 +177,19 @@ class ReferenceWorker:
                 await self._stop(model)
                 message = f"{where} stop successfully"
             case ApplyType.RESTART:
+                # DB-GPT stops, then starts, and reports in its start's words.
                 await self._stop(model)
                 await self._start(model)
-                message = f"{where} restart successfully"
+                message = f"{where} start successfully"
             case ApplyType.UPDATE_PARAMS:
-                model.params.update(req.params or {})
-                await self._stop(model)
-                await self._start(model)
-                message = "Update worker params and restart successfully"
+                # DB-GPT restarts only when a parameter actually changed.
+                changed = any(model.params.get(k) != v for k, v in req.params.items())
+                model.params.update(req.params)
+                message = "Update worker params successfully"
+                if changed:
+                    await self._stop(model)
+                    await self._start(model)
+                    message = "Update worker params and restart successfully"
         return WorkerApplyOutput(message=message, success=True, timecost=round(time.monotonic() - started, 4))
 
     async def startup(self, req: WorkerStartupRequest) -> None:

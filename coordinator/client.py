@@ -202,7 +202,9 @@ class _Calls:
         timeout: float | None, max_unavailable: int | None = None, dry_run: bool = False,
         health_timeout: float | None = None,
     ) -> _Call:
-        req = WorkerApplyRequest(model=model, apply_type=apply_type, worker_type=worker_type, params=params)
+        req = WorkerApplyRequest(
+            model=model, apply_type=apply_type, worker_type=worker_type, params={} if params is None else params
+        )
         options = ApplyOptions(
             apply_type=req.apply_type, max_unavailable=max_unavailable, dry_run=dry_run,
             health_timeout=health_timeout,

@@ -130,7 +130,12 @@ class EmbeddedSource(_Source):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     heartbeat_interval: float = Field(5.0, gt=0)
-    heartbeat_timeout: float = Field(15.0, gt=0)
+    #: DB-GPT's own controller uses 60 s. Do not go below ~30 s with DB-GPT
+    #: workers: a DB-GPT 0.8.2 worker manager heartbeats its ``WorkerManager@service``
+    #: entry every 20 s whatever its configured interval, so a shorter timeout
+    #: makes it flap. (Dead workers are noticed in seconds by the proxies' probes,
+    #: not by this timeout.)
+    heartbeat_timeout: float = Field(60.0, gt=0)
 
     @model_validator(mode="after")
     def _timeout_exceeds_interval(self) -> Self:

@@ -88,7 +88,9 @@ class WorkerApplyRequest(_Wire):
     model: str = Field(min_length=1)
     apply_type: ApplyType
     worker_type: WorkerType = WorkerType.LLM
-    params: dict[str, Any] | None = None
+    #: As in DB-GPT 0.8.2: a mapping, ``{}`` when there is nothing to say. DB-GPT
+    #: answers ``"params": null`` with 422, so null is refused here too.
+    params: dict[str, Any] = Field(default_factory=dict)
     apply_user: str | None = None
 
     @property

@@ -65,7 +65,7 @@ def test_apply_prints_every_instance_and_exits_0(deployed):
     assert result.exit_code == 0, result.output
     outs = json.loads(result.output)
     assert sorted(o["port"] for o in outs) == sorted(ports)
-    assert all("restart successfully" in o["message"] for o in outs)
+    assert all("start successfully" in o["message"] for o in outs)
 
 
 def test_apply_exits_1_when_any_instance_failed(deployed):

@@ -36,7 +36,7 @@ def test_defaults_are_the_documented_ones():
     t = config.timeouts
     assert (t.connect, t.apply, t.startup, t.shutdown, t.supports) == (5, 300, 900, 120, 30)
     src = config.registries[0]
-    assert (src.host, src.heartbeat_interval, src.heartbeat_timeout) == ("127.0.0.1", 5, 15)
+    assert (src.host, src.heartbeat_interval, src.heartbeat_timeout) == ("127.0.0.1", 5, 60)
     assert (config.probe.interval, config.probe.timeout, config.probe.failures_to_dead) == (1, 1, 2)
 
 

@@ -66,7 +66,7 @@ def test_apply_reports_every_instance_including_the_one_whose_port_is_closed(fle
     assert sorted(outs) == sorted([*ports, closed])
     for port in ports:
         assert outs[port].success, outs[port].message
-        assert outs[port].message == f"model {MODEL}@proxy/openai(127.0.0.1:{port}) restart successfully"
+        assert outs[port].message == f"model {MODEL}@proxy/openai(127.0.0.1:{port}) start successfully"
     ghost = outs[closed]
     assert not ghost.success
     assert f"127.0.0.1:{closed}: apply restart {MODEL}@llm" in ghost.message
@@ -240,4 +240,4 @@ def test_quick_start_runs_and_prints_every_step():
     for needle in ("embedded registry", "supports chatgpt-test@llm", "startup second-model",
                    "restart chatgpt-test: combined success=True", "shutdown second-model", "stopped cleanly"):
         assert needle in out, out
-    assert out.count("restart successfully") == 3
+    assert out.count("start successfully") == 3

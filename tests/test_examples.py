@@ -30,7 +30,7 @@ def test_rolling_restart_example(ray_session):
     out = done.stdout
     assert "plan: 5 instances in 3 batches (nothing sent)" in out
     assert "rolling restart: success=True" in out
-    assert out.count("restart successfully") >= 5
+    assert out.count("start successfully") >= 5
     assert "rolling restart with a failing worker: success=False" in out
     assert "not attempted: batch 2 of 3 failed" in out
 
@@ -44,7 +44,7 @@ def test_dbgpt_cluster_example_against_a_controller_process(ray_session, worker_
             worker_process("chatgpt-test@llm", controller=url, heartbeat_interval=1)
         done = run_example("examples/dbgpt_cluster.py", "--controller", url, "--restart", "chatgpt-test")
         assert done.returncode == 0, done.stderr[-3000:]
-        assert done.stdout.count("restart successfully") == 2
+        assert done.stdout.count("start successfully") == 2
         assert "can run: chatgpt-test (proxy/openai)" in done.stdout
     finally:
         controller.kill()
@@ -71,7 +71,7 @@ def test_job_submit_example_runs_as_a_ray_job_against_a_running_coordinator(ray_
         )
         assert done.returncode == 0, done.stderr[-3000:]
         assert "job-model@llm: 2 instances" in done.stdout
-        assert done.stdout.count("restart successfully") == 2
+        assert done.stdout.count("start successfully") == 2
     finally:
         ray.get(host.stop_all.remote())
         ray.kill(host)

@@ -54,9 +54,16 @@ def test_apply_request_serialises_as_dbgpt_sends_it():
     req = WorkerApplyRequest(model="chatgpt-test", apply_type="restart")
     assert req.model_dump(mode="json") == {
         "model": "chatgpt-test", "apply_type": "restart", "worker_type": "llm",
-        "params": None, "apply_user": None,
+        "params": {}, "apply_user": None,
     }
     assert req.key == "chatgpt-test@llm"
+
+
+def test_apply_request_refuses_null_params_as_dbgpt_does():
+    # DB-GPT 0.8.2 answers {"params": null} with 422; we must never send it.
+    with pytest.raises(ValidationError) as info:
+        WorkerApplyRequest.model_validate({"model": "m", "apply_type": "start", "params": None})
+    assert info.value.errors()[0]["loc"] == ("params",)
 
 
 def test_supported_models_parse_with_parameter_descriptions():

@@ -48,8 +48,13 @@ async def test_apply_answers_like_dbgpt(fleet):
     out = (await client.post("/apply", json={**body, "apply_type": "start"})).json()
     assert out["success"]
     assert await health(reg, "chatgpt-test@llm") == {(worker.port, True)}
+    out = (await client.post("/apply", json={**body, "apply_type": "restart"})).json()
+    assert out["message"] == f"model chatgpt-test@proxy/openai({worker.address}) start successfully"  # DB-GPT's words
     out = (await client.post("/apply", json={**body, "apply_type": "update_params", "params": {"t": 1}})).json()
     assert out["message"] == "Update worker params and restart successfully"
+    # Nothing changed: DB-GPT updates without a restart.
+    out = (await client.post("/apply", json={**body, "apply_type": "update_params", "params": {"t": 1}})).json()
+    assert out["message"] == "Update worker params successfully"
 
 
 async def test_failures_look_like_dbgpts(fleet):
@@ -58,6 +63,10 @@ async def test_failures_look_like_dbgpts(fleet):
     assert (r.status_code, r.text) == (500, "Internal Server Error")
     r = await client.post("/apply", json={"model": "chatgpt-test", "apply_type": "explode"})
     assert r.status_code == 422 and "detail" in r.json()
+    # DB-GPT 0.8.2 refuses a null params; so does the reference worker, so the
+    # suite catches a coordinator that sends one.
+    r = await client.post("/apply", json={"model": "chatgpt-test", "apply_type": "start", "params": None})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "params"]
     req = {"host": "127.0.0.1", "port": 1, "model": "chatgpt-test", "worker_type": "llm", "params": {}}
     assert (await client.post("/models/startup", json=req)).status_code == 500  # already running
     bad = {**req, "model": "x", "params": {"provider": "martian"}}
