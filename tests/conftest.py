@@ -62,6 +62,15 @@ def ray_session() -> Iterator[str]:
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def dbgpt_bin() -> Path:
+    """The bin directory of DB-GPT 0.8.2's own virtual environment (built by the
+    first test that needs it, then reused; see tests/dbgpt_env.py)."""
+    from tests.dbgpt_env import ensure_venv
+
+    return ensure_venv()
+
+
 class WorkerProcess:
     """``python -m actors.reference_worker`` as a child process."""
 
