@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -29,9 +30,11 @@ from actors.transport import (
     client_limits,
     map_transport_errors,
     read_json,
+    ssl_context,
 )
-from coordinator.config import ProbeSettings, Timeouts
+from coordinator.config import ProbeSettings, Timeouts, WorkerAccess
 from coordinator.metrics import NoMetrics, RayMetrics
+from coordinator.secrets import redact
 from coordinator.models import (
     Endpoint,
     SupportsOutcome,
@@ -71,6 +74,7 @@ class WorkerProxy:
         timeouts: Timeouts | None = None,
         probe: ProbeSettings | None = None,
         headers: dict[str, str] | None = None,
+        access: WorkerAccess | None = None,
         on_probe_change: ProbeListener | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Callable[[], float] = time.time,
@@ -82,11 +86,24 @@ class WorkerProxy:
         self._probe_settings = probe or ProbeSettings()
         self._on_probe_change = on_probe_change
         self._clock = clock
+        access = self._access = access or WorkerAccess()
+        # Built once per proxy. A file that cannot be used fails every call with
+        # the reason, rather than the proxy failing to start again and again.
+        self._tls_error: str | None = None
+        verify: ssl.SSLContext | bool = True
+        if access.tls is not None:
+            try:
+                verify = ssl_context(access.tls)
+            except (OSError, ssl.SSLError) as exc:
+                self._tls_error = f"TLS setup failed: {type(exc).__name__}: {exc}"
+                log.error("%s: %s", self.endpoint, self._tls_error)
         self._client = httpx.AsyncClient(
-            base_url=f"http://{host}:{port}/api/worker",
-            headers=headers or {},
+            # From parts, never pasted text: the host is a validated bare name or IP.
+            base_url=httpx.URL(scheme=access.scheme, host=host, port=port, path="/api/worker"),
+            headers=access.http_headers(headers),
             transport=transport,
             limits=client_limits(256),
+            verify=verify,
         )
         self._state = ProbeState()
         self._closed = asyncio.Event()
@@ -114,7 +131,10 @@ class WorkerProxy:
                 out = WorkerApplyOutput.model_validate(body)
             except ValidationError as exc:
                 raise WorkerBadAnswer(f"answer is not a WorkerApplyOutput: {_first_error(exc)}") from exc
-            return out.model_copy(update={"host": self.endpoint.host, "port": self.endpoint.port})
+            return out.model_copy(update={
+                "host": self.endpoint.host, "port": self.endpoint.port,
+                "message": self._scrub(out.message),
+            })
 
         return await self._operate(what, call)
 
@@ -125,6 +145,8 @@ class WorkerProxy:
         return await self._lifecycle("shutdown", "/models/shutdown", req)
 
     async def supports(self) -> SupportsOutcome:
+        if self._tls_error is not None:
+            return SupportsOutcome(endpoint=self.endpoint, error=f"{self.endpoint}: {self._tls_error}")
         try:
             body = await self._with_retries(
                 lambda: self._request("GET", "/models/supports", "supports")
@@ -137,7 +159,8 @@ class WorkerProxy:
                 ) from exc
             return SupportsOutcome(endpoint=self.endpoint, models=models)
         except WorkerCallError as exc:
-            return SupportsOutcome(endpoint=self.endpoint, error=f"{self.endpoint}: supports failed: {exc}")
+            error = self._scrub(f"{self.endpoint}: supports failed: {exc}")
+            return SupportsOutcome(endpoint=self.endpoint, error=error)
 
     async def probe_state(self) -> ProbeState:
         return self._state
@@ -179,6 +202,8 @@ class WorkerProxy:
         self, what: str, call: Callable[[], Awaitable[WorkerApplyOutput]]
     ) -> WorkerApplyOutput:
         started = time.monotonic()
+        if self._tls_error is not None:
+            return self._output(f"{what} not sent: {self._tls_error}", False, started)
         if self._state.reachable is False:
             return self._output(
                 f"{what} not sent: worker unreachable ({self._state.consecutive_failures} "
@@ -209,9 +234,13 @@ class WorkerProxy:
             response = await self._client.request(method, path, timeout=timeout, **kwargs)
         return read_json(response)
 
+    def _scrub(self, text: str) -> str:
+        return redact(text, self._access.secret_values())
+
     def _output(self, message: str, success: bool, started: float) -> WorkerApplyOutput:
         return WorkerApplyOutput(
-            message=f"{self.endpoint}: {message}",
+            # A worker may echo what it was sent (a 401 page quoting the header).
+            message=self._scrub(f"{self.endpoint}: {message}"),
             success=success,
             timecost=round(time.monotonic() - started, 4),
             host=self.endpoint.host,

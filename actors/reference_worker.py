@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
 import logging
 import time
 from typing import Any, Literal
@@ -31,7 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field
 
-from actors.serving import HttpServer, serve_until_signalled
+from actors.serving import HttpServer, ServerTls, serve_until_signalled
 from actors.transport import client_limits
 from coordinator.models import (
     WORKER_MANAGER_KEY,
@@ -95,6 +96,11 @@ class WorkerSettings(BaseModel):
     start_delay: float = 0.0  # seconds a model takes to start
     stop_delay: float = 0.0
     faults: Faults = Faults()
+    #: Serve https (and, with a client CA, require client certificates).
+    tls: ServerTls | None = None
+    #: Answer worker calls without ``Authorization: Bearer <this>`` with 401
+    #: (DB-GPT's workers check nothing; this stands for a protecting proxy).
+    require_token: str | None = None
 
 
 class _Fault(Exception):
@@ -111,7 +117,7 @@ class ReferenceWorker:
         self.inflight: dict[str, int] = {}
         self.peak: dict[str, int] = {}
         self.peak_total = 0
-        self._http = HttpServer(self._app(), settings.host, settings.port)
+        self._http = HttpServer(self._app(), settings.host, settings.port, tls=settings.tls)
         self._controller: httpx.AsyncClient | None = None
         self._controller_lock = asyncio.Lock()
         self._heartbeats: asyncio.Task[None] | None = None
@@ -344,7 +350,12 @@ class ReferenceWorker:
                 chunks.append(message.get("body", b""))
                 more = message.get("more_body", False)
             body = b"".join(chunks)
-            self.journal.append({"t": time.time(), "path": scope["path"], "body": body.decode()})
+            authorization = dict(scope["headers"]).get(b"authorization", b"").decode()
+            self.journal.append({"t": time.time(), "path": scope["path"], "body": body.decode(),
+                                 "authorization": authorization})
+            token = self.settings.require_token
+            if token is not None and not hmac.compare_digest(authorization, f"Bearer {token}"):
+                return await PlainTextResponse("Unauthorized", status_code=401)(scope, receive, send)
             faults = self.faults
             if faults.hang:
                 await self._hung.wait()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -19,11 +20,13 @@ import uuid
 from collections.abc import Callable
 from typing import Protocol
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 
 from coordinator.longpoll import ChangeFeed
-from actors.registry_store import RegistryStore
-from actors.serving import HttpServer, serve_until_signalled
+from actors.registry_store import RegistryFull, RegistryStore
+from actors.serving import HttpServer, ServerTls, serve_until_signalled
 from coordinator.config import EmbeddedSource
 from coordinator.liveset import Snapshot
 from coordinator.models import ModelInstance
@@ -31,9 +34,22 @@ from coordinator.models import ModelInstance
 log = logging.getLogger(__name__)
 
 
-def controller_app(registry: EmbeddedRegistry) -> FastAPI:
-    """DB-GPT's model-controller HTTP API over ``registry``."""
+def controller_app(registry: EmbeddedRegistry, settings: EmbeddedSource | None = None):
+    """DB-GPT's model-controller HTTP API over ``registry``, behind the guard
+    that ``settings`` describe (token for writes, body size limit)."""
     app = FastAPI(title="Embedded model registry", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler echoes the input back, and fails (500) on input
+        # it cannot encode as JSON, such as a body of NaN. Say where and why only.
+        detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                  for e in exc.errors()]
+        return JSONResponse({"detail": detail}, status_code=422)
+
+    @app.exception_handler(RegistryFull)
+    async def full(request: Request, exc: RegistryFull) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=409)
 
     @app.get("/api/health")
     async def health() -> dict[str, str]:
@@ -57,7 +73,49 @@ def controller_app(registry: EmbeddedRegistry) -> FastAPI:
     async def heartbeat(instance: ModelInstance) -> bool:
         return await registry.heartbeat(instance)
 
-    return app
+    settings = settings or EmbeddedSource()
+    return _guard(app, settings.token.reveal() if settings.token else None, settings.max_body_bytes)
+
+
+def _guard(app: FastAPI, token: str | None, max_body: int):
+    """A plain ASGI layer before the routes: writes (anything but GET/HEAD) need
+    the token when one is set — refused before their body is read — and no
+    request body may exceed ``max_body`` bytes."""
+    expected = f"Bearer {token}".encode() if token else None
+    too_large = JSONResponse({"detail": f"request body larger than {max_body} bytes"}, status_code=413)
+    unauthorized = JSONResponse(
+        {"detail": "this registry needs 'Authorization: Bearer <token>' to change it"},
+        status_code=401, headers={"WWW-Authenticate": "Bearer"},
+    )
+
+    async def guarded(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if expected is not None and scope["method"] not in ("GET", "HEAD"):
+            if not hmac.compare_digest(headers.get(b"authorization", b""), expected):
+                return await unauthorized(scope, receive, send)
+        declared = headers.get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > max_body:
+            return await too_large(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > max_body:
+                return await too_large(scope, receive, send)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+
+        async def replay():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await app(scope, replay, send)
+
+    return guarded
 
 
 class StateStore(Protocol):
@@ -99,7 +157,7 @@ class EmbeddedRegistry:
     ) -> None:
         self._settings = settings
         self._state = GcsStateStore(state) if isinstance(state, str) else state
-        self._store = RegistryStore(settings.heartbeat_timeout, clock)
+        self._store = RegistryStore(settings.heartbeat_timeout, clock, max_entries=settings.max_instances)
         self._epoch = uuid.uuid4().hex
         self._feed = ChangeFeed()
         self._published = self._store.version
@@ -122,7 +180,11 @@ class EmbeddedRegistry:
                 self._published = self._store.version
                 port = port or saved["port"]
                 log.warning("registry restored %d entries; serving again on port %s", len(self._store), port)
-        self._http = HttpServer(controller_app(self), self._settings.host, port)
+        tls = self._settings.tls
+        self._http = HttpServer(
+            controller_app(self, self._settings), self._settings.host, port,
+            tls=ServerTls(tls.cert, tls.key) if tls else None,
+        )
         await self._http.start()
         if self._state is not None:
             await self._save()
@@ -239,11 +301,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--heartbeat-interval", type=float, default=20.0)
     parser.add_argument("--heartbeat-timeout", type=float, default=60.0)
+    parser.add_argument("--token-env", metavar="NAME",
+                        help="require 'Authorization: Bearer <token>' for writes; the token is in this env var")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(_serve(EmbeddedSource(
         host=args.host, port=args.port,
         heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout,
+        token={"env": args.token_env} if args.token_env else None,
     )))
 
 

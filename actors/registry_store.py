@@ -21,9 +21,16 @@ from coordinator.models import ModelInstance
 Identity = tuple[str, str, int]
 
 
+class RegistryFull(Exception):
+    """A new entry would take the registry past its limit."""
+
+
 class RegistryStore:
-    def __init__(self, heartbeat_timeout: float, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, heartbeat_timeout: float, clock: Callable[[], float] = time.time, max_entries: int | None = None
+    ) -> None:
         self.heartbeat_timeout = heartbeat_timeout
+        self.max_entries = max_entries
         self._clock = clock
         self._entries: dict[Identity, ModelInstance] = {}
         self.version = 0
@@ -35,6 +42,8 @@ class RegistryStore:
         visible state changed."""
         inst = _normalise(inst)
         held = self._entries.get(inst.identity)
+        if held is None and self.max_entries is not None and len(self._entries) >= self.max_entries:
+            raise RegistryFull(f"the registry holds its limit of {self.max_entries} entries")
         fresh = inst.model_copy(
             update={"healthy": True, "last_heartbeat": self._now(), "remove_from_registry": False}
         )

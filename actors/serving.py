@@ -7,14 +7,27 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import NamedTuple
 
 import uvicorn
 
 
+class ServerTls(NamedTuple):
+    """Serve https with this certificate and key; with ``client_ca``, also
+    require a client certificate signed by it (mutual TLS)."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+
 class HttpServer:
-    def __init__(self, app, host: str, port: int) -> None:
+    def __init__(self, app, host: str, port: int, tls: ServerTls | None = None) -> None:
         self.host = host
+        self._tls = tls
         self._requested_port = port
         self.port: int | None = None
         self._app = app
@@ -24,7 +37,7 @@ class HttpServer:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self._tls else 'http'}://{host}:{self.port}"
 
     async def start(self) -> int:
         """Bind, start serving, return the bound port. Raises ``OSError`` when the
@@ -43,12 +56,17 @@ class HttpServer:
             raise
         sock.set_inheritable(True)
         self.port = sock.getsockname()[1]
+        tls = self._tls
         config = uvicorn.Config(
             self._app,
             log_level="warning",
             lifespan="off",
             access_log=False,
             timeout_graceful_shutdown=1,
+            ssl_certfile=str(tls.cert) if tls else None,
+            ssl_keyfile=str(tls.key) if tls else None,
+            ssl_ca_certs=str(tls.client_ca) if tls and tls.client_ca else None,
+            ssl_cert_reqs=ssl.CERT_REQUIRED if tls and tls.client_ca else ssl.CERT_NONE,
         )
         self._server = uvicorn.Server(config)
         self._task = asyncio.get_running_loop().create_task(self._server.serve(sockets=[sock]))

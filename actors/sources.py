@@ -1,6 +1,7 @@
 """Where a watcher gets instances from. Each source answers one question,
 :meth:`Source.next`: "wait until you may have something new, then give me the
-full instance list" — or ``None`` for "I am alive and nothing changed", or
+full instance list" (screened: entries that are not valid instances are dropped
+and described) — or ``None`` for "I am alive and nothing changed", or
 :class:`SourceError` when it could not answer. The watcher does the rest
 (versions, staleness, backoff).
 """
@@ -13,19 +14,10 @@ from typing import Protocol
 
 import httpx
 import yaml
-from pydantic import TypeAdapter, ValidationError
 
 from actors.transport import WorkerCallError, client_limits, map_transport_errors, read_json
-from coordinator.config import (
-    DbgptSource,
-    EmbeddedSource,
-    RegistrySource,
-    StaticSource,
-    load_instances_file,
-)
-from coordinator.models import ModelInstance
-
-_INSTANCES = TypeAdapter(list[ModelInstance])
+from coordinator.config import DbgptSource, EmbeddedSource, RegistrySource, StaticSource, read_instances_file
+from coordinator.liveset import Screened, screen_entries
 
 
 class SourceError(Exception):
@@ -35,7 +27,7 @@ class SourceError(Exception):
 class Source(Protocol):
     target: str
 
-    async def next(self, first: bool) -> list[ModelInstance] | None:
+    async def next(self, first: bool) -> Screened | None:
         """``first`` asks for an answer now (first call, or a retry after a
         failure) instead of waiting for the next change or poll."""
         ...
@@ -57,7 +49,7 @@ class DbgptControllerSource:
             timeout=settings.request_timeout, transport=transport, limits=client_limits()
         )
 
-    async def next(self, first: bool) -> list[ModelInstance]:
+    async def next(self, first: bool) -> Screened:
         if not first:
             await asyncio.sleep(self._settings.poll_interval)
         errors = []
@@ -65,13 +57,13 @@ class DbgptControllerSource:
             try:
                 with map_transport_errors(self._settings.request_timeout):
                     response = await self._client.get(f"{url}/api/controller/models")
-                instances = _INSTANCES.validate_python(read_json(response))
-            except (WorkerCallError, ValidationError) as exc:
+                listing = screen_entries(read_json(response))
+            except (WorkerCallError, ValueError) as exc:
                 errors.append(f"{url}: {_short(exc)}")
                 continue
             if i:  # remember the replica that answered
                 self._urls.insert(0, self._urls.pop(i))
-            return instances
+            return listing
         raise SourceError("; ".join(errors))
 
     async def close(self) -> None:
@@ -87,9 +79,10 @@ class EmbeddedRegistrySource:
         self._long_poll = long_poll
         self._since: tuple[str, int] | None = None
         self._handle = None
-        self.target = f"ray actor {actor_name!r} (http://{settings.host}:{settings.port})"
+        scheme = "https" if settings.tls else "http"
+        self.target = f"ray actor {actor_name!r} ({scheme}://{settings.host}:{settings.port})"
 
-    async def next(self, first: bool) -> list[ModelInstance] | None:
+    async def next(self, first: bool) -> Screened | None:
         import ray
         from ray.exceptions import RayError
 
@@ -104,7 +97,7 @@ class EmbeddedRegistrySource:
         if snap is None:
             return None
         self._since = (snap.epoch, snap.version)
-        return list(snap.instances)
+        return Screened(list(snap.instances), [])  # the registry validated them
 
     async def close(self) -> None:
         pass
@@ -118,21 +111,21 @@ class StaticFileSource:
         self._seen: tuple[int, int] | None = None
         self.target = str(settings.path) if settings.path else "inline instances"
 
-    async def next(self, first: bool) -> list[ModelInstance] | None:
+    async def next(self, first: bool) -> Screened | None:
         path = self._settings.path
         if not first:
             await asyncio.sleep(self._settings.poll_interval)
-        if path is None:
-            return list(self._settings.instances or []) if first else None
+        if path is None:  # inline: validated with the config
+            return Screened(list(self._settings.instances or []), []) if first else None
         try:
             st = path.stat()
             if not first and (st.st_mtime_ns, st.st_size) == self._seen:
                 return None
-            instances = load_instances_file(Path(path))
-        except (OSError, ValueError, yaml.YAMLError) as exc:  # ValidationError is a ValueError
+            listing = screen_entries(read_instances_file(Path(path)))
+        except (OSError, ValueError, yaml.YAMLError) as exc:
             raise SourceError(f"cannot read {path}: {_short(exc)}") from exc
         self._seen = (st.st_mtime_ns, st.st_size)
-        return instances
+        return listing
 
     async def close(self) -> None:
         pass

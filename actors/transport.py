@@ -19,11 +19,14 @@ These never leave the proxy: it turns them into ``WorkerApplyOutput(success=Fals
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import httpx
+
+from coordinator.config import TlsSettings
 
 BODY_EXCERPT = 300
 
@@ -33,6 +36,16 @@ BODY_EXCERPT = 300
 #: server is closing, and fail in a way that must not be retried. Expiring well
 #: before the server does avoids that race.
 KEEPALIVE_EXPIRY = 2.0
+
+
+def ssl_context(tls: TlsSettings) -> ssl.SSLContext:
+    """The client side of https to workers: the CA bundle to trust (the system's
+    when none is given) and, for mutual TLS, our certificate. Raises ``OSError``
+    or ``ssl.SSLError`` when a file cannot be used."""
+    context = ssl.create_default_context(cafile=str(tls.ca_bundle) if tls.ca_bundle else None)
+    if tls.client_cert is not None:
+        context.load_cert_chain(str(tls.client_cert), str(tls.client_key) if tls.client_key else None)
+    return context
 
 
 def client_limits(max_connections: int = 100) -> httpx.Limits:

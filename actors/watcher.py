@@ -18,7 +18,7 @@ from collections.abc import Callable
 from coordinator.longpoll import ChangeFeed
 from actors.sources import Source, SourceError, build_source
 from coordinator.config import BackoffSettings, RegistrySource
-from coordinator.liveset import Snapshot
+from coordinator.liveset import Screened, Snapshot
 from coordinator.metrics import NoMetrics, RayMetrics
 from coordinator.models import ModelInstance
 from coordinator.status import WatcherStatus
@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 #: A fetch slower than this is logged: the loop is alive but struggling.
 SLOW_FETCH_WARNING = 10.0
+#: How many refused entries a watcher's status names.
+MAX_REJECTED_SHOWN = 10
 
 
 class RegistryWatcher:
@@ -108,10 +110,18 @@ class RegistryWatcher:
                 log.warning("%s: fetch took %.1f s", self._status.source, elapsed)
             self._record_success(instances)
 
-    def _record_success(self, instances: list[ModelInstance] | None) -> None:
-        if instances is not None and tuple(instances) != self._instances:
-            self._instances = tuple(instances)
-            self._version += 1
+    def _record_success(self, listing: Screened | None) -> None:
+        update: dict[str, object] = {}
+        if listing is not None:
+            if tuple(listing.instances) != self._instances:
+                self._instances = tuple(listing.instances)
+                self._version += 1
+            if listing.rejected and len(listing.rejected) != self._status.rejected_entries:
+                log.warning("%s: refused %d invalid entries, e.g. %s", self._status.source,
+                            len(listing.rejected), listing.rejected[0])
+            update = {"rejected_entries": len(listing.rejected),
+                      "rejected_examples": listing.rejected[:MAX_REJECTED_SHOWN]}
+            self._metrics.refused_entries(self._status.source, len(listing.rejected))
         self._status = self._status.model_copy(
             update={
                 "version": self._version,
@@ -121,6 +131,7 @@ class RegistryWatcher:
                 "last_success": self._clock(),
                 "consecutive_failures": 0,
                 "last_error": None,
+                **update,
             }
         )
         self._ready.set()

@@ -26,6 +26,7 @@ import click
 import yaml
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
@@ -73,7 +74,7 @@ def _outputs_table(title: str, outputs: list[WorkerApplyOutput]) -> Table:
         table.add_column(col)
     for o in outputs:
         table.add_row(f"{o.host}:{o.port}", "[green]yes[/]" if o.success else "[red]no[/]",
-                      f"{o.timecost:.3f}" if o.timecost is not None and o.timecost >= 0 else "-", o.message)
+                      f"{o.timecost:.3f}" if o.timecost is not None and o.timecost >= 0 else "-", escape(o.message))
     return table
 
 
@@ -99,7 +100,8 @@ class _Group(click.Group):
             message = str(exc).strip().splitlines()
             if isinstance(exc, ValidationError):
                 message = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
-            errors.print(f"[red]error:[/] {type(exc).__name__}: {'; '.join(message)}", highlight=False, soft_wrap=True)
+            errors.print(f"[red]error:[/] {type(exc).__name__}: {escape('; '.join(message))}", highlight=False,
+                         soft_wrap=True)
             sys.exit(2)
 
 
@@ -151,18 +153,21 @@ def status(obj: Context, as_json: bool) -> None:
     for col in ("model", "type", "worker", "registry", "probe", "last heartbeat"):
         table.add_column(col)
     for r in sorted(st.instances, key=lambda r: (r.model, r.worker_type, r.host, r.port)):
-        probe = {True: "[green]reachable[/]", False: f"[red]unreachable[/] {r.probe_error or ''}",
+        probe = {True: "[green]reachable[/]", False: f"[red]unreachable[/] {escape(r.probe_error or '')}",
                  None: "-"}[r.reachable]
-        table.add_row(r.model, r.worker_type, f"{r.host}:{r.port}",
+        # Names come from registries: printed as text, never read as markup.
+        table.add_row(escape(r.model), escape(r.worker_type), f"{r.host}:{r.port}",
                       "[green]healthy[/]" if r.registry_healthy else "[red]unhealthy[/]", probe,
                       r.last_heartbeat.strftime("%H:%M:%S") if r.last_heartbeat else "-")
     console.print(table)
     table = Table(title="watchers")
-    for col in ("source", "kind", "target", "version", "instances", "state", "last error"):
+    for col in ("source", "kind", "target", "version", "instances", "refused", "state", "last error"):
         table.add_column(col)
     for w in st.watchers:
         state = "[red]stale[/]" if w.stale else ("[green]fresh[/]" if w.ready else "starting")
-        table.add_row(w.source, w.kind, w.target, str(w.version), str(w.instances), state, w.last_error or "")
+        refused = "\n".join([str(w.rejected_entries), *map(escape, w.rejected_examples)]) if w.rejected_entries else "0"
+        table.add_row(escape(w.source), w.kind, escape(w.target), str(w.version), str(w.instances), refused,
+                      state, escape(w.last_error or ""))
     console.print(table)
 
 
@@ -256,10 +261,10 @@ def supports(obj: Context, as_json: bool) -> None:
         for o in outcomes:
             worker = f"{o.endpoint[0]}:{o.endpoint[1]}"
             if o.error:
-                table.add_row(worker, "", "", "", f"[red]{o.error}[/]")
+                table.add_row(worker, "", "", "", f"[red]{escape(o.error)}[/]")
             for wsm in o.models:
                 for m in wsm.models:
-                    table.add_row(worker, m.model, m.worker_type, m.provider or "", "")
+                    table.add_row(worker, escape(m.model), escape(m.worker_type), escape(m.provider or ""), "")
         console.print(table)
     if any(o.error for o in outcomes):
         sys.exit(1)

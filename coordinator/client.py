@@ -14,9 +14,10 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import ray
+from pydantic import Field, NonNegativeInt, PositiveInt, validate_call
 from ray.exceptions import (
     ActorDiedError,
     ActorUnavailableError,
@@ -32,6 +33,7 @@ from coordinator.errors import (
     CoordinatorUnavailableError,
 )
 from coordinator.models import (
+    Name,
     ApplyResult,
     ApplyType,
     ModelInstance,
@@ -176,8 +178,14 @@ class _Call:
     post: Callable[[Any], Any] = field(default=lambda x: x)
 
 
+#: Seconds, as a caller may give them: positive and finite.
+Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
 class _Calls:
-    """Builds :class:`_Call` s; shared by the sync and the async face."""
+    """Builds :class:`_Call` s; shared by the sync and the async face. Every
+    builder validates its arguments (``pydantic.validate_call``): a bad one
+    raises ``ValidationError`` naming it, before anything is sent."""
 
     def __init__(self, cluster: Cluster) -> None:
         self._cluster = cluster
@@ -188,19 +196,19 @@ class _Calls:
         t = self._cluster.config.timeouts
         return t.for_operation(op) + 3 * t.connect + CALL_MARGIN
 
-    def instances(self, model: str | None, worker_type: str | None, healthy_only: bool) -> _Call:
-        wt = WorkerType(worker_type).value if worker_type is not None else None
-        return _Call("instances", (model, wt, healthy_only))
+    @validate_call
+    def instances(self, *, model: Name | None, worker_type: WorkerType | None, healthy_only: bool) -> _Call:
+        return _Call("instances", (model, worker_type.value if worker_type else None, healthy_only))
 
-    def wait_for(self, model: str, count: int, worker_type: str, timeout: float) -> _Call:
-        return _Call(
-            "wait_for", (model, count, WorkerType(worker_type).value, timeout), timeout=timeout + READ_TIMEOUT
-        )
+    @validate_call
+    def wait_for(self, *, model: Name, count: NonNegativeInt, worker_type: WorkerType, timeout: Seconds) -> _Call:
+        return _Call("wait_for", (model, count, worker_type.value, timeout), timeout=timeout + READ_TIMEOUT)
 
+    @validate_call
     def apply(
-        self, model: str, apply_type: str, worker_type: str, params: dict[str, Any] | None,
-        timeout: float | None, max_unavailable: int | None = None, dry_run: bool = False,
-        health_timeout: float | None = None,
+        self, *, model: Name, apply_type: ApplyType, worker_type: WorkerType, params: dict[str, Any] | None,
+        timeout: Seconds | None, max_unavailable: PositiveInt | None = None, dry_run: bool = False,
+        health_timeout: Seconds | None = None,
     ) -> _Call:
         req = WorkerApplyRequest(
             model=model, apply_type=apply_type, worker_type=worker_type, params={} if params is None else params
@@ -217,14 +225,18 @@ class _Calls:
             timeout = ROLLOUT_BACKSTOP
         return _Call("apply", (req, options), self._op_timeout("apply", timeout), resendable=False)
 
-    def lifecycle(self, op: str, req: WorkerStartupRequest | dict[str, Any], timeout: float | None) -> _Call:
-        req = WorkerStartupRequest.model_validate(req)
+    @validate_call
+    def lifecycle(
+        self, *, op: Literal["startup", "shutdown"], req: WorkerStartupRequest, timeout: Seconds | None
+    ) -> _Call:
         return _Call(op, (req,), self._op_timeout(op, timeout), resendable=False)
 
-    def supports(self, timeout: float | None) -> _Call:
+    @validate_call
+    def supports(self, *, timeout: Seconds | None) -> _Call:
         return _Call("supports", (), self._op_timeout("supports", timeout))
 
-    def supported_models(self, timeout: float | None) -> _Call:
+    @validate_call
+    def supported_models(self, *, timeout: Seconds | None) -> _Call:
         return _Call("supports", (), self._op_timeout("supports", timeout), post=_merge_supports)
 
     def status(self) -> _Call:
@@ -298,10 +310,10 @@ class Cluster:
     def instances(
         self, model: str | None = None, worker_type: str | None = None, healthy_only: bool = True
     ) -> list[ModelInstance]:
-        return self._run(self._calls.instances(model, worker_type, healthy_only))
+        return self._run(self._calls.instances(model=model, worker_type=worker_type, healthy_only=healthy_only))
 
     def wait_for(self, model: str, count: int = 1, worker_type: str = "llm", timeout: float = 60.0) -> list[ModelInstance]:
-        return self._run(self._calls.wait_for(model, count, worker_type, timeout))
+        return self._run(self._calls.wait_for(model=model, count=count, worker_type=worker_type, timeout=timeout))
 
     def apply(
         self, model: str, apply_type: ApplyType | str, worker_type: WorkerType | str = "llm",
@@ -317,20 +329,21 @@ class Cluster:
         (:class:`ApplyPlan`) and sends nothing.
         """
         return self._run(self._calls.apply(
-            model, apply_type, worker_type, params, timeout, max_unavailable, dry_run, health_timeout))
+            model=model, apply_type=apply_type, worker_type=worker_type, params=params, timeout=timeout,
+            max_unavailable=max_unavailable, dry_run=dry_run, health_timeout=health_timeout))
 
     def startup(self, req: WorkerStartupRequest | dict[str, Any], timeout: float | None = None) -> WorkerApplyOutput:
-        return self._run(self._calls.lifecycle("startup", req, timeout))
+        return self._run(self._calls.lifecycle(op="startup", req=req, timeout=timeout))
 
     def shutdown(self, req: WorkerStartupRequest | dict[str, Any], timeout: float | None = None) -> WorkerApplyOutput:
-        return self._run(self._calls.lifecycle("shutdown", req, timeout))
+        return self._run(self._calls.lifecycle(op="shutdown", req=req, timeout=timeout))
 
     def supported_models(self, timeout: float | None = None) -> list[WorkerSupportedModel]:
-        return self._run(self._calls.supported_models(timeout))
+        return self._run(self._calls.supported_models(timeout=timeout))
 
     def supports(self, timeout: float | None = None) -> list[SupportsOutcome]:
         """Per worker manager: its models, or why it could not say."""
-        return self._run(self._calls.supports(timeout))
+        return self._run(self._calls.supports(timeout=timeout))
 
     def status(self) -> ClusterStatus:
         return self._run(self._calls.status())
@@ -396,10 +409,10 @@ class AsyncCluster:
     async def instances(
         self, model: str | None = None, worker_type: str | None = None, healthy_only: bool = True
     ) -> list[ModelInstance]:
-        return await self._run(self._calls.instances(model, worker_type, healthy_only))
+        return await self._run(self._calls.instances(model=model, worker_type=worker_type, healthy_only=healthy_only))
 
     async def wait_for(self, model: str, count: int = 1, worker_type: str = "llm", timeout: float = 60.0) -> list[ModelInstance]:
-        return await self._run(self._calls.wait_for(model, count, worker_type, timeout))
+        return await self._run(self._calls.wait_for(model=model, count=count, worker_type=worker_type, timeout=timeout))
 
     async def apply(
         self, model: str, apply_type: ApplyType | str, worker_type: WorkerType | str = "llm",
@@ -408,23 +421,24 @@ class AsyncCluster:
     ) -> ApplyResult | ApplyPlan:
         await self.config()
         return await self._run(self._calls.apply(
-            model, apply_type, worker_type, params, timeout, max_unavailable, dry_run, health_timeout))
+            model=model, apply_type=apply_type, worker_type=worker_type, params=params, timeout=timeout,
+            max_unavailable=max_unavailable, dry_run=dry_run, health_timeout=health_timeout))
 
     async def startup(self, req: WorkerStartupRequest | dict[str, Any], timeout: float | None = None) -> WorkerApplyOutput:
         await self.config()
-        return await self._run(self._calls.lifecycle("startup", req, timeout))
+        return await self._run(self._calls.lifecycle(op="startup", req=req, timeout=timeout))
 
     async def shutdown(self, req: WorkerStartupRequest | dict[str, Any], timeout: float | None = None) -> WorkerApplyOutput:
         await self.config()
-        return await self._run(self._calls.lifecycle("shutdown", req, timeout))
+        return await self._run(self._calls.lifecycle(op="shutdown", req=req, timeout=timeout))
 
     async def supported_models(self, timeout: float | None = None) -> list[WorkerSupportedModel]:
         await self.config()
-        return await self._run(self._calls.supported_models(timeout))
+        return await self._run(self._calls.supported_models(timeout=timeout))
 
     async def supports(self, timeout: float | None = None) -> list[SupportsOutcome]:
         await self.config()
-        return await self._run(self._calls.supports(timeout))
+        return await self._run(self._calls.supports(timeout=timeout))
 
     async def status(self) -> ClusterStatus:
         return await self._run(self._calls.status())

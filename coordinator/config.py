@@ -16,6 +16,8 @@ before anything starts::
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Literal, Self
 
@@ -25,19 +27,96 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    TypeAdapter,
+    PrivateAttr,
     field_validator,
     model_validator,
 )
 
-from coordinator.models import ModelInstance
+from coordinator.hosts import parse_endpoint
+from coordinator.models import Endpoint, ModelInstance
+from coordinator.secrets import Secret
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+#: An HTTP header name (RFC 9110 token).
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+#: Headers that carry credentials: never as plain text in a config.
+_CREDENTIAL_HEADERS = {"authorization", "proxy-authorization", "cookie", "x-api-key"}
 
 
 class _Strict(BaseModel):
-    # A typo in a config key is an error, not a silently ignored setting.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # A typo in a config key is an error, not a silently ignored setting; an
+    # error never echoes the value it refused (it may be a secret).
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+
+def _check_headers(headers: dict[str, str | Secret]) -> dict[str, str | Secret]:
+    for name, value in headers.items():
+        if not _HEADER_NAME.match(name):
+            raise ValueError(f"header name {name!r} is not a valid HTTP header name")
+        if isinstance(value, str):
+            if any(ord(c) < 32 or ord(c) == 127 for c in value):
+                raise ValueError(f"header {name!r}: the value contains a control character")
+            if name.lower() in _CREDENTIAL_HEADERS:
+                raise ValueError(
+                    f"header {name!r} carries a credential: give it as {{env: NAME}} or {{file: PATH}} "
+                    "(or use 'token' for a bearer token)"
+                )
+    return headers
+
+
+class TlsSettings(_Strict):
+    """https to workers. Without ``ca_bundle`` the system's trusted CAs are used;
+    with ``client_cert`` (and ``client_key`` unless the cert file holds it) the
+    proxy proves who it is (mutual TLS)."""
+
+    ca_bundle: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+
+    @model_validator(mode="after")
+    def _key_needs_cert(self) -> Self:
+        if self.client_key is not None and self.client_cert is None:
+            raise ValueError("tls.client_key needs tls.client_cert")
+        return self
+
+
+class ServeTls(_Strict):
+    """Serve https with this certificate chain and key (PEM files)."""
+
+    cert: Path
+    key: Path
+
+
+class WorkerAccess(_Strict):
+    """How proxies call the workers of a source: extra headers, a bearer token,
+    https. Secret values are ``{env: NAME}`` or ``{file: PATH}``."""
+
+    token: Secret | None = None
+    headers: dict[str, str | Secret] = Field(default_factory=dict)
+    tls: TlsSettings | None = None
+
+    @field_validator("headers", mode="after")
+    @classmethod
+    def _valid_headers(cls, headers: dict[str, str | Secret]) -> dict[str, str | Secret]:
+        return _check_headers(headers)
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
+
+    def http_headers(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        """The headers to send: ``base`` (the config's global ones), these, and the
+        token, with secrets revealed. For the proxy's client only."""
+        out = dict(base or {})
+        out.update({k: v.reveal() if isinstance(v, Secret) else v for k, v in self.headers.items()})
+        if self.token is not None:
+            out["Authorization"] = f"Bearer {self.token.reveal()}"
+        return out
+
+    def secret_values(self) -> list[str]:
+        """Every secret value, to scrub from anything shown (a worker may echo one)."""
+        values = [v.reveal() for v in self.headers.values() if isinstance(v, Secret)]
+        return values + ([self.token.reveal()] if self.token is not None else [])
 
 
 class Timeouts(_Strict):
@@ -95,6 +174,8 @@ class PlacementSettings(_Strict):
 
 class _Source(_Strict):
     name: str | None = Field(None, pattern=_NAME)
+    #: How to call the workers this source lists (headers, token, https).
+    workers: WorkerAccess = WorkerAccess()
 
 
 class DbgptSource(_Source):
@@ -136,6 +217,15 @@ class EmbeddedSource(_Source):
     #: makes it flap. (Dead workers are noticed in seconds by the proxies' probes,
     #: not by this timeout.)
     heartbeat_timeout: float = Field(60.0, gt=0)
+    #: When set, register / deregister / heartbeat need ``Authorization: Bearer
+    #: <token>`` (DB-GPT's workers send none: leave it off for them). Reads stay
+    #: open, as DB-GPT's webserver reads without credentials.
+    token: Secret | None = None
+    #: Serve https, so that the token does not cross the network in clear.
+    tls: ServeTls | None = None
+    #: Largest request body accepted (bytes), and most entries held.
+    max_body_bytes: int = Field(64 * 1024, ge=1024)
+    max_instances: int = Field(10_000, ge=1)
 
     @model_validator(mode="after")
     def _timeout_exceeds_interval(self) -> Self:
@@ -169,10 +259,14 @@ class CoordinatorConfig(_Strict):
     probe: ProbeSettings = ProbeSettings()
     backoff: BackoffSettings = BackoffSettings()
     placement: PlacementSettings = PlacementSettings()
-    #: Extra headers sent with every worker call.
+    #: Extra headers sent with every worker call (plain values only: put
+    #: credentials in a source's ``workers`` settings).
     headers: dict[str, str] = Field(default_factory=dict)
+    #: Per worker ("host:port"): access settings that replace its source's.
+    worker_overrides: dict[str, WorkerAccess] = Field(default_factory=dict)
     #: How long a watcher long poll waits before answering "nothing new".
     long_poll_timeout: float = Field(10.0, gt=0)
+    _overrides: dict[Endpoint, WorkerAccess] = PrivateAttr(default_factory=dict)
 
     @field_validator("registries", mode="after")
     @classmethod
@@ -186,6 +280,35 @@ class CoordinatorConfig(_Strict):
         if dupes:
             raise ValueError(f"registry source names must be unique; repeated: {dupes}")
         return named
+
+    @field_validator("headers", mode="after")
+    @classmethod
+    def _plain_headers(cls, headers: dict[str, str]) -> dict[str, str]:
+        return _check_headers(headers)
+
+    @field_validator("worker_overrides", mode="after")
+    @classmethod
+    def _endpoint_keys(cls, overrides: dict[str, WorkerAccess]) -> dict[str, WorkerAccess]:
+        for key in overrides:
+            parse_endpoint(key)  # raises naming the key
+        return overrides
+
+    @model_validator(mode="after")
+    def _index_overrides(self) -> Self:
+        self._overrides = {Endpoint(*parse_endpoint(k)): v for k, v in self.worker_overrides.items()}
+        return self
+
+    def access_for(self, endpoint: Endpoint, sources: Iterable[str]) -> WorkerAccess:
+        """How to call the worker at ``endpoint``, listed by ``sources``: its
+        override if any, else the settings of the first listing source in config
+        order."""
+        if endpoint in self._overrides:
+            return self._overrides[endpoint]
+        sources = set(sources)
+        for source in self.registries:
+            if source.name in sources:
+                return source.workers
+        return WorkerAccess()
 
     @classmethod
     def from_file(cls, path: str | Path) -> CoordinatorConfig:
@@ -207,12 +330,10 @@ class CoordinatorConfig(_Strict):
         raise KeyError(name)
 
 
-def load_instances_file(path: Path) -> list[ModelInstance]:
-    """Parse a static source's file: a list of instances, or ``{instances: [...]}``."""
+def read_instances_file(path: Path) -> object:
+    """A static source's file, parsed but not validated: a list of entries, or
+    ``{instances: [...]}``."""
     data = yaml.safe_load(path.read_text())
     if isinstance(data, dict):
         data = data.get("instances")
-    return _INSTANCES.validate_python(data or [])
-
-
-_INSTANCES = TypeAdapter(list[ModelInstance])
+    return data or []

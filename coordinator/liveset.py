@@ -1,5 +1,6 @@
 """Pure decisions about the live instance set. Imports neither ray nor httpx.
 
+- :func:`screen_entries` — a registry's listing, bad entries dropped and named;
 - :func:`merge_sources` — one instance list out of every watcher's snapshot;
 - :func:`diff_endpoints` — which proxies to create and which to retire;
 - :func:`apply_targets`, :func:`manager_endpoints`, :func:`endpoint_is_listed` —
@@ -12,6 +13,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import NamedTuple
 
+from pydantic import ValidationError
+
+from coordinator.hosts import show
 from coordinator.models import WORKER_MANAGER_KEY, Endpoint, ModelInstance, worker_key
 
 
@@ -22,6 +26,45 @@ class Snapshot(NamedTuple):
     epoch: str
     version: int
     instances: tuple[ModelInstance, ...]
+
+
+class Screened(NamedTuple):
+    """A registry's listing after screening: the valid entries, and why each
+    other one was refused."""
+
+    instances: list[ModelInstance]
+    rejected: list[str]
+
+
+def screen_entries(raw: object) -> Screened:
+    """Validate a listing entry by entry: one bad entry (a host that is not a
+    bare hostname or IP, a port out of range, ...) is dropped and described,
+    and never spoils the rest.
+
+    ``ValueError`` when ``raw`` is not a list, or when it lists entries and not
+    one of them is valid: that is a registry answering garbage, and its last
+    good listing should stand rather than an empty one."""
+    if not isinstance(raw, list):
+        raise ValueError(f"expected a list of instances, got {type(raw).__name__}")
+    instances, rejected = [], []
+    for entry in raw:
+        try:
+            instances.append(ModelInstance.model_validate(entry))
+        except ValidationError as exc:
+            rejected.append(_describe_rejected(entry, exc))
+    if rejected and not instances:
+        raise ValueError(f"none of the {len(rejected)} entries is a valid instance; first: {rejected[0]}")
+    return Screened(instances, rejected)
+
+
+def _describe_rejected(entry: object, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "entry"
+    if isinstance(entry, dict):
+        what = f"{show(entry.get('model_name'), 40)} at {show(entry.get('host'), 40)}:{show(entry.get('port'), 12)}"
+    else:
+        what = show(entry, 40)
+    return f"{what}: {where}: {err['msg']}"
 
 
 class EndpointDiff(NamedTuple):
@@ -46,6 +89,15 @@ def merge_sources(snapshots: Mapping[str, Sequence[ModelInstance]]) -> list[Mode
             if held is None or _preference(inst) > _preference(held):
                 best[inst.identity] = inst
     return [best[k] for k in sorted(best)]
+
+
+def listing_sources(snapshots: Mapping[str, Sequence[ModelInstance]]) -> dict[Endpoint, list[str]]:
+    """For every endpoint, the sources that list it (sorted)."""
+    out: dict[Endpoint, set[str]] = {}
+    for source, instances in snapshots.items():
+        for inst in instances:
+            out.setdefault(inst.endpoint, set()).add(source)
+    return {ep: sorted(names) for ep, names in out.items()}
 
 
 def endpoints_of(instances: Iterable[ModelInstance]) -> frozenset[Endpoint]:

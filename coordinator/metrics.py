@@ -9,6 +9,7 @@
 | coordinator_watcher_stale | gauge (0/1) | source |
 | coordinator_watcher_errors_total | counter | source |
 | coordinator_probe_failures_total | counter | endpoint |
+| coordinator_watcher_refused_entries | gauge | source |
 
 The code that records them takes a :class:`Metrics`; :class:`NoMetrics` (the
 default) does nothing, so the logic stays testable without Ray, and
@@ -34,6 +35,8 @@ class Metrics(Protocol):
 
     def probe_failure(self, endpoint: str) -> None: ...
 
+    def refused_entries(self, source: str, count: int) -> None: ...
+
 
 class NoMetrics:
     def operation(self, operation: str, outcome: str) -> None:
@@ -49,6 +52,9 @@ class NoMetrics:
         pass
 
     def probe_failure(self, endpoint: str) -> None:
+        pass
+
+    def refused_entries(self, source: str, count: int) -> None:
         pass
 
 
@@ -69,6 +75,9 @@ class RayMetrics:
             "coordinator_watcher_errors_total", "Failed registry fetches", tag_keys=("source",))
         self._probe_failures = metrics.Counter(
             "coordinator_probe_failures_total", "Failed worker probes", tag_keys=("endpoint",))
+        self._refused = metrics.Gauge(
+            "coordinator_watcher_refused_entries", "Invalid registry entries in a source's last listing",
+            tag_keys=("source",))
         self._live_keys: set[tuple[str, str]] = set()
 
     def operation(self, operation: str, outcome: str) -> None:
@@ -91,6 +100,9 @@ class RayMetrics:
 
     def probe_failure(self, endpoint: str) -> None:
         self._probe_failures.inc(1, {"endpoint": endpoint})
+
+    def refused_entries(self, source: str, count: int) -> None:
+        self._refused.set(count, {"source": source})
 
 
 def live_counts(models_and_health: list[tuple[str, str]]) -> dict[tuple[str, str], int]:

@@ -12,12 +12,40 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+from coordinator.hosts import host_problem, port_problem
 
 #: The key under which every worker-manager process registers itself.
 WORKER_MANAGER_KEY = "WorkerManager@service"
+#: The longest model name or worker key accepted anywhere.
+MAX_NAME = 256
+
+
+def _valid(problem_of):
+    def check(value):
+        problem = problem_of(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    return check
+
+
+def _not_bool(value: Any) -> Any:
+    # Checked before pydantic's lax int coercion would turn True into port 1.
+    if isinstance(value, bool):
+        raise ValueError("must be an integer, not bool")
+    return value
+
+
+#: A bare hostname or IP literal (see coordinator.hosts): what may go in a URL.
+Host = Annotated[str, AfterValidator(_valid(host_problem))]
+#: A TCP port, 1-65535.
+Port = Annotated[int, BeforeValidator(_not_bool), AfterValidator(_valid(port_problem))]
+Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME)]
 
 
 class WorkerType(StrEnum):
@@ -63,9 +91,9 @@ class _Wire(BaseModel):
 class ModelInstance(_Wire):
     """One registry entry: a worker key served at host:port."""
 
-    model_name: str = Field(min_length=1)
-    host: str = Field(min_length=1)
-    port: int = Field(ge=1, le=65535)
+    model_name: Name
+    host: Host
+    port: Port
     weight: float | None = 1.0
     check_healthy: bool | None = True
     healthy: bool | None = False
@@ -85,7 +113,7 @@ class ModelInstance(_Wire):
 
 
 class WorkerApplyRequest(_Wire):
-    model: str = Field(min_length=1)
+    model: Name
     apply_type: ApplyType
     worker_type: WorkerType = WorkerType.LLM
     #: As in DB-GPT 0.8.2: a mapping, ``{}`` when there is nothing to say. DB-GPT
@@ -99,9 +127,9 @@ class WorkerApplyRequest(_Wire):
 
 
 class WorkerStartupRequest(_Wire):
-    host: str = Field(min_length=1)
-    port: int = Field(ge=1, le=65535)
-    model: str = Field(min_length=1)
+    host: Host
+    port: Port
+    model: Name
     worker_type: WorkerType
     params: dict[str, Any] = Field(default_factory=dict)
     delete_after: bool | None = False

@@ -14,7 +14,7 @@ from ray.exceptions import ActorDiedError, RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.proxy import WorkerProxy
-from coordinator.config import CoordinatorConfig
+from coordinator.config import CoordinatorConfig, WorkerAccess
 from coordinator.liveset import Snapshot
 from coordinator.models import Endpoint
 from coordinator.placement import NodeInfo, proxy_node
@@ -78,6 +78,7 @@ class RayProxies:
         self._nodes = list(nodes or [])
         self._node_refresh = asyncio.get_running_loop().create_task(self._refresh_nodes())
         self._handles: dict[Endpoint, Any] = {}
+        self._access: dict[Endpoint, WorkerAccess] = {}
         self._lifelines: dict[Endpoint, asyncio.Task[None]] = {}
         self._actor_cls = ray.remote(WorkerProxy)
 
@@ -87,12 +88,13 @@ class RayProxies:
     def handle(self, endpoint: Endpoint) -> Any:
         return self._handles.get(endpoint)
 
-    def ensure(self, endpoint: Endpoint) -> None:
+    def ensure(self, endpoint: Endpoint, access: WorkerAccess) -> None:
         if endpoint not in self._handles:
+            self._access[endpoint] = access
             self._spawn(endpoint)
 
     def _spawn(self, endpoint: Endpoint) -> None:
-        handle = self._new_proxy(endpoint)
+        handle = self._new_proxy(endpoint, self._access[endpoint])
         self._handles[endpoint] = handle
         self._lifelines[endpoint] = asyncio.get_running_loop().create_task(
             self._follow_lifeline(endpoint, handle), name=f"lifeline {endpoint}"
@@ -127,7 +129,7 @@ class RayProxies:
         except Exception:
             log.exception("could not refresh the node table")
 
-    def _new_proxy(self, endpoint: Endpoint) -> Any:
+    def _new_proxy(self, endpoint: Endpoint, access: WorkerAccess) -> Any:
         placement = self._config.placement
         node = proxy_node(endpoint.host, self._nodes, placement.host_resources, placement.colocate_proxies)
         # Pinned (not soft): Ray's soft affinity was seen to place a 0-CPU actor
@@ -141,12 +143,14 @@ class RayProxies:
             timeouts=self._config.timeouts,
             probe=self._config.probe,
             headers=self._config.headers,
+            access=access,
             on_probe_change=self._report,
             export_metrics=True,
         )
 
     def retire(self, endpoint: Endpoint) -> None:
         handle = self._handles.pop(endpoint, None)
+        self._access.pop(endpoint, None)
         lifeline = self._lifelines.pop(endpoint, None)
         if lifeline is not None:
             lifeline.cancel()

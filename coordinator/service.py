@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
-from coordinator.config import CoordinatorConfig
+from coordinator.config import CoordinatorConfig, WorkerAccess
 from coordinator.errors import NoInstancesError, UnknownEndpointError, WaitTimeoutError
 from coordinator.liveset import (
     Snapshot,
@@ -26,6 +26,7 @@ from coordinator.liveset import (
     endpoint_is_listed,
     endpoints_of,
     filter_instances,
+    listing_sources,
     manager_endpoints,
     merge_sources,
 )
@@ -68,7 +69,7 @@ class WatcherLink(Protocol):
 class ProxyLink(Protocol):
     def endpoints(self) -> set[Endpoint]: ...
 
-    def ensure(self, endpoint: Endpoint) -> None: ...
+    def ensure(self, endpoint: Endpoint, access: WorkerAccess) -> None: ...
 
     def retire(self, endpoint: Endpoint) -> None: ...
 
@@ -142,8 +143,9 @@ class CoordinatorService:
     def _reconcile(self) -> None:
         self._instances = merge_sources(self._snapshots)
         diff = diff_endpoints(self._proxies.endpoints(), endpoints_of(self._instances))
+        listed_by = listing_sources(self._snapshots) if diff.added else {}
         for ep in sorted(diff.added):
-            self._proxies.ensure(ep)
+            self._proxies.ensure(ep, self.config.access_for(ep, listed_by.get(ep, ())))
         for ep in sorted(diff.removed):
             self._proxies.retire(ep)
             self._probes.pop(ep, None)

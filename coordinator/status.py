@@ -21,6 +21,10 @@ class WatcherStatus(BaseModel):
     last_success: float | None = None  # wall-clock seconds
     consecutive_failures: int = 0
     last_error: str | None = None
+    #: Entries in the last listing that were refused (not valid instances, so
+    #: never dispatched to), and why, for the first few.
+    rejected_entries: int = 0
+    rejected_examples: list[str] = Field(default_factory=list)
 
 
 class InstanceStatus(BaseModel):

@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from coordinator.liveset import screen_entries
 from coordinator.config import (
     BackoffSettings,
     CoordinatorConfig,
     DbgptSource,
     EmbeddedSource,
     StaticSource,
-    load_instances_file,
+    read_instances_file,
 )
 
 
@@ -71,7 +72,7 @@ def test_loads_yaml_with_static_paths_relative_to_the_file(tmp_path):
     )
     config = CoordinatorConfig.from_file(conf)
     assert config.timeouts.apply == 60
-    [inst] = load_instances_file(config.registries[0].path)
+    [inst] = screen_entries(read_instances_file(config.registries[0].path)).instances
     assert (inst.host, inst.port) == ("10.0.0.7", 18001)
 
 

@@ -132,20 +132,32 @@ async def test_static_file_is_reread_when_it_changes_and_a_broken_file_is_stale(
         path.write_text(yaml.safe_dump({"instances": [instance(port=18001), instance(port=18002)]}))
         snap = await watcher.listen((snap.epoch, snap.version), 5)
         assert [i.port for i in snap.instances] == [18001, 18002]
-        path.write_text("instances: [{model_name: x, port: -1}]")
-        deadline = time.monotonic() + 5
-        while not (await watcher.status()).stale:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
-        assert "cannot read" in (await watcher.status()).last_error
-        assert watcher.snapshot() == snap
+        # One bad entry among good ones is dropped, counted and named.
+        path.write_text(yaml.safe_dump([instance(port=18001), instance(host="evil.com/x?", port=18003)]))
+        snap = await watcher.listen((snap.epoch, snap.version), 5)
+        assert [i.port for i in snap.instances] == [18001]
+        status = await watcher.status()
+        assert status.rejected_entries == 1 and "evil.com/x?" in status.rejected_examples[0]
+        # A file that cannot be read, or lists nothing valid, keeps the last snapshot.
+        for broken in ("instances: [{", "instances: [{model_name: x, port: -1}]"):
+            path.write_text(broken)
+            deadline = time.monotonic() + 5
+            while not (await watcher.status()).stale:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            assert "cannot read" in (await watcher.status()).last_error
+            assert watcher.snapshot() == snap
+            path.write_text(yaml.safe_dump([instance(port=18001), instance(host="evil.com/x?", port=18003)]))
+            while (await watcher.status()).stale:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
     finally:
         await watcher.close()
 
 
 async def test_inline_static_instances_are_published_once():
     source = StaticFileSource(StaticSource(instances=[instance()], poll_interval=0.01))
-    assert len(await source.next(first=True)) == 1
+    assert len((await source.next(first=True)).instances) == 1
     assert await source.next(first=False) is None
 
 

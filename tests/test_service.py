@@ -65,14 +65,16 @@ class FakeProxies:
         self.retired: list[Endpoint] = []
         self.calls: list[tuple[Endpoint, str, Any]] = []
         self.behaviour: dict[Endpoint, Any] = {}
+        self.access: dict[Endpoint, Any] = {}
         self.delay = 0.0
 
     def endpoints(self):
         return set(self.live)
 
-    def ensure(self, ep):
+    def ensure(self, ep, access):
         self.live.add(ep)
         self.created.append(ep)
+        self.access[ep] = access
 
     def retire(self, ep):
         self.live.discard(ep)
