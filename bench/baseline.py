@@ -39,7 +39,8 @@ class BaselineManager:
             return response
 
     async def worker_apply(self, model: str, apply_type: str = "start", worker_type: str = "llm") -> dict:
-        body = {"model": model, "apply_type": apply_type, "worker_type": worker_type, "params": None,
+        # What DB-GPT's own WorkerApplyRequest.dict() sends: params defaults to {}.
+        body = {"model": model, "apply_type": apply_type, "worker_type": worker_type, "params": {},
                 "apply_user": None}
         instances = await self._instances(f"{model}@{worker_type}")
         results = await asyncio.gather(*(self._fetch(i, "POST", "/apply", body) for i in instances))

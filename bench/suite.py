@@ -11,8 +11,9 @@ Contenders
 
 Workloads (reference workers with a fixed added latency, 20 ms by default,
 registered in the embedded registry): fan-out latency of one apply to N = 8, 32,
-64 instances; throughput with 20 and 100 applies in flight at N = 32;
-supported_models over every worker manager; growth N=64 / N=8.
+64 instances; throughput with 20 and 100 applies in flight, each to one of 20
+models served by the same 32 workers; supported_models over every worker
+manager; growth N=64 / N=8.
 
     python -m bench.suite [--runs 20] [--latency 0.02]     # or: make bench
 
@@ -46,6 +47,12 @@ from bench.baseline import BaselineManager
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = (8, 32, 64)
 HOSTS = 4  # processes the reference workers are spread over
+#: Throughput callers spread their applies over this many models, each served
+#: by the same 32 workers. (The coordinator runs operations on one model one at
+#: a time, in order, by design; applies all to one model would measure that
+#: guarantee — throughput = 1 / latency — rather than dispatch capacity.)
+THROUGHPUT_MODELS = 20
+THROUGHPUT_N = 32
 console = Console()
 
 
@@ -61,10 +68,11 @@ class Floor:
         }
 
     async def apply(self, model: str) -> list[dict]:
-        body = {"model": model, "apply_type": "start", "worker_type": "llm", "params": None, "apply_user": None}
+        body = {"model": model, "apply_type": "start", "worker_type": "llm", "params": {}, "apply_user": None}
 
         async def one(ep):
             r = await self._clients[ep].post("/apply", json=body)
+            r.raise_for_status()  # a refused call must not pass for a fast one
             return r.json()
 
         return await asyncio.gather(*(one(ep) for ep in self._endpoints[model]))
@@ -80,26 +88,35 @@ class Floor:
             await c.aclose()
 
 
+def _check_success(contender: str, answer: object) -> None:
+    """Every contender's apply must really succeed before it is timed."""
+    outputs = (answer.outputs if hasattr(answer, "outputs") else answer if isinstance(answer, list) else [answer])
+    failed = [o for o in outputs if not (o.success if hasattr(o, "success") else o.get("success"))]
+    if failed:
+        raise RuntimeError(f"{contender}: apply failed during warm-up: {failed[0]}")
+
+
 async def timed(fn: Callable[[], Awaitable[object]]) -> float:
     started = time.perf_counter()
     await fn()
     return time.perf_counter() - started
 
 
-async def throughput(fn: Callable[[], Awaitable[object]], in_flight: int, window: float) -> float:
+async def throughput(fn: Callable[[str], Awaitable[object]], in_flight: int, window: float) -> float:
     """Applies per second with ``in_flight`` callers issuing for ``window``
-    seconds; calls still running at the end are waited for and counted."""
+    seconds, caller i to model ``t{i % THROUGHPUT_MODELS}``; calls still running
+    at the end are waited for and counted."""
     done = 0
     stop_at = time.perf_counter() + window
 
-    async def caller():
+    async def caller(model: str):
         nonlocal done
         while time.perf_counter() < stop_at:
-            await fn()
+            await fn(model)
             done += 1
 
     started = time.perf_counter()
-    await asyncio.gather(*(caller() for _ in range(in_flight)))
+    await asyncio.gather(*(caller(f"t{i % THROUGHPUT_MODELS}") for i in range(in_flight)))
     return done / (time.perf_counter() - started)
 
 
@@ -117,10 +134,12 @@ async def measure(
         "floor": lambda m: floor.apply(m),
         "coordinator": lambda m: cluster.aio.apply(m, "start"),
     }
-    for m in (f"n{n}" for n in SIZES):  # warm every path once
-        for fn in contenders.values():
-            await fn(m)
+    for m in (f"n{n}" for n in SIZES):  # warm every path once, and check that it works
+        for name, fn in contenders.items():
+            _check_success(name, await fn(m))
 
+    phases: dict[str, float] = {}
+    mark = time.perf_counter()
     latency: dict[str, dict[int, list[float]]] = {c: {n: [] for n in SIZES} for c in contenders}
     task = progress.add_task("fan-out latency", total=runs * len(SIZES) * len(contenders))
     for _ in range(runs):
@@ -129,12 +148,16 @@ async def measure(
                 latency[name][n].append(await timed(lambda: fn(f"n{n}")))
                 progress.advance(task)
 
+    phases["latency"], mark = time.perf_counter() - mark, time.perf_counter()
     rates: dict[str, dict[int, float]] = {c: {} for c in contenders}
-    task = progress.add_task("throughput at N=32", total=2 * len(contenders))
+    task = progress.add_task(f"throughput at N={THROUGHPUT_N}", total=2 * len(contenders))
     for k in (20, 100):
         for name, fn in contenders.items():
-            rates[name][k] = await throughput(lambda: fn("n32"), k, window)
+            t0 = time.perf_counter()
+            rates[name][k] = await throughput(fn, k, window)
+            phases[f"throughput {name} {k}"] = time.perf_counter() - t0
             progress.advance(task)
+    mark = time.perf_counter()
 
     supports: dict[str, list[float]] = {c: [] for c in contenders}
     sup = {
@@ -147,13 +170,15 @@ async def measure(
         for name, fn in sup.items():
             supports[name].append(await timed(fn))
             progress.advance(task)
-    return {"latency": latency, "throughput": rates, "supports": supports}
+    phases["supported_models"] = time.perf_counter() - mark
+    return {"latency": latency, "throughput": rates, "supports": supports, "phase_seconds": phases}
 
 
 def report(raw: dict, args: argparse.Namespace) -> dict:
     lat = {c: {n: stats(xs) for n, xs in per.items()} for c, per in raw["latency"].items()}
     med = {c: {n: s["median"] for n, s in per.items()} for c, per in lat.items()}
     figures = {
+        "phase_seconds": {k: round(v, 1) for k, v in raw["phase_seconds"].items()},
         "latency_s": lat,
         "throughput_per_s": raw["throughput"],
         "supported_models_s": {c: stats(xs) for c, xs in raw["supports"].items()},
@@ -182,7 +207,8 @@ def report(raw: dict, args: argparse.Namespace) -> dict:
         table.add_row(c, *(f"{per[n]['median'] * 1e3:.1f} / {per[n]['p95'] * 1e3:.1f}" for n in SIZES),
                       f"{figures['growth_n64_over_n8'][c]:.2f}x")
     console.print(table)
-    table = Table(title="throughput at N=32 (applies/s) and supported_models over 64 managers (ms)")
+    table = Table(title=f"throughput at N={THROUGHPUT_N} over {THROUGHPUT_MODELS} models (applies/s) "
+                        "and supported_models over 64 managers (ms)")
     for col in ("contender", "20 in flight", "100 in flight", "supported_models median"):
         table.add_column(col)
     for c in lat:
@@ -228,7 +254,9 @@ def main() -> None:
     ray.init(namespace="bench", include_dashboard=False, logging_level="WARNING")
     started = time.time()
     cluster = coordinator.start(
-        {"registries": [{"kind": "embedded", "port": 0, "heartbeat_interval": 5, "heartbeat_timeout": 30}]},
+        # Workers heartbeat every 30 s (expiry checked every 10 s): 64 workers
+        # with up to 23 models each must not keep the registry busy meanwhile.
+        {"registries": [{"kind": "embedded", "port": 0, "heartbeat_interval": 10, "heartbeat_timeout": 120}]},
         name="bench", namespace="bench",
     )
     hosts = [ray.remote(ReferenceWorkerHost).options(num_cpus=0).remote() for _ in range(HOSTS)]
@@ -238,13 +266,19 @@ def main() -> None:
             settings = []
             for i in range(max(SIZES)):
                 models = [SimModel(name=f"n{n}") for n in SIZES if i < n]
-                settings.append(WorkerSettings(controller=registry, heartbeat_interval=5, models=models))
+                if i < THROUGHPUT_N:
+                    models += [SimModel(name=f"t{j}") for j in range(THROUGHPUT_MODELS)]
+                settings.append(WorkerSettings(controller=registry, heartbeat_interval=30, models=models))
             ports = ray.get([hosts[i % HOSTS].add.remote(s) for i, s in enumerate(settings)])
             for i, port in enumerate(ports):
                 ray.get(hosts[i % HOSTS].set_faults.remote(port, latency=args.latency))
             for n in SIZES:
                 cluster.wait_for(f"n{n}", count=n, timeout=300)
+            for j in range(THROUGHPUT_MODELS):
+                cluster.wait_for(f"t{j}", count=THROUGHPUT_N, timeout=300)
             endpoints = {f"n{n}": [("127.0.0.1", p) for p in ports[:n]] for n in SIZES}
+            endpoints |= {f"t{j}": [("127.0.0.1", p) for p in ports[:THROUGHPUT_N]] for j in range(THROUGHPUT_MODELS)}
+        startup = time.time() - started
 
         async def run() -> dict:
             floor = Floor(endpoints)
@@ -256,6 +290,7 @@ def main() -> None:
                 await floor.close()
 
         raw = asyncio.run(run())
+        raw["phase_seconds"] = {"startup": startup, **raw["phase_seconds"]}
     finally:
         ray.get([h.stop_all.remote() for h in hosts])
         cluster.stop()
@@ -269,7 +304,8 @@ def main() -> None:
         "seconds": round(time.time() - started, 1),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version(), "ray": ray.__version__},
-        "settings": {"runs": args.runs, "worker_latency_s": args.latency, "sizes": SIZES},
+        "settings": {"runs": args.runs, "worker_latency_s": args.latency, "sizes": SIZES,
+                     "window_s": args.window, "throughput_models": THROUGHPUT_MODELS, "throughput_n": THROUGHPUT_N},
         **figures,
     }, indent=2, default=str))
     console.print(f"wrote {RESULTS / 'latest.json'} and latency.png in {time.time() - started:.0f} s")
