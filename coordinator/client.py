@@ -33,10 +33,10 @@ from coordinator.errors import (
     CoordinatorUnavailableError,
 )
 from coordinator.models import (
-    Name,
     ApplyResult,
     ApplyType,
     ModelInstance,
+    Name,
     SupportsOutcome,
     WorkerApplyOutput,
     WorkerApplyRequest,
