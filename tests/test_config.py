@@ -81,3 +81,23 @@ def test_backoff_doubles_up_to_its_maximum():
     assert [b.delay(n) for n in range(1, 7)] == [0.5, 1, 2, 4, 4, 4]
     with pytest.raises(ValidationError):
         BackoffSettings(initial=2, maximum=1)
+
+
+def test_the_example_config_loads_and_its_commented_security_settings_validate(tmp_path, monkeypatch):
+    from tests.conftest import ROOT
+
+    example = ROOT / "examples" / "coordinator.yaml"
+    assert CoordinatorConfig.from_file(example).registries[0].host == "0.0.0.0"
+    # The same file with its commented worker settings switched on (TLS left
+    # out: its files do not exist here).
+    text = example.read_text()
+    for line in ("    #workers:", "    #  token:", "    #  headers:", "#worker_overrides:", '#  "10.0.0.7:8001"'):
+        text = text.replace(line, line.replace("#", "", 1))
+    (tmp_path / "token").write_text("t")
+    text = text.replace("/etc/fleet/gpu-7-token", str(tmp_path / "token"))
+    monkeypatch.setenv("FLEET_TOKEN", "from-the-env")
+    (tmp_path / "c.yaml").write_text(text)
+    config = CoordinatorConfig.from_file(tmp_path / "c.yaml")
+    assert config.registries[0].workers.token.reveal() == "from-the-env"
+    assert config.registries[0].workers.headers == {"X-Fleet": "prod"}
+    assert list(config.worker_overrides) == ["10.0.0.7:8001"]
