@@ -32,8 +32,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field
 
-from actors.serving import HttpServer, ServerTls, serve_until_signalled
+from actors.serving import HttpServer, read_body, replay, serve_until_signalled
 from actors.transport import client_limits
+from coordinator.config import ServeTls
 from coordinator.models import (
     WORKER_MANAGER_KEY,
     ApplyType,
@@ -97,7 +98,7 @@ class WorkerSettings(BaseModel):
     stop_delay: float = 0.0
     faults: Faults = Faults()
     #: Serve https (and, with a client CA, require client certificates).
-    tls: ServerTls | None = None
+    tls: ServeTls | None = None
     #: Answer worker calls without ``Authorization: Bearer <this>`` with 401
     #: (DB-GPT's workers check nothing; this stands for a protecting proxy).
     require_token: str | None = None
@@ -344,12 +345,9 @@ class ReferenceWorker:
         async def layer(scope, receive, send):
             if scope["type"] != "http" or not scope["path"].startswith("/api/worker"):
                 return await app(scope, receive, send)
-            chunks, more = [], True
-            while more:
-                message = await receive()
-                chunks.append(message.get("body", b""))
-                more = message.get("more_body", False)
-            body = b"".join(chunks)
+            body = await read_body(receive)
+            if body is None:  # the client went away
+                return
             authorization = dict(scope["headers"]).get(b"authorization", b"").decode()
             self.journal.append({"t": time.time(), "path": scope["path"], "body": body.decode(),
                                  "authorization": authorization})
@@ -369,11 +367,7 @@ class ReferenceWorker:
                 early = PlainTextResponse("Internal Server Error", status_code=500)
             if early is not None:
                 return await early(scope, receive, send)
-
-            async def replay():
-                return {"type": "http.request", "body": body, "more_body": False}
-
-            await app(scope, replay, send)
+            await app(scope, replay(body), send)
 
         return layer
 

@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse
 
 from coordinator.longpoll import ChangeFeed
 from actors.registry_store import RegistryFull, RegistryStore
-from actors.serving import HttpServer, ServerTls, serve_until_signalled
+from actors.serving import BodyTooLarge, HttpServer, read_body, replay, serve_until_signalled
 from coordinator.config import EmbeddedSource
 from coordinator.liveset import Snapshot
 from coordinator.models import ModelInstance
@@ -98,22 +98,12 @@ def _guard(app: FastAPI, token: str | None, max_body: int):
         declared = headers.get(b"content-length", b"0")
         if not declared.isdigit() or int(declared) > max_body:
             return await too_large(scope, receive, send)
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > max_body:
-                return await too_large(scope, receive, send)
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
-
-        async def replay():
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await app(scope, replay, send)
+        try:
+            body = await read_body(receive, max_body)  # chunked bodies are counted as they come
+        except BodyTooLarge:
+            return await too_large(scope, receive, send)
+        if body is not None:
+            await app(scope, replay(body), send)
 
     return guarded
 
@@ -180,11 +170,7 @@ class EmbeddedRegistry:
                 self._published = self._store.version
                 port = port or saved["port"]
                 log.warning("registry restored %d entries; serving again on port %s", len(self._store), port)
-        tls = self._settings.tls
-        self._http = HttpServer(
-            controller_app(self, self._settings), self._settings.host, port,
-            tls=ServerTls(tls.cert, tls.key) if tls else None,
-        )
+        self._http = HttpServer(controller_app(self, self._settings), self._settings.host, port, self._settings.tls)
         await self._http.start()
         if self._state is not None:
             await self._save()

@@ -9,23 +9,14 @@ import signal
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import NamedTuple
 
 import uvicorn
 
-
-class ServerTls(NamedTuple):
-    """Serve https with this certificate and key; with ``client_ca``, also
-    require a client certificate signed by it (mutual TLS)."""
-
-    cert: Path
-    key: Path
-    client_ca: Path | None = None
+from coordinator.config import ServeTls
 
 
 class HttpServer:
-    def __init__(self, app, host: str, port: int, tls: ServerTls | None = None) -> None:
+    def __init__(self, app, host: str, port: int, tls: ServeTls | None = None) -> None:
         self.host = host
         self._tls = tls
         self._requested_port = port
@@ -86,6 +77,36 @@ class HttpServer:
         except (TimeoutError, asyncio.CancelledError):
             self._task.cancel()
         self._server = self._task = None
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_body(receive, limit: int | None = None) -> bytes | None:
+    """For a plain ASGI layer: the whole request body, read before the app
+    sees it; ``None`` if the client went away. Past ``limit`` bytes it stops
+    reading and raises :class:`BodyTooLarge`."""
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if limit is not None and size > limit:
+            raise BodyTooLarge(size)
+        more = message.get("more_body", False)
+    return b"".join(chunks)
+
+
+def replay(body: bytes):
+    """An ASGI ``receive`` that hands the app a body already read."""
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
 
 
 async def serve_until_signalled(address: str, close: Callable[[], Awaitable[None]]) -> None:

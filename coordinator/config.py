@@ -81,10 +81,12 @@ class TlsSettings(_Strict):
 
 
 class ServeTls(_Strict):
-    """Serve https with this certificate chain and key (PEM files)."""
+    """Serve https with this certificate chain and key (PEM files); with
+    ``client_ca``, also require a client certificate signed by it (mutual TLS)."""
 
     cert: Path
     key: Path
+    client_ca: Path | None = None
 
 
 class WorkerAccess(_Strict):

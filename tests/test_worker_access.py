@@ -18,8 +18,7 @@ from pydantic import ValidationError
 
 from actors.proxy import WorkerProxy
 from actors.reference_worker import ReferenceWorker, SimModel, WorkerSettings
-from actors.serving import ServerTls
-from coordinator.config import CoordinatorConfig, ProbeSettings, WorkerAccess
+from coordinator.config import CoordinatorConfig, ProbeSettings, ServeTls, WorkerAccess
 from coordinator.models import Endpoint, WorkerApplyRequest
 
 TOKEN = "tok-9f3c1e77-secret"
@@ -172,7 +171,7 @@ async def https_worker(pki):
     """A reference worker serving https that requires a client certificate from our CA."""
     worker = ReferenceWorker(WorkerSettings(
         models=[SimModel(name="chatgpt-test")],
-        tls=ServerTls(cert=pki["server_cert"], key=pki["server_key"], client_ca=pki["ca"]),
+        tls=ServeTls(cert=pki["server_cert"], key=pki["server_key"], client_ca=pki["ca"]),
     ))
     await worker.start()
     yield worker
