@@ -163,7 +163,10 @@ class EmbeddedRegistry:
             blob = await self._state.load()
             if blob:
                 saved = json.loads(blob)
-                self._store.load(saved["store"])
+                dropped = self._store.load(saved["store"])
+                if dropped:
+                    log.warning("registry dropped %d saved entries that are no longer valid, e.g. %s",
+                                len(dropped), dropped[0])
                 # Workers were not silent; the registry was away. Give them a
                 # full timeout to be heard from again.
                 self._store.touch_all()

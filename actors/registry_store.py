@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 
+from coordinator.liveset import screen_entries
 from coordinator.models import ModelInstance
 
 Identity = tuple[str, str, int]
@@ -112,12 +113,14 @@ class RegistryStore:
         for ident, inst in self._entries.items():
             self._entries[ident] = inst.model_copy(update={"last_heartbeat": stamp})
 
-    def load(self, state: dict) -> None:
+    def load(self, state: dict) -> list[str]:
+        """Restore a :meth:`dump`. Entries that are not valid instances under
+        today's rules (saved by an older, looser version) are dropped and
+        described, rather than keeping the registry from starting."""
         self.version = int(state["version"])
-        self._entries = {}
-        for raw in state["entries"]:
-            inst = ModelInstance.model_validate(raw)
-            self._entries[inst.identity] = inst
+        listing = screen_entries(state["entries"])
+        self._entries = {inst.identity: inst for inst in listing.instances}
+        return listing.rejected
 
     # ---- internals ------------------------------------------------------
 

@@ -17,7 +17,7 @@ import yaml
 
 from actors.transport import WorkerCallError, client_limits, map_transport_errors, read_json
 from coordinator.config import DbgptSource, EmbeddedSource, RegistrySource, StaticSource, read_instances_file
-from coordinator.liveset import Screened, screen_entries
+from coordinator.liveset import Screened, screen_listing
 
 
 class SourceError(Exception):
@@ -57,7 +57,7 @@ class DbgptControllerSource:
             try:
                 with map_transport_errors(self._settings.request_timeout):
                     response = await self._client.get(f"{url}/api/controller/models")
-                listing = screen_entries(read_json(response))
+                listing = screen_listing(read_json(response))
             except (WorkerCallError, ValueError) as exc:
                 errors.append(f"{url}: {_short(exc)}")
                 continue
@@ -121,7 +121,7 @@ class StaticFileSource:
             st = path.stat()
             if not first and (st.st_mtime_ns, st.st_size) == self._seen:
                 return None
-            listing = screen_entries(read_instances_file(Path(path)))
+            listing = screen_listing(read_instances_file(Path(path)))
         except (OSError, ValueError, yaml.YAMLError) as exc:
             raise SourceError(f"cannot read {path}: {_short(exc)}") from exc
         self._seen = (st.st_mtime_ns, st.st_size)

@@ -1,6 +1,6 @@
 """Pure decisions about the live instance set. Imports neither ray nor httpx.
 
-- :func:`screen_entries` — a registry's listing, bad entries dropped and named;
+- :func:`screen_listing` — a registry's listing, bad entries dropped and named;
 - :func:`merge_sources` — one instance list out of every watcher's snapshot;
 - :func:`diff_endpoints` — which proxies to create and which to retire;
 - :func:`apply_targets`, :func:`manager_endpoints`, :func:`endpoint_is_listed` —
@@ -37,13 +37,9 @@ class Screened(NamedTuple):
 
 
 def screen_entries(raw: object) -> Screened:
-    """Validate a listing entry by entry: one bad entry (a host that is not a
-    bare hostname or IP, a port out of range, ...) is dropped and described,
-    and never spoils the rest.
-
-    ``ValueError`` when ``raw`` is not a list, or when it lists entries and not
-    one of them is valid: that is a registry answering garbage, and its last
-    good listing should stand rather than an empty one."""
+    """Validate a list of entries one by one: a bad entry (a host that is not
+    a bare hostname or IP, a port out of range, ...) is dropped and described,
+    and never spoils the rest. ``ValueError`` when ``raw`` is not a list."""
     if not isinstance(raw, list):
         raise ValueError(f"expected a list of instances, got {type(raw).__name__}")
     instances, rejected = [], []
@@ -52,9 +48,19 @@ def screen_entries(raw: object) -> Screened:
             instances.append(ModelInstance.model_validate(entry))
         except ValidationError as exc:
             rejected.append(_describe_rejected(entry, exc))
-    if rejected and not instances:
-        raise ValueError(f"none of the {len(rejected)} entries is a valid instance; first: {rejected[0]}")
     return Screened(instances, rejected)
+
+
+def screen_listing(raw: object) -> Screened:
+    """A registry's answer, screened as :func:`screen_entries` does. A listing
+    with entries of which not one is valid is a registry answering garbage
+    (``ValueError``): its last good listing should stand, not an empty one."""
+    listing = screen_entries(raw)
+    if listing.rejected and not listing.instances:
+        raise ValueError(
+            f"none of the {len(listing.rejected)} entries is a valid instance; first: {listing.rejected[0]}"
+        )
+    return listing
 
 
 def _describe_rejected(entry: object, exc: ValidationError) -> str:

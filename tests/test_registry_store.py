@@ -92,3 +92,17 @@ def test_dump_and_load_restore_entries_and_version():
     copy = RegistryStore(15, Clock())
     copy.load(store.dump())
     assert copy.query() == store.query() and copy.version == store.version
+
+
+def test_saved_entries_that_are_no_longer_valid_are_dropped_on_load_not_fatal():
+    # A state saved by an older version whose rules were looser.
+    store = RegistryStore(15, Clock())
+    store.register(entry("a@llm"))
+    state = store.dump()
+    state["entries"].append({**state["entries"][0], "host": "evil.com/x?"})
+    copy = RegistryStore(15, Clock())
+    dropped = copy.load(state)
+    assert copy.query() == store.query()
+    assert len(dropped) == 1 and "evil.com/x?" in dropped[0]
+    state["entries"] = state["entries"][1:]  # nothing valid left: an empty registry, still no error
+    assert len(RegistryStore(15, Clock()).load(state)) == 1
