@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -23,6 +22,7 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from actors.process import process_info
 from actors.transport import (
     WorkerBadAnswer,
     WorkerCallError,
@@ -167,13 +167,7 @@ class WorkerProxy:
 
     async def process_info(self) -> dict[str, str | int | None]:
         """Where this proxy runs: Ray node (None outside Ray) and PID."""
-        try:
-            import ray
-
-            node_id = ray.get_runtime_context().get_node_id()
-        except Exception:
-            node_id = None
-        return {"node_id": node_id, "pid": os.getpid()}
+        return process_info()
 
     async def lifeline(self) -> None:
         """Returns only when the proxy is closed. The coordinator keeps one call to

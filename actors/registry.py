@@ -13,22 +13,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hmac
-import json
 import logging
 import time
-import uuid
 from collections.abc import Callable
-from typing import Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from coordinator.longpoll import ChangeFeed
+from actors.process import process_info
+from actors.registry_state import GcsStateStore, Journal
 from actors.registry_store import RegistryFull, RegistryStore
+from coordinator.changes import Change
+from coordinator.longpoll import ChangeFeed
 from actors.serving import BodyTooLarge, HttpServer, read_body, replay, serve_until_signalled
 from coordinator.config import EmbeddedSource
-from coordinator.liveset import Snapshot
 from coordinator.models import ModelInstance
 
 log = logging.getLogger(__name__)
@@ -50,6 +49,10 @@ def controller_app(registry: EmbeddedRegistry, settings: EmbeddedSource | None =
     @app.exception_handler(RegistryFull)
     async def full(request: Request, exc: RegistryFull) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=409)
+
+    @app.exception_handler(RegistryUnavailable)
+    async def unavailable(request: Request, exc: RegistryUnavailable) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=503)
 
     @app.get("/api/health")
     async def health() -> dict[str, str]:
@@ -108,49 +111,30 @@ def _guard(app: FastAPI, token: str | None, max_body: int):
     return guarded
 
 
-class StateStore(Protocol):
-    async def load(self) -> bytes | None: ...
-
-    async def save(self, blob: bytes) -> None: ...
+class RegistryUnavailable(Exception):
+    """A write could not be saved in time; it is not acknowledged."""
 
 
-class GcsStateStore:
-    """Keeps the registry's state in Ray's GCS key-value store, which outlives
-    the actor (and is fault tolerant when the GCS is)."""
-
-    NAMESPACE = "ray-model-coordinator"
-
-    def __init__(self, key: str) -> None:
-        self._key = key
-
-    async def load(self) -> bytes | None:
-        from ray.experimental import internal_kv
-
-        return await asyncio.to_thread(internal_kv._internal_kv_get, self._key, namespace=self.NAMESPACE)
-
-    async def save(self, blob: bytes) -> None:
-        from ray.experimental import internal_kv
-
-        await asyncio.to_thread(internal_kv._internal_kv_put, self._key, blob, True, namespace=self.NAMESPACE)
+#: Seconds a write waits for the journal before it is refused (503).
+SAVE_TIMEOUT = 10.0
 
 
 class EmbeddedRegistry:
-    """With a ``state``, the registry saves its entries (and the port it bound)
-    on every change and restores them when it starts again, so a restarted
-    registry actor comes back on the same address with no worker lost."""
+    """With a ``state`` (a :class:`Journal`, or the GCS key to keep one under),
+    every write is saved before it is answered, and a restarted registry actor
+    comes back on the same address with every acknowledged entry."""
 
     def __init__(
         self,
         settings: EmbeddedSource,
-        state: StateStore | str | None = None,
+        state: Journal | str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._settings = settings
-        self._state = GcsStateStore(state) if isinstance(state, str) else state
+        self._journal = Journal(GcsStateStore(), state) if isinstance(state, str) else state
         self._store = RegistryStore(settings.heartbeat_timeout, clock, max_entries=settings.max_instances)
-        self._epoch = uuid.uuid4().hex
         self._feed = ChangeFeed()
-        self._published = self._store.version
+        self._published = self._store.changes.position
         self._http: HttpServer | None = None
         loop = asyncio.get_running_loop()
         self._serving = loop.create_task(self._start())
@@ -159,25 +143,27 @@ class EmbeddedRegistry:
 
     async def _start(self) -> None:
         port = self._settings.port
-        if self._state is not None:
-            blob = await self._state.load()
-            if blob:
-                saved = json.loads(blob)
-                dropped = self._store.load(saved["store"])
+        if self._journal is not None:
+            saved = await self._journal.restore()
+            if saved is not None:
+                dropped = self._store.load(saved.entries)
                 if dropped:
                     log.warning("registry dropped %d saved entries that are no longer valid, e.g. %s",
                                 len(dropped), dropped[0])
                 # Workers were not silent; the registry was away. Give them a
                 # full timeout to be heard from again.
                 self._store.touch_all()
-                self._published = self._store.version
-                port = port or saved["port"]
+                self._published = self._store.changes.position
+                port = port or saved.port
                 log.warning("registry restored %d entries; serving again on port %s", len(self._store), port)
         self._http = HttpServer(controller_app(self, self._settings), self._settings.host, port, self._settings.tls)
         await self._http.start()
-        if self._state is not None:
-            await self._save()
+        if self._journal is not None:
+            await self._journal.start(self._http.port, self._store.changes)
             self._saving = asyncio.get_running_loop().create_task(self._save_loop())
+
+    async def process_info(self) -> dict[str, str | int | None]:
+        return process_info()
 
     async def ready(self) -> str:
         """The URL workers should use as ``controller_addr``, once serving."""
@@ -194,34 +180,27 @@ class EmbeddedRegistry:
 
     async def register(self, instance: ModelInstance) -> bool:
         self._store.register(instance)
-        self._publish()
-        return True
+        return await self._acknowledge()
 
     async def heartbeat(self, instance: ModelInstance) -> bool:
         self._store.heartbeat(instance)
-        self._publish()
-        return True
+        return await self._acknowledge()
 
     async def deregister(self, model_name: str, host: str, port: int, remove: bool = False) -> bool:
         self._store.deregister(model_name, host, port, remove)
-        self._publish()
-        return True
+        return await self._acknowledge()
 
     # ---- for watchers ---------------------------------------------------
 
-    def _snapshot(self) -> Snapshot:
-        return Snapshot(self._epoch, self._store.version, tuple(self._store.query()))
-
-    async def wait_for_change(
-        self, since: tuple[str, int] | None, timeout: float
-    ) -> Snapshot | None:
-        """The current snapshot as soon as it is newer than ``since`` (an
-        ``(epoch, version)`` pair from an earlier answer), or ``None`` when nothing
+    async def wait_for_change(self, since: tuple[str, int] | None, timeout: float) -> Change | None:
+        """What changed since ``since`` (an ``(epoch, version)`` from an earlier
+        answer) as soon as anything did: a :class:`Delta`, or a :class:`Snapshot`
+        for a listener that is new or too far behind; ``None`` when nothing
         changed within ``timeout`` seconds."""
-        current = lambda: (self._epoch, self._store.version)  # noqa: E731
-        if not await self._feed.wait_until(lambda: since != current(), timeout):
+        changes = self._store.changes
+        if not await self._feed.wait_until(lambda: since != changes.position, timeout):
             return None
-        return self._snapshot()
+        return changes.since(since)
 
     async def close(self) -> None:
         self._expiry.cancel()
@@ -233,33 +212,43 @@ class EmbeddedRegistry:
     async def forget(self) -> None:
         """Close, and delete the saved state (the registry is being removed)."""
         await self.close()
-        if self._state is not None:
-            await self._state.save(b"")
+        if self._journal is not None:
+            await self._journal.forget()
 
     # ---- internals ------------------------------------------------------
 
+    async def _acknowledge(self) -> bool:
+        """Tell the listeners, then answer once the registry's current state is
+        saved (there may be a journal): an answered write is never lost, even
+        one that changed nothing because an unsaved write had made the change."""
+        self._publish()
+        position = self._store.changes.position
+        if self._journal is not None and not await self._feed.wait_until(
+            lambda: self._journal.position is not None and self._journal.position >= position, SAVE_TIMEOUT
+        ):
+            raise RegistryUnavailable(f"the registry could not save the change within {SAVE_TIMEOUT:g} s")
+        return True
+
     def _publish(self) -> None:
-        """Wake the long polls if the store's version moved since the last call."""
-        if self._store.version != self._published:
-            self._published = self._store.version
+        """Wake the long polls (and the journal) if the store changed."""
+        if self._store.changes.position != self._published:
+            self._published = self._store.changes.position
             self._feed.notify()
 
-    async def _save(self) -> None:
-        assert self._http is not None and self._state is not None
-        blob = json.dumps({"port": self._http.port, "store": self._store.dump()})
-        await self._state.save(blob.encode())
-
     async def _save_loop(self) -> None:
-        saved = self._store.version
+        """Save what changed, one journal segment per pass: a burst of writes
+        shares one KV write (group commit)."""
+        assert self._journal is not None
+        journal, changes = self._journal, self._store.changes
         while True:
-            await self._feed.wait_until(lambda: self._store.version != saved, timeout=3600)
-            version = self._store.version
+            await self._feed.wait_until(lambda: journal.position != changes.position, timeout=3600)
             try:
-                await self._save()
-                saved = version
+                await journal.flush(changes)
             except Exception:
                 log.exception("saving the registry state failed; retrying")
                 await asyncio.sleep(1.0)
+                continue
+            self._feed.notify()
 
     async def _expiry_loop(self) -> None:
         while True:

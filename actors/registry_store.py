@@ -6,16 +6,23 @@ it; deregistering marks an entry unhealthy and removes it only when asked; an
 entry with ``check_healthy`` whose last heartbeat is older than the timeout is
 marked unhealthy but stays listed.
 
-Every change that a watcher should see bumps :attr:`version`. Heartbeats that
-only move ``last_heartbeat`` do not, so a quiet fleet produces no snapshots.
+Every write costs what it changes, whatever the registry's size: entries are
+keyed by ``(model_name, host, port)``; the entries that can expire wait in a
+queue ordered by their last heartbeat, so an expiry pass looks only at the
+ones that are due; and every visible change is recorded in :attr:`changes`
+(a :class:`~coordinator.changes.ChangeLog`), from which watchers and the
+journal take deltas. Heartbeats that only move ``last_heartbeat`` record
+nothing, so a quiet fleet produces no changes.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from datetime import datetime
 
+from coordinator.changes import ChangeLog, identity
 from coordinator.liveset import screen_entries
 from coordinator.models import ModelInstance
 
@@ -28,13 +35,24 @@ class RegistryFull(Exception):
 
 class RegistryStore:
     def __init__(
-        self, heartbeat_timeout: float, clock: Callable[[], float] = time.time, max_entries: int | None = None
+        self,
+        heartbeat_timeout: float,
+        clock: Callable[[], float] = time.time,
+        max_entries: int | None = None,
+        epoch: str | None = None,
     ) -> None:
         self.heartbeat_timeout = heartbeat_timeout
         self.max_entries = max_entries
         self._clock = clock
         self._entries: dict[Identity, ModelInstance] = {}
-        self.version = 0
+        # Entries that can expire (healthy, check_healthy), oldest heartbeat first.
+        self._due: OrderedDict[Identity, float] = OrderedDict()
+        #: Every visible change; watchers and the journal read deltas from it.
+        self.changes: ChangeLog[Identity, ModelInstance] = ChangeLog(identity, epoch)
+
+    @property
+    def version(self) -> int:
+        return self.changes.version
 
     # ---- writes ---------------------------------------------------------
 
@@ -42,24 +60,22 @@ class RegistryStore:
         """Add or refresh an entry and mark it healthy. Returns whether the
         visible state changed."""
         inst = _normalise(inst)
-        held = self._entries.get(inst.identity)
+        ident = inst.identity
+        held = self._entries.get(ident)
         if held is None and self.max_entries is not None and len(self._entries) >= self.max_entries:
             raise RegistryFull(f"the registry holds its limit of {self.max_entries} entries")
         fresh = inst.model_copy(
             update={"healthy": True, "last_heartbeat": self._now(), "remove_from_registry": False}
         )
-        self._entries[inst.identity] = fresh
-        return self._bump(held is None or _visible(held) != _visible(fresh))
+        return self._set(ident, fresh, visible=held is None or _visible(held) != _visible(fresh))
 
     def heartbeat(self, inst: ModelInstance) -> bool:
         inst = _normalise(inst)
         held = self._entries.get(inst.identity)
         if held is None:
             return self.register(inst)
-        self._entries[inst.identity] = held.model_copy(
-            update={"healthy": True, "last_heartbeat": self._now()}
-        )
-        return self._bump(not held.healthy)
+        fresh = held.model_copy(update={"healthy": True, "last_heartbeat": self._now()})
+        return self._set(inst.identity, fresh, visible=not held.healthy)
 
     def deregister(self, model_name: str, host: str, port: int, remove: bool) -> bool:
         """Mark unhealthy, or remove. Returns whether the entry existed."""
@@ -69,22 +85,24 @@ class RegistryStore:
             return False
         if remove:
             del self._entries[ident]
-            self._bump(True)
+            self._due.pop(ident, None)
+            self.changes.remove(ident)
         else:
-            self._entries[ident] = held.model_copy(update={"healthy": False})
-            self._bump(bool(held.healthy))
+            self._set(ident, held.model_copy(update={"healthy": False}), visible=bool(held.healthy))
         return True
 
     def expire(self) -> list[ModelInstance]:
-        """Mark entries whose heartbeat is overdue unhealthy; return them."""
+        """Mark entries whose heartbeat is overdue unhealthy; return them. Looks
+        only at the entries that are due (plus one)."""
         deadline = self._clock() - self.heartbeat_timeout
         expired = []
-        for ident, inst in self._entries.items():
-            beat = inst.last_heartbeat.timestamp() if inst.last_heartbeat else float("-inf")
-            if inst.check_healthy and inst.healthy and beat < deadline:
-                self._entries[ident] = inst.model_copy(update={"healthy": False})
-                expired.append(self._entries[ident])
-        self._bump(bool(expired))
+        while self._due:
+            ident, beat = next(iter(self._due.items()))
+            if beat >= deadline:
+                break
+            inst = self._entries[ident].model_copy(update={"healthy": False})
+            self._set(ident, inst, visible=True)
+            expired.append(inst)
         return expired
 
     # ---- reads ----------------------------------------------------------
@@ -101,42 +119,48 @@ class RegistryStore:
 
     # ---- persistence ----------------------------------------------------
 
-    def dump(self) -> dict:
-        return {
-            "version": self.version,
-            "entries": [i.model_dump(mode="json") for i in self._entries.values()],
-        }
-
     def touch_all(self) -> None:
         """Stamp every entry's heartbeat with now (after a restore)."""
         stamp = self._now()
-        for ident, inst in self._entries.items():
-            self._entries[ident] = inst.model_copy(update={"last_heartbeat": stamp})
+        for ident, inst in list(self._entries.items()):
+            self._set(ident, inst.model_copy(update={"last_heartbeat": stamp}), visible=False)
 
-    def load(self, state: dict) -> list[str]:
-        """Restore a :meth:`dump`. Entries that are not valid instances under
-        today's rules (saved by an older, looser version) are dropped and
-        described, rather than keeping the registry from starting."""
-        self.version = int(state["version"])
-        listing = screen_entries(state["entries"])
-        self._entries = {inst.identity: inst for inst in listing.instances}
+    def load(self, entries: Iterable[object]) -> list[str]:
+        """Start from saved entries (JSON objects). Entries that are not valid
+        instances under today's rules (saved by an older, looser version) are
+        dropped and described, rather than keeping the registry from starting."""
+        listing = screen_entries(list(entries))
+        self._entries, self._due = {}, OrderedDict()
+        for inst in listing.instances:
+            self._set(inst.identity, inst, visible=False)
+        self.changes.load(self._entries.values(), version=0)
         return listing.rejected
 
     # ---- internals ------------------------------------------------------
 
+    def _set(self, ident: Identity, inst: ModelInstance, visible: bool) -> bool:
+        self._entries[ident] = inst
+        if inst.check_healthy and inst.healthy:
+            beat = inst.last_heartbeat.timestamp() if inst.last_heartbeat else float("-inf")
+            self._due[ident] = beat
+            self._due.move_to_end(ident)
+        else:
+            self._due.pop(ident, None)
+        if visible:
+            self.changes.put(inst)
+        return visible
+
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._clock())
-
-    def _bump(self, changed: bool) -> bool:
-        if changed:
-            self.version += 1
-        return changed
 
 
 def _normalise(inst: ModelInstance) -> ModelInstance:
     return inst.model_copy(update={"model_name": inst.model_name.strip(), "host": inst.host.strip()})
 
 
-def _visible(inst: ModelInstance) -> dict:
+_VISIBLE_FIELDS = tuple(f for f in ModelInstance.model_fields if f != "last_heartbeat")
+
+
+def _visible(inst: ModelInstance) -> tuple:
     """The fields a watcher cares about (everything but the heartbeat time)."""
-    return inst.model_dump(exclude={"last_heartbeat"})
+    return tuple(getattr(inst, f) for f in _VISIBLE_FIELDS)

@@ -1,7 +1,8 @@
 """Where a watcher gets instances from. Each source answers one question,
-:meth:`Source.next`: "wait until you may have something new, then give me the
-full instance list" (screened: entries that are not valid instances are dropped
-and described) — or ``None`` for "I am alive and nothing changed", or
+:meth:`Source.next`: "wait until you may have something new, then tell me" —
+the full instance list (screened: entries that are not valid instances are
+dropped and described), or the source's own change (a delta or snapshot from
+the embedded registry), or ``None`` for "I am alive and nothing changed", or
 :class:`SourceError` when it could not answer. The watcher does the rest
 (versions, staleness, backoff).
 """
@@ -16,8 +17,10 @@ import httpx
 import yaml
 
 from actors.transport import WorkerCallError, client_limits, map_transport_errors, read_json
+from coordinator.changes import Change
 from coordinator.config import DbgptSource, EmbeddedSource, RegistrySource, StaticSource, read_instances_file
-from coordinator.liveset import Screened, screen_listing
+from coordinator.liveset import Screened, require_some, screen_entry, screen_listing
+from coordinator.models import ModelInstance
 
 
 class SourceError(Exception):
@@ -27,7 +30,7 @@ class SourceError(Exception):
 class Source(Protocol):
     target: str
 
-    async def next(self, first: bool) -> Screened | None:
+    async def next(self, first: bool) -> Screened | Change | None:
         """``first`` asks for an answer now (first call, or a retry after a
         failure) instead of waiting for the next change or poll."""
         ...
@@ -37,7 +40,14 @@ class Source(Protocol):
 
 class DbgptControllerSource:
     """Polls ``GET /api/controller/models`` on a DB-GPT controller. With several
-    URLs (replicas), the last one that answered is asked first."""
+    URLs (replicas), the last one that answered is asked first.
+
+    A DB-GPT controller moves ``last_heartbeat`` on every heartbeat and has no
+    way to say what changed, so each poll brings the whole listing. Entries that
+    differ from the last poll only in their heartbeat time are passed on as the
+    instance already held (heartbeat time and all), without validating them
+    again: a heartbeat changes nothing downstream, and the cost of a poll beyond
+    reading the JSON is one dict comparison per unchanged entry."""
 
     def __init__(
         self, settings: DbgptSource, transport: httpx.AsyncBaseTransport | None = None
@@ -48,6 +58,8 @@ class DbgptControllerSource:
         self._client = httpx.AsyncClient(
             timeout=settings.request_timeout, transport=transport, limits=client_limits()
         )
+        # The last poll's entries, without their heartbeat time, and what they became.
+        self._seen: dict[tuple, tuple[dict, ModelInstance]] = {}
 
     async def next(self, first: bool) -> Screened:
         if not first:
@@ -57,7 +69,7 @@ class DbgptControllerSource:
             try:
                 with map_transport_errors(self._settings.request_timeout):
                     response = await self._client.get(f"{url}/api/controller/models")
-                listing = screen_listing(read_json(response))
+                listing = self._screen(read_json(response))
             except (WorkerCallError, ValueError) as exc:
                 errors.append(f"{url}: {_short(exc)}")
                 continue
@@ -65,6 +77,29 @@ class DbgptControllerSource:
                 self._urls.insert(0, self._urls.pop(i))
             return listing
         raise SourceError("; ".join(errors))
+
+    def _screen(self, raw: object) -> Screened:
+        """:func:`screen_listing`, validating only the entries that changed."""
+        if not isinstance(raw, list):
+            return screen_listing(raw)  # raises, naming what came instead
+        seen: dict[tuple, tuple[dict, ModelInstance]] = {}
+        instances, rejected = [], []
+        for entry in raw:
+            bare = {k: v for k, v in entry.items() if k != "last_heartbeat"} if isinstance(entry, dict) else None
+            key = tuple(str(bare.get(f)) for f in ("model_name", "host", "port")) if bare is not None else None
+            held = self._seen.get(key) if key is not None else None
+            if held is not None and held[0] == bare:
+                inst = held[1]
+            else:
+                inst = screen_entry(entry)
+                if isinstance(inst, str):
+                    rejected.append(inst)
+                    continue
+            instances.append(inst)
+            if key is not None:
+                seen[key] = (bare, inst)
+        self._seen = seen
+        return require_some(Screened(instances, rejected))
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -82,7 +117,8 @@ class EmbeddedRegistrySource:
         scheme = "https" if settings.tls else "http"
         self.target = f"ray actor {actor_name!r} ({scheme}://{settings.host}:{settings.port})"
 
-    async def next(self, first: bool) -> Screened | None:
+    async def next(self, first: bool) -> Change | None:
+        """The registry's change since the last answer (everything when ``first``)."""
         import ray
         from ray.exceptions import RayError
 
@@ -90,14 +126,13 @@ class EmbeddedRegistrySource:
             if self._handle is None:
                 self._handle = ray.get_actor(self._actor_name, namespace=self._namespace)
             ref = self._handle.wait_for_change.remote(None if first else self._since, self._long_poll)
-            snap = await asyncio.wait_for(ref, self._long_poll + 10)
+            change = await asyncio.wait_for(ref, self._long_poll + 10)
         except (RayError, ValueError, TimeoutError) as exc:
             self._handle = None
             raise SourceError(f"embedded registry unavailable: {_short(exc)}") from exc
-        if snap is None:
-            return None
-        self._since = (snap.epoch, snap.version)
-        return Screened(list(snap.instances), [])  # the registry validated them
+        if change is not None:  # the registry validated its entries
+            self._since = (change.epoch, change.version)
+        return change
 
     async def close(self) -> None:
         pass

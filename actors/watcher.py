@@ -1,10 +1,15 @@
-"""The registry watcher: one per configured source, keeping a versioned snapshot of
-the instances the source lists.
+"""The registry watcher: one per configured source, keeping a versioned copy of
+the instances the source lists (a :class:`~coordinator.changes.ChangeLog`).
 
 A consumer asks :meth:`RegistryWatcher.listen` for anything newer than the
 ``(epoch, version)`` it holds and waits up to a timeout (a long poll, as in Ray
-Serve's ``LongPollHost``). When the source fails, the watcher keeps the last good
-snapshot, says it is stale, and backs off; a failing source never empties the set.
+Serve's ``LongPollHost``); it gets what changed since (a delta), or everything
+when it is new or too far behind (a snapshot). A source that sends changes (the
+embedded registry) costs what changed; a polled one (a DB-GPT controller, a
+file) is compared entry by entry, and only entries that really changed — not
+their heartbeat times — make a new version. When the source fails, the watcher
+keeps the last good state, says it is stale, and backs off; a failing source
+never empties the set.
 """
 
 from __future__ import annotations
@@ -12,13 +17,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Callable
 
-from coordinator.longpoll import ChangeFeed
+from actors.process import process_info
 from actors.sources import Source, SourceError, build_source
+from coordinator.changes import Change, ChangeLog, Snapshot, identity
 from coordinator.config import BackoffSettings, RegistrySource
-from coordinator.liveset import Screened, Snapshot
+from coordinator.liveset import Screened
+from coordinator.longpoll import ChangeFeed
 from coordinator.metrics import NoMetrics, RayMetrics
 from coordinator.models import ModelInstance
 from coordinator.status import WatcherStatus
@@ -47,9 +53,7 @@ class RegistryWatcher:
         self._source = source or build_source(settings, registry_actor, namespace, long_poll)
         self._backoff = backoff or BackoffSettings()
         self._clock = clock
-        self._epoch = uuid.uuid4().hex
-        self._version = 0
-        self._instances: tuple[ModelInstance, ...] = ()
+        self._log: ChangeLog[tuple[str, str, int], ModelInstance] = ChangeLog(identity)
         self._status = WatcherStatus(
             source=settings.name or settings.kind, kind=settings.kind, target=self._source.target
         )
@@ -59,23 +63,27 @@ class RegistryWatcher:
 
     # ---- for consumers --------------------------------------------------
 
-    async def listen(self, since: tuple[str, int] | None, timeout: float) -> Snapshot | None:
-        """The snapshot as soon as it is newer than ``since``; ``None`` if nothing
-        changed within ``timeout``. A ``since`` from another epoch (this watcher
-        restarted) is answered at once."""
+    async def listen(self, since: tuple[str, int] | None, timeout: float) -> Change | None:
+        """What changed since ``since`` as soon as anything did (a delta, or a
+        snapshot for a listener that is new, from another epoch — this watcher
+        restarted — or too far behind); ``None`` if nothing changed within
+        ``timeout``."""
         # Until the first fetch has finished there is nothing worth answering with.
         changed = await self._feed.wait_until(
-            lambda: self._ready.is_set() and since != (self._epoch, self._version), timeout
+            lambda: self._ready.is_set() and since != self._log.position, timeout
         )
         if not changed:
             return None
-        return self.snapshot()
+        return self._log.since(since)
 
     def snapshot(self) -> Snapshot:
-        return Snapshot(self._epoch, self._version, self._instances)
+        return self._log.snapshot()
 
     async def status(self) -> WatcherStatus:
         return self._status
+
+    async def process_info(self) -> dict[str, str | int | None]:
+        return process_info()
 
     async def ready(self, timeout: float) -> WatcherStatus:
         """Wait until the first fetch has finished, well or badly."""
@@ -110,22 +118,24 @@ class RegistryWatcher:
                 log.warning("%s: fetch took %.1f s", self._status.source, elapsed)
             self._record_success(instances)
 
-    def _record_success(self, listing: Screened | None) -> None:
+    def _record_success(self, result: Screened | Change | None) -> None:
         update: dict[str, object] = {}
-        if listing is not None:
-            if tuple(listing.instances) != self._instances:
-                self._instances = tuple(listing.instances)
-                self._version += 1
+        if isinstance(result, Screened):  # a whole listing: keep what really changed
+            listing = result
+            self._log.replace(listing.instances)
             if listing.rejected and len(listing.rejected) != self._status.rejected_entries:
                 log.warning("%s: refused %d invalid entries, e.g. %s", self._status.source,
                             len(listing.rejected), listing.rejected[0])
             update = {"rejected_entries": len(listing.rejected),
                       "rejected_examples": listing.rejected[:MAX_REJECTED_SHOWN]}
             self._metrics.refused_entries(self._status.source, len(listing.rejected))
+        elif result is not None:  # the source's own changes
+            self._log.apply(result)
         self._status = self._status.model_copy(
             update={
-                "version": self._version,
-                "instances": len(self._instances),
+                "version": self._log.version,
+                "instances": len(self._log),
+                "fetches": self._status.fetches + 1,
                 "ready": True,
                 "stale": False,
                 "last_success": self._clock(),

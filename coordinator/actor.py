@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 
 import ray
 
+from actors.process import process_info
 from coordinator.config import CoordinatorConfig
 from coordinator.metrics import RayMetrics
 from coordinator.models import Endpoint
@@ -41,9 +41,9 @@ class CoordinatorActor(CoordinatorService):
             log.exception("coordinator loop stopped")
             raise
 
-    async def process_info(self) -> dict[str, str | int]:
+    async def process_info(self) -> dict[str, str | int | None]:
         """Where the coordinator runs: Ray node and PID (for placement checks and profiling)."""
-        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+        return process_info()
 
     async def proxy_handle(self, host: str, port: int):
         """The proxy actor serving host:port (for debugging), or None."""

@@ -1,31 +1,28 @@
 """Pure decisions about the live instance set. Imports neither ray nor httpx.
 
 - :func:`screen_listing` — a registry's listing, bad entries dropped and named;
-- :func:`merge_sources` — one instance list out of every watcher's snapshot;
-- :func:`diff_endpoints` — which proxies to create and which to retire;
-- :func:`apply_targets`, :func:`manager_endpoints`, :func:`endpoint_is_listed` —
-  which endpoints an operation goes to.
+- :class:`LiveSet` — every watcher's changes merged into one live set, at a
+  cost proportional to what changed (:func:`merge_sources` is its specification);
+- :func:`apply_targets`, :func:`manager_endpoints` — which endpoints an
+  operation goes to.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import NamedTuple
 
 from pydantic import ValidationError
 
+from coordinator.changes import Change, ChangeLog, Delta, Snapshot, identity
 from coordinator.hosts import show
 from coordinator.models import WORKER_MANAGER_KEY, Endpoint, ModelInstance, worker_key
 
+__all__ = ["Snapshot", "Delta"]  # re-exported: the change types live in coordinator.changes
 
-class Snapshot(NamedTuple):
-    """A watcher's view at one moment. ``epoch`` changes when the watcher restarts,
-    so a consumer holding an old version asks again from scratch."""
-
-    epoch: str
-    version: int
-    instances: tuple[ModelInstance, ...]
+Identity = tuple[str, str, int]
 
 
 class Screened(NamedTuple):
@@ -36,6 +33,14 @@ class Screened(NamedTuple):
     rejected: list[str]
 
 
+def screen_entry(entry: object) -> ModelInstance | str:
+    """One entry as an instance, or why it is refused."""
+    try:
+        return ModelInstance.model_validate(entry)
+    except ValidationError as exc:
+        return _describe_rejected(entry, exc)
+
+
 def screen_entries(raw: object) -> Screened:
     """Validate a list of entries one by one: a bad entry (a host that is not
     a bare hostname or IP, a port out of range, ...) is dropped and described,
@@ -44,23 +49,26 @@ def screen_entries(raw: object) -> Screened:
         raise ValueError(f"expected a list of instances, got {type(raw).__name__}")
     instances, rejected = [], []
     for entry in raw:
-        try:
-            instances.append(ModelInstance.model_validate(entry))
-        except ValidationError as exc:
-            rejected.append(_describe_rejected(entry, exc))
+        screened = screen_entry(entry)
+        (rejected if isinstance(screened, str) else instances).append(screened)
     return Screened(instances, rejected)
 
 
-def screen_listing(raw: object) -> Screened:
-    """A registry's answer, screened as :func:`screen_entries` does. A listing
-    with entries of which not one is valid is a registry answering garbage
-    (``ValueError``): its last good listing should stand, not an empty one."""
-    listing = screen_entries(raw)
+def require_some(listing: Screened) -> Screened:
+    """A registry's listing with entries of which not one is valid is a registry
+    answering garbage (``ValueError``): its last good listing should stand, not
+    an empty one."""
     if listing.rejected and not listing.instances:
         raise ValueError(
             f"none of the {len(listing.rejected)} entries is a valid instance; first: {listing.rejected[0]}"
         )
     return listing
+
+
+def screen_listing(raw: object) -> Screened:
+    """A registry's answer, screened as :func:`screen_entries` does, and held to
+    :func:`require_some`."""
+    return require_some(screen_entries(raw))
 
 
 def _describe_rejected(entry: object, exc: ValidationError) -> str:
@@ -73,11 +81,6 @@ def _describe_rejected(entry: object, exc: ValidationError) -> str:
     return f"{what}: {where}: {err['msg']}"
 
 
-class EndpointDiff(NamedTuple):
-    added: frozenset[Endpoint]
-    removed: frozenset[Endpoint]
-
-
 def _preference(inst: ModelInstance) -> tuple[bool, datetime]:
     return (bool(inst.healthy), inst.last_heartbeat or datetime.min)
 
@@ -86,7 +89,9 @@ def merge_sources(snapshots: Mapping[str, Sequence[ModelInstance]]) -> list[Mode
     """Union of every source's instances, one entry per (key, host, port).
 
     When two sources list the same entry, the healthy one wins, then the one with
-    the newer heartbeat. The result is sorted, so equal inputs give equal outputs.
+    the newer heartbeat, then the source first in name order. The result is
+    sorted, so equal inputs give equal outputs. (The whole-state statement of
+    what :class:`LiveSet` keeps incrementally; its tests compare the two.)
     """
     best: dict[tuple[str, str, int], ModelInstance] = {}
     for source in sorted(snapshots):
@@ -95,24 +100,6 @@ def merge_sources(snapshots: Mapping[str, Sequence[ModelInstance]]) -> list[Mode
             if held is None or _preference(inst) > _preference(held):
                 best[inst.identity] = inst
     return [best[k] for k in sorted(best)]
-
-
-def listing_sources(snapshots: Mapping[str, Sequence[ModelInstance]]) -> dict[Endpoint, list[str]]:
-    """For every endpoint, the sources that list it (sorted)."""
-    out: dict[Endpoint, set[str]] = {}
-    for source, instances in snapshots.items():
-        for inst in instances:
-            out.setdefault(inst.endpoint, set()).add(source)
-    return {ep: sorted(names) for ep, names in out.items()}
-
-
-def endpoints_of(instances: Iterable[ModelInstance]) -> frozenset[Endpoint]:
-    return frozenset(i.endpoint for i in instances)
-
-
-def diff_endpoints(current: Iterable[Endpoint], desired: Iterable[Endpoint]) -> EndpointDiff:
-    current, desired = frozenset(current), frozenset(desired)
-    return EndpointDiff(added=desired - current, removed=current - desired)
 
 
 def apply_targets(
@@ -138,12 +125,6 @@ def manager_endpoints(
     )
 
 
-def endpoint_is_listed(instances: Iterable[ModelInstance], endpoint: Endpoint) -> bool:
-    """Whether any registry lists anything at ``endpoint`` — the condition for
-    sending startup/shutdown there."""
-    return any(i.endpoint == endpoint for i in instances)
-
-
 def filter_instances(
     instances: Iterable[ModelInstance],
     model: str | None = None,
@@ -164,3 +145,95 @@ def filter_instances(
             continue
         out.append(inst)
     return out
+
+
+class LiveSet:
+    """Every source's instances merged into one live set, kept current change by
+    change: absorbing a delta costs what it carries (times the number of
+    sources), whatever the size of the fleet. The merged set is itself a
+    :class:`ChangeLog`, so it can be followed the same way."""
+
+    def __init__(self, sources: Iterable[str]) -> None:
+        self._order = sorted(sources)
+        self._by_source: dict[str, dict[Identity, ModelInstance]] = {s: {} for s in self._order}
+        self._source_endpoints: dict[str, Counter[Endpoint]] = {s: Counter() for s in self._order}
+        self.merged: ChangeLog[Identity, ModelInstance] = ChangeLog(identity)
+        self._by_key: dict[str, dict[Identity, ModelInstance]] = {}
+        self._endpoint_refs: Counter[Endpoint] = Counter()
+
+    # ---- reads ----------------------------------------------------------
+
+    def instances(self) -> list[ModelInstance]:
+        """Every live instance, sorted."""
+        return [v for _, v in sorted(self.merged.items())]
+
+    def of_key(self, key: str) -> list[ModelInstance]:
+        """The instances of one worker key (``model@type``)."""
+        return list(self._by_key.get(key, {}).values())
+
+    def endpoints(self) -> frozenset[Endpoint]:
+        return frozenset(self._endpoint_refs)
+
+    def has_endpoint(self, endpoint: Endpoint) -> bool:
+        return endpoint in self._endpoint_refs
+
+    def listed_by(self, endpoint: Endpoint) -> list[str]:
+        """The sources that list anything at ``endpoint`` (sorted)."""
+        return [s for s in self._order if self._source_endpoints[s][endpoint] > 0]
+
+    def __len__(self) -> int:
+        return len(self.merged)
+
+    # ---- changes --------------------------------------------------------
+
+    def absorb(self, source: str, change: Change) -> set[Endpoint]:
+        """Apply one source's change; return the endpoints it touched (those
+        that may have appeared in, or left, the live set)."""
+        held = self._by_source[source]
+        if isinstance(change, Delta):
+            pairs: list[tuple[Identity, ModelInstance | None]] = [(v.identity, v) for v in change.upserts]
+            pairs += [(tuple(k), None) for k in change.removed]
+        else:
+            fresh = {v.identity: v for v in change.instances}
+            pairs = [(k, v) for k, v in fresh.items() if held.get(k) != v]
+            pairs += [(k, None) for k in held if k not in fresh]
+        touched: set[Endpoint] = set()
+        counts = self._source_endpoints[source]
+        for ident, value in pairs:
+            ep = Endpoint(ident[1], ident[2])
+            if value is None:
+                if held.pop(ident, None) is not None:
+                    counts[ep] -= 1
+                    if not counts[ep]:
+                        del counts[ep]
+            else:
+                if ident not in held:
+                    counts[ep] += 1
+                held[ident] = value
+            self._remerge(ident, ep, touched)
+        return touched
+
+    def _remerge(self, ident: Identity, ep: Endpoint, touched: set[Endpoint]) -> None:
+        best: ModelInstance | None = None
+        for source in self._order:
+            inst = self._by_source[source].get(ident)
+            if inst is not None and (best is None or _preference(inst) > _preference(best)):
+                best = inst
+        present = ident in self.merged
+        if best is None:
+            if present:
+                self.merged.remove(ident)
+                del self._by_key[ident[0]][ident]
+                if not self._by_key[ident[0]]:
+                    del self._by_key[ident[0]]
+                self._endpoint_refs[ep] -= 1
+                if not self._endpoint_refs[ep]:
+                    del self._endpoint_refs[ep]
+                    touched.add(ep)
+            return
+        self.merged.put(best)
+        self._by_key.setdefault(ident[0], {})[ident] = best
+        if not present:
+            self._endpoint_refs[ep] += 1
+            if self._endpoint_refs[ep] == 1:
+                touched.add(ep)

@@ -14,25 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
 from coordinator.config import CoordinatorConfig, WorkerAccess
 from coordinator.errors import NoInstancesError, UnknownEndpointError, WaitTimeoutError
-from coordinator.liveset import (
-    Snapshot,
-    apply_targets,
-    diff_endpoints,
-    endpoint_is_listed,
-    endpoints_of,
-    filter_instances,
-    listing_sources,
-    manager_endpoints,
-    merge_sources,
-)
+from coordinator.changes import Change
+from coordinator.liveset import LiveSet, apply_targets, filter_instances, manager_endpoints
 from coordinator.longpoll import ChangeFeed
 from coordinator.metrics import Metrics, NoMetrics, live_counts
 from coordinator.models import (
+    WORKER_MANAGER_KEY,
     ApplyResult,
     Endpoint,
     ModelInstance,
@@ -52,8 +44,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Seconds between re-recordings of the live-instance gauges.
+#: Seconds between re-recordings of the live-instance gauges when nothing changed.
 GAUGE_REFRESH = 5.0
+#: At most this often after a change.
+GAUGE_INTERVAL = 1.0
 
 
 class LinkError(Exception):
@@ -61,7 +55,7 @@ class LinkError(Exception):
 
 
 class WatcherLink(Protocol):
-    async def listen(self, source: str, since: tuple[str, int] | None, timeout: float) -> Snapshot | None: ...
+    async def listen(self, source: str, since: tuple[str, int] | None, timeout: float) -> Change | None: ...
 
     async def status(self, source: str) -> WatcherStatus: ...
 
@@ -100,8 +94,9 @@ class CoordinatorService:
         self._watchers = watchers
         self._proxies = proxies
         self._sources = [s.name for s in config.registries]
-        self._snapshots: dict[str, Sequence[ModelInstance]] = {}
-        self._instances: list[ModelInstance] = []
+        self._heard: set[str] = set()  # sources whose watcher has answered once
+        self._live = LiveSet(self._sources)
+        self._gauges_due = True
         self._probes: dict[Endpoint, Reachability] = {}
         self._serial = KeyedSerializer()
         self._rollouts: dict[str, RolloutProgress] = {}
@@ -121,7 +116,7 @@ class CoordinatorService:
         failures = 0
         while True:
             try:
-                snap = await self._watchers.listen(source, since, self.config.long_poll_timeout)
+                change = await self._watchers.listen(source, since, self.config.long_poll_timeout)
             except LinkError as exc:
                 # Keep the last snapshot: a dead watcher is not an empty registry.
                 failures += 1
@@ -134,40 +129,46 @@ class CoordinatorService:
                 await asyncio.sleep(self.config.backoff.delay(1))
                 continue
             failures = 0
-            if snap is None:
+            if change is None:
                 continue
-            since = (snap.epoch, snap.version)
-            self._snapshots[source] = snap.instances
-            self._reconcile()
+            since = (change.epoch, change.version)
+            self._absorb(source, change)
 
-    def _reconcile(self) -> None:
-        self._instances = merge_sources(self._snapshots)
-        diff = diff_endpoints(self._proxies.endpoints(), endpoints_of(self._instances))
-        listed_by = listing_sources(self._snapshots) if diff.added else {}
-        for ep in sorted(diff.added):
-            self._proxies.ensure(ep, self.config.access_for(ep, listed_by.get(ep, ())))
-        for ep in sorted(diff.removed):
-            self._proxies.retire(ep)
-            self._probes.pop(ep, None)
+    def _absorb(self, source: str, change: Change) -> None:
+        """One watcher's change into the live set; proxies follow the endpoints
+        it touched. Costs what the change carries."""
+        self._heard.add(source)
+        for ep in sorted(self._live.absorb(source, change)):
+            if self._live.has_endpoint(ep) and ep not in self._proxies.endpoints():
+                self._proxies.ensure(ep, self.config.access_for(ep, self._live.listed_by(ep)))
+            elif not self._live.has_endpoint(ep) and ep in self._proxies.endpoints():
+                self._proxies.retire(ep)
+                self._probes.pop(ep, None)
         self._changed()
 
     def _changed(self) -> None:
-        self._record_live_instances()
+        self._gauges_due = True
         self._feed.notify()
 
     def _record_live_instances(self) -> None:
         unreachable = self._unreachable()
         self._metrics.live_instances(live_counts([
             (i.model_name, "unreachable" if i.endpoint in unreachable else "healthy" if i.healthy else "unhealthy")
-            for i in self._instances
+            for i in self._live.merged.values()
         ]))
 
     async def _republish_gauges(self) -> None:
-        """Gauges are re-recorded on a timer, not only on change, so a scrape
-        after a quiet hour (or after an exporter restart) still sees them."""
+        """The gauges count the whole live set, so they are recorded at most once
+        a second after a change (a burst of changes costs one count), and every
+        few seconds regardless, so a scrape after a quiet hour (or after an
+        exporter restart) still sees them."""
+        quiet = 0.0
         while True:
-            await asyncio.sleep(GAUGE_REFRESH)
-            self._record_live_instances()
+            await asyncio.sleep(GAUGE_INTERVAL)
+            quiet += GAUGE_INTERVAL
+            if self._gauges_due or quiet >= GAUGE_REFRESH:
+                self._gauges_due, quiet = False, 0.0
+                self._record_live_instances()
 
     async def report_probe(self, endpoint: Endpoint, state: Reachability) -> None:
         """A proxy says its worker became reachable or unreachable."""
@@ -179,7 +180,7 @@ class CoordinatorService:
 
     async def ready(self, timeout: float) -> bool:
         """Whether every watcher has delivered its first snapshot within ``timeout``."""
-        return await self._feed.wait_until(lambda: len(self._snapshots) == len(self._sources), timeout)
+        return await self._feed.wait_until(lambda: len(self._heard) == len(self._sources), timeout)
 
     # ---- reads ----------------------------------------------------------
 
@@ -189,7 +190,9 @@ class CoordinatorService:
     async def instances(
         self, model: str | None = None, worker_type: str | None = None, healthy_only: bool = True
     ) -> list[ModelInstance]:
-        return filter_instances(self._instances, model, worker_type, healthy_only, self._unreachable())
+        live = self._live.of_key(worker_key(model, worker_type)) if model and worker_type else self._live.instances()
+        return sorted(filter_instances(live, model, worker_type, healthy_only, self._unreachable()),
+                      key=lambda i: i.identity)
 
     async def wait_for(
         self, model: str, count: int, worker_type: str = "llm", timeout: float = 60.0
@@ -197,7 +200,9 @@ class CoordinatorService:
         """Wait until at least ``count`` healthy instances of the model are live."""
 
         def found() -> list[ModelInstance]:
-            return filter_instances(self._instances, model, worker_type, True, self._unreachable())
+            live = self._live.of_key(worker_key(model, worker_type))
+            return sorted(filter_instances(live, model, worker_type, True, self._unreachable()),
+                          key=lambda i: i.identity)
 
         if not await self._feed.wait_until(lambda: len(found()) >= count, timeout):
             raise WaitTimeoutError(
@@ -217,7 +222,7 @@ class CoordinatorService:
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(watcher_status(s)) for s in self._sources]
         rows = []
-        for inst in self._instances:
+        for inst in self._live.instances():
             name, wtype = parse_worker_key(inst.model_name)
             probe = self._probes.get(inst.endpoint)
             rows.append(
@@ -243,7 +248,7 @@ class CoordinatorService:
         between them; with ``options.dry_run``, only say what would be done."""
         options = options or ApplyOptions(apply_type=req.apply_type)
         async with self._serial.hold(req.key):
-            targets = apply_targets(self._instances, req.model, req.worker_type)
+            targets = apply_targets(self._live.of_key(req.key), req.model, req.worker_type)
             if not targets:
                 self._metrics.operation("apply", "error")
                 raise NoInstancesError(req.key)
@@ -289,7 +294,7 @@ class CoordinatorService:
 
     def _batch_healthy(self, key: str, batch: list[Endpoint]) -> bool:
         unreachable = self._unreachable()
-        healthy = {i.endpoint for i in self._instances if i.model_name == key and i.healthy}
+        healthy = {i.endpoint for i in self._live.of_key(key) if i.healthy}
         return all(ep in healthy and ep not in unreachable for ep in batch)
 
     async def startup(self, req: WorkerStartupRequest) -> WorkerApplyOutput:
@@ -300,7 +305,7 @@ class CoordinatorService:
 
     async def _lifecycle(self, op: str, req: WorkerStartupRequest) -> WorkerApplyOutput:
         async with self._serial.hold(req.key):
-            if not endpoint_is_listed(self._instances, req.endpoint):
+            if not self._live.has_endpoint(req.endpoint):
                 self._metrics.operation(op, "error")
                 raise UnknownEndpointError(req.host, req.port)
             [output] = await self._fan_out([req.endpoint], op, req, f"{op} {req.key}")
@@ -309,7 +314,8 @@ class CoordinatorService:
     async def supports(self) -> list[SupportsOutcome]:
         """``GET /models/supports`` on every healthy, reachable worker manager."""
         unreachable = self._unreachable()
-        targets = [ep for ep in manager_endpoints(self._instances) if ep not in unreachable]
+        managers = self._live.of_key(WORKER_MANAGER_KEY)
+        targets = [ep for ep in manager_endpoints(managers) if ep not in unreachable]
         return await self._each(
             targets, "supports", (),
             lambda ep, exc: SupportsOutcome(endpoint=ep, error=f"{ep}: supports failed: {exc}"),

@@ -19,6 +19,7 @@ class WatcherStatus(BaseModel):
     ready: bool = False  # the first fetch has finished, well or badly
     stale: bool = False  # the last fetch failed; the snapshot is the last good one
     last_success: float | None = None  # wall-clock seconds
+    fetches: int = 0  # answers from the source (polls answered, changes received, "nothing new")
     consecutive_failures: int = 0
     last_error: str | None = None
     #: Entries in the last listing that were refused (not valid instances, so

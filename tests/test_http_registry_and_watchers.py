@@ -79,9 +79,11 @@ async def test_long_poll_answers_as_soon_as_something_changes(registry):
     await asyncio.sleep(0.05)
     started = time.monotonic()
     await client.post("/api/controller/models", json=instance())
-    snap = await waiting
+    delta = await waiting
     assert time.monotonic() - started < 2  # liveness, not speed: a change wakes the poll
-    assert snap.version == first.version + 1 and len(snap.instances) == 1
+    # A listener that holds a version gets what changed since: a delta.
+    assert (delta.since, delta.version) == (first.version, first.version + 1)
+    assert [i.port for i in delta.upserts] == [18001] and delta.removed == ()
 
 
 async def test_dbgpt_watcher_follows_a_controller_over_http(registry):
@@ -95,10 +97,40 @@ async def test_dbgpt_watcher_follows_a_controller_over_http(registry):
         await client.post("/api/controller/models", json=instance())
         snap = await watcher.listen(None, 5)
         while not snap.instances:
-            snap = await watcher.listen((snap.epoch, snap.version), 5)
+            await watcher.listen((snap.epoch, snap.version), 5)
+            snap = watcher.snapshot()
         assert snap.instances[0].model_name == "chatgpt-test@llm"
     finally:
         await watcher.close()
+
+
+async def test_polled_heartbeats_make_no_new_version_but_real_changes_do():
+    """A DB-GPT controller moves last_heartbeat on every heartbeat; the watcher
+    ships only changes that matter."""
+    reg = EmbeddedRegistry(EmbeddedSource(port=0))
+    url = await reg.ready()
+    client = httpx.AsyncClient(base_url=url)
+    await client.post("/api/controller/models", json=instance())
+    await client.post("/api/controller/models", json=instance(port=18002))
+    watcher = RegistryWatcher(DbgptSource(name="d", url=url, poll_interval=0.02), FAST_BACKOFF)
+    try:
+        await watcher.ready(5)
+        held = watcher.snapshot()
+        polls = (await watcher.status()).last_success
+        for _ in range(5):
+            await client.post("/api/controller/heartbeat", json=instance())
+            await asyncio.sleep(0.05)
+        assert (await watcher.status()).last_success > polls  # it did poll meanwhile
+        assert watcher.snapshot().version == held.version
+        assert await watcher.listen((held.epoch, held.version), 0.1) is None
+        await client.delete("/api/controller/models", params={
+            "model_name": "chatgpt-test@llm", "host": "127.0.0.1", "port": 18002, "remove_from_registry": "true"})
+        delta = await watcher.listen((held.epoch, held.version), 5)
+        assert delta.removed == (("chatgpt-test@llm", "127.0.0.1", 18002),) and delta.upserts == ()
+    finally:
+        await watcher.close()
+        await client.aclose()
+        await reg.close()
 
 
 async def test_an_unreachable_source_keeps_the_last_snapshot_and_says_stale(registry):
@@ -130,11 +162,13 @@ async def test_static_file_is_reread_when_it_changes_and_a_broken_file_is_stale(
         snap = watcher.snapshot()
         assert [i.port for i in snap.instances] == [18001]
         path.write_text(yaml.safe_dump({"instances": [instance(port=18001), instance(port=18002)]}))
-        snap = await watcher.listen((snap.epoch, snap.version), 5)
+        await watcher.listen((snap.epoch, snap.version), 5)
+        snap = watcher.snapshot()
         assert [i.port for i in snap.instances] == [18001, 18002]
         # One bad entry among good ones is dropped, counted and named.
         path.write_text(yaml.safe_dump([instance(port=18001), instance(host="evil.com/x?", port=18003)]))
-        snap = await watcher.listen((snap.epoch, snap.version), 5)
+        await watcher.listen((snap.epoch, snap.version), 5)
+        snap = watcher.snapshot()
         assert [i.port for i in snap.instances] == [18001]
         status = await watcher.status()
         assert status.rejected_entries == 1 and "evil.com/x?" in status.rejected_examples[0]

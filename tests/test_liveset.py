@@ -1,4 +1,5 @@
-"""Pure decisions about the live set: merging sources, diffing endpoints, targets."""
+"""Pure decisions about the live set: merging sources (whole and change by
+change), which endpoints appear and leave, targets."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ from datetime import datetime
 from hypothesis import given
 from hypothesis import strategies as st
 
+from coordinator.changes import ChangeLog, identity
 from coordinator.liveset import (
+    LiveSet,
     apply_targets,
-    diff_endpoints,
-    endpoint_is_listed,
     filter_instances,
     manager_endpoints,
     merge_sources,
@@ -58,10 +59,25 @@ def test_merge_is_deterministic_and_loses_no_entry(snapshots):
     assert merge_sources(dict(reversed(list(snapshots.items())))) == merged
 
 
-def test_diff_says_which_proxies_to_create_and_retire():
-    diff = diff_endpoints({Endpoint("h", 1), Endpoint("h", 2)}, {Endpoint("h", 2), Endpoint("h", 3)})
-    assert diff.added == {Endpoint("h", 3)}
-    assert diff.removed == {Endpoint("h", 1)}
+def test_live_set_says_which_endpoints_appeared_and_left():
+    live = LiveSet(["a", "b"])
+    a, b = ChangeLog(identity), ChangeLog(identity)
+    a.put(inst("m@llm", 1))
+    a.put(inst("n@llm", 1))
+    assert live.absorb("a", a.since(None)) == {Endpoint("h", 1)}
+    b.put(inst("m@llm", 1))
+    b.put(inst("m@llm", 2))
+    position = b.position
+    assert live.absorb("b", b.since(None)) == {Endpoint("h", 2)}  # h:1 was there already
+    b.remove(("m@llm", "h", 2))
+    assert live.absorb("b", b.since(position)) == {Endpoint("h", 2)}
+    assert not live.has_endpoint(Endpoint("h", 2))
+    assert live.listed_by(Endpoint("h", 1)) == ["a", "b"]
+    a.replace([])
+    live.absorb("a", a.since(None))
+    assert live.has_endpoint(Endpoint("h", 1)) and live.listed_by(Endpoint("h", 1)) == ["b"]
+    assert [i.identity for i in live.instances()] == [("m@llm", "h", 1)]
+    assert live.of_key("n@llm") == []
 
 
 def test_apply_targets_every_registered_instance_healthy_or_not():
@@ -77,15 +93,35 @@ def test_supports_goes_to_healthy_worker_managers_only():
     assert manager_endpoints(live, healthy_only=False) == [Endpoint("h", 1), Endpoint("h", 2)]
 
 
-def test_startup_needs_an_endpoint_some_registry_lists():
-    live = [inst("WorkerManager@service", 1)]
-    assert endpoint_is_listed(live, Endpoint("h", 1))
-    assert not endpoint_is_listed(live, Endpoint("h", 9))
-
-
 def test_healthy_means_registry_healthy_and_not_found_unreachable():
     live = [inst("m@llm", 1), inst("m@llm", 2), inst("m@llm", 3, healthy=False)]
     found = filter_instances(live, "m", "llm", healthy_only=True, unreachable=frozenset({Endpoint("h", 2)}))
     assert [i.port for i in found] == [1]
     assert len(filter_instances(live, "m", None, healthy_only=False)) == 3
     assert filter_instances(live, "m", "text2vec", healthy_only=False) == []
+
+
+unique_listings = st.dictionaries(
+    st.sampled_from(["x", "y", "z"]),
+    instances.map(lambda insts: list({i.identity: i for i in insts}.values())),
+)
+
+
+@given(st.lists(unique_listings, min_size=1, max_size=6), st.booleans())
+def test_live_set_absorbing_changes_equals_merging_the_latest_listings(steps, as_deltas):
+    """Whatever the order of changes, and whether they come as deltas or
+    snapshots, the live set is what merging every source's latest listing gives."""
+    live = LiveSet(["x", "y", "z"])
+    logs = {s: ChangeLog(identity) for s in ("x", "y", "z")}
+    positions: dict[str, tuple[str, int] | None] = dict.fromkeys(logs)
+    latest: dict[str, list[ModelInstance]] = {}
+    for step in steps:
+        for source, listing in step.items():
+            logs[source].replace(listing)
+            change = logs[source].since(positions[source] if as_deltas else None)
+            if change is not None:
+                live.absorb(source, change)
+                positions[source] = logs[source].position
+            latest[source] = listing
+    assert live.instances() == merge_sources(latest)
+    assert live.endpoints() == {i.endpoint for i in merge_sources(latest)}

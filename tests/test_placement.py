@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 
@@ -34,7 +35,9 @@ def test_no_preference_when_nothing_matches_or_the_node_is_dead():
 
 
 def test_proxies_and_coordinator_are_placed_on_a_multi_node_cluster():
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    # Token auth on, with a token of its own: Ray's processes started by
+    # cluster_utils do not create ~/.ray/auth_token as ray.init() does.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env.pop("RAY_ADDRESS", None)
     done = subprocess.run([sys.executable, "tests/placement_cluster.py"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from actors.registry_store import RegistryStore
+from tests.conftest import ROOT
 from coordinator.models import ModelInstance
 
 
@@ -85,24 +86,104 @@ def test_query_filters_by_key_and_health():
     assert [i.model_name for i in store.query(healthy_only=True)] == ["a@llm"]
 
 
-def test_dump_and_load_restore_entries_and_version():
+def saved(store: RegistryStore) -> list[dict]:
+    return [i.model_dump(mode="json") for i in store.query()]
+
+
+def test_load_restores_entries():
     store = RegistryStore(15, Clock())
     store.register(entry("a@llm"))
     store.register(entry("b@llm", port=2))
     copy = RegistryStore(15, Clock())
-    copy.load(store.dump())
-    assert copy.query() == store.query() and copy.version == store.version
+    copy.load(saved(store))
+    assert copy.query() == store.query()
 
 
 def test_saved_entries_that_are_no_longer_valid_are_dropped_on_load_not_fatal():
     # A state saved by an older version whose rules were looser.
     store = RegistryStore(15, Clock())
     store.register(entry("a@llm"))
-    state = store.dump()
-    state["entries"].append({**state["entries"][0], "host": "evil.com/x?"})
+    entries = saved(store)
+    entries.append({**entries[0], "host": "evil.com/x?"})
     copy = RegistryStore(15, Clock())
-    dropped = copy.load(state)
+    dropped = copy.load(entries)
     assert copy.query() == store.query()
     assert len(dropped) == 1 and "evil.com/x?" in dropped[0]
-    state["entries"] = state["entries"][1:]  # nothing valid left: an empty registry, still no error
-    assert len(RegistryStore(15, Clock()).load(state)) == 1
+    # nothing valid left: an empty registry, still no error
+    assert len(RegistryStore(15, Clock()).load(entries[1:])) == 1
+
+
+def test_every_visible_change_is_in_the_change_log_and_heartbeats_are_not():
+    clock = Clock()
+    store = RegistryStore(15, clock)
+    store.register(entry("a@llm"))
+    position = store.changes.position
+    clock.now += 5
+    store.heartbeat(entry("a@llm"))  # only the heartbeat time moves
+    assert store.changes.since(position) is None
+    store.deregister("a@llm", "127.0.0.1", 1, remove=False)
+    store.heartbeat(entry("a@llm"))  # revives: visible
+    store.register(entry("b@llm"))
+    delta = store.changes.since(position)
+    assert sorted(i.model_name for i in delta.upserts) == ["a@llm", "b@llm"]
+    assert all(i.healthy for i in delta.upserts)
+
+
+def lines_run(fn) -> int:
+    """How many lines of the project's Python ``fn`` runs: an operation count
+    that does not depend on the machine's speed. (The collector is held off:
+    a finaliser left by another test must not count here.)"""
+    import gc
+    import sys
+
+    count = 0
+    ours = (str(ROOT / "actors"), str(ROOT / "coordinator"))
+
+    def tracer(frame, event, arg):
+        nonlocal count
+        if event == "line" and frame.f_code.co_filename.startswith(ours):
+            count += 1
+        return tracer
+
+    gc.disable()
+    sys.settrace(tracer)
+    try:
+        fn()
+    finally:
+        sys.settrace(None)
+        gc.enable()
+    return count
+
+
+def test_writes_cost_the_same_whatever_the_registry_size():
+    """Register, heartbeat, deregister and an expiry pass with nothing due run
+    the same number of lines in a registry of 10 entries and of 10,000."""
+    costs = []
+    for size in (10, 10_000):
+        clock = Clock()
+        store = RegistryStore(60, clock)
+        for i in range(size):
+            store.register(entry(f"m{i}@llm", port=1 + i % 50))
+        clock.now += 1
+        costs.append((
+            lines_run(lambda: store.register(entry("new@llm", port=7))),
+            lines_run(lambda: store.heartbeat(entry("m3@llm", port=4))),
+            lines_run(lambda: store.heartbeat(entry("new@llm", port=7))),
+            lines_run(lambda: store.deregister("m5@llm", "127.0.0.1", 6, remove=False)),
+            lines_run(lambda: store.deregister("new@llm", "127.0.0.1", 7, remove=True)),
+            lines_run(store.expire),
+        ))
+    assert costs[0] == costs[1]
+
+
+def test_an_expiry_pass_looks_only_at_the_entries_that_are_due():
+    clock = Clock()
+    store = RegistryStore(60, clock)
+    for i in range(1000):
+        store.register(entry(f"m{i}@llm"))
+        clock.now += 0.01  # registered 10 ms apart
+    clock.now += 51.0  # the first ~100 are overdue
+    one = lines_run(lambda: store.expire())
+    assert 90 <= len(store.query()) - len(store.query(healthy_only=True)) <= 110
+    clock.now += 0.001
+    assert lines_run(store.expire) < one / 50  # nothing (or next to nothing) due: a glance

@@ -1,0 +1,143 @@
+"""The embedded registry's journal: what a restart keeps, and what saving costs.
+The registry runs as a plain object on the test's loop, over real HTTP; the
+key-value store is a dict that counts writes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+import actors.registry
+from actors.registry import EmbeddedRegistry
+from actors.registry_state import Journal, MemoryStateStore
+from coordinator.config import EmbeddedSource
+
+pytestmark = pytest.mark.anyio
+
+KEY = "c/registry/fleet"
+
+
+def instance(key: str, port: int = 18001, **kw) -> dict:
+    return {"model_name": key, "host": "127.0.0.1", "port": port, **kw}
+
+
+async def started(store: MemoryStateStore, **settings) -> tuple[EmbeddedRegistry, httpx.AsyncClient]:
+    reg = EmbeddedRegistry(EmbeddedSource(port=0, **settings), state=Journal(store, KEY))
+    url = await reg.ready()
+    return reg, httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=200))
+
+
+def segments(store: MemoryStateStore) -> list[dict]:
+    return [json.loads(v) for k, v in sorted(store.data.items()) if k.startswith(f"{KEY}/log/")]
+
+
+async def test_every_answered_registration_survives_a_restart_after_a_burst():
+    store = MemoryStateStore()
+    reg, client = await started(store)
+    port = reg._http.port
+    answers = await asyncio.gather(*(
+        client.post("/api/controller/models", json=instance(f"m{i}@llm", 18000 + i % 7)) for i in range(300)
+    ))
+    assert all(r.json() is True for r in answers)
+    await client.delete("/api/controller/models", params={
+        "model_name": "m3@llm", "host": "127.0.0.1", "port": 18003, "remove_from_registry": "true"})
+    await client.delete("/api/controller/models", params={
+        "model_name": "m4@llm", "host": "127.0.0.1", "port": 18004, "remove_from_registry": "false"})
+    before = {(i.model_name, i.port, i.healthy) for i in await reg.list_instances()}
+    await client.aclose()
+    await reg.close()  # as a killed actor would: nothing more is written
+
+    again, client = await started(store)
+    try:
+        assert again._http.port == port  # the same address
+        assert {(i.model_name, i.port, i.healthy) for i in await again.list_instances()} == before
+        assert len(before) == 299 and ("m4@llm", 18004, False) in before
+    finally:
+        await client.aclose()
+        await again.close()
+
+
+async def test_a_burst_of_registrations_shares_journal_writes():
+    store = MemoryStateStore()
+    reg, client = await started(store)
+    try:
+        puts = store.puts
+        await asyncio.gather(*(
+            client.post("/api/controller/models", json=instance(f"m{i}@llm")) for i in range(200)
+        ))
+        assert store.puts - puts < 100  # group commit: far fewer writes than registrations
+    finally:
+        await client.aclose()
+        await reg.close()
+
+
+async def test_a_change_writes_what_changed_not_the_whole_registry():
+    store = MemoryStateStore()
+    reg, client = await started(store)
+    try:
+        for i in range(50):
+            await client.post("/api/controller/models", json=instance(f"m{i}@llm"))
+        await client.post("/api/controller/models", json=instance("last@llm"))
+        last = segments(store)[-1]
+        assert [e["model_name"] for e in last["put"]] == ["last@llm"] and last["removed"] == []
+        written = store.puts
+        for _ in range(20):  # heartbeats of healthy entries change nothing: nothing is written
+            await client.post("/api/controller/heartbeat", json=instance("m7@llm"))
+        assert store.puts == written
+    finally:
+        await client.aclose()
+        await reg.close()
+
+
+async def test_compaction_folds_the_journal_into_a_base_and_restore_agrees():
+    store = MemoryStateStore()
+    reg, client = await started(store)
+    for round_ in range(3):  # 3 x 600 changes to 600 entries: more records than entries, so a new base
+        for i in range(600):
+            await client.post("/api/controller/models", json=instance(f"m{i}@llm", weight=float(round_)))
+    before = {(i.model_name, i.weight) for i in await reg.list_instances()}
+    base = json.loads(store.data[f"{KEY}/base"])
+    assert base["seq"] > 1 and len(segments(store)) < 1800
+    await client.aclose()
+    await reg.close()
+    again, client = await started(store)
+    try:
+        assert {(i.model_name, i.weight) for i in await again.list_instances()} == before
+    finally:
+        await client.aclose()
+        await again.close()
+
+
+async def test_the_single_blob_state_of_an_older_version_is_restored():
+    store = MemoryStateStore()
+    store.data[KEY] = json.dumps({"port": 0, "store": {"version": 3, "entries": [
+        instance("old@llm", healthy=True, check_healthy=False)]}}).encode()
+    reg, client = await started(store)
+    try:
+        assert [i.model_name for i in await reg.list_instances()] == ["old@llm"]
+        await client.post("/api/controller/models", json=instance("new@llm"))
+        assert KEY not in store.data  # replaced by the journal's own layout
+    finally:
+        await client.aclose()
+        await reg.close()
+
+
+async def test_a_write_that_cannot_be_saved_is_refused_not_acknowledged(monkeypatch):
+    monkeypatch.setattr(actors.registry, "SAVE_TIMEOUT", 0.5)
+    store = MemoryStateStore()
+    reg, client = await started(store)
+    try:
+        store.fail = True
+        r = await client.post("/api/controller/models", json=instance("unsaved@llm"))
+        assert r.status_code == 503 and "could not save" in r.json()["detail"]
+        store.fail = False  # the store is back: the journal catches up by itself
+        r = await client.post("/api/controller/models", json=instance("saved@llm"))
+        assert r.json() is True
+        names = {e["model_name"] for s in segments(store) for e in s["put"]}
+        assert {"unsaved@llm", "saved@llm"} <= names
+    finally:
+        await client.aclose()
+        await reg.close()
