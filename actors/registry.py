@@ -12,111 +12,31 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hmac
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
-
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 
 from actors.process import process_info
 from actors.registry_state import GcsStateStore, Journal
 from actors.registry_store import RegistryFull, RegistryStore
 from coordinator.changes import Change
 from coordinator.longpoll import ChangeFeed
-from actors.serving import BodyTooLarge, HttpServer, read_body, replay, serve_until_signalled
+from actors.controller_api import RegistryUnavailable, controller_app
+from actors.serving import HttpServer, serve_until_signalled
 from coordinator.config import EmbeddedSource
 from coordinator.models import ModelInstance
 
 log = logging.getLogger(__name__)
 
 
-def controller_app(registry: EmbeddedRegistry, settings: EmbeddedSource | None = None):
-    """DB-GPT's model-controller HTTP API over ``registry``, behind the guard
-    that ``settings`` describe (token for writes, body size limit)."""
-    app = FastAPI(title="Embedded model registry", docs_url=None, redoc_url=None)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        # FastAPI's own handler echoes the input back, and fails (500) on input
-        # it cannot encode as JSON, such as a body of NaN. Say where and why only.
-        detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-                  for e in exc.errors()]
-        return JSONResponse({"detail": detail}, status_code=422)
-
-    @app.exception_handler(RegistryFull)
-    async def full(request: Request, exc: RegistryFull) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=409)
-
-    @app.exception_handler(RegistryUnavailable)
-    async def unavailable(request: Request, exc: RegistryUnavailable) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=503)
-
-    @app.get("/api/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/api/controller/models")
-    async def list_models(model_name: str | None = None, healthy_only: bool = False) -> list[ModelInstance]:
-        return await registry.list_instances(model_name, healthy_only)
-
-    @app.post("/api/controller/models")
-    async def register(instance: ModelInstance) -> bool:
-        return await registry.register(instance)
-
-    @app.delete("/api/controller/models")
-    async def deregister(
-        model_name: str, host: str, port: int, remove_from_registry: bool = False
-    ) -> bool:
-        return await registry.deregister(model_name, host, port, remove_from_registry)
-
-    @app.post("/api/controller/heartbeat")
-    async def heartbeat(instance: ModelInstance) -> bool:
-        return await registry.heartbeat(instance)
-
-    settings = settings or EmbeddedSource()
-    return _guard(app, settings.token.reveal() if settings.token else None, settings.max_body_bytes)
-
-
-def _guard(app: FastAPI, token: str | None, max_body: int):
-    """A plain ASGI layer before the routes: writes (anything but GET/HEAD) need
-    the token when one is set — refused before their body is read — and no
-    request body may exceed ``max_body`` bytes."""
-    expected = f"Bearer {token}".encode() if token else None
-    too_large = JSONResponse({"detail": f"request body larger than {max_body} bytes"}, status_code=413)
-    unauthorized = JSONResponse(
-        {"detail": "this registry needs 'Authorization: Bearer <token>' to change it"},
-        status_code=401, headers={"WWW-Authenticate": "Bearer"},
-    )
-
-    async def guarded(scope, receive, send):
-        if scope["type"] != "http":
-            return await app(scope, receive, send)
-        headers = dict(scope["headers"])
-        if expected is not None and scope["method"] not in ("GET", "HEAD"):
-            if not hmac.compare_digest(headers.get(b"authorization", b""), expected):
-                return await unauthorized(scope, receive, send)
-        declared = headers.get(b"content-length", b"0")
-        if not declared.isdigit() or int(declared) > max_body:
-            return await too_large(scope, receive, send)
-        try:
-            body = await read_body(receive, max_body)  # chunked bodies are counted as they come
-        except BodyTooLarge:
-            return await too_large(scope, receive, send)
-        if body is not None:
-            await app(scope, replay(body), send)
-
-    return guarded
-
-
-class RegistryUnavailable(Exception):
-    """A write could not be saved in time; it is not acknowledged."""
-
-
-#: Seconds a write waits for the journal before it is refused (503).
+#: Seconds a write waits for the journal before it is refused (503), and
+#: between attempts to save after a failure.
 SAVE_TIMEOUT = 10.0
+SAVE_RETRY = 1.0
+#: Seconds the journal waits after a change before saving it, so that a burst
+#: of writes shares one key-value write (each costs the GCS a round trip).
+COMMIT_WINDOW = 0.002
 
 
 class EmbeddedRegistry:
@@ -140,6 +60,8 @@ class EmbeddedRegistry:
         self._serving = loop.create_task(self._start())
         self._expiry = loop.create_task(self._expiry_loop())
         self._saving: asyncio.Task[None] | None = None
+        # Writes waiting for the journal: (version, future), oldest first.
+        self._unsaved: deque[tuple[int, asyncio.Future[None]]] = deque()
 
     async def _start(self) -> None:
         port = self._settings.port
@@ -219,15 +141,28 @@ class EmbeddedRegistry:
 
     async def _acknowledge(self) -> bool:
         """Tell the listeners, then answer once the registry's current state is
-        saved (there may be a journal): an answered write is never lost, even
-        one that changed nothing because an unsaved write had made the change."""
+        saved (when there is a journal): an answered write is never lost, even
+        one that changed nothing because an unsaved write had made the change.
+        A write waits for its own version only, woken by the flush that saves
+        it, not by every change."""
         self._publish()
-        position = self._store.changes.position
-        if self._journal is not None and not await self._feed.wait_until(
-            lambda: self._journal.position is not None and self._journal.position >= position, SAVE_TIMEOUT
-        ):
-            raise RegistryUnavailable(f"the registry could not save the change within {SAVE_TIMEOUT:g} s")
+        if self._journal is None:
+            return True
+        version = self._store.changes.version
+        if self._saved_version() >= version:
+            return True
+        saved = asyncio.get_running_loop().create_future()
+        self._unsaved.append((version, saved))
+        try:
+            async with asyncio.timeout(SAVE_TIMEOUT):
+                await saved
+        except TimeoutError:
+            raise RegistryUnavailable(f"the registry could not save the change within {SAVE_TIMEOUT:g} s") from None
         return True
+
+    def _saved_version(self) -> int:
+        position = self._journal.position if self._journal is not None else None
+        return position[1] if position is not None and position[0] == self._store.changes.epoch else -1
 
     def _publish(self) -> None:
         """Wake the long polls (and the journal) if the store changed."""
@@ -242,13 +177,18 @@ class EmbeddedRegistry:
         journal, changes = self._journal, self._store.changes
         while True:
             await self._feed.wait_until(lambda: journal.position != changes.position, timeout=3600)
+            await asyncio.sleep(COMMIT_WINDOW)  # let the writes arriving meanwhile share this flush
             try:
                 await journal.flush(changes)
             except Exception:
                 log.exception("saving the registry state failed; retrying")
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(SAVE_RETRY)
                 continue
-            self._feed.notify()
+            saved = self._saved_version()
+            while self._unsaved and self._unsaved[0][0] <= saved:
+                _, done = self._unsaved.popleft()
+                if not done.done():  # (a write that gave up waiting is done)
+                    done.set_result(None)
 
     async def _expiry_loop(self) -> None:
         while True:

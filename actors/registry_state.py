@@ -22,7 +22,6 @@ at or below the base's ``seq`` are skipped on restore.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from typing import Protocol
@@ -51,32 +50,34 @@ class StateStore(Protocol):
 
 class GcsStateStore:
     """Ray's GCS key-value store, which outlives the actor (and is fault tolerant
-    when the GCS is). Its client blocks, so every call runs in a thread."""
+    when the GCS is), through the GCS client's asynchronous calls (the ones
+    Ray's dashboard uses). Its blocking calls hold the GIL while they wait for
+    the GCS: from a thread, that stalled the registry's event loop for as long
+    as the GCS took to answer."""
 
-    NAMESPACE = "ray-model-coordinator"
+    NAMESPACE = b"ray-model-coordinator"
+
+    @staticmethod
+    def _client():
+        from ray.experimental import internal_kv
+
+        client = internal_kv.internal_kv_get_gcs_client()
+        if client is None:
+            raise RuntimeError("Ray is not initialised: the GCS is not reachable from here")
+        return client
 
     async def get(self, key: str) -> bytes | None:
-        from ray.experimental import internal_kv
-
-        return await asyncio.to_thread(internal_kv._internal_kv_get, key, namespace=self.NAMESPACE)
+        return await self._client().async_internal_kv_get(key.encode(), self.NAMESPACE, timeout=None)
 
     async def put(self, key: str, value: bytes) -> None:
-        from ray.experimental import internal_kv
-
-        await asyncio.to_thread(internal_kv._internal_kv_put, key, value, True, namespace=self.NAMESPACE)
+        await self._client().async_internal_kv_put(key.encode(), value, True, self.NAMESPACE, timeout=None)
 
     async def delete(self, key: str, prefix: bool = False) -> None:
-        from ray.experimental import internal_kv
-
-        await asyncio.to_thread(
-            internal_kv._internal_kv_del, key, del_by_prefix=prefix, namespace=self.NAMESPACE
-        )
+        await self._client().async_internal_kv_del(key.encode(), prefix, self.NAMESPACE, timeout=None)
 
     async def keys(self, prefix: str) -> list[str]:
-        from ray.experimental import internal_kv
-
-        found = await asyncio.to_thread(internal_kv._internal_kv_list, prefix, namespace=self.NAMESPACE)
-        return [k.decode() for k in found]
+        found = await self._client().async_internal_kv_keys(prefix.encode(), self.NAMESPACE, timeout=None)
+        return sorted(k.decode() for k in found)
 
 
 class MemoryStateStore:
@@ -173,12 +174,9 @@ class Journal:
             return
         self._seq += 1
         key = f"{self._key}/log/{self._seq:012d}"
-        segment = {
-            "seq": self._seq,
-            "put": json.loads(_INSTANCES.dump_json(list(change.upserts))),
-            "removed": [list(k) for k in change.removed],
-        }
-        await self._store.put(key, json.dumps(segment).encode())
+        segment = b'{"seq":%d,"put":%s,"removed":%s}' % (
+            self._seq, _INSTANCES.dump_json(list(change.upserts)), json.dumps(change.removed).encode())
+        await self._store.put(key, segment)
         self._segments.append(key)
         self._records_since_base += len(change.upserts) + len(change.removed)
         self.position = (change.epoch, change.version)
@@ -194,9 +192,9 @@ class Journal:
     async def _write_base(self, snap: Snapshot, changes: ChangeLog) -> None:
         assert self._port is not None
         self._seq += 1
-        body = {"port": self._port, "seq": self._seq,
-                "entries": json.loads(_INSTANCES.dump_json(list(snap.instances)))}
-        await self._store.put(f"{self._key}/base", json.dumps(body).encode())
+        # Built as bytes: serialising 10,000 entries is one pydantic-core call.
+        body = b'{"port":%d,"seq":%d,"entries":%s}' % (self._port, self._seq, _INSTANCES.dump_json(list(snap.instances)))
+        await self._store.put(f"{self._key}/base", body)
         self.position = (snap.epoch, snap.version)
         if self._segments:  # the base covers them; a crash before this leaves them skipped on restore
             await self._store.delete(f"{self._key}/log/", prefix=True)

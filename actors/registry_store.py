@@ -12,7 +12,11 @@ queue ordered by their last heartbeat, so an expiry pass looks only at the
 ones that are due; and every visible change is recorded in :attr:`changes`
 (a :class:`~coordinator.changes.ChangeLog`), from which watchers and the
 journal take deltas. Heartbeats that only move ``last_heartbeat`` record
-nothing, so a quiet fleet produces no changes.
+nothing, so a quiet fleet produces no changes — and allocate nothing that
+outlives the request: heartbeat times are kept as floats beside the entries,
+which change only when something visible does (a steady turnover of long-lived
+objects is what makes Python's full garbage collections long and frequent).
+The listing puts the heartbeat times back in.
 """
 
 from __future__ import annotations
@@ -44,7 +48,9 @@ class RegistryStore:
         self.heartbeat_timeout = heartbeat_timeout
         self.max_entries = max_entries
         self._clock = clock
+        # Each entry as of its last visible change (the change log holds the same objects).
         self._entries: dict[Identity, ModelInstance] = {}
+        self._beats: dict[Identity, float] = {}  # last heartbeat, wall-clock seconds
         # Entries that can expire (healthy, check_healthy), oldest heartbeat first.
         self._due: OrderedDict[Identity, float] = OrderedDict()
         #: Every visible change; watchers and the journal read deltas from it.
@@ -64,18 +70,28 @@ class RegistryStore:
         held = self._entries.get(ident)
         if held is None and self.max_entries is not None and len(self._entries) >= self.max_entries:
             raise RegistryFull(f"the registry holds its limit of {self.max_entries} entries")
+        now = self._clock()
         fresh = inst.model_copy(
-            update={"healthy": True, "last_heartbeat": self._now(), "remove_from_registry": False}
+            update={"healthy": True, "last_heartbeat": _stamp(now), "remove_from_registry": False}
         )
-        return self._set(ident, fresh, visible=held is None or _visible(held) != _visible(fresh))
+        if held is not None and _visible(held) == _visible(fresh):
+            self._beat(ident, held, now)
+            return False
+        self._set(ident, fresh, now)
+        return True
 
     def heartbeat(self, inst: ModelInstance) -> bool:
         inst = _normalise(inst)
-        held = self._entries.get(inst.identity)
+        ident = inst.identity
+        held = self._entries.get(ident)
         if held is None:
             return self.register(inst)
-        fresh = held.model_copy(update={"healthy": True, "last_heartbeat": self._now()})
-        return self._set(inst.identity, fresh, visible=not held.healthy)
+        now = self._clock()
+        if held.healthy:
+            self._beat(ident, held, now)
+            return False
+        self._set(ident, held.model_copy(update={"healthy": True, "last_heartbeat": _stamp(now)}), now)
+        return True
 
     def deregister(self, model_name: str, host: str, port: int, remove: bool) -> bool:
         """Mark unhealthy, or remove. Returns whether the entry existed."""
@@ -85,10 +101,11 @@ class RegistryStore:
             return False
         if remove:
             del self._entries[ident]
+            del self._beats[ident]
             self._due.pop(ident, None)
             self.changes.remove(ident)
-        else:
-            self._set(ident, held.model_copy(update={"healthy": False}), visible=bool(held.healthy))
+        elif held.healthy:
+            self._set(ident, held.model_copy(update={"healthy": False}), self._beats[ident])
         return True
 
     def expire(self) -> list[ModelInstance]:
@@ -100,16 +117,17 @@ class RegistryStore:
             ident, beat = next(iter(self._due.items()))
             if beat >= deadline:
                 break
-            inst = self._entries[ident].model_copy(update={"healthy": False})
-            self._set(ident, inst, visible=True)
+            inst = self._entries[ident].model_copy(update={"healthy": False, "last_heartbeat": _stamp(beat)})
+            self._set(ident, inst, beat)
             expired.append(inst)
         return expired
 
     # ---- reads ----------------------------------------------------------
 
     def query(self, model_name: str | None = None, healthy_only: bool = False) -> list[ModelInstance]:
+        """Entries as DB-GPT's controller lists them, with their last heartbeat."""
         return [
-            inst
+            inst.model_copy(update={"last_heartbeat": _stamp(self._beats[ident])})
             for ident, inst in sorted(self._entries.items())
             if (model_name is None or ident[0] == model_name) and (inst.healthy or not healthy_only)
         ]
@@ -120,38 +138,42 @@ class RegistryStore:
     # ---- persistence ----------------------------------------------------
 
     def touch_all(self) -> None:
-        """Stamp every entry's heartbeat with now (after a restore)."""
-        stamp = self._now()
-        for ident, inst in list(self._entries.items()):
-            self._set(ident, inst.model_copy(update={"last_heartbeat": stamp}), visible=False)
+        """Count every entry as heard from now (after a restore)."""
+        now = self._clock()
+        for ident, inst in self._entries.items():
+            self._beat(ident, inst, now)
 
     def load(self, entries: Iterable[object]) -> list[str]:
         """Start from saved entries (JSON objects). Entries that are not valid
         instances under today's rules (saved by an older, looser version) are
         dropped and described, rather than keeping the registry from starting."""
         listing = screen_entries(list(entries))
-        self._entries, self._due = {}, OrderedDict()
+        self._entries, self._beats, self._due = {}, {}, OrderedDict()
         for inst in listing.instances:
-            self._set(inst.identity, inst, visible=False)
+            beat = inst.last_heartbeat.timestamp() if inst.last_heartbeat else float("-inf")
+            self._entries[inst.identity] = inst
+            self._beat(inst.identity, inst, beat)
         self.changes.load(self._entries.values(), version=0)
         return listing.rejected
 
     # ---- internals ------------------------------------------------------
 
-    def _set(self, ident: Identity, inst: ModelInstance, visible: bool) -> bool:
+    def _set(self, ident: Identity, inst: ModelInstance, beat: float) -> None:
+        """A visible change: the entry is replaced and the change recorded."""
         self._entries[ident] = inst
+        self._beat(ident, inst, beat)
+        self.changes.put(inst)
+
+    def _beat(self, ident: Identity, inst: ModelInstance, beat: float) -> None:
+        self._beats[ident] = beat
         if inst.check_healthy and inst.healthy:
-            beat = inst.last_heartbeat.timestamp() if inst.last_heartbeat else float("-inf")
             self._due[ident] = beat
             self._due.move_to_end(ident)
         else:
             self._due.pop(ident, None)
-        if visible:
-            self.changes.put(inst)
-        return visible
 
-    def _now(self) -> datetime:
-        return datetime.fromtimestamp(self._clock())
+def _stamp(seconds: float) -> datetime | None:
+    return datetime.fromtimestamp(seconds) if seconds != float("-inf") else None
 
 
 def _normalise(inst: ModelInstance) -> ModelInstance:

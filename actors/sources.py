@@ -79,25 +79,35 @@ class DbgptControllerSource:
         raise SourceError("; ".join(errors))
 
     def _screen(self, raw: object) -> Screened:
-        """:func:`screen_listing`, validating only the entries that changed."""
+        """:func:`screen_listing`, validating only the entries that changed.
+        Per unchanged entry: a pop, a lookup and a dict comparison."""
         if not isinstance(raw, list):
             return screen_listing(raw)  # raises, naming what came instead
-        seen: dict[tuple, tuple[dict, ModelInstance]] = {}
+        seen: dict[object, tuple[dict, ModelInstance]] = {}
         instances, rejected = [], []
         for entry in raw:
-            bare = {k: v for k, v in entry.items() if k != "last_heartbeat"} if isinstance(entry, dict) else None
-            key = tuple(str(bare.get(f)) for f in ("model_name", "host", "port")) if bare is not None else None
-            held = self._seen.get(key) if key is not None else None
-            if held is not None and held[0] == bare:
+            key = held = None
+            if isinstance(entry, dict):
+                beat = entry.pop("last_heartbeat", None)  # the parsed listing is ours to change
+                key = (entry.get("model_name"), entry.get("host"), entry.get("port"))
+                try:
+                    held = self._seen.get(key)
+                except TypeError:  # an unhashable name or host: validation will say why
+                    key = None
+            if held is not None and held[0] == entry:
                 inst = held[1]
             else:
+                bare = dict(entry) if key is not None else None
+                if isinstance(entry, dict):
+                    entry["last_heartbeat"] = beat
                 inst = screen_entry(entry)
                 if isinstance(inst, str):
                     rejected.append(inst)
                     continue
+                held = (bare, inst)
             instances.append(inst)
             if key is not None:
-                seen[key] = (bare, inst)
+                seen[key] = held
         self._seen = seen
         return require_some(Screened(instances, rejected))
 
@@ -109,9 +119,12 @@ class EmbeddedRegistrySource:
     """Long-polls the embedded registry actor: a change arrives as soon as it is
     made. The actor is looked up by name, again after it restarts."""
 
-    def __init__(self, settings: EmbeddedSource, actor_name: str, namespace: str, long_poll: float) -> None:
+    def __init__(
+        self, settings: EmbeddedSource, actor_name: str, namespace: str, long_poll: float, pace: float = 0.0
+    ) -> None:
         self._actor_name, self._namespace = actor_name, namespace
         self._long_poll = long_poll
+        self._pace = pace
         self._since: tuple[str, int] | None = None
         self._handle = None
         scheme = "https" if settings.tls else "http"
@@ -122,6 +135,8 @@ class EmbeddedRegistrySource:
         import ray
         from ray.exceptions import RayError
 
+        if not first and self._pace:
+            await asyncio.sleep(self._pace)  # a burst of changes shares the next answer
         try:
             if self._handle is None:
                 self._handle = ray.get_actor(self._actor_name, namespace=self._namespace)
@@ -166,11 +181,13 @@ class StaticFileSource:
         pass
 
 
-def build_source(settings: RegistrySource, registry_actor: str, namespace: str, long_poll: float) -> Source:
+def build_source(
+    settings: RegistrySource, registry_actor: str, namespace: str, long_poll: float, pace: float = 0.0
+) -> Source:
     if isinstance(settings, DbgptSource):
         return DbgptControllerSource(settings)
     if isinstance(settings, EmbeddedSource):
-        return EmbeddedRegistrySource(settings, registry_actor, namespace, long_poll)
+        return EmbeddedRegistrySource(settings, registry_actor, namespace, long_poll, pace)
     return StaticFileSource(settings)
 
 

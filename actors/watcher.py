@@ -45,12 +45,13 @@ class RegistryWatcher:
         registry_actor: str = "",
         namespace: str = "",
         long_poll: float = 10.0,
+        pace: float = 0.0,
         source: Source | None = None,
         clock: Callable[[], float] = time.time,
         export_metrics: bool = False,
     ) -> None:
         self._metrics = RayMetrics() if export_metrics else NoMetrics()
-        self._source = source or build_source(settings, registry_actor, namespace, long_poll)
+        self._source = source or build_source(settings, registry_actor, namespace, long_poll, pace)
         self._backoff = backoff or BackoffSettings()
         self._clock = clock
         self._log: ChangeLog[tuple[str, str, int], ModelInstance] = ChangeLog(identity)

@@ -10,40 +10,62 @@ Start here::
         print(out.host, out.port, out.success, out.message)
 """
 
-from coordinator.client import AsyncCluster, Cluster, attach, start
-from coordinator.config import (
-    BackoffSettings,
-    CoordinatorConfig,
-    DbgptSource,
-    EmbeddedSource,
-    ProbeSettings,
-    StaticSource,
-    Timeouts,
-)
-from coordinator.errors import (
-    CoordinatorError,
-    CoordinatorNotFoundError,
-    CoordinatorUnavailableError,
-    NoInstancesError,
-    UnknownEndpointError,
-    WaitTimeoutError,
-)
-from coordinator.facade import RayWorkerManager, WorkerOperationError
-from coordinator.models import (
-    ApplyResult,
-    ApplyType,
-    Endpoint,
-    ModelInstance,
-    SupportedModel,
-    SupportsOutcome,
-    WorkerApplyOutput,
-    WorkerApplyRequest,
-    WorkerStartupRequest,
-    WorkerSupportedModel,
-    WorkerType,
-)
-from coordinator.rollout import ApplyPlan, RolloutProgress
-from coordinator.status import ClusterStatus, InstanceStatus, WatcherStatus
+# What each public name is imported from. Imported on first use (PEP 562), so
+# that an actor process importing one module of this package (a proxy needs
+# the config and the wire models) does not load the driver's client, the CLI's
+# dependencies and the rest.
+_WHERE = {
+    "ApplyPlan": "coordinator.rollout",
+    "ApplyResult": "coordinator.models",
+    "ApplyType": "coordinator.models",
+    "AsyncCluster": "coordinator.client",
+    "BackoffSettings": "coordinator.config",
+    "Cluster": "coordinator.client",
+    "ClusterStatus": "coordinator.status",
+    "CoordinatorConfig": "coordinator.config",
+    "CoordinatorError": "coordinator.errors",
+    "CoordinatorNotFoundError": "coordinator.errors",
+    "CoordinatorUnavailableError": "coordinator.errors",
+    "DbgptSource": "coordinator.config",
+    "EmbeddedSource": "coordinator.config",
+    "Endpoint": "coordinator.models",
+    "InstanceStatus": "coordinator.status",
+    "ModelInstance": "coordinator.models",
+    "NoInstancesError": "coordinator.errors",
+    "ProbeSettings": "coordinator.config",
+    "RayWorkerManager": "coordinator.facade",
+    "RolloutProgress": "coordinator.rollout",
+    "StaticSource": "coordinator.config",
+    "SupportedModel": "coordinator.models",
+    "SupportsOutcome": "coordinator.models",
+    "Timeouts": "coordinator.config",
+    "UnknownEndpointError": "coordinator.errors",
+    "WaitTimeoutError": "coordinator.errors",
+    "WatcherStatus": "coordinator.status",
+    "WorkerApplyOutput": "coordinator.models",
+    "WorkerApplyRequest": "coordinator.models",
+    "WorkerOperationError": "coordinator.facade",
+    "WorkerStartupRequest": "coordinator.models",
+    "WorkerSupportedModel": "coordinator.models",
+    "WorkerType": "coordinator.models",
+    "attach": "coordinator.client",
+    "start": "coordinator.client",
+}
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        import importlib
+
+        value = getattr(importlib.import_module(_WHERE[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'coordinator' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))
+
 
 __all__ = [
     "ApplyPlan",

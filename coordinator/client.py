@@ -135,6 +135,7 @@ def start(
                     registry_actor=registry_actor(name, source.name),
                     namespace=namespace,
                     long_poll=config.long_poll_timeout,
+                    pace=config.change_pace,
                     export_metrics=True,
                 )
             )

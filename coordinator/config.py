@@ -225,9 +225,11 @@ class EmbeddedSource(_Source):
     token: Secret | None = None
     #: Serve https, so that the token does not cross the network in clear.
     tls: ServeTls | None = None
-    #: Largest request body accepted (bytes), and most entries held.
+    #: Largest request body accepted (bytes), and most entries held (a
+    #: bound on memory against a flood of made-up entries: about 2 KiB each,
+    #: so 100,000 is some 200 MiB; a 10,000-instance fleet fits with room).
     max_body_bytes: int = Field(64 * 1024, ge=1024)
-    max_instances: int = Field(10_000, ge=1)
+    max_instances: int = Field(100_000, ge=1)
 
     @model_validator(mode="after")
     def _timeout_exceeds_interval(self) -> Self:
@@ -268,6 +270,11 @@ class CoordinatorConfig(_Strict):
     worker_overrides: dict[str, WorkerAccess] = Field(default_factory=dict)
     #: How long a watcher long poll waits before answering "nothing new".
     long_poll_timeout: float = Field(10.0, gt=0)
+    #: After a change arrives, a follower (a watcher of the embedded registry,
+    #: the coordinator of its watchers) waits this long before asking for the
+    #: next, so a burst of changes travels as a few deltas instead of one call
+    #: per change. The first change after a quiet spell is not delayed.
+    change_pace: float = Field(0.02, ge=0, le=1)
     _overrides: dict[Endpoint, WorkerAccess] = PrivateAttr(default_factory=dict)
 
     @field_validator("registries", mode="after")

@@ -133,6 +133,8 @@ class CoordinatorService:
                 continue
             since = (change.epoch, change.version)
             self._absorb(source, change)
+            if self.config.change_pace:
+                await asyncio.sleep(self.config.change_pace)  # a burst shares the next delta
 
     def _absorb(self, source: str, change: Change) -> None:
         """One watcher's change into the live set; proxies follow the endpoints

@@ -202,3 +202,16 @@ async def test_controller_answering_garbage_is_a_source_error(registry):
     source = DbgptControllerSource(DbgptSource(url="http://c:1"), transport=httpx.MockTransport(garbage))
     with pytest.raises(Exception, match="http://c:1"):
         await source.next(first=True)
+
+
+async def test_deregister_with_an_empty_remove_flag_means_false(registry):
+    """DB-GPT's worker, with no model storage, deregisters with
+    `remove_from_registry=` (no value); its own controller answers 422 and the
+    model is never stopped. Here it means false: marked unhealthy, kept."""
+    _, _, client = registry
+    await client.post("/api/controller/models", json=instance())
+    r = await client.delete("/api/controller/models?model_name=chatgpt-test%40llm&host=127.0.0.1"
+                            "&port=18001&remove_from_registry=")
+    assert r.status_code == 200 and r.json() is True
+    [kept] = (await client.get("/api/controller/models")).json()
+    assert kept["healthy"] is False

@@ -160,3 +160,18 @@ def test_errors_survive_the_trip_from_the_coordinator_to_the_driver(error):
 
     copy = pickle.loads(pickle.dumps(error))
     assert type(copy) is type(error) and str(copy) == str(error)
+
+
+def test_an_actor_importing_one_module_does_not_load_the_driver_api():
+    """The package's public names load on first use: a proxy process, which
+    needs the config and wire models, does not import the client or the CLI."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = ("import sys, actors.proxy, actors.watcher, actors.registry; "
+            "print(sorted(m for m in ('coordinator.client', 'coordinator.cli', 'coordinator.facade') "
+            "if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

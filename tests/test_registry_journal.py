@@ -127,6 +127,7 @@ async def test_the_single_blob_state_of_an_older_version_is_restored():
 
 async def test_a_write_that_cannot_be_saved_is_refused_not_acknowledged(monkeypatch):
     monkeypatch.setattr(actors.registry, "SAVE_TIMEOUT", 0.5)
+    monkeypatch.setattr(actors.registry, "SAVE_RETRY", 0.05)
     store = MemoryStateStore()
     reg, client = await started(store)
     try:
