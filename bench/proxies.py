@@ -22,7 +22,10 @@ from datetime import datetime
 from pathlib import Path
 
 import psutil
-import ray
+
+# Token auth on, as the tests and a deployment have it; Ray reads this when imported.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+import ray  # noqa: E402
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -126,7 +129,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.proxies", description=__doc__.split("\n\n")[0])
     parser.add_argument("--endpoints", type=int, default=128)
     args = parser.parse_args()
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     ray.init(namespace="bench", logging_level="ERROR", include_dashboard=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     loop = asyncio.new_event_loop()

@@ -147,6 +147,11 @@ def filter_instances(
     return out
 
 
+class Absorbed(NamedTuple):
+    endpoints: set[Endpoint]  # that may have appeared in, or left, the live set
+    keys: set[str]  # worker keys whose instances changed
+
+
 class LiveSet:
     """Every source's instances merged into one live set, kept current change by
     change: absorbing a delta costs what it carries (times the number of
@@ -160,6 +165,7 @@ class LiveSet:
         self.merged: ChangeLog[Identity, ModelInstance] = ChangeLog(identity)
         self._by_key: dict[str, dict[Identity, ModelInstance]] = {}
         self._endpoint_refs: Counter[Endpoint] = Counter()
+        self._at_endpoint: dict[Endpoint, set[Identity]] = {}
 
     # ---- reads ----------------------------------------------------------
 
@@ -177,6 +183,10 @@ class LiveSet:
     def has_endpoint(self, endpoint: Endpoint) -> bool:
         return endpoint in self._endpoint_refs
 
+    def keys_at(self, endpoint: Endpoint) -> set[str]:
+        """The worker keys with an instance at ``endpoint``."""
+        return {ident[0] for ident in self._at_endpoint.get(endpoint, ())}
+
     def listed_by(self, endpoint: Endpoint) -> list[str]:
         """The sources that list anything at ``endpoint`` (sorted)."""
         return [s for s in self._order if self._source_endpoints[s][endpoint] > 0]
@@ -186,9 +196,10 @@ class LiveSet:
 
     # ---- changes --------------------------------------------------------
 
-    def absorb(self, source: str, change: Change) -> set[Endpoint]:
-        """Apply one source's change; return the endpoints it touched (those
-        that may have appeared in, or left, the live set)."""
+    def absorb(self, source: str, change: Change) -> Absorbed:
+        """Apply one source's change; say which endpoints it touched (those
+        that may have appeared in, or left, the live set) and which worker
+        keys' instances changed."""
         held = self._by_source[source]
         if isinstance(change, Delta):
             pairs: list[tuple[Identity, ModelInstance | None]] = [(v.identity, v) for v in change.upserts]
@@ -198,6 +209,7 @@ class LiveSet:
             pairs = [(k, v) for k, v in fresh.items() if held.get(k) != v]
             pairs += [(k, None) for k in held if k not in fresh]
         touched: set[Endpoint] = set()
+        keys: set[str] = set()
         counts = self._source_endpoints[source]
         for ident, value in pairs:
             ep = Endpoint(ident[1], ident[2])
@@ -211,7 +223,8 @@ class LiveSet:
                     counts[ep] += 1
                 held[ident] = value
             self._remerge(ident, ep, touched)
-        return touched
+            keys.add(ident[0])
+        return Absorbed(touched, keys)
 
     def _remerge(self, ident: Identity, ep: Endpoint, touched: set[Endpoint]) -> None:
         best: ModelInstance | None = None
@@ -227,13 +240,15 @@ class LiveSet:
                 if not self._by_key[ident[0]]:
                     del self._by_key[ident[0]]
                 self._endpoint_refs[ep] -= 1
+                self._at_endpoint[ep].discard(ident)
                 if not self._endpoint_refs[ep]:
-                    del self._endpoint_refs[ep]
+                    del self._endpoint_refs[ep], self._at_endpoint[ep]
                     touched.add(ep)
             return
         self.merged.put(best)
         self._by_key.setdefault(ident[0], {})[ident] = best
         if not present:
             self._endpoint_refs[ep] += 1
+            self._at_endpoint.setdefault(ep, set()).add(ident)
             if self._endpoint_refs[ep] == 1:
                 touched.add(ep)

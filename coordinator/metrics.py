@@ -29,7 +29,10 @@ class Metrics(Protocol):
 
     def instance_latency(self, operation: str, seconds: float) -> None: ...
 
-    def live_instances(self, counts: dict[tuple[str, str], int]) -> None: ...
+    def live_instances(self, counts: dict[tuple[str, str], int], models: set[str] | None = None) -> None:
+        """Non-zero counts by (model, health) for ``models`` (every model when
+        None); a label of those models missing from ``counts`` reads 0."""
+        ...
 
     def watcher(self, source: str, stale: bool, failed: bool) -> None: ...
 
@@ -45,7 +48,7 @@ class NoMetrics:
     def instance_latency(self, operation: str, seconds: float) -> None:
         pass
 
-    def live_instances(self, counts: dict[tuple[str, str], int]) -> None:
+    def live_instances(self, counts: dict[tuple[str, str], int], models: set[str] | None = None) -> None:
         pass
 
     def watcher(self, source: str, stale: bool, failed: bool) -> None:
@@ -78,7 +81,7 @@ class RayMetrics:
         self._refused = metrics.Gauge(
             "coordinator_watcher_refused_entries", "Invalid registry entries in a source's last listing",
             tag_keys=("source",))
-        self._live_keys: set[tuple[str, str]] = set()
+        self._live_labels: dict[str, set[str]] = {}  # health labels recorded non-zero, by model
 
     def operation(self, operation: str, outcome: str) -> None:
         self._ops.inc(1, {"operation": operation, "outcome": outcome})
@@ -86,12 +89,16 @@ class RayMetrics:
     def instance_latency(self, operation: str, seconds: float) -> None:
         self._latency.observe(seconds, {"operation": operation})
 
-    def live_instances(self, counts: dict[tuple[str, str], int]) -> None:
-        for key in self._live_keys - set(counts):  # a model that left reads 0, not its last value
-            self._live.set(0, {"model": key[0], "health": key[1]})
+    def live_instances(self, counts: dict[tuple[str, str], int], models: set[str] | None = None) -> None:
+        fresh: dict[str, set[str]] = {}
         for (model, health), n in counts.items():
             self._live.set(n, {"model": model, "health": health})
-        self._live_keys = set(counts)
+            fresh.setdefault(model, set()).add(health)
+        for model in list(self._live_labels) if models is None else models:
+            # a label (or a model) that went away reads 0, not its last value
+            for health in self._live_labels.pop(model, set()) - fresh.get(model, set()):
+                self._live.set(0, {"model": model, "health": health})
+        self._live_labels.update(fresh)
 
     def watcher(self, source: str, stale: bool, failed: bool) -> None:
         self._stale.set(1 if stale else 0, {"source": source})

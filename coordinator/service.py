@@ -96,7 +96,7 @@ class CoordinatorService:
         self._sources = [s.name for s in config.registries]
         self._heard: set[str] = set()  # sources whose watcher has answered once
         self._live = LiveSet(self._sources)
-        self._gauges_due = True
+        self._gauge_keys: set[str] = set()  # worker keys whose gauges are out of date
         self._probes: dict[Endpoint, Reachability] = {}
         self._serial = KeyedSerializer()
         self._rollouts: dict[str, RolloutProgress] = {}
@@ -140,7 +140,9 @@ class CoordinatorService:
         """One watcher's change into the live set; proxies follow the endpoints
         it touched. Costs what the change carries."""
         self._heard.add(source)
-        for ep in sorted(self._live.absorb(source, change)):
+        absorbed = self._live.absorb(source, change)
+        self._gauge_keys |= absorbed.keys
+        for ep in sorted(absorbed.endpoints):
             if self._live.has_endpoint(ep) and ep not in self._proxies.endpoints():
                 self._proxies.ensure(ep, self.config.access_for(ep, self._live.listed_by(ep)))
             elif not self._live.has_endpoint(ep) and ep in self._proxies.endpoints():
@@ -149,28 +151,33 @@ class CoordinatorService:
         self._changed()
 
     def _changed(self) -> None:
-        self._gauges_due = True
         self._feed.notify()
 
-    def _record_live_instances(self) -> None:
+    def _record_live_instances(self, keys: set[str] | None = None) -> None:
+        """The live-instance gauges of ``keys`` (every worker key when None),
+        counted from those keys' instances only."""
         unreachable = self._unreachable()
+        live = self._live.merged.values() if keys is None else (i for k in keys for i in self._live.of_key(k))
         self._metrics.live_instances(live_counts([
             (i.model_name, "unreachable" if i.endpoint in unreachable else "healthy" if i.healthy else "unhealthy")
-            for i in self._live.merged.values()
-        ]))
+            for i in live
+        ]), keys)
 
     async def _republish_gauges(self) -> None:
-        """The gauges count the whole live set, so they are recorded at most once
-        a second after a change (a burst of changes costs one count), and every
-        few seconds regardless, so a scrape after a quiet hour (or after an
-        exporter restart) still sees them."""
+        """The gauges of the models that changed are recorded at most once a
+        second (a burst of changes costs one count, of those models only), and
+        every gauge every few seconds regardless, so a scrape after a quiet
+        hour (or after an exporter restart) still sees them."""
         quiet = 0.0
         while True:
             await asyncio.sleep(GAUGE_INTERVAL)
             quiet += GAUGE_INTERVAL
-            if self._gauges_due or quiet >= GAUGE_REFRESH:
-                self._gauges_due, quiet = False, 0.0
+            if quiet >= GAUGE_REFRESH:
+                self._gauge_keys, quiet = set(), 0.0
                 self._record_live_instances()
+            elif self._gauge_keys:
+                keys, self._gauge_keys = self._gauge_keys, set()
+                self._record_live_instances(keys)
 
     async def report_probe(self, endpoint: Endpoint, state: Reachability) -> None:
         """A proxy says its worker became reachable or unreachable."""
@@ -178,6 +185,7 @@ class CoordinatorService:
         if endpoint in self._proxies.endpoints():
             self._probes[endpoint] = state
             log.info("%s is now %s", endpoint, "reachable" if state.reachable else f"unreachable ({state.last_error})")
+            self._gauge_keys |= self._live.keys_at(endpoint)
             self._changed()
 
     async def ready(self, timeout: float) -> bool:

@@ -147,9 +147,17 @@ def test_killed_embedded_registry_restarts_on_its_address_with_its_state(cluster
     assert httpx.post(f"{url}/api/controller/models", json=quiet).json() is True
     cluster.wait_for("quiet", count=1, timeout=10)
 
+    async def burst() -> list[bool]:
+        """200 registrations at once, each answered only once it is saved."""
+        async with httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=50)) as client:
+            answers = await asyncio.gather(*(client.post("/api/controller/models", json={
+                **quiet, "model_name": f"burst-{i}@llm"}) for i in range(200)))
+        return [r.json() for r in answers]
+
     registry = ray.get_actor(registry_actor("reg-kill", "reg"), namespace="tests")
     epoch = ray.get(registry.wait_for_change.remote(None, 0)).epoch
-    ray.kill(registry, no_restart=False)
+    assert asyncio.run(burst()) == [True] * 200
+    ray.kill(registry, no_restart=False)  # at once: nothing answered may be lost
 
     def restarted() -> bool:
         # The live set holds while the registry is away.
@@ -163,6 +171,7 @@ def test_killed_embedded_registry_restarts_on_its_address_with_its_state(cluster
     assert ray.get(registry.ready.remote()) == url  # the same address
     models = {i["model_name"] for i in httpx.get(f"{url}/api/controller/models").json()}
     assert {"quiet@llm", "r1@llm", "WorkerManager@service"} <= models
+    assert {f"burst-{i}@llm" for i in range(200)} <= models
     late = {"model_name": "late@llm", "host": "127.0.0.1", "port": w1.port, "check_healthy": False}
     httpx.post(f"{url}/api/controller/models", json=late).raise_for_status()
     cluster.wait_for("late", count=1, timeout=10)

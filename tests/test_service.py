@@ -294,3 +294,43 @@ async def test_a_batch_that_does_not_come_back_healthy_stops_the_rollout(service
                              ApplyOptions(apply_type="restart", max_unavailable=1, health_timeout=0.5))
     assert result.outputs[0].success
     assert "not attempted: batch 1 not healthy within 0.5 s" in result.outputs[1].message
+
+
+class RecordingMetrics:
+    def __init__(self) -> None:
+        self.live: list[tuple[dict, set[str] | None]] = []
+
+    def live_instances(self, counts, models=None):
+        self.live.append((dict(counts), None if models is None else set(models)))
+
+    def __getattr__(self, name):  # every other metric: ignored
+        return lambda *args, **kwargs: None
+
+
+async def test_a_change_recounts_the_gauges_of_the_models_it_touched_only(monkeypatch):
+    import coordinator.service as service_module
+
+    monkeypatch.setattr(service_module, "GAUGE_INTERVAL", 0.01)
+    config = CoordinatorConfig.model_validate(
+        {"registries": [{"kind": "static", "name": "a", "instances": []}], "long_poll_timeout": 0.2,
+         "change_pace": 0})
+    watchers, proxies, metrics = FakeWatchers(), FakeProxies(), RecordingMetrics()
+    svc = CoordinatorService(config, watchers, proxies, metrics=metrics)
+    task = asyncio.create_task(svc.run())
+    try:
+        watchers.publish("a", inst("m@llm", 1), inst("n@llm", 1), inst("n@llm", 2))
+        await settle(svc, 2, "n")
+        await asyncio.sleep(0.05)
+        metrics.live.clear()
+        watchers.publish("a", inst("m@llm", 1), inst("n@llm", 1), inst("n@llm", 2, healthy=False))
+        deadline = asyncio.get_running_loop().time() + 5
+        while not metrics.live:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)
+        counts, models = metrics.live[0]
+        assert models == {"n@llm"}  # m@llm did not change: not counted again
+        assert counts == {("n@llm", "healthy"): 1, ("n@llm", "unhealthy"): 1}
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
