@@ -82,6 +82,7 @@ class EmbeddedRegistry:
         await self._http.start()
         if self._journal is not None:
             await self._journal.start(self._http.port, self._store.changes)
+            self._acknowledge_saved()  # a write that arrived while the base was written
             self._saving = asyncio.get_running_loop().create_task(self._save_loop())
 
     async def process_info(self) -> dict[str, str | int | None]:
@@ -184,11 +185,15 @@ class EmbeddedRegistry:
                 log.exception("saving the registry state failed; retrying")
                 await asyncio.sleep(SAVE_RETRY)
                 continue
-            saved = self._saved_version()
-            while self._unsaved and self._unsaved[0][0] <= saved:
-                _, done = self._unsaved.popleft()
-                if not done.done():  # (a write that gave up waiting is done)
-                    done.set_result(None)
+            self._acknowledge_saved()
+
+    def _acknowledge_saved(self) -> None:
+        """Answer the writes the journal now holds."""
+        saved = self._saved_version()
+        while self._unsaved and self._unsaved[0][0] <= saved:
+            _, done = self._unsaved.popleft()
+            if not done.done():  # (a write that gave up waiting is done)
+                done.set_result(None)
 
     async def _expiry_loop(self) -> None:
         while True:

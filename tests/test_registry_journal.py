@@ -142,3 +142,35 @@ async def test_a_write_that_cannot_be_saved_is_refused_not_acknowledged(monkeypa
     finally:
         await client.aclose()
         await reg.close()
+
+
+async def test_a_write_that_arrives_while_the_first_base_is_written_is_answered():
+    """The registry serves before its journal has written its first base; a
+    write in that gap is answered once the base holds it, not left waiting."""
+    from tests.conftest import free_port
+
+    class Gated(MemoryStateStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = asyncio.Event()
+
+        async def put(self, key: str, value: bytes) -> None:
+            await self.gate.wait()
+            await super().put(key, value)
+
+    store, port = Gated(), free_port()
+    reg = EmbeddedRegistry(EmbeddedSource(port=port), state=Journal(store, KEY))
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        for _ in range(200):  # serving, with the base still unwritten
+            try:
+                await client.get("/api/health")
+                break
+            except httpx.TransportError:
+                await asyncio.sleep(0.02)
+        answer = asyncio.ensure_future(client.post("/api/controller/models", json=instance("early@llm")))
+        await asyncio.sleep(0.2)
+        assert not answer.done()  # not answered before it is saved
+        store.gate.set()
+        r = await asyncio.wait_for(answer, 5)
+        assert r.json() is True
+    await reg.close()
