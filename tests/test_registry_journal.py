@@ -144,9 +144,9 @@ async def test_a_write_that_cannot_be_saved_is_refused_not_acknowledged(monkeypa
         await reg.close()
 
 
-async def test_a_write_that_arrives_while_the_first_base_is_written_is_answered():
+async def test_a_write_that_arrives_before_the_first_save_waits_for_it_then_is_answered():
     """The registry serves before its journal has written its first base; a
-    write in that gap is answered once the base holds it, not left waiting."""
+    write in that gap is not answered until it is saved, and then it is."""
     from tests.conftest import free_port
 
     class Gated(MemoryStateStore):
