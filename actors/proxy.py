@@ -26,6 +26,7 @@ from actors.process import process_info
 from actors.transport import (
     WorkerBadAnswer,
     WorkerCallError,
+    WorkerTimeout,
     WorkerUnreachable,
     client_limits,
     map_transport_errors,
@@ -113,9 +114,10 @@ class WorkerProxy:
 
     # ---- operations -----------------------------------------------------
 
-    async def apply(self, req: WorkerApplyRequest | str) -> WorkerApplyOutput:
+    async def apply(self, req: WorkerApplyRequest | str, budget: float | None = None) -> WorkerApplyOutput:
         """``req`` may come as its JSON text: the coordinator serialises a request
-        once per apply instead of once per proxy, and the text is sent as is."""
+        once per apply instead of once per proxy, and the text is sent as is.
+        With a ``budget`` (seconds), the call ends within it, resends included."""
         if isinstance(req, str):
             content = req.encode()
             req = WorkerApplyRequest.model_validate_json(content)
@@ -123,9 +125,9 @@ class WorkerProxy:
             content = req.model_dump_json().encode()
         what = f"apply {req.apply_type.value} {req.key}"
 
-        async def call() -> WorkerApplyOutput:
+        async def call(deadline: float | None) -> WorkerApplyOutput:
             body = await self._request(
-                "POST", "/apply", "apply", content=content, headers={"content-type": "application/json"}
+                "POST", "/apply", "apply", deadline, content=content, headers={"content-type": "application/json"}
             )
             try:
                 out = WorkerApplyOutput.model_validate(body)
@@ -136,20 +138,20 @@ class WorkerProxy:
                 "message": self._scrub(out.message),
             })
 
-        return await self._operate(what, call)
+        return await self._operate(what, call, budget)
 
-    async def startup(self, req: WorkerStartupRequest) -> WorkerApplyOutput:
-        return await self._lifecycle("startup", "/models/startup", req)
+    async def startup(self, req: WorkerStartupRequest, budget: float | None = None) -> WorkerApplyOutput:
+        return await self._lifecycle("startup", "/models/startup", req, budget)
 
-    async def shutdown(self, req: WorkerStartupRequest) -> WorkerApplyOutput:
-        return await self._lifecycle("shutdown", "/models/shutdown", req)
+    async def shutdown(self, req: WorkerStartupRequest, budget: float | None = None) -> WorkerApplyOutput:
+        return await self._lifecycle("shutdown", "/models/shutdown", req, budget)
 
     async def supports(self) -> SupportsOutcome:
         if self._tls_error is not None:
             return SupportsOutcome(endpoint=self.endpoint, error=f"{self.endpoint}: {self._tls_error}")
         try:
             body = await self._with_retries(
-                lambda: self._request("GET", "/models/supports", "supports")
+                lambda deadline: self._request("GET", "/models/supports", "supports", deadline), None
             )
             try:
                 models = _SUPPORTED.validate_python(body)
@@ -182,20 +184,23 @@ class WorkerProxy:
 
     # ---- internals ------------------------------------------------------
 
-    async def _lifecycle(self, op: str, path: str, req: WorkerStartupRequest) -> WorkerApplyOutput:
-        started = time.monotonic()
-
-        async def call() -> WorkerApplyOutput:
-            # DB-GPT answers a successful startup/shutdown with a bare `null`.
-            await self._request("POST", path, op, json=req.model_dump(mode="json"))
-            return self._output(f"{op} {req.key} succeeded", True, started)
-
-        return await self._operate(f"{op} {req.key}", call)
-
-    async def _operate(
-        self, what: str, call: Callable[[], Awaitable[WorkerApplyOutput]]
+    async def _lifecycle(
+        self, op: str, path: str, req: WorkerStartupRequest, budget: float | None
     ) -> WorkerApplyOutput:
         started = time.monotonic()
+
+        async def call(deadline: float | None) -> WorkerApplyOutput:
+            # DB-GPT answers a successful startup/shutdown with a bare `null`.
+            await self._request("POST", path, op, deadline, json=req.model_dump(mode="json"))
+            return self._output(f"{op} {req.key} succeeded", True, started)
+
+        return await self._operate(f"{op} {req.key}", call, budget)
+
+    async def _operate(
+        self, what: str, call: Callable[[float | None], Awaitable[WorkerApplyOutput]], budget: float | None
+    ) -> WorkerApplyOutput:
+        started = time.monotonic()
+        deadline = None if budget is None else started + budget
         if self._tls_error is not None:
             return self._output(f"{what} not sent: {self._tls_error}", False, started)
         if self._state.reachable is False:
@@ -206,24 +211,29 @@ class WorkerProxy:
                 started,
             )
         try:
-            return await self._with_retries(call)
+            return await self._with_retries(call, deadline)
         except WorkerCallError as exc:
             return self._output(f"{what} failed: {exc}", False, started)
 
-    async def _with_retries(self, call: Callable[[], Awaitable[Any]]) -> Any:
-        """Resend only what provably never reached the worker."""
+    async def _with_retries(self, call: Callable[[float | None], Awaitable[Any]], deadline: float | None) -> Any:
+        """Resend only what provably never reached the worker, and only while
+        the deadline (monotonic seconds) leaves room."""
         for pause in (*RETRY_BACKOFF, None):
             try:
-                return await call()
+                return await call(deadline)
             except WorkerUnreachable:
-                if pause is None:
+                if pause is None or (deadline is not None and time.monotonic() + pause >= deadline):
                     raise
                 await asyncio.sleep(pause)
         raise AssertionError("unreachable")
 
-    async def _request(self, method: str, path: str, op: str, **kwargs: Any) -> Any:
+    async def _request(self, method: str, path: str, op: str, deadline: float | None, **kwargs: Any) -> Any:
         limit = self._timeouts.for_operation(op)
-        timeout = httpx.Timeout(limit, connect=self._timeouts.connect)
+        if deadline is not None:
+            limit = min(limit, deadline - time.monotonic())
+            if limit <= 0:
+                raise WorkerTimeout("not sent: the operation's deadline had passed")
+        timeout = httpx.Timeout(limit, connect=min(self._timeouts.connect, limit))
         with map_transport_errors(limit):
             response = await self._client.request(method, path, timeout=timeout, **kwargs)
         return read_json(response)

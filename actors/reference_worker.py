@@ -10,7 +10,9 @@ a bare ``500 Internal Server Error`` and bad bodies with FastAPI's 422.
 Fault knobs (``/api/_reference/faults`` or :meth:`ReferenceWorker.set_faults`):
 ``latency`` added to every worker call, ``fail_next`` N calls answered 500,
 ``hang`` (accept and never answer). Every worker call is appended to a journal
-(``/api/_reference/journal``), so tests can see the order operations arrived in.
+(``/api/_reference/journal``), so tests can see the order operations arrived in;
+it keeps the last ``JOURNAL_LIMIT`` calls, so a worker left running does not
+grow without bound.
 
 Run one as a process::
 
@@ -25,6 +27,7 @@ import asyncio
 import hmac
 import logging
 import time
+from collections import deque
 from typing import Any, Literal
 
 import httpx
@@ -49,6 +52,9 @@ from coordinator.models import (
 log = logging.getLogger(__name__)
 
 #: Providers the simulated worker accepts in a startup request.
+#: Worker calls a journal keeps (the oldest are dropped).
+JOURNAL_LIMIT = 10_000
+
 KNOWN_PROVIDERS = {"proxy/openai", "proxy/sim", "hf", "vllm", "llama.cpp"}
 
 
@@ -113,7 +119,7 @@ class ReferenceWorker:
         self.settings = settings
         self.models: dict[str, SimModel] = {m.key: m.model_copy() for m in settings.models}
         self.faults = settings.faults.model_copy()
-        self.journal: list[dict[str, Any]] = []
+        self.journal: deque[dict[str, Any]] = deque(maxlen=JOURNAL_LIMIT)
         #: Applies in progress per model key, and the most seen at once.
         self.inflight: dict[str, int] = {}
         self.peak: dict[str, int] = {}
@@ -334,7 +340,7 @@ class ReferenceWorker:
 
         @app.get("/api/_reference/journal")
         async def journal() -> list[dict[str, Any]]:
-            return self.journal
+            return list(self.journal)
 
         return self._with_faults(app)
 
@@ -393,7 +399,7 @@ class ReferenceWorkerHost:
         return self._workers[port].set_faults(**changes)
 
     async def journal(self, port: int) -> list[dict[str, Any]]:
-        return self._workers[port].journal
+        return list(self._workers[port].journal)
 
     async def peaks(self, port: int) -> tuple[dict[str, int], int]:
         """Most applies seen at once, per model key and in all."""

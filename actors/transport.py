@@ -5,8 +5,12 @@
 :class:`WorkerBadAnswer`::
 
     WorkerCallError
-    ├── WorkerUnreachable     connection refused or connect timeout: the request
-    │                         never reached the worker, so resending it is safe
+    ├── WorkerUnreachable     connection refused, connect timeout, or no pooled
+    │                         connection free in time: the request never reached
+    │                         the worker, so resending it is safe
+    ├── WorkerTLSError        the TLS handshake failed (the worker's certificate
+    │                         is not trusted, or ours is refused): never sent,
+    │                         and not resent — it would fail the same way
     ├── WorkerTimeout         no answer within the deadline; the worker may have
     │                         carried the request out
     ├── WorkerConnectionLost  the connection broke after the request was sent
@@ -65,6 +69,10 @@ class WorkerUnreachable(WorkerCallError):
     never_sent = True
 
 
+class WorkerTLSError(WorkerCallError):
+    never_sent = True
+
+
 class WorkerTimeout(WorkerCallError):
     pass
 
@@ -95,16 +103,33 @@ def map_transport_errors(timeout: float) -> Iterator[None]:
         yield
     except httpx.ConnectTimeout as exc:
         raise WorkerUnreachable("connect timed out") from exc
+    except httpx.PoolTimeout as exc:
+        raise WorkerUnreachable(f"no connection to the worker free within {timeout:.3g} s (never sent)") from exc
     except httpx.ConnectError as exc:
+        tls = _tls_failure(exc)
+        if tls is not None:
+            raise WorkerTLSError(f"TLS handshake failed: {tls}") from exc
         raise WorkerUnreachable(f"connection refused ({exc})" if str(exc) else "connection refused") from exc
     except httpx.TimeoutException as exc:
-        raise WorkerTimeout(f"no answer within {timeout:g} s") from exc
+        raise WorkerTimeout(f"no answer within {timeout:.3g} s") from exc
     except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
         raise WorkerConnectionLost(f"connection lost mid-call ({exc})") from exc
     except httpx.DecodingError as exc:
         raise WorkerBadAnswer(f"undecodable answer ({exc})") from exc
     except httpx.TransportError as exc:
         raise WorkerConnectionLost(f"transport error ({type(exc).__name__}: {exc})") from exc
+
+
+def _tls_failure(exc: BaseException) -> str | None:
+    """What went wrong in the TLS handshake, when that is why a connection
+    failed (the ssl error sits in the exception's chain)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, ssl.SSLError):
+            return str(exc) or type(exc).__name__
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None
 
 
 def read_json(response: httpx.Response) -> Any:

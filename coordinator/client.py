@@ -103,7 +103,11 @@ def start(
     if handle is not None:
         running = ray.get(handle.get_config.remote(), timeout=READ_TIMEOUT)
         if running != config:
-            log.warning("coordinator %r is already running with another config; attaching to it", name)
+            differs = [f for f in CoordinatorConfig.model_fields if getattr(running, f) != getattr(config, f)]
+            raise CoordinatorError(
+                f"coordinator {name!r} is already running with another config (it differs in: "
+                f"{', '.join(differs) or 'details'}); attach() to it as it is, or stop it first"
+            )
         return Cluster(name, namespace, handle)
 
     on_head = config.placement.on_head
@@ -216,7 +220,7 @@ class _Calls:
         )
         options = ApplyOptions(
             apply_type=req.apply_type, max_unavailable=max_unavailable, dry_run=dry_run,
-            health_timeout=health_timeout,
+            health_timeout=health_timeout, timeout=None if dry_run else timeout,
         )
         if dry_run:
             return _Call("apply", (req, options))
@@ -230,7 +234,7 @@ class _Calls:
     def lifecycle(
         self, *, op: Literal["startup", "shutdown"], req: WorkerStartupRequest, timeout: Seconds | None
     ) -> _Call:
-        return _Call(op, (req,), self._op_timeout(op, timeout), resendable=False)
+        return _Call(op, (req, timeout), self._op_timeout(op, timeout), resendable=False)
 
     @validate_call
     def supports(self, *, timeout: Seconds | None) -> _Call:
@@ -262,7 +266,10 @@ def _translate(exc: BaseException, call: _Call) -> BaseException:
         return CoordinatorError(f"coordinator failed in {call.method}: {type(cause).__name__}: {cause}")
     maybe = "" if call.resendable else "; the operation may or may not have been carried out"
     if isinstance(exc, (GetTimeoutError, TimeoutError)):
-        return CoordinatorUnavailableError(f"no answer to {call.method} within {call.timeout:g} s{maybe}")
+        going = "" if call.resendable else (
+            "; the operation may or may not have been carried out: it keeps its model's turn until its "
+            "worker calls end, and those end by its deadline")
+        return CoordinatorUnavailableError(f"no answer to {call.method} within {call.timeout:g} s{going}")
     if isinstance(exc, (ActorDiedError, ActorUnavailableError)):
         return CoordinatorUnavailableError(f"coordinator unavailable during {call.method}{maybe}: {exc}")
     return exc
@@ -270,11 +277,13 @@ def _translate(exc: BaseException, call: _Call) -> BaseException:
 
 def _retry_after(exc: BaseException, ref: Any, call: _Call, attempt: int, deadline: float, cluster: Cluster) -> float | None:
     """After a failed call: seconds to wait before sending it again, or None to
-    give up. A call that timed out is cancelled. Only reads are resent — while
-    the coordinator restarts, or once after it was replaced — and only within
-    the call's deadline."""
+    give up. A read that timed out is cancelled; an operation is not — it owns
+    its model's turn until its worker calls end, which its deadline bounds. Only
+    reads are resent — while the coordinator restarts, or once after it was
+    replaced — and only within the call's deadline."""
     if isinstance(exc, (GetTimeoutError, TimeoutError)):
-        ray.cancel(ref)
+        if call.resendable:
+            ray.cancel(ref)
         return None
     if not call.resendable or time.monotonic() >= deadline:
         return None
@@ -443,6 +452,14 @@ class AsyncCluster:
 
     async def status(self) -> ClusterStatus:
         return await self._run(self._calls.status())
+
+    async def registry_url(self, source: str | None = None) -> str:
+        """The controller URL of an embedded registry (the first one by default)."""
+        return await asyncio.to_thread(self._cluster.registry_url, source)
+
+    async def stop(self) -> None:
+        """Remove the coordinator, its watchers and its embedded registries."""
+        await asyncio.to_thread(self._cluster.stop)
 
     async def _run(self, call: _Call) -> Any:
         deadline = time.monotonic() + call.timeout

@@ -36,6 +36,9 @@ class ApplyOptions(BaseModel):
     dry_run: bool = False
     #: Seconds a batch has to come back healthy before the rollout stops.
     health_timeout: float | None = Field(None, gt=0)
+    #: The caller's timeout (seconds): every worker call of the operation ends
+    #: within it, so the operation ends about when the caller stops waiting.
+    timeout: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _rollable(self) -> Self:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
 from coordinator.config import CoordinatorConfig, WorkerAccess
@@ -48,6 +48,30 @@ T = TypeVar("T")
 GAUGE_REFRESH = 5.0
 #: At most this often after a change.
 GAUGE_INTERVAL = 1.0
+#: Seconds the coordinator waits for a proxy beyond the worker call's own bound.
+PROXY_MARGIN = 5.0
+#: Of a caller's timeout, what is kept back so that the answer reaches it in
+#: time: the worker calls get the rest.
+ANSWER_MARGIN = 0.5
+
+
+def _ends(timeout: float | None) -> float | None:
+    """When an operation's worker calls must have ended (event-loop time), given
+    the caller's timeout from now: a little before it, so the answer arrives
+    in time."""
+    if timeout is None:
+        return None
+    return asyncio.get_running_loop().time() + timeout - min(ANSWER_MARGIN, timeout / 5)
+
+
+def _settled(running: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:
+    """Forget a finished operation; log its failure if nobody was waiting for it."""
+    def done(task: asyncio.Task[Any]) -> None:
+        running.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("operation ended with %r", task.exception())
+
+    return done
 
 
 class LinkError(Exception):
@@ -100,6 +124,7 @@ class CoordinatorService:
         self._probes: dict[Endpoint, Reachability] = {}
         self._serial = KeyedSerializer()
         self._rollouts: dict[str, RolloutProgress] = {}
+        self._operations: set[asyncio.Task[Any]] = set()  # running on, even if their caller left
         self._feed = ChangeFeed()
 
     # ---- following the watchers -----------------------------------------
@@ -255,34 +280,62 @@ class CoordinatorService:
     async def apply(self, req: WorkerApplyRequest, options: ApplyOptions | None = None) -> ApplyResult | ApplyPlan:
         """Apply to every registered instance of the model, healthy or not: all
         at once, or in batches of ``options.max_unavailable`` with a health gate
-        between them; with ``options.dry_run``, only say what would be done."""
+        between them; with ``options.dry_run``, only say what would be done —
+        a read, answered from the live set at once, never queued behind the
+        model's operations."""
         options = options or ApplyOptions(apply_type=req.apply_type)
-        async with self._serial.hold(req.key):
-            targets = apply_targets(self._live.of_key(req.key), req.model, req.worker_type)
-            if not targets:
-                self._metrics.operation("apply", "error")
-                raise NoInstancesError(req.key)
-            batches = plan_batches(targets, options.max_unavailable)
-            if options.dry_run:
-                return ApplyPlan(key=req.key, apply_type=req.apply_type, batches=batches)
-            wire = req.model_dump_json()  # serialised once per apply, not once per proxy
-            if len(batches) == 1:
-                what = f"apply {req.apply_type.value} {req.key}"
-                return ApplyResult.of(await self._fan_out(targets, "apply", wire, what))
-            health_timeout = options.health_timeout or self.config.timeouts.rollout_health
-            return ApplyResult.of(await self._roll(req, wire, batches, health_timeout))
+        if options.dry_run:
+            return ApplyPlan(key=req.key, apply_type=req.apply_type, batches=self._plan(req, options))
+        return await self._in_turn(req.key, self._apply(req, options, _ends(options.timeout)))
+
+    def _plan(self, req: WorkerApplyRequest, options: ApplyOptions) -> list[list[Endpoint]]:
+        targets = apply_targets(self._live.of_key(req.key), req.model, req.worker_type)
+        if not targets:
+            self._metrics.operation("apply", "error")
+            raise NoInstancesError(req.key)
+        return plan_batches(targets, options.max_unavailable)
+
+    async def _apply(self, req: WorkerApplyRequest, options: ApplyOptions, ends: float | None) -> ApplyResult:
+        batches = self._plan(req, options)
+        wire = req.model_dump_json()  # serialised once per apply, not once per proxy
+        if len(batches) == 1:
+            what = f"apply {req.apply_type.value} {req.key}"
+            return ApplyResult.of(await self._fan_out(batches[0], "apply", wire, what, ends))
+        health_timeout = options.health_timeout or self.config.timeouts.rollout_health
+        return ApplyResult.of(await self._roll(req, wire, batches, health_timeout, ends))
+
+    async def _in_turn(self, key: str, operation: Coroutine[Any, Any, T]) -> T:
+        """Run ``operation`` in ``key``'s turn. The operation owns the turn until
+        its last worker call has ended: if the caller stops waiting (a driver
+        gave up, its call was cancelled), the operation carries on under its
+        own deadline, and the next one on that key waits for it."""
+
+        async def in_turn() -> T:
+            async with self._serial.hold(key):
+                return await operation
+
+        task = asyncio.ensure_future(in_turn())
+        self._operations.add(task)
+        task.add_done_callback(_settled(self._operations))
+        return await asyncio.shield(task)
 
     async def _roll(
-        self, req: WorkerApplyRequest, wire: str, batches: list[list[Endpoint]], health_timeout: float
+        self, req: WorkerApplyRequest, wire: str, batches: list[list[Endpoint]], health_timeout: float,
+        ends: float | None = None,
     ) -> list[WorkerApplyOutput]:
         progress = RolloutProgress(key=req.key, batches=len(batches))
         self._rollouts[req.key] = progress
         outputs: list[WorkerApplyOutput] = []
+        loop = asyncio.get_running_loop()
         try:
             for i, batch in enumerate(batches, 1):
+                if i > 1 and ends is not None and ends <= loop.time():
+                    outputs += not_attempted([ep for b in batches[i - 1:] for ep in b], "the caller's deadline passed")
+                    progress.phase = "stopped"
+                    break
                 progress.current, progress.phase = batch, "applying"
                 what = f"apply {req.apply_type.value} {req.key} (batch {i}/{len(batches)})"
-                done = await self._fan_out(batch, "apply", wire, what)
+                done = await self._fan_out(batch, "apply", wire, what, ends)
                 outputs += done
                 rest = [ep for later in batches[i:] for ep in later]
                 if not all(o.success for o in done):
@@ -291,6 +344,8 @@ class CoordinatorService:
                     break
                 progress.phase = "waiting for health"
                 self._feed.notify()
+                if ends is not None:
+                    health_timeout = min(health_timeout, max(0.0, ends - loop.time()))
                 if not await self._feed.wait_until(lambda: self._batch_healthy(req.key, batch), health_timeout):
                     outputs += not_attempted(rest, f"batch {i} not healthy within {health_timeout:g} s")
                     progress.phase = "stopped"
@@ -307,19 +362,22 @@ class CoordinatorService:
         healthy = {i.endpoint for i in self._live.of_key(key) if i.healthy}
         return all(ep in healthy and ep not in unreachable for ep in batch)
 
-    async def startup(self, req: WorkerStartupRequest) -> WorkerApplyOutput:
-        return await self._lifecycle("startup", req)
+    async def startup(self, req: WorkerStartupRequest, timeout: float | None = None) -> WorkerApplyOutput:
+        return await self._lifecycle("startup", req, timeout)
 
-    async def shutdown(self, req: WorkerStartupRequest) -> WorkerApplyOutput:
-        return await self._lifecycle("shutdown", req)
+    async def shutdown(self, req: WorkerStartupRequest, timeout: float | None = None) -> WorkerApplyOutput:
+        return await self._lifecycle("shutdown", req, timeout)
 
-    async def _lifecycle(self, op: str, req: WorkerStartupRequest) -> WorkerApplyOutput:
-        async with self._serial.hold(req.key):
+    async def _lifecycle(self, op: str, req: WorkerStartupRequest, timeout: float | None) -> WorkerApplyOutput:
+        async def operation() -> WorkerApplyOutput:
             if not self._live.has_endpoint(req.endpoint):
                 self._metrics.operation(op, "error")
                 raise UnknownEndpointError(req.host, req.port)
-            [output] = await self._fan_out([req.endpoint], op, req, f"{op} {req.key}")
-        return output
+            [output] = await self._fan_out([req.endpoint], op, req, f"{op} {req.key}", ends)
+            return output
+
+        ends = _ends(timeout)
+        return await self._in_turn(req.key, operation())
 
     async def supports(self) -> list[SupportsOutcome]:
         """``GET /models/supports`` on every healthy, reachable worker manager."""
@@ -327,15 +385,23 @@ class CoordinatorService:
         managers = self._live.of_key(WORKER_MANAGER_KEY)
         targets = [ep for ep in manager_endpoints(managers) if ep not in unreachable]
         return await self._each(
-            targets, "supports", (),
+            targets, "supports", (), None,
             lambda ep, exc: SupportsOutcome(endpoint=ep, error=f"{ep}: supports failed: {exc}"),
         )
 
-    async def _fan_out(self, targets: list[Endpoint], op: str, req: Any, what: str) -> list[WorkerApplyOutput]:
+    async def _fan_out(
+        self, targets: list[Endpoint], op: str, req: Any, what: str, ends: float | None = None
+    ) -> list[WorkerApplyOutput]:
         """Run proxy operation ``op`` on every target: one output per target, in
-        target order; a proxy failure is that target's failed output."""
+        target order; a proxy failure is that target's failed output. With
+        ``ends`` (the caller's deadline, loop time), every worker call ends by
+        then, and none starts after it."""
+        budget = None if ends is None else ends - asyncio.get_running_loop().time()
+        if budget is not None and budget <= 0:
+            return [WorkerApplyOutput(message=f"{ep}: {what} not sent: the caller's deadline passed before its turn",
+                                      success=False, timecost=0, host=ep.host, port=ep.port) for ep in targets]
         outputs = await self._each(
-            targets, op, (req,),
+            targets, op, (req, budget), budget,
             lambda ep, exc: WorkerApplyOutput(
                 message=f"{ep}: {what} failed: {exc}", success=False, timecost=-1, host=ep.host, port=ep.port
             ),
@@ -347,12 +413,12 @@ class CoordinatorService:
         return outputs
 
     async def _each(
-        self, targets: list[Endpoint], op: str, args: tuple[Any, ...],
+        self, targets: list[Endpoint], op: str, args: tuple[Any, ...], budget: float | None,
         failed: Callable[[Endpoint, LinkError], T],
     ) -> list[T]:
         """Call ``op`` on every target's proxy at once, under the operation's
         deadline; a proxy that fails becomes ``failed(endpoint, error)``."""
-        deadline = self._deadline(op)
+        deadline = self._deadline(op) if budget is None else budget + PROXY_MARGIN
 
         async def one(ep: Endpoint) -> T:
             try:
@@ -368,4 +434,4 @@ class CoordinatorService:
         """How long to wait for a proxy: its operation timeout, plus the connect
         attempts it may retry, plus a margin."""
         t = self.config.timeouts
-        return t.for_operation(op) + 3 * t.connect + 5.0
+        return t.for_operation(op) + 3 * t.connect + PROXY_MARGIN

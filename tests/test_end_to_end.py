@@ -241,3 +241,13 @@ def test_quick_start_runs_and_prints_every_step():
                    "restart chatgpt-test: combined success=True", "shutdown second-model", "stopped cleanly"):
         assert needle in out, out
     assert out.count("start successfully") == 3
+
+
+def test_starting_a_running_coordinator_with_another_config_raises_naming_the_difference(fleet):
+    cluster, *_ = fleet
+    same = cluster.config.model_dump(mode="json")
+    assert coordinator.start(same, name="e2e", namespace="tests").name == "e2e"  # the same config: attached
+    other = {**same, "timeouts": {**same["timeouts"], "apply": 99}}
+    with pytest.raises(coordinator.CoordinatorError, match=r"differs in: timeouts\).*attach\(\)"):
+        coordinator.start(other, name="e2e", namespace="tests")
+    assert asyncio.run(cluster.aio.registry_url("main")) == cluster.registry_url("main")

@@ -284,3 +284,33 @@ def test_a_worker_that_comes_back_is_reachable_again_without_anyone_acting(clust
     wait_until(lambda: all(r.reachable for r in cluster.status().instances if r.port == first.port),
                timeout=10, what="probe sees it again")
     assert cluster.apply("b1", "start").success
+
+
+def test_a_driver_timeout_travels_with_the_operation_and_the_next_waits_for_it(clusters, worker_process):
+    """A driver that allows 1.5 s gets its answer within it: the worker calls
+    were bounded by that deadline. A driver that gave up earlier (its call
+    cancelled) does not free the model for the next operation before the
+    first one's worker call has ended."""
+    cluster = clusters("deadline", EMBEDDED)
+    url = cluster.registry_url()
+    slow = worker_process("late@llm", controller=url, heartbeat_interval=1)
+    cluster.wait_for("late", count=1, timeout=20)
+    set_faults(slow.port, hang=True)
+    started = time.monotonic()
+    [out] = cluster.apply("late", "restart", timeout=1.5).outputs
+    assert time.monotonic() - started < 1.5 + 1.0  # liveness: answered about when the driver stops waiting
+    assert not out.success and "no answer within" in out.message
+    set_faults(slow.port, hang=False, latency=2)
+
+    async def give_up_then_apply_again():
+        first = asyncio.ensure_future(cluster.aio.apply("late", "restart"))
+        await asyncio.sleep(0.5)
+        first.cancel()  # the driver walks away; the operation does not
+        return await cluster.aio.apply("late", "start")
+
+    assert asyncio.run(give_up_then_apply_again()).success
+    calls = [e for e in httpx.get(f"http://127.0.0.1:{slow.port}/api/_reference/journal").json()
+             if e["path"] == "/api/worker/apply"]
+    restart, start = calls[-2], calls[-1]
+    assert '"restart"' in restart["body"] and '"start"' in start["body"]
+    assert start["t"] - restart["t"] >= 1.9  # the start waited for the restart's 2 s

@@ -170,3 +170,58 @@ async def test_a_request_sent_as_json_text_goes_out_unchanged():
     assert seen[0].headers["content-type"] == "application/json"
     again = await proxy.apply(APPLY)  # the model itself works as well, with the same body
     assert again.success and seen[1].content == seen[0].content
+
+
+async def test_a_budget_bounds_the_worker_call_whatever_the_operation_timeout():
+    """The caller's deadline travels to the proxy: a worker that never answers
+    is given up on within the budget, not the operation's 300 s."""
+    import asyncio
+    import time
+
+    done = asyncio.Event()
+
+    async def silent(reader, writer):
+        await reader.read(65536)
+        await done.wait()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    proxy = WorkerProxy("127.0.0.1", port, probe=NO_PROBE)
+    try:
+        started = time.monotonic()
+        out = await proxy.apply(APPLY, budget=0.4)
+        assert time.monotonic() - started < 5  # liveness: far below the apply timeout
+        assert out.success is False and "no answer within 0.4" in out.message
+        late = await proxy.apply(APPLY, budget=0)
+        assert "not sent: the operation's deadline had passed" in late.message
+    finally:
+        done.set()
+        await proxy.close()
+        server.close()
+
+
+def raising(exc: Exception):
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise exc
+
+    return handler
+
+
+async def test_a_pool_timeout_is_never_sent_so_it_is_resent():
+    proxy, seen = proxy_with(raising(httpx.PoolTimeout("no connection free")))
+    out = await proxy.apply(APPLY)
+    assert len(seen) == 3  # resent twice: it never left
+    assert "no connection to the worker free" in out.message and "never sent" in out.message
+
+
+async def test_a_tls_verification_failure_says_so_and_is_not_resent():
+    import ssl
+
+    failure = httpx.ConnectError("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
+    failure.__cause__ = ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
+    proxy, seen = proxy_with(raising(failure))
+    out = await proxy.apply(APPLY)
+    assert len(seen) == 1  # resending would fail the same way
+    assert "TLS handshake failed" in out.message and "CERTIFICATE_VERIFY_FAILED" in out.message
+    assert "connection refused" not in out.message

@@ -122,3 +122,13 @@ async def test_garbage_knob_answers_malformed(fleet, kind):
         return
     assert kind != "truncated"
     assert r.status_code == (500 if kind == "html" else 200)
+
+
+def test_the_journal_keeps_only_the_latest_calls(monkeypatch):
+    import actors.reference_worker as rw
+
+    monkeypatch.setattr(rw, "JOURNAL_LIMIT", 3)
+    worker = rw.ReferenceWorker(rw.WorkerSettings(models=[rw.SimModel(name="m")]))
+    for i in range(5):
+        worker.journal.append({"n": i})
+    assert [e["n"] for e in worker.journal] == [2, 3, 4]

@@ -18,6 +18,7 @@ from coordinator.models import (
     WorkerApplyRequest,
     WorkerStartupRequest,
 )
+from coordinator.rollout import ApplyOptions
 from coordinator.service import CoordinatorService, LinkError
 from coordinator.status import WatcherStatus
 
@@ -224,7 +225,7 @@ async def _until(cond) -> None:
 
 from pydantic import ValidationError  # noqa: E402
 
-from coordinator.rollout import ApplyOptions, ApplyPlan, plan_batches  # noqa: E402
+from coordinator.rollout import ApplyPlan, plan_batches  # noqa: E402
 
 
 def test_batches_are_all_at_once_by_default_and_at_most_k_otherwise():
@@ -334,3 +335,85 @@ async def test_a_change_recounts_the_gauges_of_the_models_it_touched_only(monkey
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+class TimedProxies(FakeProxies):
+    """Records when each worker call started and ended (loop time)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spans: list[tuple[float, float, Any]] = []
+
+    async def call(self, ep, method, *args, deadline):
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            return await super().call(ep, method, *args, deadline=deadline)
+        finally:
+            self.spans.append((started, loop.time(), args[0]))
+
+
+async def started_service(proxies: FakeProxies):
+    config = CoordinatorConfig.model_validate(
+        {"registries": [{"kind": "static", "name": "a", "instances": []}], "long_poll_timeout": 0.2,
+         "change_pace": 0})
+    watchers = FakeWatchers()
+    svc = CoordinatorService(config, watchers, proxies)
+    task = asyncio.create_task(svc.run())
+    watchers.publish("a", inst("m@llm", 1), inst("m@llm", 2))
+    await settle(svc, 2)
+    return svc, task
+
+
+async def test_a_caller_that_gives_up_leaves_the_operation_its_models_turn():
+    """The first apply's caller is cancelled (a driver that gave up) while its
+    worker calls run; the next apply on the model starts none of its calls
+    until those have ended."""
+    proxies = TimedProxies()
+    svc, run = await started_service(proxies)
+    try:
+        proxies.delay = 0.5
+        first = asyncio.ensure_future(svc.apply(WorkerApplyRequest(model="m", apply_type="restart")))
+        await asyncio.sleep(0.1)
+        first.cancel()
+        second = await svc.apply(WorkerApplyRequest(model="m", apply_type="start"))
+        assert second.output.success
+        restarts = [s for s in proxies.spans if '"restart"' in s[2]]
+        starts = [s for s in proxies.spans if '"start"' in s[2]]
+        assert len(restarts) == 2 and len(starts) == 2  # the first ran to its end regardless
+        assert min(s[0] for s in starts) >= max(s[1] for s in restarts)
+    finally:
+        run.cancel()
+
+
+async def test_a_dry_run_is_answered_while_an_operation_holds_the_model():
+    proxies = FakeProxies()
+    svc, run = await started_service(proxies)
+    try:
+        proxies.delay = 5
+        busy = asyncio.ensure_future(svc.apply(WorkerApplyRequest(model="m", apply_type="restart")))
+        await asyncio.sleep(0.05)
+        plan = await asyncio.wait_for(
+            svc.apply(WorkerApplyRequest(model="m", apply_type="restart"),
+                      ApplyOptions(apply_type="restart", max_unavailable=1, dry_run=True)), 2)
+        assert plan.batches == [[("h", 1)], [("h", 2)]] and not busy.done()
+        busy.cancel()
+    finally:
+        run.cancel()
+
+
+async def test_an_operation_whose_callers_deadline_passed_in_the_queue_sends_nothing():
+    proxies = TimedProxies()
+    svc, run = await started_service(proxies)
+    try:
+        proxies.delay = 0.6
+        first = asyncio.ensure_future(svc.apply(WorkerApplyRequest(model="m", apply_type="restart")))
+        await asyncio.sleep(0.05)
+        late = await svc.apply(WorkerApplyRequest(model="m", apply_type="start"),
+                               ApplyOptions(apply_type="start", timeout=0.3))
+        assert [o.success for o in late.outputs] == [False, False]
+        assert all("not sent: the caller's deadline passed" in o.message for o in late.outputs)
+        await first
+        assert not any('"start"' in s[2] for s in proxies.spans)
+    finally:
+        run.cancel()
