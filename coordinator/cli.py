@@ -169,6 +169,13 @@ def status(obj: Context, as_json: bool) -> None:
         table.add_row(escape(w.source), w.kind, escape(w.target), str(w.version), str(w.instances), refused,
                       state, escape(w.last_error or ""))
     console.print(table)
+    if st.busy_keys:
+        table = Table(title="operations")
+        for col in ("model", "waiting"):
+            table.add_column(col)
+        for key in st.busy_keys:  # one running each; the waiting ones behind it
+            table.add_row(escape(key), str(st.queued.get(key, 0)))
+        console.print(table)
 
 
 @cli.command()

@@ -268,6 +268,10 @@ class CoordinatorConfig(_Strict):
     headers: dict[str, str] = Field(default_factory=dict)
     #: Per worker ("host:port"): access settings that replace its source's.
     worker_overrides: dict[str, WorkerAccess] = Field(default_factory=dict)
+    #: Distinct operations that may wait for one model@type; one more is
+    #: refused at once (ModelBusyError). An operation identical to a waiting
+    #: one (same apply_type, worker_type and params) joins it instead.
+    max_queued_operations: int = Field(32, ge=1)
     #: How long a watcher long poll waits before answering "nothing new".
     long_poll_timeout: float = Field(10.0, gt=0)
     #: After a change arrives, a follower (a watcher of the embedded registry,

@@ -7,6 +7,8 @@ does — it becomes a ``WorkerApplyOutput(success=False)`` naming the worker.
     ├── NoInstancesError            apply to a model@type that no registry lists
     ├── UnknownEndpointError        startup/shutdown to a host:port no registry lists
     ├── WaitTimeoutError            wait_for() saw too few healthy instances in time
+    ├── ModelBusyError              too many distinct operations already wait for
+    │                               that model@type (max_queued_operations)
     ├── CoordinatorUnavailableError the coordinator actor is gone, restarting, or
     │                               did not answer in time
     └── CoordinatorNotFoundError    attach() to a name that is not running
@@ -42,6 +44,15 @@ class UnknownEndpointError(CoordinatorError):
     def __init__(self, host: str, port: int) -> None:
         super().__init__(f"no registry lists a worker manager at {host}:{port}")
         self.host, self.port, self._args = host, port, (host, port)
+
+
+class ModelBusyError(CoordinatorError):
+    def __init__(self, key: str, depth: int) -> None:
+        super().__init__(
+            f"{key} is busy: {depth} distinct operations already wait for it (max_queued_operations); "
+            f"nothing was sent — try again when they have run"
+        )
+        self.key, self.depth, self._args = key, depth, (key, depth)
 
 
 class CoordinatorUnavailableError(CoordinatorError):

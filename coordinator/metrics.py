@@ -3,7 +3,8 @@
 
 | name | kind | tags |
 |---|---|---|
-| coordinator_operations_total | counter | operation, outcome (success / failure / error) |
+| coordinator_operations_total | counter | operation, outcome (success / failure / error / busy) |
+| coordinator_queued_operations | gauge | model (a model@type: distinct operations waiting for it) |
 | coordinator_instance_operation_seconds | histogram | operation |
 | coordinator_live_instances | gauge | model, health (healthy / unhealthy / unreachable) |
 | coordinator_watcher_stale | gauge (0/1) | source |
@@ -34,6 +35,8 @@ class Metrics(Protocol):
         None); a label of those models missing from ``counts`` reads 0."""
         ...
 
+    def queued_operations(self, key: str, depth: int) -> None: ...
+
     def watcher(self, source: str, stale: bool, failed: bool) -> None: ...
 
     def probe_failure(self, endpoint: str) -> None: ...
@@ -49,6 +52,9 @@ class NoMetrics:
         pass
 
     def live_instances(self, counts: dict[tuple[str, str], int], models: set[str] | None = None) -> None:
+        pass
+
+    def queued_operations(self, key: str, depth: int) -> None:
         pass
 
     def watcher(self, source: str, stale: bool, failed: bool) -> None:
@@ -72,6 +78,8 @@ class RayMetrics:
             boundaries=LATENCY_BOUNDARIES, tag_keys=("operation",))
         self._live = metrics.Gauge(
             "coordinator_live_instances", "Live instances by model and health", tag_keys=("model", "health"))
+        self._queued = metrics.Gauge(
+            "coordinator_queued_operations", "Distinct operations waiting for a model", tag_keys=("model",))
         self._stale = metrics.Gauge("coordinator_watcher_stale", "1 while a watcher's snapshot is stale",
                                     tag_keys=("source",))
         self._watch_errors = metrics.Counter(
@@ -99,6 +107,9 @@ class RayMetrics:
             for health in self._live_labels.pop(model, set()) - fresh.get(model, set()):
                 self._live.set(0, {"model": model, "health": health})
         self._live_labels.update(fresh)
+
+    def queued_operations(self, key: str, depth: int) -> None:
+        self._queued.set(depth, {"model": key})
 
     def watcher(self, source: str, stale: bool, failed: bool) -> None:
         self._stale.set(1 if stale else 0, {"source": source})

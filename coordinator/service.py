@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 from coordinator.config import CoordinatorConfig, WorkerAccess
-from coordinator.errors import NoInstancesError, UnknownEndpointError, WaitTimeoutError
+from coordinator.errors import ModelBusyError, NoInstancesError, UnknownEndpointError, WaitTimeoutError
 from coordinator.changes import Change
 from coordinator.liveset import LiveSet, apply_targets, filter_instances, manager_endpoints
 from coordinator.longpoll import ChangeFeed
@@ -35,7 +35,7 @@ from coordinator.models import (
     parse_worker_key,
     worker_key,
 )
-from coordinator.ordering import KeyedSerializer
+from coordinator.ordering import OperationQueue, QueueFull
 from coordinator.rollout import ApplyOptions, ApplyPlan, RolloutProgress, not_attempted, plan_batches
 from coordinator.status import ClusterStatus, InstanceStatus, WatcherStatus
 
@@ -62,16 +62,6 @@ def _ends(timeout: float | None) -> float | None:
     if timeout is None:
         return None
     return asyncio.get_running_loop().time() + timeout - min(ANSWER_MARGIN, timeout / 5)
-
-
-def _settled(running: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:
-    """Forget a finished operation; log its failure if nobody was waiting for it."""
-    def done(task: asyncio.Task[Any]) -> None:
-        running.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.debug("operation ended with %r", task.exception())
-
-    return done
 
 
 class LinkError(Exception):
@@ -122,9 +112,8 @@ class CoordinatorService:
         self._live = LiveSet(self._sources)
         self._gauge_keys: set[str] = set()  # worker keys whose gauges are out of date
         self._probes: dict[Endpoint, Reachability] = {}
-        self._serial = KeyedSerializer()
+        self._queue = OperationQueue(config.max_queued_operations, self._metrics.queued_operations)
         self._rollouts: dict[str, RolloutProgress] = {}
-        self._operations: set[asyncio.Task[Any]] = set()  # running on, even if their caller left
         self._feed = ChangeFeed()
 
     # ---- following the watchers -----------------------------------------
@@ -272,7 +261,7 @@ class CoordinatorService:
         return ClusterStatus(
             name=self.name, namespace=self.namespace, instances=rows,
             watchers=[t.result() for t in tasks], proxies=len(self._proxies.endpoints()),
-            busy_keys=self._serial.busy_keys(), rollouts=list(self._rollouts.values()),
+            busy_keys=self._queue.busy_keys(), queued=self._queue.depths(), rollouts=list(self._rollouts.values()),
         )
 
     # ---- operations -----------------------------------------------------
@@ -286,7 +275,9 @@ class CoordinatorService:
         options = options or ApplyOptions(apply_type=req.apply_type)
         if options.dry_run:
             return ApplyPlan(key=req.key, apply_type=req.apply_type, batches=self._plan(req, options))
-        return await self._in_turn(req.key, self._apply(req, options, _ends(options.timeout)))
+        ends = _ends(options.timeout)
+        same = ("apply", req.model_dump_json(), options.model_dump_json(exclude={"timeout"}))
+        return await self._in_turn(req.key, lambda: self._apply(req, options, ends), same)
 
     def _plan(self, req: WorkerApplyRequest, options: ApplyOptions) -> list[list[Endpoint]]:
         targets = apply_targets(self._live.of_key(req.key), req.model, req.worker_type)
@@ -304,20 +295,17 @@ class CoordinatorService:
         health_timeout = options.health_timeout or self.config.timeouts.rollout_health
         return ApplyResult.of(await self._roll(req, wire, batches, health_timeout, ends))
 
-    async def _in_turn(self, key: str, operation: Coroutine[Any, Any, T]) -> T:
-        """Run ``operation`` in ``key``'s turn. The operation owns the turn until
-        its last worker call has ended: if the caller stops waiting (a driver
-        gave up, its call was cancelled), the operation carries on under its
-        own deadline, and the next one on that key waits for it."""
-
-        async def in_turn() -> T:
-            async with self._serial.hold(key):
-                return await operation
-
-        task = asyncio.ensure_future(in_turn())
-        self._operations.add(task)
-        task.add_done_callback(_settled(self._operations))
-        return await asyncio.shield(task)
+    async def _in_turn(self, key: str, start: Callable[[], Awaitable[T]], same: tuple[str, ...]) -> T:
+        """Run ``start()`` in ``key``'s turn (:class:`OperationQueue`): joined
+        with an identical waiting operation, refused when too many wait, and
+        owning the turn until its last worker call has ended — if the caller
+        stops waiting, the operation carries on under its own deadline, and
+        the next one on that key waits for it."""
+        try:
+            return await self._queue.run(key, start, same)
+        except QueueFull as full:
+            self._metrics.operation(same[0], "busy")
+            raise ModelBusyError(full.key, full.depth) from None
 
     async def _roll(
         self, req: WorkerApplyRequest, wire: str, batches: list[list[Endpoint]], health_timeout: float,
@@ -377,7 +365,7 @@ class CoordinatorService:
             return output
 
         ends = _ends(timeout)
-        return await self._in_turn(req.key, operation())
+        return await self._in_turn(req.key, operation, (op, req.model_dump_json()))
 
     async def supports(self) -> list[SupportsOutcome]:
         """``GET /models/supports`` on every healthy, reachable worker manager."""

@@ -59,4 +59,6 @@ class ClusterStatus(BaseModel):
     watchers: list[WatcherStatus]
     proxies: int
     busy_keys: list[str]
+    #: Distinct operations waiting per model@type (the one running not counted).
+    queued: dict[str, int] = Field(default_factory=dict)
     rollouts: list[RolloutProgress] = Field(default_factory=list)

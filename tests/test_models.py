@@ -134,7 +134,7 @@ def test_public_names_are_exactly_the_documented_ones():
         "ApplyPlan", "ApplyResult", "ApplyType", "RolloutProgress", "AsyncCluster", "BackoffSettings", "Cluster", "ClusterStatus",
         "CoordinatorConfig", "CoordinatorError", "CoordinatorNotFoundError",
         "CoordinatorUnavailableError", "DbgptSource", "EmbeddedSource", "Endpoint", "InstanceStatus",
-        "ModelInstance", "NoInstancesError", "ProbeSettings", "RayWorkerManager", "StaticSource",
+        "ModelBusyError", "ModelInstance", "NoInstancesError", "ProbeSettings", "RayWorkerManager", "StaticSource",
         "SupportedModel", "SupportsOutcome", "Timeouts", "UnknownEndpointError", "WaitTimeoutError",
         "WatcherStatus", "WorkerApplyOutput", "WorkerApplyRequest", "WorkerOperationError",
         "WorkerStartupRequest", "WorkerSupportedModel", "WorkerType", "attach", "start",
@@ -152,6 +152,7 @@ def test_public_names_are_exactly_the_documented_ones():
         coordinator.CoordinatorNotFoundError("n", "ns"),
         coordinator.CoordinatorUnavailableError("gone"),
         coordinator.WaitTimeoutError("late"),
+        coordinator.ModelBusyError("m@llm", 32),
         coordinator.WorkerOperationError(WorkerApplyOutput(message="boom", success=False)),
     ],
 )

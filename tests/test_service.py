@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from coordinator.config import CoordinatorConfig
-from coordinator.errors import NoInstancesError, UnknownEndpointError, WaitTimeoutError
+from coordinator.errors import ModelBusyError, NoInstancesError, UnknownEndpointError, WaitTimeoutError
 from coordinator.liveset import Snapshot
 from coordinator.models import (
     Endpoint,
@@ -415,5 +415,35 @@ async def test_an_operation_whose_callers_deadline_passed_in_the_queue_sends_not
         assert all("not sent: the caller's deadline passed" in o.message for o in late.outputs)
         await first
         assert not any('"start"' in s[2] for s in proxies.spans)
+    finally:
+        run.cancel()
+
+
+async def test_a_flood_of_one_restart_is_carried_out_once_more_and_distinct_excess_is_refused():
+    proxies = TimedProxies()
+    config = CoordinatorConfig.model_validate(
+        {"registries": [{"kind": "static", "name": "a", "instances": []}], "long_poll_timeout": 0.2,
+         "change_pace": 0, "max_queued_operations": 2})
+    watchers = FakeWatchers()
+    svc = CoordinatorService(config, watchers, proxies)
+    run = asyncio.create_task(svc.run())
+    try:
+        watchers.publish("a", inst("m@llm", 1), inst("m@llm", 2))
+        await settle(svc, 2)
+        proxies.delay = 0.3
+        first = asyncio.ensure_future(svc.apply(WorkerApplyRequest(model="m", apply_type="restart")))
+        await asyncio.sleep(0.05)
+        flood = [asyncio.ensure_future(svc.apply(WorkerApplyRequest(model="m", apply_type="restart")))
+                 for _ in range(60)]
+        other = asyncio.ensure_future(svc.apply(
+            WorkerApplyRequest(model="m", apply_type="update_params", params={"temperature": 0.1})))
+        await asyncio.sleep(0.05)
+        status = await svc.status()
+        assert status.queued == {"m@llm": 2} and status.busy_keys == ["m@llm"]
+        with pytest.raises(ModelBusyError, match=r"m@llm is busy: 2 distinct operations"):
+            await svc.apply(WorkerApplyRequest(model="m", apply_type="stop"))
+        results = await asyncio.gather(first, *flood, other)
+        assert all(r.output.success for r in results)
+        assert len(proxies.spans) == 3 * 2  # three operations, two instances each: not 62
     finally:
         run.cancel()
