@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test setup bench detection scale proxies transport clean
+.PHONY: demo test test-fast setup bench detection scale proxies transport clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or: make PYTHON=python3 ...)"; exit 1; }
@@ -22,6 +22,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-token} $(PY) -m pytest
+
+# The fast tier: pure logic, the proxy with a mock transport, the registry,
+# watchers and reference worker over loopback HTTP — no Ray, no DB-GPT.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not ray and not dbgpt" -q
 
 # The benchmark suite (about 6½ minutes on 2 cores), and the detection
 # benchmark (killed worker noticed: coordinator vs DB-GPT's heartbeat timeout).

@@ -34,8 +34,10 @@ from coordinator.models import ModelInstance
 log = logging.getLogger(__name__)
 
 _INSTANCES = TypeAdapter(list[ModelInstance])
-#: Segments beyond this many are folded into a new base, whatever their size.
+#: Segments beyond this many are folded into a new base, whatever their size;
+#: and a journal shorter than this many records is never folded.
 MAX_SEGMENTS = 256
+COMPACT_AT_LEAST = 1024
 
 
 class StateStore(Protocol):
@@ -187,7 +189,7 @@ class Journal:
 
     def _compaction_due(self, change: Delta, size: int) -> bool:
         records = self._records_since_base + len(change.upserts) + len(change.removed)
-        return records > max(size, 1024) or len(self._segments) >= MAX_SEGMENTS
+        return records > max(size, COMPACT_AT_LEAST) or len(self._segments) >= MAX_SEGMENTS
 
     async def _write_base(self, snap: Snapshot, changes: ChangeLog) -> None:
         assert self._port is not None

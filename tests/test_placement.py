@@ -8,6 +8,8 @@ import secrets
 import subprocess
 import sys
 
+import pytest
+
 from coordinator.placement import NodeInfo, proxy_node
 from tests.conftest import ROOT
 
@@ -34,6 +36,7 @@ def test_no_preference_when_nothing_matches_or_the_node_is_dead():
     assert proxy_node("10.0.0.7", NODES, {}, colocate=False) is None
 
 
+@pytest.mark.ray
 def test_proxies_and_coordinator_are_placed_on_a_multi_node_cluster():
     # Token auth on, with a token of its own: Ray's processes started by
     # cluster_utils do not create ~/.ray/auth_token as ray.init() does.

@@ -206,7 +206,7 @@ async def test_tls_fails_closed_and_says_why(https_worker, pki, tls, needle):
     tls = {k: pki.get(v, v) for k, v in tls.items()}
     message = await apply_over_tls(https_worker, tls)
     assert message != "ok" and needle.lower() in message.lower(), message
-    assert https_worker.journal == []  # nothing reached the worker's handlers
+    assert list(https_worker.journal) == []  # nothing reached the worker's handlers
 
 
 def test_a_proxy_builds_its_ssl_context_once(pki, monkeypatch):
