@@ -114,10 +114,12 @@ class WorkerProxy:
 
     # ---- operations -----------------------------------------------------
 
-    async def apply(self, req: WorkerApplyRequest | str, budget: float | None = None) -> WorkerApplyOutput:
+    async def apply(self, req: WorkerApplyRequest | str, deadline_at: float | None = None) -> WorkerApplyOutput:
         """``req`` may come as its JSON text: the coordinator serialises a request
         once per apply instead of once per proxy, and the text is sent as is.
-        With a ``budget`` (seconds), the call ends within it, resends included."""
+        With ``deadline_at`` (wall-clock seconds: the caller's deadline, which
+        counts the time the call spent reaching this proxy), the call ends by
+        then, resends included, and nothing is sent after it."""
         if isinstance(req, str):
             content = req.encode()
             req = WorkerApplyRequest.model_validate_json(content)
@@ -138,13 +140,13 @@ class WorkerProxy:
                 "message": self._scrub(out.message),
             })
 
-        return await self._operate(what, call, budget)
+        return await self._operate(what, call, deadline_at)
 
-    async def startup(self, req: WorkerStartupRequest, budget: float | None = None) -> WorkerApplyOutput:
-        return await self._lifecycle("startup", "/models/startup", req, budget)
+    async def startup(self, req: WorkerStartupRequest, deadline_at: float | None = None) -> WorkerApplyOutput:
+        return await self._lifecycle("startup", "/models/startup", req, deadline_at)
 
-    async def shutdown(self, req: WorkerStartupRequest, budget: float | None = None) -> WorkerApplyOutput:
-        return await self._lifecycle("shutdown", "/models/shutdown", req, budget)
+    async def shutdown(self, req: WorkerStartupRequest, deadline_at: float | None = None) -> WorkerApplyOutput:
+        return await self._lifecycle("shutdown", "/models/shutdown", req, deadline_at)
 
     async def supports(self) -> SupportsOutcome:
         if self._tls_error is not None:
@@ -185,7 +187,7 @@ class WorkerProxy:
     # ---- internals ------------------------------------------------------
 
     async def _lifecycle(
-        self, op: str, path: str, req: WorkerStartupRequest, budget: float | None
+        self, op: str, path: str, req: WorkerStartupRequest, deadline_at: float | None
     ) -> WorkerApplyOutput:
         started = time.monotonic()
 
@@ -194,13 +196,13 @@ class WorkerProxy:
             await self._request("POST", path, op, deadline, json=req.model_dump(mode="json"))
             return self._output(f"{op} {req.key} succeeded", True, started)
 
-        return await self._operate(f"{op} {req.key}", call, budget)
+        return await self._operate(f"{op} {req.key}", call, deadline_at)
 
     async def _operate(
-        self, what: str, call: Callable[[float | None], Awaitable[WorkerApplyOutput]], budget: float | None
+        self, what: str, call: Callable[[float | None], Awaitable[WorkerApplyOutput]], deadline_at: float | None
     ) -> WorkerApplyOutput:
         started = time.monotonic()
-        deadline = None if budget is None else started + budget
+        deadline = None if deadline_at is None else started + (deadline_at - self._clock())
         if self._tls_error is not None:
             return self._output(f"{what} not sent: {self._tls_error}", False, started)
         if self._state.reachable is False:

@@ -272,6 +272,9 @@ class CoordinatorConfig(_Strict):
     #: refused at once (ModelBusyError). An operation identical to a waiting
     #: one (same apply_type, worker_type and params) joins it instead.
     max_queued_operations: int = Field(32, ge=1)
+    #: Seconds between checks that every live endpoint has a live proxy and no
+    #: departed one keeps its proxy (repairs drift; normally there is none).
+    resync_interval: float = Field(10.0, gt=0)
     #: How long a watcher long poll waits before answering "nothing new".
     long_poll_timeout: float = Field(10.0, gt=0)
     #: After a change arrives, a follower (a watcher of the embedded registry,

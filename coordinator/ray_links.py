@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import ray
@@ -27,6 +28,10 @@ log = logging.getLogger(__name__)
 LISTEN_GRACE = 10.0
 #: Seconds between refreshes of the table of Ray nodes used to place proxies.
 NODE_REFRESH = 30.0
+#: A proxy that lived this long before dying was not crash-looping: its
+#: replacement starts at once. One that died sooner is replaced after a
+#: back-off that doubles with each quick death (the config's ``backoff``).
+STABLE_LIFETIME = 60.0
 
 
 class RayWatchers:
@@ -80,6 +85,8 @@ class RayProxies:
         self._handles: dict[Endpoint, Any] = {}
         self._access: dict[Endpoint, WorkerAccess] = {}
         self._lifelines: dict[Endpoint, asyncio.Task[None]] = {}
+        self._born: dict[Endpoint, float] = {}  # when its current proxy was started (monotonic)
+        self._quick_deaths: dict[Endpoint, int] = {}  # deaths in a row, each soon after a start
         self._actor_cls = ray.remote(WorkerProxy)
 
     def endpoints(self) -> set[Endpoint]:
@@ -89,31 +96,48 @@ class RayProxies:
         return self._handles.get(endpoint)
 
     def ensure(self, endpoint: Endpoint, access: WorkerAccess) -> None:
-        if endpoint not in self._handles:
-            self._access[endpoint] = access
+        """A live proxy for ``endpoint``: started if there is none, or if the
+        one there is no longer followed (its lifeline ended without a retire)."""
+        lifeline = self._lifelines.get(endpoint)
+        if endpoint not in self._handles or lifeline is None or lifeline.done():
+            if endpoint in self._handles:
+                log.warning("proxy for %s was no longer followed; starting a new one", endpoint)
+            self._access.setdefault(endpoint, access)
             self._spawn(endpoint)
 
     def _spawn(self, endpoint: Endpoint) -> None:
         handle = self._new_proxy(endpoint, self._access[endpoint])
         self._handles[endpoint] = handle
+        self._born[endpoint] = time.monotonic()
         self._lifelines[endpoint] = asyncio.get_running_loop().create_task(
             self._follow_lifeline(endpoint, handle), name=f"lifeline {endpoint}"
         )
 
     async def _follow_lifeline(self, endpoint: Endpoint, handle: Any) -> None:
-        """Replace the proxy as soon as it dies, not at the next call to it."""
+        """Replace the proxy as soon as it dies, not at the next call to it —
+        after a back-off when it keeps dying soon after it starts."""
         while True:
             try:
                 await handle.lifeline.remote()
                 return  # closed on purpose
             except ActorDiedError as exc:
+                if self._handles.get(endpoint) is not handle:
+                    return
+                lived = time.monotonic() - self._born.get(endpoint, 0.0)
+                quick = 0 if lived >= STABLE_LIFETIME else self._quick_deaths.get(endpoint, 0) + 1
+                self._quick_deaths[endpoint] = quick
+                delay = self._config.backoff.delay(quick - 1) if quick > 1 else 0.0
+                log.warning("proxy for %s died after %.0f s (%s); starting a new one in %.1f s",
+                            endpoint, lived, _first_line(exc), delay)
+                await asyncio.sleep(delay)
+                await self._refresh_nodes_once()  # its node may be the one that died
                 if self._handles.get(endpoint) is handle:
-                    log.warning("proxy for %s died (%s); starting a new one", endpoint, _first_line(exc))
-                    await self._refresh_nodes_once()  # its node may be the one that died
-                    if self._handles.get(endpoint) is handle:
-                        self._spawn(endpoint)
+                    self._spawn(endpoint)
                 return
             except RayError:  # unavailable for a moment; it may come back
+                await asyncio.sleep(1.0)
+            except Exception:  # the follower survives; this is a bug worth a traceback
+                log.exception("following the proxy for %s failed", endpoint)
                 await asyncio.sleep(1.0)
 
     async def _refresh_nodes(self) -> None:
@@ -151,6 +175,8 @@ class RayProxies:
     def retire(self, endpoint: Endpoint) -> None:
         handle = self._handles.pop(endpoint, None)
         self._access.pop(endpoint, None)
+        self._born.pop(endpoint, None)
+        self._quick_deaths.pop(endpoint, None)
         lifeline = self._lifelines.pop(endpoint, None)
         if lifeline is not None:
             lifeline.cancel()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
@@ -51,8 +52,8 @@ GAUGE_INTERVAL = 1.0
 #: Seconds the coordinator waits for a proxy beyond the worker call's own bound.
 PROXY_MARGIN = 5.0
 #: Of a caller's timeout, what is kept back so that the answer reaches it in
-#: time: the worker calls get the rest.
-ANSWER_MARGIN = 0.5
+#: time (at most this, at most a quarter): the worker calls get the rest.
+ANSWER_MARGIN = 1.0
 
 
 def _ends(timeout: float | None) -> float | None:
@@ -61,7 +62,7 @@ def _ends(timeout: float | None) -> float | None:
     in time."""
     if timeout is None:
         return None
-    return asyncio.get_running_loop().time() + timeout - min(ANSWER_MARGIN, timeout / 5)
+    return asyncio.get_running_loop().time() + timeout - min(ANSWER_MARGIN, timeout / 4)
 
 
 class LinkError(Exception):
@@ -124,6 +125,7 @@ class CoordinatorService:
             for source in self._sources:
                 tg.create_task(self._follow(source), name=f"follow {source}")
             tg.create_task(self._republish_gauges(), name="gauges")
+            tg.create_task(self._resync(), name="resync")
 
     async def _follow(self, source: str) -> None:
         since: tuple[str, int] | None = None
@@ -166,6 +168,28 @@ class CoordinatorService:
 
     def _changed(self) -> None:
         self._feed.notify()
+
+    async def _resync(self) -> None:
+        """Every few seconds, repair any drift between the live set and the
+        proxies: a proxy for every live endpoint (a lost or unfollowed one is
+        started again), none for an endpoint that left."""
+        while True:
+            await asyncio.sleep(self.config.resync_interval)
+            try:
+                self._repair()
+            except Exception:  # the loop survives; the logic raised
+                log.exception("resync failed")
+
+    def _repair(self) -> None:
+        live, have = self._live.endpoints(), self._proxies.endpoints()
+        for ep in sorted(live):
+            if ep not in have:
+                log.warning("resync: %s had no proxy; starting one", ep)
+            self._proxies.ensure(ep, self.config.access_for(ep, self._live.listed_by(ep)))
+        for ep in sorted(have - live):
+            log.warning("resync: %s left the registries but kept its proxy; retiring it", ep)
+            self._proxies.retire(ep)
+            self._probes.pop(ep, None)
 
     def _record_live_instances(self, keys: set[str] | None = None) -> None:
         """The live-instance gauges of ``keys`` (every worker key when None),
@@ -388,8 +412,11 @@ class CoordinatorService:
         if budget is not None and budget <= 0:
             return [WorkerApplyOutput(message=f"{ep}: {what} not sent: the caller's deadline passed before its turn",
                                       success=False, timecost=0, host=ep.host, port=ep.port) for ep in targets]
+        # To the proxies as a wall-clock time: it counts the time a call takes
+        # to reach its proxy (one that is still starting, say).
+        deadline_at = None if budget is None else time.time() + budget
         outputs = await self._each(
-            targets, op, (req, budget), budget,
+            targets, op, (req, deadline_at), budget,
             lambda ep, exc: WorkerApplyOutput(
                 message=f"{ep}: {what} failed: {exc}", success=False, timecost=-1, host=ep.host, port=ep.port
             ),

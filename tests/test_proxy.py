@@ -172,7 +172,7 @@ async def test_a_request_sent_as_json_text_goes_out_unchanged():
     assert again.success and seen[1].content == seen[0].content
 
 
-async def test_a_budget_bounds_the_worker_call_whatever_the_operation_timeout():
+async def test_the_callers_deadline_bounds_the_worker_call_whatever_the_operation_timeout():
     """The caller's deadline travels to the proxy: a worker that never answers
     is given up on within the budget, not the operation's 300 s."""
     import asyncio
@@ -190,10 +190,10 @@ async def test_a_budget_bounds_the_worker_call_whatever_the_operation_timeout():
     proxy = WorkerProxy("127.0.0.1", port, probe=NO_PROBE)
     try:
         started = time.monotonic()
-        out = await proxy.apply(APPLY, budget=0.4)
+        out = await proxy.apply(APPLY, deadline_at=time.time() + 0.4)
         assert time.monotonic() - started < 5  # liveness: far below the apply timeout
         assert out.success is False and "no answer within 0.4" in out.message
-        late = await proxy.apply(APPLY, budget=0)
+        late = await proxy.apply(APPLY, deadline_at=time.time() - 1)
         assert "not sent: the operation's deadline had passed" in late.message
     finally:
         done.set()

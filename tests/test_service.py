@@ -447,3 +447,24 @@ async def test_a_flood_of_one_restart_is_carried_out_once_more_and_distinct_exce
         assert len(proxies.spans) == 3 * 2  # three operations, two instances each: not 62
     finally:
         run.cancel()
+
+
+async def test_a_periodic_resync_repairs_drift_between_the_live_set_and_the_proxies():
+    config = CoordinatorConfig.model_validate(
+        {"registries": [{"kind": "static", "name": "a", "instances": []}], "long_poll_timeout": 0.2,
+         "change_pace": 0, "resync_interval": 0.05})
+    watchers, proxies = FakeWatchers(), FakeProxies()
+    svc = CoordinatorService(config, watchers, proxies)
+    run = asyncio.create_task(svc.run())
+    try:
+        watchers.publish("a", inst("m@llm", 1), inst("m@llm", 2))
+        await settle(svc, 2)
+        proxies.live.discard(Endpoint("h", 2))  # a proxy lost behind the coordinator's back
+        proxies.live.add(Endpoint("h", 9))  # and one nobody lists any more
+        deadline = asyncio.get_running_loop().time() + 5
+        while proxies.live != {Endpoint("h", 1), Endpoint("h", 2)}:
+            assert asyncio.get_running_loop().time() < deadline, proxies.live
+            await asyncio.sleep(0.02)
+        assert Endpoint("h", 9) in proxies.retired
+    finally:
+        run.cancel()
