@@ -169,6 +169,12 @@ class WorkerProxy:
     async def probe_state(self) -> ProbeState:
         return self._state
 
+    async def probe_now(self) -> ProbeState:
+        """Probe the worker now (besides the periodic probes) and say what was
+        found: fresh evidence, for a rollout's health gate."""
+        await self._probe_once()
+        return self._state
+
     async def process_info(self) -> dict[str, str | int | None]:
         """Where this proxy runs: Ray node (None outside Ray) and PID."""
         return process_info()

@@ -113,6 +113,7 @@ class CoordinatorService:
         self._live = LiveSet(self._sources)
         self._gauge_keys: set[str] = set()  # worker keys whose gauges are out of date
         self._probes: dict[Endpoint, Reachability] = {}
+        self._probed_at: dict[Endpoint, float] = {}  # when that word arrived (loop time)
         self._queue = OperationQueue(config.max_queued_operations, self._metrics.queued_operations)
         self._rollouts: dict[str, RolloutProgress] = {}
         self._feed = ChangeFeed()
@@ -190,6 +191,7 @@ class CoordinatorService:
             log.warning("resync: %s left the registries but kept its proxy; retiring it", ep)
             self._proxies.retire(ep)
             self._probes.pop(ep, None)
+            self._probed_at.pop(ep, None)
 
     def _record_live_instances(self, keys: set[str] | None = None) -> None:
         """The live-instance gauges of ``keys`` (every worker key when None),
@@ -222,6 +224,7 @@ class CoordinatorService:
         endpoint = Endpoint(*endpoint)
         if endpoint in self._proxies.endpoints():
             self._probes[endpoint] = state
+            self._probed_at[endpoint] = asyncio.get_running_loop().time()
             log.info("%s is now %s", endpoint, "reachable" if state.reachable else f"unreachable ({state.last_error})")
             self._gauge_keys |= self._live.keys_at(endpoint)
             self._changed()
@@ -355,10 +358,13 @@ class CoordinatorService:
                     progress.phase = "stopped"
                     break
                 progress.phase = "waiting for health"
-                self._feed.notify()
+                batch_ended = loop.time()
+                await self._probe_now(batch)
                 if ends is not None:
                     health_timeout = min(health_timeout, max(0.0, ends - loop.time()))
-                if not await self._feed.wait_until(lambda: self._batch_healthy(req.key, batch), health_timeout):
+                if not await self._feed.wait_until(
+                    lambda: self._batch_healthy(req.key, batch, batch_ended), health_timeout
+                ):
                     outputs += not_attempted(rest, f"batch {i} not healthy within {health_timeout:g} s")
                     progress.phase = "stopped"
                     break
@@ -369,10 +375,26 @@ class CoordinatorService:
             self._rollouts.pop(req.key, None)
         return outputs
 
-    def _batch_healthy(self, key: str, batch: list[Endpoint]) -> bool:
-        unreachable = self._unreachable()
+    async def _probe_now(self, batch: list[Endpoint]) -> None:
+        """Ask the batch's proxies to probe their workers now: the health gate
+        takes only evidence that is newer than the batch's operation."""
+        states = await self._each(batch, "probe_now", (), self.config.probe.timeout + 1.0, lambda ep, exc: None)
+        now = asyncio.get_running_loop().time()
+        for ep, state in zip(batch, states):
+            if state is not None and ep in self._proxies.endpoints():
+                self._probes[ep], self._probed_at[ep] = state, now
+        self._changed()
+
+    def _batch_healthy(self, key: str, batch: list[Endpoint], since: float) -> bool:
+        """Every instance of the batch registered healthy, and found reachable
+        by a probe whose word arrived after ``since`` (the batch's end): a
+        snapshot from before the batch restarted proves nothing."""
         healthy = {i.endpoint for i in self._live.of_key(key) if i.healthy}
-        return all(ep in healthy and ep not in unreachable for ep in batch)
+        def answered(ep: Endpoint) -> bool:  # the last probe got through, not merely "not dead yet"
+            state = self._probes.get(ep)
+            return state is not None and state.reachable is True and not getattr(state, "consecutive_failures", 0)
+
+        return all(ep in healthy and self._probed_at.get(ep, -1.0) >= since and answered(ep) for ep in batch)
 
     async def startup(self, req: WorkerStartupRequest, timeout: float | None = None) -> WorkerApplyOutput:
         return await self._lifecycle("startup", req, timeout)

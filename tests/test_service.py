@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -67,6 +68,7 @@ class FakeProxies:
         self.calls: list[tuple[Endpoint, str, Any]] = []
         self.behaviour: dict[Endpoint, Any] = {}
         self.access: dict[Endpoint, Any] = {}
+        self.probes: dict[Endpoint, Any] = {}  # what probe_now finds, when not "reachable"
         self.delay = 0.0
 
     def endpoints(self):
@@ -88,6 +90,8 @@ class FakeProxies:
             raise LinkError("proxy actor died mid-call")
         if method == "supports":
             return SupportsOutcome(endpoint=ep)
+        if method == "probe_now":
+            return self.probes.get(ep, SimpleNamespace(reachable=True, last_error=None, consecutive_failures=0))
         return WorkerApplyOutput(message=f"{ep} {method} ok", success=True, host=ep.host, port=ep.port)
 
 
@@ -264,7 +268,8 @@ async def test_a_rollout_goes_batch_by_batch(service):
     result = await svc.apply(WorkerApplyRequest(model="m", apply_type="restart"),
                              ApplyOptions(apply_type="restart", max_unavailable=2))
     assert result.success and [o.port for o in result.outputs] == [1, 2, 3, 4, 5]
-    batches_seen = [sorted(c[0].port for c in proxies.calls[i:i + 2]) for i in (0, 2)]
+    applies = [c for c in proxies.calls if c[1] == "apply"]
+    batches_seen = [sorted(c[0].port for c in applies[i:i + 2]) for i in (0, 2)]
     assert batches_seen == [[1, 2], [3, 4]]
 
 
@@ -278,7 +283,7 @@ async def test_a_rollout_stops_at_the_first_failed_batch(service):
     assert len(result.outputs) == 5  # every instance accounted for
     assert [o.success for o in result.outputs] == [True, True, False, True, False]
     assert "not attempted: batch 2 of 3 failed" in result.outputs[-1].message
-    assert {c[0].port for c in proxies.calls} == {1, 2, 3, 4}
+    assert {c[0].port for c in proxies.calls if c[1] == "apply"} == {1, 2, 3, 4}
 
 
 async def test_a_batch_that_does_not_come_back_healthy_stops_the_rollout(service):
@@ -468,3 +473,27 @@ async def test_a_periodic_resync_repairs_drift_between_the_live_set_and_the_prox
         assert Endpoint("h", 9) in proxies.retired
     finally:
         run.cancel()
+
+
+async def test_the_health_gate_needs_evidence_from_after_the_batch(service):
+    """The registry still calls the batch healthy and the last word from its
+    proxy was "reachable" — from before the restart. The probe made after the
+    batch fails: the gate holds until a probe says the worker answers again
+    (it went down and came back), and only then does the next batch go."""
+    svc, watchers, proxies = service
+    watchers.publish("a", inst("m@llm", 1), inst("m@llm", 2))
+    await settle(svc, 2)
+    await svc.report_probe(Endpoint("h", 1), SimpleNamespace(reachable=True, last_error=None))  # old news
+    proxies.probes[Endpoint("h", 1)] = SimpleNamespace(reachable=True, last_error="refused", consecutive_failures=1)
+    rollout = asyncio.ensure_future(svc.apply(
+        WorkerApplyRequest(model="m", apply_type="restart"),
+        ApplyOptions(apply_type="restart", max_unavailable=1, health_timeout=5)))
+    await asyncio.sleep(0.3)
+    assert not rollout.done()  # held: the fresh probe did not get through
+    assert [c[0].port for c in proxies.calls if c[1] == "apply"] == [1]
+    await svc.report_probe(Endpoint("h", 1), SimpleNamespace(reachable=False, last_error="refused"))
+    await asyncio.sleep(0.1)
+    assert not rollout.done()
+    await svc.report_probe(Endpoint("h", 1), SimpleNamespace(reachable=True, last_error=None))  # back
+    result = await asyncio.wait_for(rollout, 5)
+    assert result.success and [o.port for o in result.outputs] == [1, 2]
