@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from contextlib import asynccontextmanager
 from types import SimpleNamespace
 from typing import Any
 
@@ -317,29 +318,17 @@ async def test_a_change_recounts_the_gauges_of_the_models_it_touched_only(monkey
     import coordinator.service as service_module
 
     monkeypatch.setattr(service_module, "GAUGE_INTERVAL", 0.01)
-    config = CoordinatorConfig.model_validate(
-        {"registries": [{"kind": "static", "name": "a", "instances": []}], "long_poll_timeout": 0.2,
-         "change_pace": 0})
-    watchers, proxies, metrics = FakeWatchers(), FakeProxies(), RecordingMetrics()
-    svc = CoordinatorService(config, watchers, proxies, metrics=metrics)
-    task = asyncio.create_task(svc.run())
-    try:
+    metrics = RecordingMetrics()
+    async with running(metrics=metrics) as (svc, watchers, _):
         watchers.publish("a", inst("m@llm", 1), inst("n@llm", 1), inst("n@llm", 2))
         await settle(svc, 2, "n")
         await asyncio.sleep(0.05)
         metrics.live.clear()
         watchers.publish("a", inst("m@llm", 1), inst("n@llm", 1), inst("n@llm", 2, healthy=False))
-        deadline = asyncio.get_running_loop().time() + 5
-        while not metrics.live:
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.01)
+        await eventually(lambda: metrics.live, "gauges recorded")
         counts, models = metrics.live[0]
         assert models == {"n@llm"}  # m@llm did not change: not counted again
         assert counts == {("n@llm", "healthy"): 1, ("n@llm", "unhealthy"): 1}
-    finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
 
 
 class TimedProxies(FakeProxies):
@@ -358,25 +347,36 @@ class TimedProxies(FakeProxies):
             self.spans.append((started, loop.time(), args[0]))
 
 
-async def started_service(proxies: FakeProxies):
+@asynccontextmanager
+async def running(proxies: FakeProxies | None = None, metrics: Any = None, **settings: Any):
+    """A service following one static source that lists m@llm on h:1 and h:2,
+    with ``settings`` on top of the test config; yields (service, watchers, proxies)."""
     config = CoordinatorConfig.model_validate(
         {"registries": [{"kind": "static", "name": "a", "instances": []}], "long_poll_timeout": 0.2,
-         "change_pace": 0})
-    watchers = FakeWatchers()
-    svc = CoordinatorService(config, watchers, proxies)
-    task = asyncio.create_task(svc.run())
-    watchers.publish("a", inst("m@llm", 1), inst("m@llm", 2))
-    await settle(svc, 2)
-    return svc, task
+         "change_pace": 0, **settings})
+    watchers, proxies = FakeWatchers(), proxies or FakeProxies()
+    svc = CoordinatorService(config, watchers, proxies, metrics=metrics)
+    run = asyncio.create_task(svc.run())
+    try:
+        watchers.publish("a", inst("m@llm", 1), inst("m@llm", 2))
+        await settle(svc, 2)
+        yield svc, watchers, proxies
+    finally:
+        run.cancel()
+
+
+async def eventually(condition, what: str = "") -> None:
+    deadline = asyncio.get_running_loop().time() + 5
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, what
+        await asyncio.sleep(0.01)
 
 
 async def test_a_caller_that_gives_up_leaves_the_operation_its_models_turn():
     """The first apply's caller is cancelled (a driver that gave up) while its
     worker calls run; the next apply on the model starts none of its calls
     until those have ended."""
-    proxies = TimedProxies()
-    svc, run = await started_service(proxies)
-    try:
+    async with running(TimedProxies()) as (svc, _, proxies):
         proxies.delay = 0.5
         first = asyncio.ensure_future(svc.apply(WorkerApplyRequest(model="m", apply_type="restart")))
         await asyncio.sleep(0.1)
@@ -387,14 +387,10 @@ async def test_a_caller_that_gives_up_leaves_the_operation_its_models_turn():
         starts = [s for s in proxies.spans if '"start"' in s[2]]
         assert len(restarts) == 2 and len(starts) == 2  # the first ran to its end regardless
         assert min(s[0] for s in starts) >= max(s[1] for s in restarts)
-    finally:
-        run.cancel()
 
 
 async def test_a_dry_run_is_answered_while_an_operation_holds_the_model():
-    proxies = FakeProxies()
-    svc, run = await started_service(proxies)
-    try:
+    async with running() as (svc, _, proxies):
         proxies.delay = 5
         busy = asyncio.ensure_future(svc.apply(WorkerApplyRequest(model="m", apply_type="restart")))
         await asyncio.sleep(0.05)
@@ -403,14 +399,10 @@ async def test_a_dry_run_is_answered_while_an_operation_holds_the_model():
                       ApplyOptions(apply_type="restart", max_unavailable=1, dry_run=True)), 2)
         assert plan.batches == [[("h", 1)], [("h", 2)]] and not busy.done()
         busy.cancel()
-    finally:
-        run.cancel()
 
 
 async def test_an_operation_whose_callers_deadline_passed_in_the_queue_sends_nothing():
-    proxies = TimedProxies()
-    svc, run = await started_service(proxies)
-    try:
+    async with running(TimedProxies()) as (svc, _, proxies):
         proxies.delay = 0.6
         first = asyncio.ensure_future(svc.apply(WorkerApplyRequest(model="m", apply_type="restart")))
         await asyncio.sleep(0.05)
@@ -420,21 +412,10 @@ async def test_an_operation_whose_callers_deadline_passed_in_the_queue_sends_not
         assert all("not sent: the caller's deadline passed" in o.message for o in late.outputs)
         await first
         assert not any('"start"' in s[2] for s in proxies.spans)
-    finally:
-        run.cancel()
 
 
 async def test_a_flood_of_one_restart_is_carried_out_once_more_and_distinct_excess_is_refused():
-    proxies = TimedProxies()
-    config = CoordinatorConfig.model_validate(
-        {"registries": [{"kind": "static", "name": "a", "instances": []}], "long_poll_timeout": 0.2,
-         "change_pace": 0, "max_queued_operations": 2})
-    watchers = FakeWatchers()
-    svc = CoordinatorService(config, watchers, proxies)
-    run = asyncio.create_task(svc.run())
-    try:
-        watchers.publish("a", inst("m@llm", 1), inst("m@llm", 2))
-        await settle(svc, 2)
+    async with running(TimedProxies(), max_queued_operations=2) as (svc, _, proxies):
         proxies.delay = 0.3
         first = asyncio.ensure_future(svc.apply(WorkerApplyRequest(model="m", apply_type="restart")))
         await asyncio.sleep(0.05)
@@ -450,29 +431,14 @@ async def test_a_flood_of_one_restart_is_carried_out_once_more_and_distinct_exce
         results = await asyncio.gather(first, *flood, other)
         assert all(r.output.success for r in results)
         assert len(proxies.spans) == 3 * 2  # three operations, two instances each: not 62
-    finally:
-        run.cancel()
 
 
 async def test_a_periodic_resync_repairs_drift_between_the_live_set_and_the_proxies():
-    config = CoordinatorConfig.model_validate(
-        {"registries": [{"kind": "static", "name": "a", "instances": []}], "long_poll_timeout": 0.2,
-         "change_pace": 0, "resync_interval": 0.05})
-    watchers, proxies = FakeWatchers(), FakeProxies()
-    svc = CoordinatorService(config, watchers, proxies)
-    run = asyncio.create_task(svc.run())
-    try:
-        watchers.publish("a", inst("m@llm", 1), inst("m@llm", 2))
-        await settle(svc, 2)
+    async with running(resync_interval=0.05) as (_, _, proxies):
         proxies.live.discard(Endpoint("h", 2))  # a proxy lost behind the coordinator's back
         proxies.live.add(Endpoint("h", 9))  # and one nobody lists any more
-        deadline = asyncio.get_running_loop().time() + 5
-        while proxies.live != {Endpoint("h", 1), Endpoint("h", 2)}:
-            assert asyncio.get_running_loop().time() < deadline, proxies.live
-            await asyncio.sleep(0.02)
+        await eventually(lambda: proxies.live == {Endpoint("h", 1), Endpoint("h", 2)}, "drift repaired")
         assert Endpoint("h", 9) in proxies.retired
-    finally:
-        run.cancel()
 
 
 async def test_the_health_gate_needs_evidence_from_after_the_batch(service):
