@@ -161,11 +161,18 @@ class CoordinatorService:
         self._gauge_keys |= absorbed.keys
         for ep in sorted(absorbed.endpoints):
             if self._live.has_endpoint(ep) and ep not in self._proxies.endpoints():
-                self._proxies.ensure(ep, self.config.access_for(ep, self._live.listed_by(ep)))
+                self._ensure_proxy(ep)
             elif not self._live.has_endpoint(ep) and ep in self._proxies.endpoints():
-                self._proxies.retire(ep)
-                self._probes.pop(ep, None)
+                self._retire_proxy(ep)
         self._changed()
+
+    def _ensure_proxy(self, ep: Endpoint) -> None:
+        self._proxies.ensure(ep, self.config.access_for(ep, self._live.listed_by(ep)))
+
+    def _retire_proxy(self, ep: Endpoint) -> None:
+        self._proxies.retire(ep)
+        self._probes.pop(ep, None)
+        self._probed_at.pop(ep, None)
 
     def _changed(self) -> None:
         self._feed.notify()
@@ -186,12 +193,10 @@ class CoordinatorService:
         for ep in sorted(live):
             if ep not in have:
                 log.warning("resync: %s had no proxy; starting one", ep)
-            self._proxies.ensure(ep, self.config.access_for(ep, self._live.listed_by(ep)))
+            self._ensure_proxy(ep)
         for ep in sorted(have - live):
             log.warning("resync: %s left the registries but kept its proxy; retiring it", ep)
-            self._proxies.retire(ep)
-            self._probes.pop(ep, None)
-            self._probed_at.pop(ep, None)
+            self._retire_proxy(ep)
 
     def _record_live_instances(self, keys: set[str] | None = None) -> None:
         """The live-instance gauges of ``keys`` (every worker key when None),
@@ -238,12 +243,17 @@ class CoordinatorService:
     def _unreachable(self) -> frozenset[Endpoint]:
         return frozenset(ep for ep, st in self._probes.items() if st.reachable is False)
 
-    async def instances(
-        self, model: str | None = None, worker_type: str | None = None, healthy_only: bool = True
-    ) -> list[ModelInstance]:
+    def _select(self, model: str | None, worker_type: str | None, healthy_only: bool) -> list[ModelInstance]:
+        """The instances asked for, sorted; one key's instances only when the
+        key is known (no scan of the fleet)."""
         live = self._live.of_key(worker_key(model, worker_type)) if model and worker_type else self._live.instances()
         return sorted(filter_instances(live, model, worker_type, healthy_only, self._unreachable()),
                       key=lambda i: i.identity)
+
+    async def instances(
+        self, model: str | None = None, worker_type: str | None = None, healthy_only: bool = True
+    ) -> list[ModelInstance]:
+        return self._select(model, worker_type, healthy_only)
 
     async def wait_for(
         self, model: str, count: int, worker_type: str = "llm", timeout: float = 60.0
@@ -251,9 +261,7 @@ class CoordinatorService:
         """Wait until at least ``count`` healthy instances of the model are live."""
 
         def found() -> list[ModelInstance]:
-            live = self._live.of_key(worker_key(model, worker_type))
-            return sorted(filter_instances(live, model, worker_type, True, self._unreachable()),
-                          key=lambda i: i.identity)
+            return self._select(model, worker_type, True)
 
         if not await self._feed.wait_until(lambda: len(found()) >= count, timeout):
             raise WaitTimeoutError(
