@@ -289,7 +289,6 @@ class WorkerProxy:
         if error is None:
             new = ProbeState(reachable=True, last_ok=now, checked_at=now)
         else:
-            self._metrics.probe_failure(str(self.endpoint))
             failures = old.consecutive_failures + 1
             dead = failures >= self._probe_settings.failures_to_dead
             new = ProbeState(
@@ -300,6 +299,7 @@ class WorkerProxy:
                 checked_at=now,
             )
         self._state = new
+        self._metrics.probe(str(self.endpoint), new.consecutive_failures)
         if new.reachable != old.reachable and self._on_probe_change is not None:
             result = self._on_probe_change(self.endpoint, new)
             if asyncio.iscoroutine(result):

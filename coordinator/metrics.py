@@ -9,7 +9,8 @@
 | coordinator_live_instances | gauge | model, health (healthy / unhealthy / unreachable) |
 | coordinator_watcher_stale | gauge (0/1) | source |
 | coordinator_watcher_errors_total | counter | source |
-| coordinator_probe_failures_total | counter | endpoint |
+| coordinator_probe_failures_total | counter | (none: the fleet's failed probes) |
+| coordinator_probe_failing | gauge | endpoint (failed probes in a row; 0 while it answers) |
 | coordinator_watcher_refused_entries | gauge | source |
 
 The code that records them takes a :class:`Metrics`; :class:`NoMetrics` (the
@@ -39,7 +40,9 @@ class Metrics(Protocol):
 
     def watcher(self, source: str, stale: bool, failed: bool) -> None: ...
 
-    def probe_failure(self, endpoint: str) -> None: ...
+    def probe(self, endpoint: str, failures_in_a_row: int) -> None:
+        """After every probe (so the gauge is re-reported while the proxy lives)."""
+        ...
 
     def refused_entries(self, source: str, count: int) -> None: ...
 
@@ -60,7 +63,7 @@ class NoMetrics:
     def watcher(self, source: str, stale: bool, failed: bool) -> None:
         pass
 
-    def probe_failure(self, endpoint: str) -> None:
+    def probe(self, endpoint: str, failures_in_a_row: int) -> None:
         pass
 
     def refused_entries(self, source: str, count: int) -> None:
@@ -84,8 +87,13 @@ class RayMetrics:
                                     tag_keys=("source",))
         self._watch_errors = metrics.Counter(
             "coordinator_watcher_errors_total", "Failed registry fetches", tag_keys=("source",))
-        self._probe_failures = metrics.Counter(
-            "coordinator_probe_failures_total", "Failed worker probes", tag_keys=("endpoint",))
+        # Per endpoint, a gauge: Ray's metrics agent drops a gauge series that
+        # stops being reported (a retired endpoint's), but keeps every counter
+        # series it has seen, so a counter tagged by endpoint would grow with
+        # every worker that ever came and went.
+        self._probe_failures = metrics.Counter("coordinator_probe_failures_total", "Failed worker probes")
+        self._probe_failing = metrics.Gauge(
+            "coordinator_probe_failing", "Failed probes in a row, by endpoint", tag_keys=("endpoint",))
         self._refused = metrics.Gauge(
             "coordinator_watcher_refused_entries", "Invalid registry entries in a source's last listing",
             tag_keys=("source",))
@@ -116,8 +124,10 @@ class RayMetrics:
         if failed:
             self._watch_errors.inc(1, {"source": source})
 
-    def probe_failure(self, endpoint: str) -> None:
-        self._probe_failures.inc(1, {"endpoint": endpoint})
+    def probe(self, endpoint: str, failures_in_a_row: int) -> None:
+        if failures_in_a_row:
+            self._probe_failures.inc(1)
+        self._probe_failing.set(failures_in_a_row, {"endpoint": endpoint})
 
     def refused_entries(self, source: str, count: int) -> None:
         self._refused.set(count, {"source": source})

@@ -220,6 +220,8 @@ class CoordinatorService:
             if quiet >= GAUGE_REFRESH:
                 self._gauge_keys, quiet = set(), 0.0
                 self._record_live_instances()
+                for key, depth in self._queue.depths().items():  # a gauge not re-reported ages out
+                    self._metrics.queued_operations(key, depth)
             elif self._gauge_keys:
                 keys, self._gauge_keys = self._gauge_keys, set()
                 self._record_live_instances(keys)

@@ -51,7 +51,8 @@ def test_operations_latency_live_instances_and_probe_failures_are_exported(ray_s
             ("ray_coordinator_operations_total", {"operation": "apply", "outcome": "failure"}),
             ("ray_coordinator_instance_operation_seconds_count", {"operation": "apply"}),
             ("ray_coordinator_live_instances", {"model": "metric-model@llm", "health": "healthy"}),
-            ("ray_coordinator_probe_failures_total", {"endpoint": f"127.0.0.1:{closed}"}),
+            ("ray_coordinator_probe_failures_total", {}),
+            ("ray_coordinator_probe_failing", {"endpoint": f"127.0.0.1:{closed}"}),
             ("ray_coordinator_watcher_stale", {"source": "reg"}),
         ]
 
@@ -63,7 +64,8 @@ def test_operations_latency_live_instances_and_probe_failures_are_exported(ray_s
         assert sample(text, "ray_coordinator_operations_total", operation="apply", outcome="failure") >= 1
         assert sample(text, "ray_coordinator_instance_operation_seconds_count", operation="apply") >= 1
         assert sample(text, "ray_coordinator_live_instances", model="metric-model@llm", health="healthy") == 1
-        assert sample(text, "ray_coordinator_probe_failures_total", endpoint=f"127.0.0.1:{closed}") >= 1
+        assert sample(text, "ray_coordinator_probe_failures_total") >= 1
+        assert sample(text, "ray_coordinator_probe_failing", endpoint=f"127.0.0.1:{closed}") >= 1
         assert sample(text, "ray_coordinator_watcher_stale", source="reg") == 0
         assert re.search(r'ray_coordinator_live_instances\{[^}]*health="unreachable"', text)
     finally:
@@ -81,6 +83,29 @@ def test_grafana_dashboard_plots_every_exported_metric():
     dash = json.loads((ROOT / "examples" / "grafana_dashboard.json").read_text())
     exprs = " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])
     names = re.findall(r"^\| (coordinator_\w+) \|", metrics.__doc__, flags=re.M)
-    assert len(names) == 8
+    assert len(names) == 9
     for name in names:
         assert f"ray_{name}" in exprs, name
+
+
+def test_a_retired_endpoints_series_leaves_the_metrics(ray_session):
+    """Per-endpoint metrics are gauges re-reported while the proxy lives: once
+    an endpoint leaves every registry and its proxy is retired, its series
+    ages out of Ray's exporter instead of staying for the life of the node."""
+    closed = free_port()
+    cluster = coordinator.start(
+        {"registries": [{"kind": "embedded", "name": "reg", "port": 0}]}, name="metrics-retire", namespace="tests")
+    try:
+        url = cluster.registry_url()
+        entry = {"model_name": "gone@llm", "host": "127.0.0.1", "port": closed, "check_healthy": False}
+        httpx.post(f"{url}/api/controller/models", json=entry).raise_for_status()
+        endpoint = f"127.0.0.1:{closed}"
+        wait_until(lambda: (sample(scrape(), "ray_coordinator_probe_failing", endpoint=endpoint) or 0) >= 1,
+                   timeout=90, interval=1, what="the endpoint's series exported")
+        httpx.delete(f"{url}/api/controller/models", params={
+            "model_name": "gone@llm", "host": "127.0.0.1", "port": closed, "remove_from_registry": "true",
+        }).raise_for_status()
+        wait_until(lambda: sample(scrape(), "ray_coordinator_probe_failing", endpoint=endpoint) is None,
+                   timeout=120, interval=2, what="the retired endpoint's series gone")
+    finally:
+        cluster.stop()
