@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast setup bench detection scale proxies transport clean
+.PHONY: demo test test-fast setup bench detection scale proxies transport chaos clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or: make PYTHON=python3 ...)"; exit 1; }
@@ -52,6 +52,11 @@ proxies: $(STAMP)
 transport: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	$(PY) -m bench.transport
+
+# The chaos soak: 5 minutes of operations while workers, proxies, the watcher,
+# the registry and the coordinator are killed at random; every promise checked.
+chaos: $(STAMP)
+	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-token} $(PY) -m bench.chaos
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis  # .venv-dbgpt is kept: rebuilding it takes a while

@@ -355,27 +355,35 @@ class ReferenceWorker:
             if body is None:  # the client went away
                 return
             authorization = dict(scope["headers"]).get(b"authorization", b"").decode()
-            self.journal.append({"t": time.time(), "path": scope["path"], "body": body.decode(),
-                                 "authorization": authorization})
-            token = self.settings.require_token
-            if token is not None and not hmac.compare_digest(authorization, f"Bearer {token}"):
-                return await PlainTextResponse("Unauthorized", status_code=401)(scope, receive, send)
-            faults = self.faults
-            if faults.hang:
-                await self._hung.wait()
-            if faults.latency:
-                await asyncio.sleep(faults.latency)
-            early = None
-            if faults.garbage:
-                early = _garbage(faults.garbage)
-            elif faults.fail_next > 0:
-                faults.fail_next -= 1
-                early = PlainTextResponse("Internal Server Error", status_code=500)
-            if early is not None:
-                return await early(scope, receive, send)
-            await app(scope, replay(body), send)
+            entry = {"t": time.time(), "path": scope["path"], "body": body.decode(),
+                     "authorization": authorization}
+            self.journal.append(entry)
+            try:
+                await self._answer(app, entry, scope, receive, send, body)
+            finally:
+                entry["t_end"] = time.time()  # when this call stopped running here
 
         return layer
+
+    async def _answer(self, app, entry, scope, receive, send, body: bytes) -> None:
+        """The fault knobs, then the app: one worker call."""
+        token = self.settings.require_token
+        if token is not None and not hmac.compare_digest(entry["authorization"], f"Bearer {token}"):
+            return await PlainTextResponse("Unauthorized", status_code=401)(scope, receive, send)
+        faults = self.faults
+        if faults.hang:
+            await self._hung.wait()
+        if faults.latency:
+            await asyncio.sleep(faults.latency)
+        early = None
+        if faults.garbage:
+            early = _garbage(faults.garbage)
+        elif faults.fail_next > 0:
+            faults.fail_next -= 1
+            early = PlainTextResponse("Internal Server Error", status_code=500)
+        if early is not None:
+            return await early(scope, receive, send)
+        await app(scope, replay(body), send)
 
 
 class ReferenceWorkerHost:

@@ -49,6 +49,9 @@ T = TypeVar("T")
 GAUGE_REFRESH = 5.0
 #: At most this often after a change.
 GAUGE_INTERVAL = 1.0
+#: Seconds a call made right after a (re)start waits for the watchers' first
+#: answers before it reads the live set.
+REBUILD_WAIT = 15.0
 #: Seconds the coordinator waits for a proxy beyond the worker call's own bound.
 PROXY_MARGIN = 5.0
 #: Of a caller's timeout, what is kept back so that the answer reaches it in
@@ -240,6 +243,13 @@ class CoordinatorService:
         """Whether every watcher has delivered its first snapshot within ``timeout``."""
         return await self._feed.wait_until(lambda: len(self._heard) == len(self._sources), timeout)
 
+    async def _rebuilt(self) -> None:
+        """Before an answer that reads the live set: right after a (re)start it
+        is empty until the watchers have answered, and "no registry lists it"
+        would be false. Waits (bounded) for every watcher's first answer."""
+        if len(self._heard) < len(self._sources):
+            await self.ready(REBUILD_WAIT)
+
     # ---- reads ----------------------------------------------------------
 
     def _unreachable(self) -> frozenset[Endpoint]:
@@ -255,6 +265,7 @@ class CoordinatorService:
     async def instances(
         self, model: str | None = None, worker_type: str | None = None, healthy_only: bool = True
     ) -> list[ModelInstance]:
+        await self._rebuilt()
         return self._select(model, worker_type, healthy_only)
 
     async def wait_for(
@@ -310,6 +321,7 @@ class CoordinatorService:
         a read, answered from the live set at once, never queued behind the
         model's operations."""
         options = options or ApplyOptions(apply_type=req.apply_type)
+        await self._rebuilt()
         if options.dry_run:
             return ApplyPlan(key=req.key, apply_type=req.apply_type, batches=self._plan(req, options))
         ends = _ends(options.timeout)
@@ -413,6 +425,8 @@ class CoordinatorService:
         return await self._lifecycle("shutdown", req, timeout)
 
     async def _lifecycle(self, op: str, req: WorkerStartupRequest, timeout: float | None) -> WorkerApplyOutput:
+        await self._rebuilt()
+
         async def operation() -> WorkerApplyOutput:
             if not self._live.has_endpoint(req.endpoint):
                 self._metrics.operation(op, "error")
@@ -425,6 +439,7 @@ class CoordinatorService:
 
     async def supports(self) -> list[SupportsOutcome]:
         """``GET /models/supports`` on every healthy, reachable worker manager."""
+        await self._rebuilt()
         unreachable = self._unreachable()
         managers = self._live.of_key(WORKER_MANAGER_KEY)
         targets = [ep for ep in manager_endpoints(managers) if ep not in unreachable]

@@ -287,7 +287,7 @@ def test_a_worker_that_comes_back_is_reachable_again_without_anyone_acting(clust
 
 
 def test_a_driver_timeout_travels_with_the_operation_and_the_next_waits_for_it(clusters, worker_process):
-    """A driver that allows 3 s gets its answer within it: the worker calls
+    """A driver that allows 6 s gets its answer within it: the worker calls
     were bounded by that deadline. A driver that gave up earlier (its call
     cancelled) does not free the model for the next operation before the
     first one's worker call has ended."""
@@ -297,8 +297,8 @@ def test_a_driver_timeout_travels_with_the_operation_and_the_next_waits_for_it(c
     cluster.wait_for("late", count=1, timeout=20)
     set_faults(slow.port, hang=True)
     started = time.monotonic()
-    [out] = cluster.apply("late", "restart", timeout=3).outputs
-    assert time.monotonic() - started < 3 + 1.0  # liveness: answered about when the driver stops waiting
+    [out] = cluster.apply("late", "restart", timeout=6).outputs
+    assert time.monotonic() - started < 6 + 1.0  # liveness: answered about when the driver stops waiting
     assert not out.success and "no answer within" in out.message
     set_faults(slow.port, hang=False, latency=2)
 

@@ -36,6 +36,7 @@ class FakeWatchers:
         self.snapshots: dict[str, Snapshot] = {}
         self.changed = asyncio.Event()
         self.dead: set[str] = set()
+        self.silent = False  # True: not even a first answer (a watcher still starting)
 
     def publish(self, source: str, *instances: ModelInstance) -> None:
         old = self.snapshots.get(source)
@@ -47,6 +48,8 @@ class FakeWatchers:
         if source in self.dead:
             raise LinkError("watcher died")
         snap = self.snapshots.get(source)
+        if snap is None and since is None and not self.silent:
+            return Snapshot("e", 0, ())  # a watcher answers its first listen, even with nothing
         if snap is not None and since != (snap.epoch, snap.version):
             return snap
         try:
@@ -463,3 +466,24 @@ async def test_the_health_gate_needs_evidence_from_after_the_batch(service):
     await svc.report_probe(Endpoint("h", 1), SimpleNamespace(reachable=True, last_error=None))  # back
     result = await asyncio.wait_for(rollout, 5)
     assert result.success and [o.port for o in result.outputs] == [1, 2]
+
+
+async def test_right_after_a_start_operations_wait_for_the_live_set_instead_of_calling_it_empty():
+    """A restarted coordinator's live set is empty until its watchers answer:
+    an apply made then waits for them, rather than saying no registry lists
+    the model."""
+    config = CoordinatorConfig.model_validate(
+        {"registries": [{"kind": "static", "name": "a", "instances": []}], "long_poll_timeout": 0.2})
+    watchers, proxies = FakeWatchers(), FakeProxies()
+    watchers.silent = True
+    svc = CoordinatorService(config, watchers, proxies)
+    run = asyncio.create_task(svc.run())
+    try:
+        early = asyncio.ensure_future(svc.apply(WorkerApplyRequest(model="m", apply_type="start")))
+        await asyncio.sleep(0.2)
+        assert not early.done()
+        watchers.silent = False
+        watchers.publish("a", inst("m@llm", 1))
+        assert (await asyncio.wait_for(early, 5)).output.success
+    finally:
+        run.cancel()
