@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from actors.process import process_info
 from actors.registry_state import GcsStateStore, Journal
-from actors.registry_store import RegistryFull, RegistryStore
+from actors.registry_store import RegistryStore
 from coordinator.changes import Change
 from coordinator.longpoll import ChangeFeed
 from actors.controller_api import RegistryUnavailable, controller_app
