@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from contextlib import asynccontextmanager
 
 import httpx
 import pytest
@@ -24,6 +25,18 @@ def instance(key: str, port: int = 18001, **kw) -> dict:
     return {"model_name": key, "host": "127.0.0.1", "port": port, **kw}
 
 
+@asynccontextmanager
+async def serving(store: MemoryStateStore):
+    """A registry on ``store``, and a client for it; both closed on the way out
+    (as a killed actor would be: nothing more is written after)."""
+    reg, client = await started(store)
+    try:
+        yield reg, client
+    finally:
+        await client.aclose()
+        await reg.close()
+
+
 async def started(store: MemoryStateStore, **settings) -> tuple[EmbeddedRegistry, httpx.AsyncClient]:
     reg = EmbeddedRegistry(EmbeddedSource(port=0, **settings), state=Journal(store, KEY))
     url = await reg.ready()
@@ -36,48 +49,37 @@ def segments(store: MemoryStateStore) -> list[dict]:
 
 async def test_every_answered_registration_survives_a_restart_after_a_burst():
     store = MemoryStateStore()
-    reg, client = await started(store)
-    port = reg._http.port
-    answers = await asyncio.gather(*(
-        client.post("/api/controller/models", json=instance(f"m{i}@llm", 18000 + i % 7)) for i in range(300)
-    ))
-    assert all(r.json() is True for r in answers)
-    await client.delete("/api/controller/models", params={
-        "model_name": "m3@llm", "host": "127.0.0.1", "port": 18003, "remove_from_registry": "true"})
-    await client.delete("/api/controller/models", params={
-        "model_name": "m4@llm", "host": "127.0.0.1", "port": 18004, "remove_from_registry": "false"})
-    before = {(i.model_name, i.port, i.healthy) for i in await reg.list_instances()}
-    await client.aclose()
-    await reg.close()  # as a killed actor would: nothing more is written
+    async with serving(store) as (reg, client):  # closed after, as a killed actor would be
+        port = reg._http.port
+        answers = await asyncio.gather(*(
+            client.post("/api/controller/models", json=instance(f"m{i}@llm", 18000 + i % 7)) for i in range(300)
+        ))
+        assert all(r.json() is True for r in answers)
+        await client.delete("/api/controller/models", params={
+            "model_name": "m3@llm", "host": "127.0.0.1", "port": 18003, "remove_from_registry": "true"})
+        await client.delete("/api/controller/models", params={
+            "model_name": "m4@llm", "host": "127.0.0.1", "port": 18004, "remove_from_registry": "false"})
+        before = {(i.model_name, i.port, i.healthy) for i in await reg.list_instances()}
 
-    again, client = await started(store)
-    try:
+    async with serving(store) as (again, client):
         assert again._http.port == port  # the same address
         assert {(i.model_name, i.port, i.healthy) for i in await again.list_instances()} == before
         assert len(before) == 299 and ("m4@llm", 18004, False) in before
-    finally:
-        await client.aclose()
-        await again.close()
 
 
 async def test_a_burst_of_registrations_shares_journal_writes():
     store = MemoryStateStore()
-    reg, client = await started(store)
-    try:
+    async with serving(store) as (reg, client):
         puts = store.puts
         await asyncio.gather(*(
             client.post("/api/controller/models", json=instance(f"m{i}@llm")) for i in range(200)
         ))
         assert store.puts - puts < 100  # group commit: far fewer writes than registrations
-    finally:
-        await client.aclose()
-        await reg.close()
 
 
 async def test_a_change_writes_what_changed_not_the_whole_registry():
     store = MemoryStateStore()
-    reg, client = await started(store)
-    try:
+    async with serving(store) as (reg, client):
         for i in range(50):
             await client.post("/api/controller/models", json=instance(f"m{i}@llm"))
         await client.post("/api/controller/models", json=instance("last@llm"))
@@ -87,9 +89,6 @@ async def test_a_change_writes_what_changed_not_the_whole_registry():
         for _ in range(20):  # heartbeats of healthy entries change nothing: nothing is written
             await client.post("/api/controller/heartbeat", json=instance("m7@llm"))
         assert store.puts == written
-    finally:
-        await client.aclose()
-        await reg.close()
 
 
 async def test_compaction_folds_the_journal_into_a_base_and_restore_agrees(monkeypatch):
@@ -97,43 +96,32 @@ async def test_compaction_folds_the_journal_into_a_base_and_restore_agrees(monke
 
     monkeypatch.setattr(actors.registry_state, "COMPACT_AT_LEAST", 10)
     store = MemoryStateStore()
-    reg, client = await started(store)
-    for round_ in range(3):  # 3 x 60 changes to 60 entries: more records than entries, so a new base
-        for i in range(60):
-            await client.post("/api/controller/models", json=instance(f"m{i}@llm", weight=float(round_)))
-    before = {(i.model_name, i.weight) for i in await reg.list_instances()}
-    base = json.loads(store.data[f"{KEY}/base"])
-    assert base["seq"] > 1 and len(segments(store)) < 180
-    await client.aclose()
-    await reg.close()
-    again, client = await started(store)
-    try:
+    async with serving(store) as (reg, client):  # closed after, as a killed actor would be
+        for round_ in range(3):  # 3 x 60 changes to 60 entries: more records than entries, so a new base
+            for i in range(60):
+                await client.post("/api/controller/models", json=instance(f"m{i}@llm", weight=float(round_)))
+        before = {(i.model_name, i.weight) for i in await reg.list_instances()}
+        base = json.loads(store.data[f"{KEY}/base"])
+        assert base["seq"] > 1 and len(segments(store)) < 180
+    async with serving(store) as (again, client):
         assert {(i.model_name, i.weight) for i in await again.list_instances()} == before
-    finally:
-        await client.aclose()
-        await again.close()
 
 
 async def test_the_single_blob_state_of_an_older_version_is_restored():
     store = MemoryStateStore()
     store.data[KEY] = json.dumps({"port": 0, "store": {"version": 3, "entries": [
         instance("old@llm", healthy=True, check_healthy=False)]}}).encode()
-    reg, client = await started(store)
-    try:
+    async with serving(store) as (reg, client):
         assert [i.model_name for i in await reg.list_instances()] == ["old@llm"]
         await client.post("/api/controller/models", json=instance("new@llm"))
         assert KEY not in store.data  # replaced by the journal's own layout
-    finally:
-        await client.aclose()
-        await reg.close()
 
 
 async def test_a_write_that_cannot_be_saved_is_refused_not_acknowledged(monkeypatch):
     monkeypatch.setattr(actors.registry, "SAVE_TIMEOUT", 0.5)
     monkeypatch.setattr(actors.registry, "SAVE_RETRY", 0.05)
     store = MemoryStateStore()
-    reg, client = await started(store)
-    try:
+    async with serving(store) as (reg, client):
         store.fail = True
         r = await client.post("/api/controller/models", json=instance("unsaved@llm"))
         assert r.status_code == 503 and "could not save" in r.json()["detail"]
@@ -142,9 +130,6 @@ async def test_a_write_that_cannot_be_saved_is_refused_not_acknowledged(monkeypa
         assert r.json() is True
         names = {e["model_name"] for s in segments(store) for e in s["put"]}
         assert {"unsaved@llm", "saved@llm"} <= names
-    finally:
-        await client.aclose()
-        await reg.close()
 
 
 async def test_a_write_that_arrives_before_the_first_save_waits_for_it_then_is_answered():
