@@ -171,7 +171,16 @@ async def chaos(soak: Soak, rng: random.Random, stop: asyncio.Event, workers: li
     await asyncio.gather(*restarts)
 
 
-def check(soak: Soak, workers: list[Worker], url: str) -> None:
+def live_proxies() -> set[str]:
+    """Actor IDs of every live proxy actor on the cluster (Ray's state API)."""
+    from ray.util.state import list_actors
+
+    alive = list_actors(address=ray.get_runtime_context().gcs_address, limit=10_000,
+                        filters=[("class_name", "=", "WorkerProxy"), ("state", "=", "ALIVE")])
+    return {a.actor_id for a in alive}
+
+
+def check(soak: Soak, workers: list[Worker], url: str, before: set[str]) -> None:
     v = soak.violations
     for c in soak.calls:
         if c["seconds"] > CALL_TIMEOUT + LATE:
@@ -203,11 +212,9 @@ def check(soak: Soak, workers: list[Worker], url: str) -> None:
     for w in workers:
         if ("WorkerManager@service", w.port, True) not in listed:
             v.append(f"the registry lost the heartbeating worker manager at :{w.port}")
-    from ray.util.state import list_actors
-
-    alive = list_actors(address=ray.get_runtime_context().gcs_address, limit=10_000,
-                        filters=[("class_name", "=", "WorkerProxy"), ("state", "=", "ALIVE")])
-    proxies = [a for a in alive if getattr(a, "ray_namespace", NAMESPACE) == NAMESPACE]
+    # Unnamed actors belong to the job's namespace, not the coordinator's: the
+    # soak's own proxies are the ones that were not alive before it began.
+    proxies = live_proxies() - before
     endpoints = {(i["host"], i["port"]) for i in httpx.get(f"{url}/api/controller/models", timeout=10).json()}
     if len(proxies) != len(endpoints):
         v.append(f"{len(proxies)} live proxy actors for {len(endpoints)} endpoints")
@@ -231,6 +238,7 @@ async def settle(cluster: coordinator.Cluster, workers: list[Worker], timeout: f
 
 async def soak_async(seconds: float, seed: int, drivers: int = 4) -> Soak:
     soak, rng = Soak(seconds, seed), random.Random(seed)
+    before = await asyncio.to_thread(live_proxies)
     cluster = await asyncio.to_thread(coordinator.start, CONFIG, name=NAME, namespace=NAMESPACE)
     workers: list[Worker] = []
     try:
@@ -250,7 +258,7 @@ async def soak_async(seconds: float, seed: int, drivers: int = 4) -> Soak:
         await asyncio.gather(*tasks)
         await settle(cluster, workers)
         await asyncio.sleep(3)  # heartbeats, probes and the resync catch up
-        await asyncio.to_thread(check, soak, workers, url)
+        await asyncio.to_thread(check, soak, workers, url, before)
     finally:
         for w in workers:
             w.kill()
