@@ -13,6 +13,7 @@ import logging
 import ray
 
 from actors.process import process_info
+from actors.registry_state import GcsStateStore
 from coordinator.config import CoordinatorConfig
 from coordinator.metrics import RayMetrics
 from coordinator.models import Endpoint
@@ -31,7 +32,8 @@ class CoordinatorActor(CoordinatorService):
         me = ray.get_runtime_context().current_actor
         watchers = RayWatchers({s.name: watcher_actor(name, s.name) for s in config.registries}, namespace)
         self._ray_proxies = RayProxies(config, me, nodes)
-        super().__init__(config, watchers, self._ray_proxies, name=name, namespace=namespace, metrics=RayMetrics())
+        super().__init__(config, watchers, self._ray_proxies, name=name, namespace=namespace, metrics=RayMetrics(),
+                         store=GcsStateStore())
         self._main = asyncio.get_running_loop().create_task(self._run_logged())
 
     async def _run_logged(self) -> None:
@@ -53,6 +55,9 @@ class CoordinatorActor(CoordinatorService):
         return self.config
 
     async def close(self) -> None:
-        """Stop following and retire every proxy (before the actor is killed)."""
+        """Stop following and retire every proxy (before the actor is killed);
+        the deployments kept in the GCS go too: a coordinator stopped on
+        purpose is not one that restarts."""
         self._main.cancel()
         self._ray_proxies.close()
+        await self._keeper.forget()

@@ -27,6 +27,7 @@ from ray.exceptions import (
 )
 
 from coordinator.config import CoordinatorConfig, EmbeddedSource
+from coordinator.deployments import Decision, Deployment, DeploymentStatus, check_distinct
 from coordinator.errors import (
     CoordinatorError,
     CoordinatorNotFoundError,
@@ -247,6 +248,27 @@ class _Calls:
     def status(self) -> _Call:
         return _Call("status")
 
+    @validate_call
+    def deploy(self, *, deployments: list[Deployment], wait: bool, timeout: Seconds | None) -> _Call:
+        check_distinct(deployments)
+        limit = (timeout or self._cluster.config.timeouts.startup) + READ_TIMEOUT if wait else READ_TIMEOUT
+        # Resendable: a deploy is idempotent (the same spec keeps its generation).
+        return _Call("deploy", (deployments, wait, timeout), limit)
+
+    @validate_call
+    def undeploy(self, *, model: Name, worker_type: WorkerType, shutdown: bool) -> _Call:
+        key = f"{model}@{worker_type.value}"
+        limit = self._op_timeout("shutdown", None) if shutdown else READ_TIMEOUT
+        return _Call("undeploy", (key, shutdown), limit, resendable=not shutdown)
+
+    def deployments(self) -> _Call:
+        return _Call("deployments")
+
+    @validate_call
+    def plan(self, *, deployments: list[Deployment]) -> _Call:
+        check_distinct(deployments)
+        return _Call("plan_deploy", (deployments,))
+
 
 def _merge_supports(outcomes: list[SupportsOutcome]) -> list[WorkerSupportedModel]:
     merged = []
@@ -358,6 +380,27 @@ class Cluster:
     def status(self) -> ClusterStatus:
         return self._run(self._calls.status())
 
+    def deploy(self, *deployments: Deployment | dict[str, Any], wait: bool = False,
+               timeout: float | None = None) -> list[int]:
+        """Create or replace the desired state of each deployment's
+        ``model@worker_type``; the generation of each. The coordinator keeps it
+        from then on (see README, "Keeping a fleet in shape"). With
+        ``wait=True``, blocks until each is ready, or raises
+        :class:`DeploymentNotReadyError` naming its state and why."""
+        return self._run(self._calls.deploy(deployments=list(deployments), wait=wait, timeout=timeout))
+
+    def undeploy(self, model: str, worker_type: str = "llm", shutdown: bool = False) -> DeploymentStatus:
+        """Stop keeping ``model@worker_type``; its instances keep running unless
+        ``shutdown=True``, which stops them first. Its last status."""
+        return self._run(self._calls.undeploy(model=model, worker_type=worker_type, shutdown=shutdown))
+
+    def deployments(self) -> list[DeploymentStatus]:
+        return self._run(self._calls.deployments())
+
+    def plan(self, *deployments: Deployment | dict[str, Any]) -> list[tuple[str, Decision]]:
+        """What deploying these would do now (``coordinator deploy --dry-run``); nothing is sent or kept."""
+        return self._run(self._calls.plan(deployments=list(deployments)))
+
     def registry_url(self, source: str | None = None) -> str:
         """The controller URL of an embedded registry (the first one by default):
         what DB-GPT workers take as ``controller_addr``."""
@@ -452,6 +495,21 @@ class AsyncCluster:
 
     async def status(self) -> ClusterStatus:
         return await self._run(self._calls.status())
+
+    async def deploy(self, *deployments: Deployment | dict[str, Any], wait: bool = False,
+                     timeout: float | None = None) -> list[int]:
+        await self.config()
+        return await self._run(self._calls.deploy(deployments=list(deployments), wait=wait, timeout=timeout))
+
+    async def undeploy(self, model: str, worker_type: str = "llm", shutdown: bool = False) -> DeploymentStatus:
+        await self.config()
+        return await self._run(self._calls.undeploy(model=model, worker_type=worker_type, shutdown=shutdown))
+
+    async def deployments(self) -> list[DeploymentStatus]:
+        return await self._run(self._calls.deployments())
+
+    async def plan(self, *deployments: Deployment | dict[str, Any]) -> list[tuple[str, Decision]]:
+        return await self._run(self._calls.plan(deployments=list(deployments)))
 
     async def registry_url(self, source: str | None = None) -> str:
         """The controller URL of an embedded registry (the first one by default)."""

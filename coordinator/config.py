@@ -32,6 +32,7 @@ from pydantic import (
     model_validator,
 )
 
+from coordinator.deployments import Deployment, check_distinct
 from coordinator.hosts import parse_endpoint
 from coordinator.models import Endpoint, ModelInstance
 from coordinator.secrets import Secret
@@ -162,6 +163,26 @@ class BackoffSettings(_Strict):
         return min(self.maximum, self.initial * 2 ** max(0, failures - 1))
 
 
+class ReconcileSettings(_Strict):
+    """How the coordinator keeps deployments in shape."""
+
+    #: Seconds between reconcile rounds when nothing changed.
+    resync_interval: float = Field(10.0, gt=0)
+    #: A failed start on a worker manager waits this long before it is tried
+    #: there again, doubling with each failure in a row up to ``backoff_max``.
+    backoff_initial: float = Field(1.0, gt=0)
+    backoff_max: float = Field(300.0, gt=0)
+    #: After a start answered success, how long its instance may take to show
+    #: up healthy in the registry before it counts as missing again.
+    appear_within: float = Field(60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if self.backoff_max < self.backoff_initial:
+            raise ValueError("reconcile.backoff_max must be >= reconcile.backoff_initial")
+        return self
+
+
 class PlacementSettings(_Strict):
     """Where the actors run on a multi-node Ray cluster."""
 
@@ -263,6 +284,10 @@ class CoordinatorConfig(_Strict):
     probe: ProbeSettings = ProbeSettings()
     backoff: BackoffSettings = BackoffSettings()
     placement: PlacementSettings = PlacementSettings()
+    reconcile: ReconcileSettings = ReconcileSettings()
+    #: Deployed when the coordinator starts, unless a deployment of the same
+    #: model@type is already kept (from an earlier deploy, in Ray's GCS).
+    deployments: list[Deployment] = Field(default_factory=list)
     #: Extra headers sent with every worker call (plain values only: put
     #: credentials in a source's ``workers`` settings).
     headers: dict[str, str] = Field(default_factory=dict)
@@ -301,6 +326,12 @@ class CoordinatorConfig(_Strict):
     @classmethod
     def _plain_headers(cls, headers: dict[str, str]) -> dict[str, str]:
         return _check_headers(headers)
+
+    @field_validator("deployments", mode="after")
+    @classmethod
+    def _one_per_model(cls, deployments: list[Deployment]) -> list[Deployment]:
+        check_distinct(deployments)
+        return deployments
 
     @field_validator("worker_overrides", mode="after")
     @classmethod

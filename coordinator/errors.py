@@ -7,6 +7,8 @@ does — it becomes a ``WorkerApplyOutput(success=False)`` naming the worker.
     ├── NoInstancesError            apply to a model@type that no registry lists
     ├── UnknownEndpointError        startup/shutdown to a host:port no registry lists
     ├── WaitTimeoutError            wait_for() saw too few healthy instances in time
+    │   └── DeploymentNotReadyError deploy(wait=True) timed out; names the state and why
+    ├── NotDeployedError            undeploy() of a model@type with no deployment
     ├── ModelBusyError              too many distinct operations already wait for
     │                               that model@type (max_queued_operations)
     ├── CoordinatorUnavailableError the coordinator actor is gone, restarting, or
@@ -68,3 +70,17 @@ class CoordinatorNotFoundError(CoordinatorError):
 
 class WaitTimeoutError(CoordinatorError, TimeoutError):
     pass
+
+
+class DeploymentNotReadyError(WaitTimeoutError):
+    """``deploy(..., wait=True)`` ran out of time; says the deployment's state."""
+
+    def __init__(self, key: str, status: str) -> None:
+        super().__init__(f"deployment {key} not ready: {status}")
+        self.key, self.status, self._args = key, status, (key, status)
+
+
+class NotDeployedError(CoordinatorError):
+    def __init__(self, key: str) -> None:
+        super().__init__(f"no deployment of {key}")
+        self.key, self._args = key, (key,)

@@ -187,6 +187,11 @@ class LiveSet:
         """The worker keys with an instance at ``endpoint``."""
         return {ident[0] for ident in self._at_endpoint.get(endpoint, ())}
 
+    def at(self, endpoint: Endpoint) -> list[ModelInstance]:
+        """The instances at ``endpoint`` (every key it serves)."""
+        found = (self.merged.get(ident) for ident in self._at_endpoint.get(endpoint, ()))
+        return [i for i in found if i is not None]
+
     def listed_by(self, endpoint: Endpoint) -> list[str]:
         """The sources that list anything at ``endpoint`` (sorted)."""
         return [s for s in self._order if self._source_endpoints[s][endpoint] > 0]

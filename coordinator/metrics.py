@@ -12,6 +12,9 @@
 | coordinator_probe_failures_total | counter | (none: the fleet's failed probes) |
 | coordinator_probe_failing | gauge | endpoint (failed probes in a row; 0 while it answers) |
 | coordinator_watcher_refused_entries | gauge | source |
+| coordinator_deployment_replicas | gauge | deployment (model@type), kind (desired / ready) |
+| coordinator_deployment_failing | gauge (0/1) | deployment (starts or a params update failing, backing off) |
+| coordinator_reconcile_actions_total | counter | action (start / stop / update_params), outcome (success / fallback / failure) |
 
 The code that records them takes a :class:`Metrics`; :class:`NoMetrics` (the
 default) does nothing, so the logic stays testable without Ray, and
@@ -46,6 +49,12 @@ class Metrics(Protocol):
 
     def refused_entries(self, source: str, count: int) -> None: ...
 
+    def deployment(self, key: str, desired: int, ready: int, failing: bool, present: bool = True) -> None:
+        """After every reconcile round; ``present=False`` when it was undeployed."""
+        ...
+
+    def reconcile_action(self, action: str, outcome: str) -> None: ...
+
 
 class NoMetrics:
     def operation(self, operation: str, outcome: str) -> None:
@@ -67,6 +76,12 @@ class NoMetrics:
         pass
 
     def refused_entries(self, source: str, count: int) -> None:
+        pass
+
+    def deployment(self, key: str, desired: int, ready: int, failing: bool, present: bool = True) -> None:
+        pass
+
+    def reconcile_action(self, action: str, outcome: str) -> None:
         pass
 
 
@@ -97,6 +112,14 @@ class RayMetrics:
         self._refused = metrics.Gauge(
             "coordinator_watcher_refused_entries", "Invalid registry entries in a source's last listing",
             tag_keys=("source",))
+        self._replicas = metrics.Gauge(
+            "coordinator_deployment_replicas", "Desired and ready replicas of a deployment",
+            tag_keys=("deployment", "kind"))
+        self._failing = metrics.Gauge(
+            "coordinator_deployment_failing", "1 while a deployment's starts or update fail", tag_keys=("deployment",))
+        self._actions = metrics.Counter(
+            "coordinator_reconcile_actions_total", "Reconcile actions by kind and outcome",
+            tag_keys=("action", "outcome"))
         self._live_labels: dict[str, set[str]] = {}  # health labels recorded non-zero, by model
 
     def operation(self, operation: str, outcome: str) -> None:
@@ -131,6 +154,15 @@ class RayMetrics:
 
     def refused_entries(self, source: str, count: int) -> None:
         self._refused.set(count, {"source": source})
+
+    def deployment(self, key: str, desired: int, ready: int, failing: bool, present: bool = True) -> None:
+        # An undeployed model reads 0 (a gauge keeps its last value otherwise).
+        self._replicas.set(desired if present else 0, {"deployment": key, "kind": "desired"})
+        self._replicas.set(ready if present else 0, {"deployment": key, "kind": "ready"})
+        self._failing.set(1 if failing and present else 0, {"deployment": key})
+
+    def reconcile_action(self, action: str, outcome: str) -> None:
+        self._actions.inc(1, {"action": action, "outcome": outcome})
 
 
 def live_counts(models_and_health: list[tuple[str, str]]) -> dict[tuple[str, str], int]:

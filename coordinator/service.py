@@ -19,14 +19,23 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 from coordinator.config import CoordinatorConfig, WorkerAccess
-from coordinator.errors import ModelBusyError, NoInstancesError, UnknownEndpointError, WaitTimeoutError
+from coordinator.deployments import Decision, Deployment, DeploymentStatus, Manager, Seen
+from coordinator.errors import (
+    DeploymentNotReadyError,
+    ModelBusyError,
+    NoInstancesError,
+    UnknownEndpointError,
+    WaitTimeoutError,
+)
 from coordinator.changes import Change
+from coordinator.keeper import Keeper, Store
 from coordinator.liveset import LiveSet, apply_targets, filter_instances, manager_endpoints
 from coordinator.longpoll import ChangeFeed
 from coordinator.metrics import Metrics, NoMetrics, live_counts
 from coordinator.models import (
     WORKER_MANAGER_KEY,
     ApplyResult,
+    ApplyType,
     Endpoint,
     ModelInstance,
     SupportsOutcome,
@@ -38,6 +47,7 @@ from coordinator.models import (
 )
 from coordinator.ordering import OperationQueue, QueueFull
 from coordinator.rollout import ApplyOptions, ApplyPlan, RolloutProgress, not_attempted, plan_batches
+from actors.registry_state import MemoryStateStore
 from coordinator.status import ClusterStatus, InstanceStatus, WatcherStatus
 
 log = logging.getLogger(__name__)
@@ -105,6 +115,7 @@ class CoordinatorService:
         name: str = "",
         namespace: str = "",
         metrics: Metrics | None = None,
+        store: Store | None = None,
     ) -> None:
         self.config = config
         self._metrics = metrics or NoMetrics()
@@ -120,6 +131,13 @@ class CoordinatorService:
         self._queue = OperationQueue(config.max_queued_operations, self._metrics.queued_operations)
         self._rollouts: dict[str, RolloutProgress] = {}
         self._feed = ChangeFeed()
+        probe = config.probe
+        self._keeper = Keeper(
+            _Fleet(self), store or MemoryStateStore(), f"deployments/{namespace}/{name}", config.reconcile,
+            startup_timeout=config.timeouts.startup, metrics=self._metrics,
+            # the first round waits until a dead worker's probes have had time to say so
+            settle=probe.interval * probe.failures_to_dead + probe.timeout if probe.enabled else 0.0,
+        )
 
     # ---- following the watchers -----------------------------------------
 
@@ -130,6 +148,17 @@ class CoordinatorService:
                 tg.create_task(self._follow(source), name=f"follow {source}")
             tg.create_task(self._republish_gauges(), name="gauges")
             tg.create_task(self._resync(), name="resync")
+            tg.create_task(self._keep(), name="deployments")
+
+    async def _keep(self) -> None:
+        while True:
+            try:
+                await self._keeper.load(self.config.deployments)
+                break
+            except Exception:  # the GCS unreachable: keep following, try again
+                log.exception("loading the kept deployments failed")
+                await asyncio.sleep(self.config.backoff.delay(2))
+        await self._keeper.run()
 
     async def _follow(self, source: str) -> None:
         since: tuple[str, int] | None = None
@@ -179,6 +208,7 @@ class CoordinatorService:
 
     def _changed(self) -> None:
         self._feed.notify()
+        self._keeper.poke()
 
     async def _resync(self) -> None:
         """Every few seconds, repair any drift between the live set and the
@@ -311,6 +341,56 @@ class CoordinatorService:
             watchers=[t.result() for t in tasks], proxies=len(self._proxies.endpoints()),
             busy_keys=self._queue.busy_keys(), queued=self._queue.depths(), rollouts=list(self._rollouts.values()),
         )
+
+    # ---- deployments ----------------------------------------------------
+
+    async def deploy(self, specs: list[Deployment], wait: bool = False, timeout: float | None = None) -> list[int]:
+        """Create or replace desired states; their generations. With ``wait``,
+        until each is ready at that generation (or raise, with its status)."""
+        generations = await self._keeper.deploy(specs)
+        if wait:
+            keys = [s.key for s in specs]
+
+            def done() -> bool:
+                return all(st.state == "ready" and st.observed_generation >= g
+                           for st, g in zip((self._keeper.status(k) for k in keys), generations))
+
+            if not await self._feed.wait_until(done, timeout or self.config.timeouts.startup):
+                late = [st for st in (self._keeper.status(k) for k in keys) if st.state != "ready"]
+                raise DeploymentNotReadyError(late[0].key if late else keys[0],
+                                              _describe_status(late[0]) if late else "not observed yet")
+        return generations
+
+    async def undeploy(self, key: str, shutdown: bool = False) -> DeploymentStatus:
+        return await self._keeper.undeploy(key, shutdown)
+
+    async def deployments(self) -> list[DeploymentStatus]:
+        await self._rebuilt()
+        return self._keeper.statuses()
+
+    async def plan_deploy(self, specs: list[Deployment]) -> list[tuple[str, Decision]]:
+        """What a round would do for each spec now; nothing is sent or kept."""
+        await self._rebuilt()
+        return self._keeper.plan(specs)
+
+    def deployed(self, key: str) -> Deployment | None:
+        return self._keeper.spec(key)
+
+    def _observe(self, key: str) -> tuple[list[Seen], list[Manager]]:
+        """The deployment's view of the live set: its model's instances, and
+        every worker manager with the models it runs."""
+
+        def reach(ep: Endpoint) -> bool | None:
+            state = self._probes.get(ep)
+            return None if state is None else state.reachable
+
+        seen = [Seen(i.endpoint, bool(i.healthy), reach(i.endpoint)) for i in self._live.of_key(key)]
+        managers = [
+            Manager(m.endpoint, bool(m.healthy) and reach(m.endpoint) is not False,
+                    sum(1 for i in self._live.at(m.endpoint) if i.healthy and i.model_name != WORKER_MANAGER_KEY))
+            for m in self._live.of_key(WORKER_MANAGER_KEY)
+        ]
+        return sorted(seen), sorted(managers)
 
     # ---- operations -----------------------------------------------------
 
@@ -497,3 +577,55 @@ class CoordinatorService:
         attempts it may retry, plus a margin."""
         t = self.config.timeouts
         return t.for_operation(op) + 3 * t.connect + PROXY_MARGIN
+
+
+def _describe_status(st: DeploymentStatus) -> str:
+    return f"{st.state}, {st.ready} of {st.replicas} ready" + (f": {st.last_error}" if st.last_error else "")
+
+
+class _Fleet:
+    """The service as the deployment keeper sees it (:class:`coordinator.keeper.Fleet`):
+    its actions go through the same proxies, per-model turns and rolling path
+    as a driver's."""
+
+    def __init__(self, service: CoordinatorService) -> None:
+        self._s = service
+
+    def observe(self, key: str) -> tuple[list[Seen], list[Manager]]:
+        return self._s._observe(key)
+
+    async def rebuilt(self) -> None:
+        await self._s._rebuilt()
+
+    async def in_turn(self, key: str, start: Callable[[], Awaitable[T]], same: tuple[str, ...]) -> T:
+        return await self._s._in_turn(key, start, same)
+
+    def changed(self) -> None:
+        self._s._feed.notify()
+
+    async def _one(self, ep: Endpoint, op: str, req: Any, what: str) -> WorkerApplyOutput:
+        if not self._s._live.has_endpoint(ep):  # left the registries meanwhile: no proxy to ask
+            return WorkerApplyOutput(message=f"{ep}: {what} not sent: no registry lists it any more",
+                                     success=False, timecost=0, host=ep.host, port=ep.port)
+        [output] = await self._s._fan_out([ep], op, req, what)
+        return output
+
+    async def start(self, ep: Endpoint, spec: Deployment) -> WorkerApplyOutput:
+        req = WorkerStartupRequest(host=ep.host, port=ep.port, model=spec.model, worker_type=spec.worker_type,
+                                   params=spec.params)
+        return await self._one(ep, "startup", req, f"startup {spec.key}")
+
+    async def stop(self, ep: Endpoint, spec: Deployment) -> WorkerApplyOutput:
+        req = WorkerStartupRequest(host=ep.host, port=ep.port, model=spec.model, worker_type=spec.worker_type)
+        return await self._one(ep, "shutdown", req, f"shutdown {spec.key}")
+
+    async def apply_one(self, ep: Endpoint, spec: Deployment, apply_type: ApplyType) -> WorkerApplyOutput:
+        req = WorkerApplyRequest(model=spec.model, worker_type=spec.worker_type, apply_type=apply_type)
+        return await self._one(ep, "apply", req.model_dump_json(), f"apply {apply_type.value} {spec.key}")
+
+    async def roll(self, spec: Deployment) -> list[WorkerApplyOutput]:
+        req = WorkerApplyRequest(model=spec.model, worker_type=spec.worker_type,
+                                 apply_type=ApplyType.UPDATE_PARAMS, params=spec.params)
+        targets = sorted(s.endpoint for s in self._s._observe(spec.key)[0] if s.ready)
+        batches = plan_batches(targets, spec.max_unavailable)
+        return await self._s._roll(req, req.model_dump_json(), batches, self._s.config.timeouts.rollout_health)

@@ -138,6 +138,8 @@ def test_public_names_are_exactly_the_documented_ones():
         "SupportedModel", "SupportsOutcome", "Timeouts", "UnknownEndpointError", "WaitTimeoutError",
         "WatcherStatus", "WorkerApplyOutput", "WorkerApplyRequest", "WorkerOperationError",
         "WorkerStartupRequest", "WorkerSupportedModel", "WorkerType", "attach", "start",
+        "Deployment", "DeploymentEvent", "DeploymentNotReadyError", "DeploymentStatus", "NotDeployedError",
+        "ReconcileSettings",
     }
     assert set(coordinator.__all__) == expected
     for name in expected:

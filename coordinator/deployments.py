@@ -1,0 +1,238 @@
+"""Deployments: a desired state the coordinator keeps, and the pure decision of
+what to do about it. No Ray, no I/O, no clock: everything a decision depends
+on comes in as an argument, so a table of cases tests it (tests/test_deployments.py).
+
+A :class:`Deployment` asks for ``replicas`` running instances of one
+``model@worker_type``, each on its own worker manager. :func:`decide` compares
+it with what the live set shows (:class:`View`) and returns the actions that
+move one step closer, and the state to report:
+
+- an instance counts as **ready** when the registry lists it healthy and the
+  probes do not find its worker unreachable; one that is listed but not ready
+  counts as missing, and a replacement starts elsewhere at once;
+- **placement** is on worker managers (``WorkerManager@service``) that are
+  registry-healthy and reachable, within ``hosts`` if given, never two
+  replicas on one manager; fewest replicas of this model on the manager's host
+  first, then fewest models on the manager, then fewest failed starts there;
+- a start that failed on a manager **backs off** there exponentially
+  (:func:`backed_off`), and meanwhile the others are preferred;
+- **scale-down** (including a dead instance that came back, leaving one too
+  many) stops the extras on the busiest managers first: most models on the
+  manager, then most replicas of this model on its host, then the highest
+  ``host:port``;
+- new ``params`` roll through the instances as ``update_params`` in batches of
+  ``max_unavailable``, once the count is right.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, field_validator
+
+from coordinator.hosts import parse_endpoint
+from coordinator.models import Endpoint, Name, WorkerType, worker_key
+
+State = Literal["ready", "progressing", "degraded", "failing"]
+#: Events a deployment's status keeps (the newest).
+EVENTS_KEPT = 10
+
+
+class Deployment(BaseModel):
+    """N replicas of a model, placed across worker managers and kept there."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: Name
+    worker_type: WorkerType = WorkerType.LLM
+    replicas: NonNegativeInt
+    #: What each start sends as DB-GPT's ``WorkerStartupRequest.params``.
+    params: dict[str, Any] = Field(default_factory=dict)
+    #: Only these worker managers ("host:port"); None: any.
+    hosts: list[str] | None = None
+    #: Instances a params change may take down at once.
+    max_unavailable: PositiveInt = 1
+
+    @field_validator("hosts", mode="after")
+    @classmethod
+    def _endpoints(cls, hosts: list[str] | None) -> list[str] | None:
+        if hosts is None:
+            return None
+        parsed = [parse_endpoint(h) for h in hosts]  # raises naming the bad one
+        return [f"{h}:{p}" for h, p in parsed]
+
+    @property
+    def key(self) -> str:
+        return worker_key(self.model, self.worker_type)
+
+    @property
+    def allowed(self) -> frozenset[Endpoint] | None:
+        return None if self.hosts is None else frozenset(Endpoint(*parse_endpoint(h)) for h in self.hosts)
+
+    @property
+    def params_digest(self) -> str:
+        return params_digest(self.params)
+
+
+def check_distinct(deployments: list[Deployment]) -> None:
+    """One deployment per model@type: a second one raises, naming the key."""
+    keys = [d.key for d in deployments]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise ValueError(f"one deployment per model@worker_type; repeated: {', '.join(repeated)}")
+
+
+def params_digest(params: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class DeploymentEvent(BaseModel):
+    """One thing the reconciler did: what, where, why, and how it went."""
+
+    at: float  # unix time
+    action: str  # start / stop / update_params / apply stop / apply start
+    endpoint: str | None = None
+    reason: str
+    ok: bool
+    message: str = ""
+
+
+class DeploymentStatus(BaseModel):
+    model: str
+    worker_type: str
+    replicas: int  # desired
+    ready: int  # healthy and reachable instances
+    instances: list[str]  # endpoints of the ready instances
+    state: State
+    last_error: str | None = None
+    generation: int
+    observed_generation: int
+    events: list[DeploymentEvent] = Field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return worker_key(self.model, self.worker_type)
+
+
+# ---- what a decision looks at -------------------------------------------
+
+
+class Seen(NamedTuple):
+    """One registry entry of the deployment's model."""
+
+    endpoint: Endpoint
+    healthy: bool  # as the registry lists it
+    reachable: bool | None  # the probes' verdict; None: not probed yet
+
+    @property
+    def ready(self) -> bool:
+        return self.healthy and self.reachable is not False
+
+
+class Manager(NamedTuple):
+    """One worker manager, as the live set shows it."""
+
+    endpoint: Endpoint
+    eligible: bool  # registry-healthy and not found unreachable
+    models: int  # models it runs (healthy entries at its endpoint)
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Failed starts in a row on one manager, and when the next may be tried."""
+
+    failures: int
+    retry_at: float
+    last_error: str
+
+
+def backed_off(prev: Backoff | None, now: float, error: str, initial: float = 1.0, maximum: float = 300.0) -> Backoff:
+    """The backoff after one more failure: ``initial`` doubling up to ``maximum``."""
+    failures = (prev.failures if prev else 0) + 1
+    return Backoff(failures, now + min(maximum, initial * 2 ** (failures - 1)), error)
+
+
+@dataclass(frozen=True)
+class View:
+    instances: list[Seen]
+    managers: list[Manager]
+    #: Managers a start was sent to whose instance is not ready yet.
+    starting: frozenset[Endpoint] = frozenset()
+    #: Per manager; the key None holds a params roll's backoff.
+    backoff: Mapping[Endpoint | None, Backoff] = field(default_factory=dict)
+    now: float = 0.0
+    #: Whether the running instances have the deployment's params.
+    params_current: bool = True
+
+
+class Action(NamedTuple):
+    kind: Literal["start", "stop", "update_params"]
+    endpoint: Endpoint | None  # None for update_params: every instance, rolling
+    reason: str
+
+
+class Decision(NamedTuple):
+    actions: list[Action]
+    state: State
+    why: str | None  # when not ready: what is missing, in words
+
+
+def decide(spec: Deployment, view: View) -> Decision:
+    """The actions that bring the live set one step closer to ``spec``."""
+    backoff = view.backoff
+    ready = sorted(s.endpoint for s in view.instances if s.ready)
+    starting = set(view.starting) - set(ready)
+    have = len(ready) + len(starting)
+    replicas_on_host = Counter(ep.host for ep in [*ready, *starting])
+    models_on = {m.endpoint: m.models for m in view.managers}
+    not_ready = sorted(s.endpoint for s in view.instances if not s.ready)
+
+    if have < spec.replicas:
+        need = spec.replicas - have
+        taken = set(ready) | starting
+        allowed = spec.allowed
+        eligible = [m for m in view.managers
+                    if m.eligible and m.endpoint not in taken and (allowed is None or m.endpoint in allowed)]
+        free = [m for m in eligible if m.endpoint not in backoff or backoff[m.endpoint].retry_at <= view.now]
+        picks = []
+        while free and len(picks) < need:  # one at a time: each pick changes its host's count
+            best = min(free, key=lambda m: (replicas_on_host[m.endpoint.host], m.models,
+                                            backoff[m.endpoint].failures if m.endpoint in backoff else 0,
+                                            m.endpoint))
+            free.remove(best)
+            picks.append(best.endpoint)
+            replicas_on_host[best.endpoint.host] += 1
+        missing = f"{len(ready)} of {spec.replicas} ready"
+        if not_ready:
+            missing += f"; not ready: {', '.join(map(str, not_ready))}"
+        actions = [Action("start", ep, missing) for ep in picks]
+        if actions or starting:
+            return Decision(actions, "progressing", missing)
+        waiting = [backoff[m.endpoint] for m in eligible if m.endpoint in backoff]
+        if waiting:
+            last = max(waiting, key=lambda b: b.retry_at)
+            return Decision([], "failing", f"{missing}; starts failing, backing off: {last.last_error}")
+        where = "" if allowed is None else f" among hosts {', '.join(sorted(map(str, allowed)))}"
+        return Decision([], "degraded", f"{missing}; no other eligible worker manager{where}")
+
+    if have > spec.replicas:
+        if starting:
+            return Decision([], "progressing", f"{len(starting)} starting")
+        excess = have - spec.replicas
+        ranked = sorted(ready, key=lambda ep: (models_on.get(ep, 0), replicas_on_host[ep.host], ep), reverse=True)
+        why = f"{len(ready)} ready, {spec.replicas} wanted"
+        return Decision([Action("stop", ep, why) for ep in ranked[:excess]], "progressing", why)
+
+    if starting:
+        return Decision([], "progressing", f"{len(starting)} starting")
+    if not view.params_current and ready:
+        roll = backoff.get(None)
+        if roll is not None and roll.retry_at > view.now:
+            return Decision([], "failing", f"params update failed, backing off: {roll.last_error}")
+        return Decision([Action("update_params", None, "params changed")], "progressing", "params changed")
+    return Decision([], "ready", None)

@@ -1,0 +1,400 @@
+"""The deployment keeper: the one place that carries out what
+:func:`coordinator.deployments.decide` decides, and keeps the desired state.
+
+Level-triggered: a round runs for every deployment on every change of the live
+set (the service pokes it), on every deploy, and every ``resync_interval``.
+A round takes its model's turn (the same per-model line as a driver's
+startup/shutdown/apply, so it never overlaps one), decides from the live set as
+it is then, and carries the actions out at once, concurrently.
+
+What survives a restart lives in Ray's GCS key-value store, one record per
+deployment: the spec, its generation, the params the instances run with, and
+the starts in flight (written *before* a start is sent, so a coordinator that
+dies mid-start and comes back counts that start instead of making a duplicate).
+Backoffs and events are soft: a restarted coordinator tries once more.
+
+It reaches the fleet only through :class:`Fleet` (the service implements it),
+so tests can hand it a fake one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Protocol, TypeVar
+
+from pydantic import BaseModel, Field, TypeAdapter
+
+from coordinator.config import ReconcileSettings
+from coordinator.deployments import (
+    EVENTS_KEPT,
+    Action,
+    Backoff,
+    Decision,
+    Deployment,
+    DeploymentEvent,
+    DeploymentStatus,
+    Manager,
+    Seen,
+    View,
+    backed_off,
+    check_distinct,
+    decide,
+)
+from coordinator.errors import NotDeployedError
+from coordinator.metrics import Metrics, NoMetrics
+from coordinator.models import ApplyType, Endpoint, WorkerApplyOutput
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Record(BaseModel):
+    """What is kept of one deployment across restarts."""
+
+    spec: Deployment
+    generation: int
+    observed_generation: int = 0
+    #: Digest of the params the running instances were started or updated with.
+    applied: str
+    #: Starts in flight: "host:port" -> unix time after which, if its instance
+    #: is still not ready, it counts as missing again.
+    intents: dict[str, float] = Field(default_factory=dict)
+
+
+_RECORDS = TypeAdapter(dict[str, Record])
+
+
+class Store(Protocol):
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def put(self, key: str, value: bytes) -> None: ...
+
+    async def delete(self, key: str, prefix: bool = False) -> None: ...
+
+
+class Fleet(Protocol):
+    """What the keeper needs of the coordinator."""
+
+    def observe(self, key: str) -> tuple[list[Seen], list[Manager]]: ...
+
+    async def rebuilt(self) -> None: ...
+
+    async def in_turn(self, key: str, start: Callable[[], Awaitable[T]], same: tuple[str, ...]) -> T: ...
+
+    async def start(self, ep: Endpoint, spec: Deployment) -> WorkerApplyOutput: ...
+
+    async def stop(self, ep: Endpoint, spec: Deployment) -> WorkerApplyOutput: ...
+
+    async def apply_one(self, ep: Endpoint, spec: Deployment, apply_type: ApplyType) -> WorkerApplyOutput: ...
+
+    async def roll(self, spec: Deployment) -> list[WorkerApplyOutput]: ...
+
+    def changed(self) -> None: ...
+
+
+def _endpoint(text: str) -> Endpoint:
+    host, _, port = text.rpartition(":")
+    return Endpoint(host, int(port))
+
+
+class Keeper:
+    def __init__(
+        self, fleet: Fleet, store: Store, state_key: str, settings: ReconcileSettings,
+        startup_timeout: float, metrics: Metrics | None = None, settle: float = 0.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._fleet = fleet
+        self._store = store
+        self._state_key = state_key
+        self._settings = settings
+        self._startup_timeout = startup_timeout
+        self._metrics = metrics or NoMetrics()
+        self._settle = settle  # seconds to let the first probes answer before the first round
+        self._clock = clock
+        self._records: dict[str, Record] = {}
+        self._backoff: dict[str, dict[Endpoint | None, Backoff]] = {}
+        self._events: dict[str, deque[DeploymentEvent]] = {}
+        self._last_error: dict[str, str | None] = {}
+        self._acting: set[str] = set()  # keys whose round is carrying out actions
+        self._dirty: set[str] = set()
+        self._rounds: dict[str, asyncio.Task[None]] = {}
+        self._wake = asyncio.Event()
+        self._loaded = asyncio.Event()
+        self._save_lock = asyncio.Lock()
+
+    # ---- the desired state ----------------------------------------------
+
+    async def load(self, configured: Iterable[Deployment] = ()) -> None:
+        """Read the kept records; deploy the configured ones not kept yet."""
+        raw = await self._store.get(self._state_key)
+        self._records = _RECORDS.validate_json(raw) if raw else {}
+        fresh = [d for d in configured if d.key not in self._records]
+        for spec in fresh:
+            self._records[spec.key] = Record(spec=spec, generation=1, applied=spec.params_digest)
+        if fresh:
+            await self._save()
+        self._loaded.set()
+        self.poke()
+
+    async def deploy(self, specs: list[Deployment]) -> list[int]:
+        """Create or replace the desired state of each spec's model@type; the
+        generation of each (unchanged for an identical spec)."""
+        check_distinct(specs)
+        await self._loaded.wait()
+        generations = []
+        for spec in specs:
+            held = self._records.get(spec.key)
+            if held is not None and held.spec == spec:
+                generations.append(held.generation)
+                continue
+            self._records[spec.key] = Record(
+                spec=spec,
+                generation=(held.generation + 1) if held else 1,
+                observed_generation=held.observed_generation if held else 0,
+                # A first deploy adopts running instances as they are; a
+                # redeploy keeps what they run, so new params roll out.
+                applied=held.applied if held else spec.params_digest,
+                intents=held.intents if held else {},
+            )
+            generations.append(self._records[spec.key].generation)
+            self._event(spec.key, "deploy", None, f"generation {generations[-1]}: {spec.replicas} replicas", True)
+        await self._save()
+        self.poke()
+        return generations
+
+    async def undeploy(self, key: str, shutdown: bool = False) -> DeploymentStatus:
+        """Forget the desired state of ``key``; with ``shutdown``, first stop
+        every instance of it. Its last status."""
+        await self._loaded.wait()
+        held = self._records.get(key)
+        if held is None:
+            raise NotDeployedError(key)
+        if shutdown:
+            held = self._records[key] = held.model_copy(update={
+                "spec": held.spec.model_copy(update={"replicas": 0}), "generation": held.generation + 1})
+            await self._save()
+            await self._fleet.in_turn(key, lambda: self._round(key), ("reconcile", key))
+        last = self.status(key)
+        self._records.pop(key, None)
+        self._backoff.pop(key, None)
+        await self._save()
+        self._metrics.deployment(key, 0, 0, False, present=False)
+        return last
+
+    async def forget(self) -> None:
+        """Remove the kept state (when the coordinator is stopped on purpose)."""
+        await self._store.delete(self._state_key)
+
+    async def _save(self) -> None:
+        async with self._save_lock:
+            await self._store.put(self._state_key, _RECORDS.dump_json(self._records))
+
+    # ---- status ---------------------------------------------------------
+
+    def keys(self) -> list[str]:
+        return sorted(self._records)
+
+    def spec(self, key: str) -> Deployment | None:
+        held = self._records.get(key)
+        return held.spec if held else None
+
+    def status(self, key: str) -> DeploymentStatus:
+        held = self._records.get(key)
+        if held is None:
+            raise NotDeployedError(key)
+        decision, view = self._decide(key, held)
+        ready = sorted(s.endpoint for s in view.instances if s.ready)
+        state = "progressing" if key in self._acting and decision.state != "failing" else decision.state
+        if held.observed_generation < held.generation:
+            state = "progressing"
+        return DeploymentStatus(
+            model=held.spec.model, worker_type=held.spec.worker_type.value, replicas=held.spec.replicas,
+            ready=len(ready), instances=[str(ep) for ep in ready], state=state,
+            last_error=None if state == "ready" else (self._last_error.get(key) or decision.why),
+            generation=held.generation, observed_generation=held.observed_generation,
+            events=list(self._events.get(key, ())),
+        )
+
+    def statuses(self) -> list[DeploymentStatus]:
+        return [self.status(k) for k in self.keys()]
+
+    def plan(self, specs: list[Deployment]) -> list[tuple[str, Decision]]:
+        """What a round would do now for each spec (nothing is sent)."""
+        check_distinct(specs)
+        out = []
+        for spec in specs:
+            held = self._records.get(spec.key)
+            applied = held.applied if held else spec.params_digest
+            record = Record(spec=spec, generation=0, applied=applied, intents=held.intents if held else {})
+            out.append((spec.key, self._decide(spec.key, record)[0]))
+        return out
+
+    def _view(self, key: str, held: Record) -> View:
+        instances, managers = self._fleet.observe(key)
+        ready = {s.endpoint for s in instances if s.ready}
+        eligible = {m.endpoint for m in managers if m.eligible}
+        now = self._clock()
+        starting = frozenset(
+            ep for ep, until in ((_endpoint(t), u) for t, u in held.intents.items())
+            if until > now and ep not in ready and ep in eligible
+        )
+        return View(instances=instances, managers=managers, starting=starting,
+                    backoff=self._backoff.get(key, {}), now=now,
+                    params_current=held.applied == held.spec.params_digest)
+
+    def _decide(self, key: str, held: Record) -> tuple[Decision, View]:
+        view = self._view(key, held)
+        return decide(held.spec, view), view
+
+    # ---- the loop -------------------------------------------------------
+
+    def poke(self) -> None:
+        """Something changed: every deployment gets a round."""
+        self._dirty |= set(self._records)
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Reconcile until cancelled."""
+        await self._loaded.wait()
+        await self._fleet.rebuilt()
+        await asyncio.sleep(self._settle)
+        while True:
+            self._wake.clear()
+            for key in sorted(self._dirty):
+                if key not in self._rounds and key in self._records:
+                    self._rounds[key] = asyncio.get_running_loop().create_task(self._rounds_of(key))
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._next_wake())
+            except TimeoutError:
+                self.poke()
+
+    def _next_wake(self) -> float:
+        """Seconds until the resync, or until a backoff ends if sooner."""
+        now = self._clock()
+        ends = [b.retry_at - now for per in self._backoff.values() for b in per.values() if b.retry_at > now]
+        return max(0.05, min([self._settings.resync_interval, *ends]))
+
+    async def _rounds_of(self, key: str) -> None:
+        try:
+            while key in self._dirty and key in self._records:
+                self._dirty.discard(key)
+                await self._fleet.in_turn(key, lambda: self._round(key), ("reconcile", key))
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the loop survives; the next change or resync tries again
+            log.exception("reconciling %s failed", key)
+        finally:
+            self._rounds.pop(key, None)
+
+    async def _round(self, key: str) -> None:
+        held = self._records.get(key)
+        if held is None:
+            return
+        decision, view = self._decide(key, held)
+        dirty = held.observed_generation != held.generation
+        held.observed_generation = held.generation
+        alive = {str(ep) for ep in view.starting}
+        if set(held.intents) - alive:
+            held.intents = {t: u for t, u in held.intents.items() if t in alive}
+            dirty = True
+        if decision.state == "ready":
+            self._last_error[key] = None
+        self._report(key, held, view)
+        if not decision.actions:
+            if dirty:
+                await self._save()
+            return
+        for action in decision.actions:
+            if action.kind == "start":
+                held.intents[str(action.endpoint)] = self._clock() + self._startup_timeout + self._settings.appear_within
+        await self._save()  # the starts are on record before they are sent
+        self._acting.add(key)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for action in decision.actions:
+                    tg.create_task(self._carry_out(key, held, action, view))
+        finally:
+            self._acting.discard(key)
+            await self._save()
+            self._report(key, held, self._view(key, held))
+            self._fleet.changed()
+
+    async def _carry_out(self, key: str, held: Record, action: Action, view: View) -> None:
+        spec = held.spec
+        match action.kind:
+            case "start":
+                await self._start(key, held, action, view)
+            case "stop":
+                out = await self._fleet.stop(action.endpoint, spec)
+                if out.success:
+                    self._done(key, action, "stop", out)
+                    return
+                # DB-GPT 0.8.2's shutdown fails when its worker has no model
+                # storage (see docs/protocol.md); an apply stop still stops it.
+                fallback = await self._fleet.apply_one(action.endpoint, spec, ApplyType.STOP)
+                self._done(key, action, "stop", out, then=("apply stop", fallback))
+            case "update_params":
+                outs = await self._fleet.roll(spec)
+                ok = bool(outs) and all(o.success for o in outs)
+                failed = "; ".join(o.message for o in outs if not o.success) or "no instance answered"
+                self._metrics.reconcile_action("update_params", "success" if ok else "failure")
+                self._event(key, "update_params", None, action.reason, ok,
+                            f"{len(outs)} instances updated" if ok else failed)
+                per = self._backoff.setdefault(key, {})
+                if ok:
+                    held.applied = spec.params_digest
+                    per.pop(None, None)
+                else:
+                    per[None] = backed_off(per.get(None), self._clock(), failed, self._settings.backoff_initial,
+                                           self._settings.backoff_max)
+                    self._last_error[key] = f"params update failed: {failed}"
+
+    async def _start(self, key: str, held: Record, action: Action, view: View) -> None:
+        ep, spec = action.endpoint, held.spec
+        out = await self._fleet.start(ep, spec)
+        then = None
+        if not out.success and any(s.endpoint == ep for s in view.instances):
+            # Listed there but not ready: a worker manager that holds the model
+            # stopped refuses a startup of it; an apply start brings it back.
+            then = ("apply start", await self._fleet.apply_one(ep, spec, ApplyType.START))
+        ok = self._done(key, action, "start", out, then)
+        per = self._backoff.setdefault(key, {})
+        if ok:
+            per.pop(ep, None)
+            held.intents[str(ep)] = self._clock() + self._settings.appear_within
+        else:
+            held.intents.pop(str(ep), None)
+            message = (then[1] if then else out).message
+            per[ep] = backed_off(per.get(ep), self._clock(), f"{ep}: {message}", self._settings.backoff_initial,
+                                 self._settings.backoff_max)
+
+    def _done(self, key: str, action: Action, kind: str, out: WorkerApplyOutput,
+              then: tuple[str, WorkerApplyOutput] | None = None) -> bool:
+        """Record an action's outcome (and its fallback's); whether it worked."""
+        ok = out.success or (then is not None and then[1].success)
+        message = out.message
+        if then is not None:
+            message = f"{kind} failed ({out.message}); {then[0]}: " + (
+                "succeeded" if then[1].success else f"failed too ({then[1].message})")
+        self._metrics.reconcile_action(kind, "success" if out.success else "fallback" if ok else "failure")
+        self._event(key, kind, action.endpoint, action.reason, ok, message)
+        if not ok:
+            self._last_error[key] = message
+        log.info("deployment %s: %s %s (%s): %s", key, kind, action.endpoint, action.reason, message)
+        return ok
+
+    def _event(self, key: str, action: str, ep: Endpoint | None, reason: str, ok: bool, message: str = "") -> None:
+        self._events.setdefault(key, deque(maxlen=EVENTS_KEPT)).append(DeploymentEvent(
+            at=self._clock(), action=action, endpoint=None if ep is None else str(ep), reason=reason, ok=ok,
+            message=message))
+
+    def _report(self, key: str, held: Record, view: View) -> None:
+        ready = sum(1 for s in view.instances if s.ready)
+        failing = decide(held.spec, view).state == "failing"
+        self._metrics.deployment(key, held.spec.replicas, ready, failing)
+

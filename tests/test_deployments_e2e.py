@@ -1,0 +1,141 @@
+"""Deployments end to end: real reference worker managers (processes), a real
+coordinator on a local Ray, real kills."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+import ray
+
+import coordinator
+from coordinator.deployments import Deployment
+from tests.conftest import wait_until
+
+pytestmark = pytest.mark.ray
+
+FAST = {
+    "timeouts": {"apply": 10, "connect": 1, "startup": 10, "shutdown": 10, "supports": 5, "rollout_health": 10},
+    "backoff": {"initial": 0.1, "maximum": 0.5},
+    "long_poll_timeout": 2,
+    "reconcile": {"resync_interval": 2, "backoff_initial": 0.5, "backoff_max": 4, "appear_within": 10},
+}
+EMBEDDED = {"kind": "embedded", "name": "reg", "port": 0, "heartbeat_interval": 1, "heartbeat_timeout": 3}
+SIM = {"provider": "proxy/sim"}
+
+
+@pytest.fixture
+def clusters(ray_session):
+    started: list[coordinator.Cluster] = []
+
+    def make(name: str, **extra) -> coordinator.Cluster:
+        cluster = coordinator.start({"registries": [EMBEDDED], **FAST, **extra}, name=name, namespace="tests")
+        started.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in started:
+        cluster.stop()
+
+
+def journal(port: int) -> list[dict]:
+    return httpx.get(f"http://127.0.0.1:{port}/api/_reference/journal", timeout=5).json()
+
+
+def startups(port: int, model: str) -> int:
+    return sum(1 for e in journal(port)
+               if e["path"] == "/api/worker/models/startup" and json.loads(e["body"])["model"] == model)
+
+
+def ready_ports(cluster: coordinator.Cluster, key: str) -> list[int]:
+    [st] = [s for s in cluster.deployments() if s.key == key]
+    return sorted(int(i.rsplit(":", 1)[1]) for i in st.instances) if st.state == "ready" else []
+
+
+def test_a_deployment_is_placed_spread_healed_and_scaled(clusters, worker_process):
+    cluster = clusters("deploy-heal")
+    url = cluster.registry_url()
+    managers = {w.port: w for w in (worker_process(controller=url, heartbeat_interval=1) for _ in range(3))}
+    cluster.wait_for("WorkerManager", count=3, worker_type="service", timeout=20)
+
+    [gen] = cluster.deploy(Deployment(model="keep", replicas=2, params=SIM), wait=True, timeout=30)
+    assert gen == 1
+    [st] = cluster.deployments()
+    assert (st.state, st.ready, st.replicas, st.observed_generation) == ("ready", 2, 2, 1)
+    first = ready_ports(cluster, "keep@llm")
+    assert len(set(first)) == 2  # two managers, one replica each
+    assert cluster.deploy(Deployment(model="keep", replicas=2, params=SIM)) == [1]  # same spec, same generation
+
+    # A worker manager dies: the replacement runs on the third one.
+    victim = first[0]
+    managers[victim].kill()
+    spare = (set(managers) - set(first)).pop()
+    wait_until(lambda: ready_ports(cluster, "keep@llm") == sorted([first[1], spare]), timeout=20,
+               what="the replacement ready on the spare manager")
+    [st] = cluster.deployments()
+    assert any(e.action == "start" and e.endpoint.endswith(f":{spare}") and e.ok and "not ready" in e.reason
+               for e in st.events), st.events
+
+    # It comes back, with the model: one too many, and the rule scales back to 2.
+    managers[victim] = worker_process("keep@llm", controller=url, heartbeat_interval=1, port=victim)
+    wait_until(lambda: any(e.action == "stop" and e.ok for e in cluster.deployments()[0].events), timeout=20,
+               what="the extra replica stopped")
+    wait_until(lambda: len(ready_ports(cluster, "keep@llm")) == 2, timeout=20)
+    assert len(cluster.instances("keep")) == 2
+
+    # An imperative shutdown of a deployed model: the desired state wins.
+    target = ready_ports(cluster, "keep@llm")[0]
+    out = cluster.shutdown({"host": "127.0.0.1", "port": target, "model": "keep", "worker_type": "llm"})
+    assert out.success
+    wait_until(lambda: len(ready_ports(cluster, "keep@llm")) == 2, timeout=20, what="the stopped replica back")
+
+    # Scale down, then undeploy with shutdown: nothing of it keeps running.
+    assert cluster.deploy(Deployment(model="keep", replicas=1, params=SIM), wait=True, timeout=30) == [2]
+    assert len(cluster.instances("keep")) == 1
+    last = cluster.undeploy("keep", shutdown=True)
+    assert last.replicas == 0
+    wait_until(lambda: cluster.instances("keep") == [], timeout=10)
+    assert cluster.deployments() == []
+    with pytest.raises(coordinator.NotDeployedError, match="keep@llm"):
+        cluster.undeploy("keep")
+
+
+def test_a_killed_coordinator_mid_reconcile_starts_no_duplicates(clusters, worker_process):
+    cluster = clusters("deploy-restart")
+    url = cluster.registry_url()
+    ports = [worker_process(controller=url, heartbeat_interval=1, start_delay=8).port for _ in range(4)]
+    cluster.wait_for("WorkerManager", count=4, worker_type="service", timeout=20)
+
+    cluster.deploy(Deployment(model="once", replicas=2, params=SIM))
+    wait_until(lambda: sum(startups(p, "once") for p in ports) == 2, timeout=15, what="both starts sent")
+    coord = ray.get_actor("deploy-restart", namespace="tests")
+    ray.kill(coord, no_restart=False)  # while both starts take their 8 s: longer than a restart
+
+    # The restarted coordinator reads the starts it had sent, and waits for them.
+    wait_until(lambda: len(ready_ports(cluster, "once@llm")) == 2, timeout=30, what="ready after the restart")
+    time.sleep(3)  # a duplicate would have been sent by now (resync every 2 s)
+    assert sum(startups(p, "once") for p in ports) == 2
+    assert len(cluster.instances("once")) == 2
+
+
+def test_a_failing_startup_backs_off_and_says_why(clusters, worker_process):
+    cluster = clusters("deploy-fail")
+    url = cluster.registry_url()
+    ports = [worker_process(controller=url, heartbeat_interval=1).port for _ in range(2)]
+    cluster.wait_for("WorkerManager", count=2, worker_type="service", timeout=20)
+
+    cluster.deploy(Deployment(model="broken", replicas=1, params={"provider": "no/such-provider"}))
+    wait_until(lambda: cluster.deployments()[0].state == "failing", timeout=15, what="state failing")
+    window_start = sum(startups(p, "broken") for p in ports)
+    time.sleep(8)
+    attempts = sum(startups(p, "broken") for p in ports) - window_start
+    # Backing off 0.5, 1, 2, 4, 4 s per manager: a handful in 8 s, not hundreds.
+    assert 1 <= attempts <= 10, attempts
+    [st] = cluster.deployments()
+    assert st.state == "failing" and st.ready == 0
+    assert "500" in st.last_error and "Internal Server Error" in st.last_error, st.last_error
+    with pytest.raises(coordinator.DeploymentNotReadyError, match="failing"):
+        cluster.deploy(Deployment(model="broken", replicas=1, params={"provider": "no/such-provider"}),
+                       wait=True, timeout=3)
