@@ -6,6 +6,9 @@
     coordinator startup --host H --port P --model M [--worker-type llm] [--param k=v ...]
     coordinator shutdown --host H --port P --model M [--worker-type llm]
     coordinator supports [--json]
+    coordinator deploy fleet.yaml [--dry-run] [--wait]   # the desired state, kept from then on
+    coordinator deployments [--json]
+    coordinator undeploy MODEL [--worker-type llm] [--shutdown]
     coordinator stop
 
 Every command takes ``--address`` (a Ray cluster; default: the one this machine
@@ -24,13 +27,14 @@ from typing import Any
 
 import click
 import yaml
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
 from coordinator.config import CoordinatorConfig
+from coordinator.deployments import Deployment, DeploymentStatus, check_distinct
 from coordinator.errors import CoordinatorError
 from coordinator.models import WorkerApplyOutput
 from coordinator.naming import DEFAULT_NAME, DEFAULT_NAMESPACE
@@ -210,7 +214,20 @@ def apply(obj: Context, model: str, apply_type: str, worker_type: str, params: t
         result = cluster.apply(model, apply_type, **kwargs)
     else:
         result = asyncio.run(_apply_with_progress(cluster, model, apply_type, kwargs))
+    if apply_type == "stop":
+        _note_if_deployed(cluster, model, worker_type)
     _finish(result.outputs, as_json, f"{apply_type} {model}@{worker_type}")
+
+
+def _note_if_deployed(cluster, model: str, worker_type: str) -> None:
+    """After a stop or shutdown: a deployed model comes back, and the operator
+    should hear it here rather than discover it later."""
+    key = f"{model}@{worker_type}"
+    kept = next((d for d in cluster.deployments() if d.key == key), None)
+    if kept is not None and kept.replicas > 0:
+        errors.print(f"note: {escape(key)} is deployed ({kept.replicas} replicas): the coordinator starts it "
+                     f"again to keep that count. To keep it stopped: coordinator undeploy {escape(model)}"
+                     f"{'' if worker_type == 'llm' else ' --worker-type ' + escape(worker_type)}", highlight=False)
 
 
 async def _apply_with_progress(cluster, model: str, apply_type: str, kwargs: dict):
@@ -242,7 +259,10 @@ def _lifecycle(op: str):
     def command(obj: Context, host: str, port: int, model: str, worker_type: str,
                 params: tuple[str, ...], as_json: bool) -> None:
         req = {"host": host, "port": port, "model": model, "worker_type": worker_type, "params": _params(params)}
-        output = getattr(obj.cluster(), op)(req)
+        cluster = obj.cluster()
+        output = getattr(cluster, op)(req)
+        if op == "shutdown":
+            _note_if_deployed(cluster, model, worker_type)
         _finish([output], as_json, f"{op} {model}@{worker_type} on {host}:{port}")
 
     command.__doc__ = f"{op.capitalize()} a model on the worker manager at HOST:PORT."
@@ -275,6 +295,92 @@ def supports(obj: Context, as_json: bool) -> None:
         console.print(table)
     if any(o.error for o in outcomes):
         sys.exit(1)
+
+
+def read_deployments(path: str) -> list[Deployment]:
+    """A fleet file: ``deployments: [...]`` (or a bare list), validated."""
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    if isinstance(data, dict):
+        data = data.get("deployments")
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"{path}: want a non-empty 'deployments:' list")
+    specs = TypeAdapter(list[Deployment]).validate_python(data)
+    check_distinct(specs)
+    return specs
+
+
+@cli.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--dry-run", is_flag=True, help="print the actions a round would take now; send nothing, keep nothing")
+@click.option("--wait", is_flag=True, help="until every deployment is ready (exit 1 if not in time)")
+@click.option("--timeout", type=float, help="seconds --wait waits")
+@click.pass_obj
+def deploy(obj: Context, file: str, dry_run: bool, wait: bool, timeout: float | None) -> None:
+    """Keep the deployments in FILE: N replicas of each model, healed and restored."""
+    specs = read_deployments(file)
+    cluster = obj.cluster()
+    if dry_run:
+        table = Table(title="plan (nothing sent)")
+        for col in ("deployment", "action", "worker", "why"):
+            table.add_column(col)
+        for key, decision in cluster.plan(*specs):
+            for action in decision.actions:
+                table.add_row(escape(key), action.kind, str(action.endpoint or "every instance, rolling"),
+                              escape(action.reason))
+            if not decision.actions:
+                table.add_row(escape(key), "-", "", escape(decision.why or f"nothing to do ({decision.state})"))
+        console.print(table)
+        return
+    try:
+        generations = cluster.deploy(*specs, wait=wait, timeout=timeout)
+    except CoordinatorError as exc:
+        if not wait or "not ready" not in str(exc):
+            raise
+        errors.print(f"[red]not ready:[/] {escape(str(exc))}", highlight=False)
+        _deployments_table(cluster.deployments())
+        sys.exit(1)
+    for spec, generation in zip(specs, generations):
+        console.print(f"deployed {escape(spec.key)}: {spec.replicas} replicas (generation {generation})")
+    if wait:
+        _deployments_table(cluster.deployments())
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def deployments(obj: Context, as_json: bool) -> None:
+    """Every deployment: desired and ready replicas, state, instances, last error."""
+    found = obj.cluster().deployments()
+    if as_json:
+        click.echo(json.dumps([d.model_dump(mode="json") for d in found], indent=2))
+    else:
+        _deployments_table(found)
+    if any(d.state == "failing" for d in found):
+        sys.exit(1)
+
+
+def _deployments_table(found: list[DeploymentStatus]) -> None:
+    table = Table(title="deployments")
+    for col in ("deployment", "desired", "ready", "state", "instances", "last error"):
+        table.add_column(col)
+    colour = {"ready": "green", "progressing": "yellow", "degraded": "red", "failing": "red"}
+    for d in found:
+        table.add_row(escape(d.key), str(d.replicas), str(d.ready), f"[{colour[d.state]}]{d.state}[/]",
+                      "\n".join(d.instances), escape(d.last_error or ""))
+    console.print(table)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--worker-type", default="llm", show_default=True)
+@click.option("--shutdown", is_flag=True, help="stop every instance of it first")
+@click.pass_obj
+def undeploy(obj: Context, model: str, worker_type: str, shutdown: bool) -> None:
+    """Stop keeping MODEL; its instances keep running unless --shutdown."""
+    last = obj.cluster().undeploy(model, worker_type=worker_type, shutdown=shutdown)
+    kept = "stopped" if shutdown else f"left running ({last.ready} ready)"
+    console.print(f"undeployed {escape(last.key)}: its instances {kept}")
 
 
 def main() -> None:

@@ -118,3 +118,36 @@ def test_attaching_to_nothing_is_a_clear_error(ray_session):
     assert result.exit_code == 2
     assert "no coordinator named 'absent'" in result.output
 
+
+
+def test_deploy_deployments_and_undeploy(deployed, tmp_path):
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text("deployments:\n  - {model: cli-kept, replicas: 2, params: {provider: proxy/sim}}\n")
+    plan = CliRunner().invoke(cli, [*BASE, "deploy", str(fleet), "--dry-run"], terminal_width=200)
+    assert plan.exit_code == 0, plan.output
+    assert plan.output.count("start") == 2 and "nothing sent" in plan.output
+    done = run("deploy", str(fleet), "--wait", "--timeout", "30")
+    assert done.exit_code == 0, done.output
+    assert "deployed cli-kept@llm: 2 replicas (generation 1)" in done.output
+    [st] = json.loads(run("deployments", "--json").output)
+    assert (st["model"], st["ready"], st["state"]) == ("cli-kept", 2, "ready")
+
+    host, port = st["instances"][0].rsplit(":", 1)
+    stopped = CliRunner().invoke(
+        cli, [*BASE, "shutdown", "--host", host, "--port", port, "--model", "cli-kept"])
+    assert stopped.exit_code == 0, stopped.output
+    assert "is deployed (2 replicas): the coordinator starts it again" in stopped.stderr
+
+    gone = run("undeploy", "cli-kept", "--shutdown")
+    assert gone.exit_code == 0 and "undeployed cli-kept@llm: its instances stopped" in gone.output
+    assert json.loads(run("deployments", "--json").output) == []
+
+
+def test_a_bad_fleet_file_is_one_line_naming_the_field(deployed, tmp_path):
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text("deployments:\n  - {model: x, replicas: -2}\n")
+    bad = CliRunner().invoke(cli, [*BASE, "deploy", str(fleet)])
+    assert bad.exit_code == 2 and "replicas" in bad.stderr
+    fleet.write_text("deployments:\n  - {model: x, replicas: 1}\n  - {model: x, replicas: 2}\n")
+    bad = CliRunner().invoke(cli, [*BASE, "deploy", str(fleet)])
+    assert bad.exit_code == 2 and "repeated: x@llm" in bad.stderr

@@ -4,6 +4,9 @@ coordinator on a local Ray, real kills."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 
 import httpx
@@ -12,7 +15,7 @@ import ray
 
 import coordinator
 from coordinator.deployments import Deployment
-from tests.conftest import wait_until
+from tests.conftest import ROOT, wait_until
 
 pytestmark = pytest.mark.ray
 
@@ -91,8 +94,20 @@ def test_a_deployment_is_placed_spread_healed_and_scaled(clusters, worker_proces
     assert out.success
     wait_until(lambda: len(ready_ports(cluster, "keep@llm")) == 2, timeout=20, what="the stopped replica back")
 
+    # New params roll through the instances, one at a time (max_unavailable=1).
+    [gen] = cluster.deploy(Deployment(model="keep", replicas=2, params={**SIM, "temperature": 0.2}),
+                           wait=True, timeout=30)
+    assert gen == 2
+    running = ready_ports(cluster, "keep@llm")
+    updates = sorted((e["t"], e["t_end"]) for p in running for e in journal(p)
+                     if e["path"] == "/api/worker/apply" and json.loads(e["body"])["apply_type"] == "update_params")
+    assert len(updates) == 2 and updates[0][1] <= updates[1][0], updates  # the second began after the first ended
+    [st] = cluster.deployments()
+    assert any(e.action == "update_params" and e.ok for e in st.events)
+
     # Scale down, then undeploy with shutdown: nothing of it keeps running.
-    assert cluster.deploy(Deployment(model="keep", replicas=1, params=SIM), wait=True, timeout=30) == [2]
+    assert cluster.deploy(Deployment(model="keep", replicas=1, params={**SIM, "temperature": 0.2}),
+                          wait=True, timeout=30) == [3]
     assert len(cluster.instances("keep")) == 1
     last = cluster.undeploy("keep", shutdown=True)
     assert last.replicas == 0
@@ -139,3 +154,32 @@ def test_a_failing_startup_backs_off_and_says_why(clusters, worker_process):
     with pytest.raises(coordinator.DeploymentNotReadyError, match="failing"):
         cluster.deploy(Deployment(model="broken", replicas=1, params={"provider": "no/such-provider"}),
                        wait=True, timeout=3)
+
+
+DRIVER = """
+import sys, coordinator
+from coordinator.deployments import Deployment
+cluster = coordinator.attach("deploy-detached", namespace="tests")
+cluster.deploy(Deployment(model="kept", replicas=1, params={"provider": "proxy/sim"}), wait=True, timeout=30)
+print("deployed")
+"""
+
+
+def test_a_detached_coordinator_keeps_reconciling_after_the_driver_exits(ray_session, worker_process):
+    cluster = coordinator.start({"registries": [EMBEDDED], **FAST}, name="deploy-detached", namespace="tests",
+                                detached=True)
+    try:
+        url = cluster.registry_url()
+        workers = {w.port: w for w in (worker_process(controller=url, heartbeat_interval=1) for _ in range(2))}
+        cluster.wait_for("WorkerManager", count=2, worker_type="service", timeout=20)
+        env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
+        done = subprocess.run([sys.executable, "-c", DRIVER], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0 and "deployed" in done.stdout, done.stderr[-2000:]
+        # The driver is gone; a worker dies; the coordinator still heals.
+        [first] = ready_ports(cluster, "kept@llm")
+        workers[first].kill()
+        [other] = set(workers) - {first}
+        wait_until(lambda: ready_ports(cluster, "kept@llm") == [other], timeout=20, what="healed without a driver")
+    finally:
+        cluster.stop()

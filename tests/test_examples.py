@@ -76,3 +76,12 @@ def test_job_submit_example_runs_as_a_ray_job_against_a_running_coordinator(ray_
         ray.get(host.stop_all.remote())
         ray.kill(host)
         cluster.stop()
+
+
+def test_deployments_example_heals_and_scales(ray_session):
+    done = run_example("examples/deployments.py")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "deployed chat-small@llm (generation 1), embed-small@text2vec (generation 1)" in out
+    assert "killed the worker manager at" in out and "chat-small@llm ready again in" in out
+    assert "chat-small@llm scaled to 3" in out and "stopped cleanly" in out
