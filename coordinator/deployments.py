@@ -163,6 +163,9 @@ class View:
     managers: list[Manager]
     #: Managers a start was sent to whose instance is not ready yet.
     starting: frozenset[Endpoint] = frozenset()
+    #: Instances a stop succeeded on that the registry may still list as
+    #: healthy (it has not caught up yet): not counted as ready.
+    stopping: frozenset[Endpoint] = frozenset()
     #: Per manager; the key None holds a params roll's backoff.
     backoff: Mapping[Endpoint | None, Backoff] = field(default_factory=dict)
     now: float = 0.0
@@ -185,12 +188,12 @@ class Decision(NamedTuple):
 def decide(spec: Deployment, view: View) -> Decision:
     """The actions that bring the live set one step closer to ``spec``."""
     backoff = view.backoff
-    ready = sorted(s.endpoint for s in view.instances if s.ready)
+    ready = sorted(s.endpoint for s in view.instances if s.ready and s.endpoint not in view.stopping)
     starting = set(view.starting) - set(ready)
     have = len(ready) + len(starting)
     replicas_on_host = Counter(ep.host for ep in [*ready, *starting])
     models_on = {m.endpoint: m.models for m in view.managers}
-    not_ready = sorted(s.endpoint for s in view.instances if not s.ready)
+    not_ready = sorted(s.endpoint for s in view.instances if not s.ready)  # stopping ones are wanted stopped
 
     if have < spec.replicas:
         need = spec.replicas - have

@@ -120,6 +120,9 @@ class Keeper:
         self._backoff: dict[str, dict[Endpoint | None, Backoff]] = {}
         self._events: dict[str, deque[DeploymentEvent]] = {}
         self._last_error: dict[str, str | None] = {}
+        #: Per key, instances a stop succeeded on -> unix time until which they
+        #: are not counted while the registry may still list them healthy.
+        self._stopped: dict[str, dict[Endpoint, float]] = {}
         self._acting: set[str] = set()  # keys whose round is carrying out actions
         self._dirty: set[str] = set()
         self._rounds: dict[str, asyncio.Task[None]] = {}
@@ -208,7 +211,7 @@ class Keeper:
         if held is None:
             raise NotDeployedError(key)
         decision, view = self._decide(key, held)
-        ready = sorted(s.endpoint for s in view.instances if s.ready)
+        ready = sorted(s.endpoint for s in view.instances if s.ready and s.endpoint not in view.stopping)
         state = "progressing" if key in self._acting and decision.state != "failing" else decision.state
         if held.observed_generation < held.generation:
             state = "progressing"
@@ -243,7 +246,10 @@ class Keeper:
             ep for ep, until in ((_endpoint(t), u) for t, u in held.intents.items())
             if until > now and ep not in ready and ep in eligible
         )
-        return View(instances=instances, managers=managers, starting=starting,
+        stopped = self._stopped.get(key, {})
+        for ep in [ep for ep, until in stopped.items() if until <= now or ep not in ready]:
+            del stopped[ep]  # the registry caught up (or never will: then it counts again)
+        return View(instances=instances, managers=managers, starting=starting, stopping=frozenset(stopped),
                     backoff=self._backoff.get(key, {}), now=now,
                     params_current=held.applied == held.spec.params_digest)
 
@@ -331,13 +337,13 @@ class Keeper:
                 await self._start(key, held, action, view)
             case "stop":
                 out = await self._fleet.stop(action.endpoint, spec)
-                if out.success:
-                    self._done(key, action, "stop", out)
-                    return
-                # DB-GPT 0.8.2's shutdown fails when its worker has no model
-                # storage (see docs/protocol.md); an apply stop still stops it.
-                fallback = await self._fleet.apply_one(action.endpoint, spec, ApplyType.STOP)
-                self._done(key, action, "stop", out, then=("apply stop", fallback))
+                then = None
+                if not out.success:
+                    # DB-GPT 0.8.2's shutdown fails when its worker has no model
+                    # storage (see docs/protocol.md); an apply stop still stops it.
+                    then = ("apply stop", await self._fleet.apply_one(action.endpoint, spec, ApplyType.STOP))
+                if self._done(key, action, "stop", out, then):
+                    self._stopped.setdefault(key, {})[action.endpoint] = self._clock() + self._settings.appear_within
             case "update_params":
                 outs = await self._fleet.roll(spec)
                 ok = bool(outs) and all(o.success for o in outs)
@@ -394,7 +400,7 @@ class Keeper:
             message=message))
 
     def _report(self, key: str, held: Record, view: View) -> None:
-        ready = sum(1 for s in view.instances if s.ready)
+        ready = sum(1 for s in view.instances if s.ready and s.endpoint not in view.stopping)
         failing = decide(held.spec, view).state == "failing"
         self._metrics.deployment(key, held.spec.replicas, ready, failing)
 

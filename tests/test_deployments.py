@@ -164,3 +164,9 @@ def test_bad_specs_name_the_field():
         Deployment(model="m", replicas=1, max_unavailable=0)
     with pytest.raises(ValidationError, match="replica"):
         Deployment(model="m", replica=1)  # a typo is refused, not ignored
+
+
+def test_a_stopped_instance_the_registry_still_lists_is_not_stopped_twice():
+    # A's stop succeeded; the registry has not caught up and still lists it healthy.
+    view = View(instances=[up(A), up(B)], managers=[mgr(A, 1), mgr(B, 1)], stopping=frozenset({A}))
+    assert decide(spec(1), view) == ([], "ready", None)

@@ -183,3 +183,22 @@ def test_a_detached_coordinator_keeps_reconciling_after_the_driver_exits(ray_ses
         wait_until(lambda: ready_ports(cluster, "kept@llm") == [other], timeout=20, what="healed without a driver")
     finally:
         cluster.stop()
+
+
+def test_a_manager_restarted_without_the_model_gets_it_again(clusters, worker_process):
+    cluster = clusters("deploy-forgot")
+    url = cluster.registry_url()
+    pinned = worker_process(controller=url, heartbeat_interval=1)
+    worker_process(controller=url, heartbeat_interval=1)  # eligible, but outside `hosts`
+    cluster.wait_for("WorkerManager", count=2, worker_type="service", timeout=20)
+    cluster.deploy(Deployment(model="pinned", replicas=1, params=SIM, hosts=[f"127.0.0.1:{pinned.port}"]),
+                   wait=True, timeout=30)
+    assert ready_ports(cluster, "pinned@llm") == [pinned.port]
+
+    pinned.kill()
+    wait_until(lambda: cluster.deployments()[0].state == "degraded", timeout=15, what="degraded: nowhere to go")
+    assert "among hosts" in cluster.deployments()[0].last_error
+    # DB-GPT forgets models it was told to start: the manager comes back empty.
+    worker_process(controller=url, heartbeat_interval=1, port=pinned.port)
+    wait_until(lambda: ready_ports(cluster, "pinned@llm") == [pinned.port], timeout=30,
+               what="started again on the restarted manager")
