@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast setup bench detection scale proxies transport chaos clean
+.PHONY: demo test test-fast setup bench detection scale proxies transport chaos healing clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or: make PYTHON=python3 ...)"; exit 1; }
@@ -57,6 +57,11 @@ transport: $(STAMP)
 # the registry and the coordinator are killed at random; every promise checked.
 chaos: $(STAMP)
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-token} $(PY) -m bench.chaos
+
+# A deployment's healing (about 1½ minutes): a worker manager SIGKILLed, its
+# replica ready elsewhere; next to detection time and the model's start-up.
+healing: $(STAMP)
+	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-token} $(PY) -m bench.healing
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis  # .venv-dbgpt is kept: rebuilding it takes a while

@@ -45,6 +45,8 @@ def test_operations_latency_live_instances_and_probe_failures_are_exported(ray_s
         assert not cluster.apply("metric-model", "start").success  # the ghost fails
         with pytest.raises(coordinator.NoInstancesError):
             cluster.apply("nothing", "start")
+        cluster.deploy(coordinator.Deployment(model="metric-kept", replicas=1, params={"provider": "proxy/sim"}),
+                       wait=True, timeout=30)
 
         expected = [
             ("ray_coordinator_operations_total", {"operation": "apply", "outcome": "error"}),
@@ -54,6 +56,9 @@ def test_operations_latency_live_instances_and_probe_failures_are_exported(ray_s
             ("ray_coordinator_probe_failures_total", {}),
             ("ray_coordinator_probe_failing", {"endpoint": f"127.0.0.1:{closed}"}),
             ("ray_coordinator_watcher_stale", {"source": "reg"}),
+            ("ray_coordinator_deployment_replicas", {"deployment": "metric-kept@llm", "kind": "ready"}),
+            ("ray_coordinator_deployment_failing", {"deployment": "metric-kept@llm"}),
+            ("ray_coordinator_reconcile_actions_total", {"action": "start", "outcome": "success"}),
         ]
 
         def exported() -> str | None:
@@ -68,6 +73,9 @@ def test_operations_latency_live_instances_and_probe_failures_are_exported(ray_s
         assert sample(text, "ray_coordinator_probe_failing", endpoint=f"127.0.0.1:{closed}") >= 1
         assert sample(text, "ray_coordinator_watcher_stale", source="reg") == 0
         assert re.search(r'ray_coordinator_live_instances\{[^}]*health="unreachable"', text)
+        assert sample(text, "ray_coordinator_deployment_replicas", deployment="metric-kept@llm", kind="desired") == 1
+        assert sample(text, "ray_coordinator_deployment_failing", deployment="metric-kept@llm") == 0
+        assert sample(text, "ray_coordinator_reconcile_actions_total", action="start", outcome="success") >= 1
     finally:
         ray.get(host.stop_all.remote())
         ray.kill(host)
@@ -83,7 +91,7 @@ def test_grafana_dashboard_plots_every_exported_metric():
     dash = json.loads((ROOT / "examples" / "grafana_dashboard.json").read_text())
     exprs = " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])
     names = re.findall(r"^\| (coordinator_\w+) \|", metrics.__doc__, flags=re.M)
-    assert len(names) == 9
+    assert len(names) == 12
     for name in names:
         assert f"ray_{name}" in exprs, name
 
