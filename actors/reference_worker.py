@@ -1,7 +1,7 @@
 """A reference worker manager: DB-GPT's worker-manager HTTP API over simulated
 models, for the quick start, the tests and the benchmarks.
 
-It behaves as PROTOCOL.md says a real DB-GPT 0.8.2 worker manager does: it
+It behaves as docs/protocol.md says a real DB-GPT 0.8.2 worker manager does: it
 registers itself as ``WorkerManager@service`` and each running model as
 ``{model}@{type}`` with a controller, sends heartbeats, marks a stopped model
 unhealthy (still listed, so it can be started again), answers handler errors with

@@ -1,5 +1,5 @@
 """The original algorithm, for comparison: DB-GPT's RemoteWorkerManager as
-PROTOCOL.md describes it, written here from that description.
+docs/protocol.md describes it, written here from that description.
 
 Per call it asks the registry for the model's instances, then fans out with
 ``asyncio.gather``, opening a new ``httpx.AsyncClient`` for every request (3600 s

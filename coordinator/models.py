@@ -1,7 +1,7 @@
 """Wire models: the JSON shapes of DB-GPT 0.8.x's cluster protocol, and our results.
 
 Everything here parses what a real DB-GPT controller or worker manager sends and
-serialises to what it accepts (see PROTOCOL.md). Unknown fields from a peer are
+serialises to what it accepts (see docs/protocol.md). Unknown fields from a peer are
 ignored, so a newer DB-GPT that adds a field does not break us.
 
 A worker *key* is ``"{model_name}@{worker_type}"``; an *endpoint* is the

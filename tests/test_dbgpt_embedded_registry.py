@@ -84,7 +84,7 @@ def test_dbgpts_own_remote_worker_manager_sees_what_the_coordinator_sees(embedde
     assert seen["managers"] == ours("WorkerManager", "service")
     assert seen["instances"] == seen["sync_instances"] == ours(MODEL)
     assert len(seen["instances"]) == 2
-    # The original's worker_apply works through our registry (and, as PROTOCOL.md
+    # The original's worker_apply works through our registry (and, as docs/protocol.md
     # says, returns only the first worker's output).
     assert seen["apply"]["success"] is True
     assert seen["apply"]["message"].endswith("start successfully")

@@ -1,4 +1,4 @@
-"""Wire models against the JSON shapes a real DB-GPT 0.8.2 sends (PROTOCOL.md)."""
+"""Wire models against the JSON shapes a real DB-GPT 0.8.2 sends (docs/protocol.md)."""
 
 from __future__ import annotations
 

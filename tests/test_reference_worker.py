@@ -1,4 +1,4 @@
-"""The reference worker answers as PROTOCOL.md says a DB-GPT 0.8.2 worker manager
+"""The reference worker answers as docs/protocol.md says a DB-GPT 0.8.2 worker manager
 does, and registers with a controller over the controller protocol."""
 
 from __future__ import annotations
