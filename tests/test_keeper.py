@@ -1,0 +1,118 @@
+"""The deployment keeper with a fake fleet and an in-memory store: what it keeps
+across restarts, and what it sends. No Ray."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from actors.registry_state import MemoryStateStore
+from coordinator.config import ReconcileSettings
+from coordinator.deployments import Deployment, Manager, Seen
+from coordinator.errors import NotDeployedError
+from coordinator.keeper import Keeper
+from coordinator.models import ApplyType, Endpoint, WorkerApplyOutput
+
+A, B = Endpoint("10.0.0.1", 1), Endpoint("10.0.0.2", 1)
+
+
+class FakeFleet:
+    def __init__(self) -> None:
+        self.running: set[Endpoint] = set()
+        self.sent: list[tuple[str, Endpoint]] = []
+
+    def observe(self, key):
+        return ([Seen(ep, True, True) for ep in sorted(self.running)],
+                [Manager(ep, True, int(ep in self.running)) for ep in (A, B)])
+
+    async def rebuilt(self):
+        pass
+
+    async def in_turn(self, key, start, same):
+        return await start()
+
+    def changed(self):
+        pass
+
+    def _ok(self, ep):
+        return WorkerApplyOutput(message="ok", success=True, timecost=0, host=ep.host, port=ep.port)
+
+    async def start(self, ep, spec):
+        self.sent.append(("start", ep))
+        self.running.add(ep)
+        return self._ok(ep)
+
+    async def stop(self, ep, spec):
+        self.sent.append(("stop", ep))
+        self.running.discard(ep)
+        return self._ok(ep)
+
+    async def apply_one(self, ep, spec, apply_type: ApplyType):
+        self.sent.append((f"apply {apply_type.value}", ep))
+        return self._ok(ep)
+
+    async def roll(self, spec):
+        self.sent.append(("update_params", None))
+        return [self._ok(ep) for ep in sorted(self.running)]
+
+
+def keeper(fleet, store) -> Keeper:
+    return Keeper(fleet, store, "deployments/t", ReconcileSettings(), startup_timeout=60)
+
+
+@pytest.mark.anyio
+async def test_configured_deployments_are_kept_unless_already_kept():
+    store, fleet = MemoryStateStore(), FakeFleet()
+    first = keeper(fleet, store)
+    await first.load([Deployment(model="m", replicas=2)])
+    assert [(s.key, s.replicas, s.generation) for s in first.statuses()] == [("m@llm", 2, 1)]
+    assert await first.deploy([Deployment(model="m", replicas=1)]) == [2]
+    # A restart with the same config: the kept deployment (1 replica, generation 2) wins.
+    again = keeper(fleet, store)
+    await again.load([Deployment(model="m", replicas=2), Deployment(model="n", replicas=1)])
+    assert [(s.key, s.replicas, s.generation) for s in again.statuses()] == [("m@llm", 1, 2), ("n@llm", 1, 1)]
+
+
+@pytest.mark.anyio
+async def test_a_round_starts_what_is_missing_and_a_restart_remembers_starts_in_flight():
+    store, fleet = MemoryStateStore(), FakeFleet()
+    k = keeper(fleet, store)
+    await k.load()
+    await k.deploy([Deployment(model="m", replicas=2)])
+    fleet.start = _never_answers  # the starts are in flight when the coordinator dies
+    task = asyncio.ensure_future(k._round("m@llm"))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    restarted, fresh = keeper(fleet, store), FakeFleet()
+    restarted._fleet = fresh
+    await restarted.load()
+    await restarted._round("m@llm")
+    assert fresh.sent == []  # both starts are on record: none is sent twice
+    assert restarted.status("m@llm").state == "progressing"
+
+
+async def _never_answers(ep, spec):
+    await asyncio.Event().wait()
+
+
+@pytest.mark.anyio
+async def test_new_params_roll_once_and_undeploy_forgets():
+    store, fleet = MemoryStateStore(), FakeFleet()
+    k = keeper(fleet, store)
+    await k.load()
+    await k.deploy([Deployment(model="m", replicas=2, params={"t": 1})])
+    await k._round("m@llm")
+    assert sorted(fleet.sent) == [("start", A), ("start", B)]
+    await k.deploy([Deployment(model="m", replicas=2, params={"t": 2})])
+    await k._round("m@llm")
+    await k._round("m@llm")
+    assert fleet.sent[2:] == [("update_params", None)]
+    assert k.status("m@llm").state == "ready"
+    last = await k.undeploy("m@llm", shutdown=True)
+    assert last.replicas == 0 and fleet.running == set()
+    with pytest.raises(NotDeployedError, match="m@llm"):
+        await k.undeploy("m@llm")
+    after = keeper(fleet, store)
+    await after.load()
+    assert after.statuses() == []  # forgotten in the store too
