@@ -160,6 +160,6 @@ def _guard(app: Router, token: str | None, max_body: int):
         except BodyTooLarge:
             return await too_large(scope, receive, send)
         if body is not None:
-            await app(scope, replay(body), send)
+            await app(scope, replay(body, receive), send)
 
     return guarded

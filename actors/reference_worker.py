@@ -7,9 +7,13 @@ registers itself as ``WorkerManager@service`` and each running model as
 unhealthy (still listed, so it can be started again), answers handler errors with
 a bare ``500 Internal Server Error`` and bad bodies with FastAPI's 422.
 
+It also answers DB-GPT's inference routes with simulated output: a
+deterministic reply naming the model and the worker, streamed in ``chunks``
+``chunk_delay`` seconds apart; embeddings of ``embedding_dim`` numbers.
+
 Fault knobs (``/api/_reference/faults`` or :meth:`ReferenceWorker.set_faults`):
 ``latency`` added to every worker call, ``fail_next`` N calls answered 500,
-``hang`` (accept and never answer). Every worker call is appended to a journal
+``hang`` (accept and never answer), ``stream_cut_after`` N chunks. Every worker call is appended to a journal
 (``/api/_reference/journal``), so tests can see the order operations arrived in;
 it keeps the last ``JOURNAL_LIMIT`` calls, so a worker left running does not
 grow without bound.
@@ -24,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import hmac
+import json
 import logging
 import time
 from collections import deque
@@ -32,12 +38,13 @@ from typing import Any, Literal
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
 from actors.serving import HttpServer, read_body, replay, serve_until_signalled
 from actors.transport import client_limits
 from coordinator.config import ServeTls
+from coordinator.inference import DELIMITER, ModelMetadata, ModelOutput, ParameterDescription
 from coordinator.models import (
     WORKER_MANAGER_KEY,
     ApplyType,
@@ -80,6 +87,8 @@ class Faults(BaseModel):
     hang: bool = False
     #: Answer every worker call with a malformed response of this kind.
     garbage: Literal["html", "not_json", "wrong_shape", "truncated"] | None = None
+    #: Drop the connection of a generate_stream after this many chunks.
+    stream_cut_after: int | None = Field(None, ge=0)
 
 
 def _garbage(kind: str) -> Response:
@@ -102,6 +111,11 @@ class WorkerSettings(BaseModel):
     models: list[SimModel] = Field(default_factory=list)
     start_delay: float = 0.0  # seconds a model takes to start
     stop_delay: float = 0.0
+    #: Inference: chunks a streamed answer has, seconds between them, and the
+    #: size of an embedding.
+    chunks: int = Field(4, ge=1)
+    chunk_delay: float = Field(0.0, ge=0)
+    embedding_dim: int = Field(8, ge=1)
     faults: Faults = Faults()
     #: Serve https (and, with a client CA, require client certificates).
     tls: ServeTls | None = None
@@ -254,6 +268,64 @@ class ReferenceWorker:
         model.running = False
         await self._deregister(model.key, remove=False)
 
+    # ---- simulated inference ----------------------------------------------
+
+    def _serving(self, model: str | None, worker_type: str) -> str | None:
+        """Why ``model`` cannot answer here (DB-GPT's words), or None."""
+        if not model:
+            return "Model name count not be empty"
+        if not self._is_running(worker_key(model, worker_type)):
+            return (f"Cound not found worker instances for model name {model} and worker type "
+                    f"{worker_type}")
+        return None
+
+    def answer(self, params: dict[str, Any]) -> str:
+        """The deterministic reply: names the model, this worker and the prompt."""
+        messages = params.get("messages") or []
+        asked = next((m.get("content", "") for m in reversed(messages)
+                      if isinstance(m, dict) and m.get("role") in ("human", "user")), params.get("prompt", ""))
+        return f"{params.get('model')} at {self.address} answers: {asked}"
+
+    def _usage(self, params: dict[str, Any], text: str) -> dict[str, int]:
+        prompt = sum(len(str(m.get("content", "")).split()) for m in params.get("messages") or []
+                     if isinstance(m, dict))
+        return {"prompt_tokens": prompt, "completion_tokens": len(text.split()),
+                "total_tokens": prompt + len(text.split())}
+
+    async def generate_stream(self, params: dict[str, Any]):
+        """DB-GPT's chunks: the text so far, then a last one with finish_reason."""
+        problem = self._serving(params.get("model"), "llm")
+        if problem:
+            yield ModelOutput.error(problem)
+            return
+        text = self.answer(params)
+        words = text.split(" ")
+        per = max(1, -(-len(words) // self.settings.chunks))
+        for i in range(0, len(words), per):
+            if self.settings.chunk_delay:
+                await asyncio.sleep(self.settings.chunk_delay)
+            last = i + per >= len(words)
+            so_far = " ".join(words[:i + per])
+            yield ModelOutput(text=so_far, finish_reason="stop" if last else None,
+                              usage=self._usage(params, so_far) if last else None)
+
+    async def generate(self, params: dict[str, Any]) -> ModelOutput:
+        last = ModelOutput.error("no output")
+        async for last in self.generate_stream(params):
+            pass
+        return last
+
+    def embeddings(self, params: dict[str, Any]) -> list[Any]:
+        worker_type = params.get("worker_type") or "text2vec"
+        problem = self._serving(params.get("model"), worker_type)
+        if problem:
+            raise _Fault(problem)
+        texts = params.get("input") or []
+        if worker_type == "reranker":  # a score per candidate: shared words with the query
+            query = set(str(params.get("query", "")).split())
+            return [float(len(query & set(str(t).split()))) for t in texts]
+        return [_vector(f"{params.get('model')}:{t}", self.settings.embedding_dim) for t in texts]
+
     # ---- talking to the controller --------------------------------------
 
     def _instance(self, key: str) -> dict[str, Any]:
@@ -332,7 +404,48 @@ class ReferenceWorker:
 
         @app.get("/api/worker/parameter/descriptions")
         async def descriptions(model: str, worker_type: str = "llm") -> list[dict[str, Any]]:
-            return []
+            problem = self._serving(model, worker_type)
+            if problem:
+                raise _Fault(problem)
+            return [ParameterDescription(param_name=k, param_type=type(v).__name__, default_value=v).model_dump()
+                    for k, v in sorted(self.models[worker_key(model, worker_type)].params.items())]
+
+        @app.post("/api/worker/generate_stream")
+        async def generate_stream(params: dict[str, Any]) -> StreamingResponse:
+            cut = self.faults.stream_cut_after
+
+            async def chunks():
+                sent = 0
+                async for output in self.generate_stream(params):
+                    if cut is not None and sent >= cut:
+                        raise ConnectionAbortedError("stream cut (fault knob)")
+                    yield json.dumps(output.to_wire()).encode() + DELIMITER
+                    sent += 1
+
+            return StreamingResponse(chunks())
+
+        @app.post("/api/worker/generate")
+        async def generate(params: dict[str, Any]) -> dict[str, Any]:
+            return (await self.generate(params)).to_wire()
+
+        @app.post("/api/worker/embeddings")
+        async def embeddings(params: dict[str, Any]) -> list[Any]:
+            return self.embeddings(params)
+
+        @app.post("/api/worker/count_token")
+        async def count_token(params: dict[str, Any]) -> int:
+            problem = self._serving(params.get("model"), "llm")
+            if problem:
+                raise _Fault(problem)
+            return len(str(params.get("prompt", "")).split())
+
+        @app.post("/api/worker/model_metadata")
+        async def model_metadata(params: dict[str, Any]) -> dict[str, Any]:
+            problem = self._serving(params.get("model"), "llm")
+            if problem:
+                raise _Fault(problem)
+            return ModelMetadata(model=params["model"], context_length=4096, max_output_length=1024,
+                                 description=f"simulated by the reference worker at {self.address}").model_dump()
 
         @app.post("/api/_reference/faults")
         async def set_faults(changes: dict[str, Any]) -> Faults:
@@ -383,7 +496,7 @@ class ReferenceWorker:
             early = PlainTextResponse("Internal Server Error", status_code=500)
         if early is not None:
             return await early(scope, receive, send)
-        await app(scope, replay(body), send)
+        await app(scope, replay(body, receive), send)
 
 
 class ReferenceWorkerHost:
@@ -425,6 +538,12 @@ class ReferenceWorkerHost:
             await self.remove(port)
 
 
+def _vector(text: str, dim: int) -> list[float]:
+    """A fixed pseudo-embedding of ``text``: the same text, the same vector."""
+    digest = hashlib.sha256(text.encode()).digest()
+    return [round(digest[i % len(digest)] / 255.0, 6) for i in range(dim)]
+
+
 def _parse_model(spec: str) -> SimModel:
     name, wtype = parse_worker_key(spec) if "@" in spec else (spec, "llm")
     return SimModel(name=name, worker_type=wtype)
@@ -445,12 +564,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heartbeat-interval", type=float, default=5.0)
     parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every worker call")
     parser.add_argument("--start-delay", type=float, default=0.0, help="seconds a model takes to start")
+    parser.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between streamed chunks")
+    parser.add_argument("--chunks", type=int, default=4, help="chunks of a streamed answer")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = WorkerSettings(
         host=args.host, port=args.port, controller=args.controller,
         heartbeat_interval=args.heartbeat_interval, models=[_parse_model(m) for m in args.model],
         faults=Faults(latency=args.latency), start_delay=args.start_delay,
+        chunk_delay=args.chunk_delay, chunks=args.chunks,
     )
     asyncio.run(_serve(settings))
 

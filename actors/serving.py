@@ -100,13 +100,22 @@ async def read_body(receive, limit: int | None = None) -> bytes | None:
     return b"".join(chunks)
 
 
-def replay(body: bytes):
-    """An ASGI ``receive`` that hands the app a body already read."""
+def replay(body: bytes, receive=None):
+    """An ASGI ``receive`` that hands the app a body already read, once; after
+    that it waits on the connection's own ``receive`` (for ``http.disconnect``,
+    which a streaming response listens for), or forever without one."""
+    given = False
 
-    async def receive():
-        return {"type": "http.request", "body": body, "more_body": False}
+    async def replayed():
+        nonlocal given
+        if not given:
+            given = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        if receive is not None:
+            return await receive()
+        await asyncio.Event().wait()
 
-    return receive
+    return replayed
 
 
 async def serve_until_signalled(address: str, close: Callable[[], Awaitable[None]]) -> None:
