@@ -113,6 +113,18 @@ class EmbeddedRegistry:
         self._store.deregister(model_name, host, port, remove)
         return await self._acknowledge()
 
+    # ---- the coordinator's word ------------------------------------------
+
+    async def set_unreachable(self, endpoints: list[tuple[str, int]]) -> int:
+        """The endpoints the coordinator's probes find unreachable (the whole
+        set, replacing the last): their entries are listed unhealthy until the
+        probes find them answering (see RegistryStore.set_unreachable). Not
+        saved: a restarted registry hears it again from the coordinator."""
+        changed = self._store.set_unreachable(endpoints)
+        if changed:
+            self._publish()
+        return changed
+
     # ---- for watchers ---------------------------------------------------
 
     async def wait_for_change(self, since: tuple[str, int] | None, timeout: float) -> Change | None:

@@ -17,6 +17,13 @@ outlives the request: heartbeat times are kept as floats beside the entries,
 which change only when something visible does (a steady turnover of long-lived
 objects is what makes Python's full garbage collections long and frequent).
 The listing puts the heartbeat times back in.
+
+Beyond DB-GPT: the coordinator tells the store which endpoints its probes find
+unreachable (:meth:`set_unreachable`). Every entry at such an endpoint is
+*listed* unhealthy — in the HTTP listing DB-GPT's servers read, and in the
+change log the watchers follow — whatever its heartbeats say, until the probes
+find it answering again. The entry's own state (what heartbeats and
+registrations set) is kept underneath, so the verdict lifting restores it.
 """
 
 from __future__ import annotations
@@ -55,6 +62,9 @@ class RegistryStore:
         self._due: OrderedDict[Identity, float] = OrderedDict()
         #: Every visible change; watchers and the journal read deltas from it.
         self.changes: ChangeLog[Identity, ModelInstance] = ChangeLog(identity, epoch)
+        #: Endpoints the coordinator's probes find unreachable, and the entries at each endpoint.
+        self._down: frozenset[tuple[str, int]] = frozenset()
+        self._at: dict[tuple[str, int], set[Identity]] = {}
 
     @property
     def version(self) -> int:
@@ -103,6 +113,11 @@ class RegistryStore:
             del self._entries[ident]
             del self._beats[ident]
             self._due.pop(ident, None)
+            at = self._at.get(ident[1:])
+            if at is not None:
+                at.discard(ident)
+                if not at:
+                    del self._at[ident[1:]]
             self.changes.remove(ident)
         elif held.healthy:
             self._set(ident, held.model_copy(update={"healthy": False}), self._beats[ident])
@@ -122,14 +137,35 @@ class RegistryStore:
             expired.append(inst)
         return expired
 
+    def set_unreachable(self, endpoints: Iterable[tuple[str, int]]) -> int:
+        """The endpoints the probes now find unreachable (all of them: it
+        replaces the last word). Entries there are listed unhealthy; entries at
+        endpoints that answer again are listed as their own state says. Returns
+        how many listed entries changed. Costs what the verdicts changed."""
+        down = frozenset((h, int(p)) for h, p in endpoints)
+        flipped = down ^ self._down
+        self._down = down
+        changed = 0
+        for ep in flipped:
+            for ident in self._at.get(ep, ()):
+                changed += self.changes.put(self._listed(self._entries[ident]))
+        return changed
+
+    def unreachable(self) -> frozenset[tuple[str, int]]:
+        return self._down
+
     # ---- reads ----------------------------------------------------------
 
     def query(self, model_name: str | None = None, healthy_only: bool = False) -> list[ModelInstance]:
-        """Entries as DB-GPT's controller lists them, with their last heartbeat."""
+        """Entries as DB-GPT's controller lists them, with their last heartbeat
+        (and the probes' verdict: see :meth:`set_unreachable`)."""
+        listed = (
+            (ident, self._listed(inst)) for ident, inst in sorted(self._entries.items())
+            if model_name is None or ident[0] == model_name
+        )
         return [
             inst.model_copy(update={"last_heartbeat": _stamp(self._beats[ident])})
-            for ident, inst in sorted(self._entries.items())
-            if (model_name is None or ident[0] == model_name) and (inst.healthy or not healthy_only)
+            for ident, inst in listed if inst.healthy or not healthy_only
         ]
 
     def __len__(self) -> int:
@@ -148,10 +184,11 @@ class RegistryStore:
         instances under today's rules (saved by an older, looser version) are
         dropped and described, rather than keeping the registry from starting."""
         listing = screen_entries(list(entries))
-        self._entries, self._beats, self._due = {}, {}, OrderedDict()
+        self._entries, self._beats, self._due, self._at = {}, {}, OrderedDict(), {}
         for inst in listing.instances:
             beat = inst.last_heartbeat.timestamp() if inst.last_heartbeat else float("-inf")
             self._entries[inst.identity] = inst
+            self._at.setdefault(inst.identity[1:], set()).add(inst.identity)
             self._beat(inst.identity, inst, beat)
         self.changes.load(self._entries.values(), version=0)
         return listing.rejected
@@ -159,10 +196,19 @@ class RegistryStore:
     # ---- internals ------------------------------------------------------
 
     def _set(self, ident: Identity, inst: ModelInstance, beat: float) -> None:
-        """A visible change: the entry is replaced and the change recorded."""
+        """A change of the entry's own state: replaced, and its listing recorded
+        (a change the probes' verdict hides records nothing new)."""
+        if ident not in self._entries:
+            self._at.setdefault(ident[1:], set()).add(ident)
         self._entries[ident] = inst
         self._beat(ident, inst, beat)
-        self.changes.put(inst)
+        self.changes.put(self._listed(inst))
+
+    def _listed(self, inst: ModelInstance) -> ModelInstance:
+        """How an entry is listed: unhealthy while its endpoint is found unreachable."""
+        if inst.healthy and (inst.host, inst.port) in self._down:
+            return inst.model_copy(update={"healthy": False})
+        return inst
 
     def _beat(self, ident: Identity, inst: ModelInstance, beat: float) -> None:
         self._beats[ident] = beat

@@ -14,12 +14,12 @@ import ray
 
 from actors.process import process_info
 from actors.registry_state import GcsStateStore
-from coordinator.config import CoordinatorConfig
+from coordinator.config import CoordinatorConfig, EmbeddedSource
 from coordinator.metrics import RayMetrics
 from coordinator.models import Endpoint
+from coordinator.naming import registry_actor, watcher_actor
 from coordinator.placement import NodeInfo
-from coordinator.naming import watcher_actor
-from coordinator.ray_links import RayProxies, RayWatchers
+from coordinator.ray_links import RayProxies, RayRegistries, RayWatchers
 from coordinator.service import CoordinatorService
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,9 @@ class CoordinatorActor(CoordinatorService):
         watchers = RayWatchers({s.name: watcher_actor(name, s.name) for s in config.registries}, namespace)
         self._ray_proxies = RayProxies(config, me, nodes)
         super().__init__(config, watchers, self._ray_proxies, name=name, namespace=namespace, metrics=RayMetrics(),
-                         store=GcsStateStore())
+                         store=GcsStateStore(),
+                         registries=RayRegistries([registry_actor(name, s.name) for s in config.registries
+                                                   if isinstance(s, EmbeddedSource)], namespace))
         self._main = asyncio.get_running_loop().create_task(self._run_logged())
 
     async def _run_logged(self) -> None:

@@ -62,6 +62,40 @@ class RayWatchers:
         return await self._call(source, "status", deadline=5.0)
 
 
+class RayRegistries:
+    """The embedded registry actors, told which endpoints the probes find
+    unreachable. Fire and forget: a registry that misses a word hears the
+    whole set again at the next change or resync."""
+
+    def __init__(self, actor_names: list[str], namespace: str) -> None:
+        self._names = actor_names
+        self._namespace = namespace
+        self._handles: dict[str, Any] = {}
+        self._pending: set[Any] = set()
+
+    def tell(self, unreachable: frozenset[Endpoint]) -> None:
+        endpoints = sorted(tuple(ep) for ep in unreachable)
+        for name in self._names:
+            try:
+                if name not in self._handles:
+                    self._handles[name] = ray.get_actor(name, namespace=self._namespace)
+                ref = self._handles[name].set_unreachable.remote(endpoints)
+            except (RayError, ValueError) as exc:
+                self._handles.pop(name, None)
+                log.info("registry %r not told of unreachable endpoints: %s", name, exc)
+                continue
+            task = asyncio.ensure_future(self._settle(name, ref))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    async def _settle(self, name: str, ref: Any) -> None:
+        try:
+            await ref
+        except RayError as exc:
+            self._handles.pop(name, None)
+            log.info("registry %r did not take the unreachable endpoints: %s", name, exc)
+
+
 class _ReportTo:
     """A proxy's probe listener: forwards reachability changes to the coordinator."""
 

@@ -101,6 +101,17 @@ class ProxyLink(Protocol):
         ...
 
 
+class RegistryLink(Protocol):
+    def tell(self, unreachable: frozenset[Endpoint]) -> None:
+        """Tell the embedded registries which endpoints the probes find unreachable."""
+        ...
+
+
+class _NoRegistries:
+    def tell(self, unreachable: frozenset[Endpoint]) -> None:
+        pass
+
+
 class Reachability(Protocol):
     reachable: bool | None
     last_error: str | None
@@ -116,8 +127,11 @@ class CoordinatorService:
         namespace: str = "",
         metrics: Metrics | None = None,
         store: Store | None = None,
+        registries: RegistryLink | None = None,
     ) -> None:
         self.config = config
+        self._registries = registries or _NoRegistries()
+        self._told: frozenset[Endpoint] = frozenset()  # what the registries were last told
         self._metrics = metrics or NoMetrics()
         self.name, self.namespace = name, namespace
         self._watchers = watchers
@@ -205,6 +219,7 @@ class CoordinatorService:
         self._proxies.retire(ep)
         self._probes.pop(ep, None)
         self._probed_at.pop(ep, None)
+        self._tell_registries()
 
     def _changed(self) -> None:
         self._feed.notify()
@@ -221,7 +236,16 @@ class CoordinatorService:
             except Exception:  # the loop survives; the logic raised
                 log.exception("resync failed")
 
+    def _tell_registries(self, always: bool = False) -> None:
+        """The embedded registries list instances at unreachable endpoints as
+        unhealthy: tell them when the set changes (and at every resync)."""
+        unreachable = self._unreachable()
+        if always or unreachable != self._told:
+            self._told = unreachable
+            self._registries.tell(unreachable)
+
     def _repair(self) -> None:
+        self._tell_registries(always=True)
         live, have = self._live.endpoints(), self._proxies.endpoints()
         for ep in sorted(live):
             if ep not in have:
@@ -267,6 +291,7 @@ class CoordinatorService:
             self._probed_at[endpoint] = asyncio.get_running_loop().time()
             log.info("%s is now %s", endpoint, "reachable" if state.reachable else f"unreachable ({state.last_error})")
             self._gauge_keys |= self._live.keys_at(endpoint)
+            self._tell_registries()
             self._changed()
 
     async def ready(self, timeout: float) -> bool:
@@ -485,6 +510,7 @@ class CoordinatorService:
         for ep, state in zip(batch, states):
             if state is not None and ep in self._proxies.endpoints():
                 self._probes[ep], self._probed_at[ep] = state, now
+        self._tell_registries()
         self._changed()
 
     def _batch_healthy(self, key: str, batch: list[Endpoint], since: float) -> bool:

@@ -187,3 +187,37 @@ def test_an_expiry_pass_looks_only_at_the_entries_that_are_due():
     assert 90 <= len(store.query()) - len(store.query(healthy_only=True)) <= 110
     clock.now += 0.001
     assert lines_run(store.expire) < one / 50  # nothing (or next to nothing) due: a glance
+
+
+def test_entries_at_an_unreachable_endpoint_are_listed_unhealthy_until_it_answers():
+    store = RegistryStore(heartbeat_timeout=60, clock=Clock())
+    store.register(entry("m@llm", port=1))
+    store.register(entry("WorkerManager@service", port=1))
+    store.register(entry("m@llm", port=2))
+    before = store.changes.version
+    assert store.set_unreachable([("127.0.0.1", 1)]) == 2
+    assert store.changes.version > before  # the watchers hear it
+    assert [i.port for i in store.query("m@llm", healthy_only=True)] == [2]
+    assert {(i.model_name, i.healthy) for i in store.query() if i.port == 1} == {
+        ("m@llm", False), ("WorkerManager@service", False)}
+    # A heartbeat alone never revives what the probes find dead.
+    store.heartbeat(entry("m@llm", port=1))
+    store.register(entry("m@llm", port=1))
+    assert [i.port for i in store.query("m@llm", healthy_only=True)] == [2]
+    # The probes find it answering again: listed as its heartbeats say.
+    assert store.set_unreachable([]) == 2
+    assert [i.port for i in store.query("m@llm", healthy_only=True)] == [1, 2]
+    # A verdict that changes nothing costs nothing.
+    version = store.changes.version
+    assert store.set_unreachable([]) == 0 and store.changes.version == version
+
+
+def test_an_entry_deregistered_or_expired_while_unreachable_stays_unhealthy_after():
+    clock = Clock()
+    store = RegistryStore(heartbeat_timeout=3, clock=clock)
+    store.register(entry("m@llm", port=1))
+    store.set_unreachable([("127.0.0.1", 1)])
+    clock.now += 10
+    store.expire()
+    store.set_unreachable([])
+    assert store.query("m@llm", healthy_only=True) == []  # its own state: expired
