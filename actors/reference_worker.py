@@ -284,7 +284,7 @@ class ReferenceWorker:
         messages = params.get("messages") or []
         asked = next((m.get("content", "") for m in reversed(messages)
                       if isinstance(m, dict) and m.get("role") in ("human", "user")), params.get("prompt", ""))
-        return f"{params.get('model')} at {self.address} answers: {asked}"
+        return f"[{self.address}] {params.get('model')} answers: {asked}"
 
     def _usage(self, params: dict[str, Any], text: str) -> dict[str, int]:
         prompt = sum(len(str(m.get("content", "")).split()) for m in params.get("messages") or []

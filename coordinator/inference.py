@@ -132,6 +132,30 @@ class ChunkReader:
 # ---- choosing an instance -------------------------------------------------
 
 
+class Route(NamedTuple):
+    """An instance requests may go to: listed healthy, enabled, and not found
+    unreachable by the probes. The coordinator keeps a table of them; callers
+    follow it (see coordinator.router)."""
+
+    model_name: str  # the worker key
+    host: str
+    port: int
+    weight: float
+    sources: tuple[str, ...]  # the registries that list it (for worker access settings)
+
+    @property
+    def endpoint(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    @property
+    def identity(self) -> tuple[str, str, int]:
+        return (self.model_name, self.host, self.port)
+
+
+def route_identity(route: Route) -> tuple[str, str, int]:
+    return route.identity
+
+
 class Candidate(NamedTuple):
     endpoint: tuple[str, int]
     weight: float

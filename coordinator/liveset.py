@@ -150,6 +150,7 @@ def filter_instances(
 class Absorbed(NamedTuple):
     endpoints: set[Endpoint]  # that may have appeared in, or left, the live set
     keys: set[str]  # worker keys whose instances changed
+    identities: set[Identity] = set()  # entries that changed (or left)
 
 
 class LiveSet:
@@ -215,6 +216,7 @@ class LiveSet:
             pairs += [(k, None) for k in held if k not in fresh]
         touched: set[Endpoint] = set()
         keys: set[str] = set()
+        identities: set[Identity] = set()
         counts = self._source_endpoints[source]
         for ident, value in pairs:
             ep = Endpoint(ident[1], ident[2])
@@ -229,7 +231,8 @@ class LiveSet:
                 held[ident] = value
             self._remerge(ident, ep, touched)
             keys.add(ident[0])
-        return Absorbed(touched, keys)
+            identities.add(ident)
+        return Absorbed(touched, keys, identities)
 
     def _remerge(self, ident: Identity, ep: Endpoint, touched: set[Endpoint]) -> None:
         best: ModelInstance | None = None

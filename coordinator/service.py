@@ -27,7 +27,8 @@ from coordinator.errors import (
     UnknownEndpointError,
     WaitTimeoutError,
 )
-from coordinator.changes import Change
+from coordinator.changes import Change, ChangeLog
+from coordinator.inference import Route, route_identity
 from coordinator.keeper import Keeper, Store
 from coordinator.liveset import LiveSet, apply_targets, filter_instances, manager_endpoints
 from coordinator.longpoll import ChangeFeed
@@ -145,6 +146,8 @@ class CoordinatorService:
         self._queue = OperationQueue(config.max_queued_operations, self._metrics.queued_operations)
         self._rollouts: dict[str, RolloutProgress] = {}
         self._feed = ChangeFeed()
+        #: Where requests may go, for callers to follow (routes_since).
+        self._routes: ChangeLog[tuple[str, str, int], Route] = ChangeLog(route_identity)
         probe = config.probe
         self._keeper = Keeper(
             _Fleet(self), store or MemoryStateStore(), f"deployments/{namespace}/{name}", config.reconcile,
@@ -205,6 +208,7 @@ class CoordinatorService:
         self._heard.add(source)
         absorbed = self._live.absorb(source, change)
         self._gauge_keys |= absorbed.keys
+        self._reroute(absorbed.identities)
         for ep in sorted(absorbed.endpoints):
             if self._live.has_endpoint(ep) and ep not in self._proxies.endpoints():
                 self._ensure_proxy(ep)
@@ -219,6 +223,7 @@ class CoordinatorService:
         self._proxies.retire(ep)
         self._probes.pop(ep, None)
         self._probed_at.pop(ep, None)
+        self._reroute_endpoint(ep)
         self._tell_registries()
 
     def _changed(self) -> None:
@@ -291,6 +296,7 @@ class CoordinatorService:
             self._probed_at[endpoint] = asyncio.get_running_loop().time()
             log.info("%s is now %s", endpoint, "reachable" if state.reachable else f"unreachable ({state.last_error})")
             self._gauge_keys |= self._live.keys_at(endpoint)
+            self._reroute_endpoint(endpoint)
             self._tell_registries()
             self._changed()
 
@@ -304,6 +310,37 @@ class CoordinatorService:
         would be false. Waits (bounded) for every watcher's first answer."""
         if len(self._heard) < len(self._sources):
             await self.ready(REBUILD_WAIT)
+
+    # ---- the route table -------------------------------------------------
+
+    def _reroute(self, identities: set[tuple[str, str, int]]) -> None:
+        """Bring the route table's entries for ``identities`` up to date: an
+        entry is a route while it is listed healthy, enabled, and its endpoint
+        is not found unreachable. Costs what changed."""
+        unreachable = self._unreachable()
+        for ident in identities:
+            inst = self._live.merged.get(ident)
+            if (inst is None or not inst.healthy or inst.enabled is False or inst.endpoint in unreachable
+                    or inst.model_name == WORKER_MANAGER_KEY):
+                self._routes.remove(ident)
+            else:
+                self._routes.put(Route(inst.model_name, inst.host, inst.port, float(inst.weight or 0.0),
+                                       tuple(self._live.listed_by(inst.endpoint))))
+
+    def _reroute_endpoint(self, ep: Endpoint) -> None:
+        """After the probes' verdict on ``ep`` changed (entries that left the
+        live set were rerouted as they left)."""
+        self._reroute({i.identity for i in self._live.at(ep)})
+
+    async def routes_since(self, since: tuple[str, int] | None, timeout: float) -> Change | None:
+        """Long poll of the route table: what changed since ``since`` (a
+        :class:`Delta`, or a :class:`Snapshot` for a caller that is new or too
+        far behind) as soon as anything did; None after ``timeout`` seconds of
+        nothing. Callers keep their own copy and choose instances locally."""
+        await self._rebuilt()
+        if not await self._feed.wait_until(lambda: since != self._routes.position, timeout):
+            return None
+        return self._routes.since(since)
 
     # ---- reads ----------------------------------------------------------
 
@@ -510,6 +547,7 @@ class CoordinatorService:
         for ep, state in zip(batch, states):
             if state is not None and ep in self._proxies.endpoints():
                 self._probes[ep], self._probed_at[ep] = state, now
+                self._reroute_endpoint(ep)
         self._tell_registries()
         self._changed()
 

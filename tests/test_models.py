@@ -139,7 +139,7 @@ def test_public_names_are_exactly_the_documented_ones():
         "WatcherStatus", "WorkerApplyOutput", "WorkerApplyRequest", "WorkerOperationError",
         "WorkerStartupRequest", "WorkerSupportedModel", "WorkerType", "attach", "start",
         "Deployment", "DeploymentEvent", "DeploymentNotReadyError", "DeploymentStatus", "NotDeployedError",
-        "ReconcileSettings",
+        "ReconcileSettings", "InferenceError", "ModelMetadata", "ModelOutput", "ParameterDescription",
     }
     assert set(coordinator.__all__) == expected
     for name in expected:
@@ -174,7 +174,7 @@ def test_an_actor_importing_one_module_does_not_load_the_driver_api():
     from tests.conftest import ROOT
 
     code = ("import sys, actors.proxy, actors.watcher, actors.registry; "
-            "print(sorted(m for m in ('coordinator.client', 'coordinator.cli', 'coordinator.facade') "
+            "print(sorted(m for m in ('coordinator.client', 'coordinator.cli', 'coordinator.worker_manager') "
             "if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

@@ -1,0 +1,250 @@
+"""Requests from the caller's process straight to the workers, chosen with what
+the coordinator knows — and the coordinator never on a request's path.
+
+:class:`Router` keeps the caller's copy of the coordinator's route table
+(instances that are listed healthy, enabled, and found reachable by the
+probes), followed by long poll from a daemon thread, as Ray Serve's routers
+follow their replica sets. Choosing an instance is then local: power of two
+choices on requests in flight, honouring ``weight`` (:func:`choose`).
+
+:class:`WorkerCaller` makes the HTTP calls over kept-open httpx clients (one
+per event loop and access setting) and turns what can go wrong into one of two
+outcomes: **never sent** (connection refused, connect timeout, no pooled
+connection free: safe to send elsewhere, and the instance is suspect until
+the probes say it answers) or **maybe received** (read timeout, connection
+lost, a stream broken midway, an error status: never resent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+import threading
+import time
+import weakref
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import ray
+from ray.exceptions import RayError
+
+from actors.transport import (
+    WorkerCallError,
+    WorkerUnreachable,
+    client_limits,
+    excerpt,
+    map_transport_errors,
+    read_json,
+    ssl_context,
+)
+from coordinator.changes import ChangeLog
+from coordinator.config import CoordinatorConfig, WorkerAccess
+from coordinator.inference import Candidate, ChunkReader, ModelOutput, Route, choose, route_identity
+from coordinator.models import Endpoint
+
+log = logging.getLogger(__name__)
+
+#: Seconds a long poll of the route table waits before answering "nothing new".
+POLL_TIMEOUT = 10.0
+#: Seconds an instance whose connection failed is skipped, unless the route
+#: table says sooner that its probes find it answering.
+SUSPECT_FOR = 5.0
+#: Sends of one request at most: the first, and two to other instances when
+#: the earlier ones provably never reached a worker.
+MAX_SENDS = 3
+
+
+class Router:
+    """The caller's copy of the route table, and the choice of an instance."""
+
+    def __init__(self, cluster: Any, poll_timeout: float = POLL_TIMEOUT, suspect_for: float = SUSPECT_FOR,
+                 rng: random.Random | None = None) -> None:
+        self._cluster = cluster
+        self._poll_timeout = poll_timeout
+        self._suspect_for = suspect_for
+        self._rng = rng or random.Random()
+        self._lock = threading.Lock()
+        self._table: ChangeLog[tuple[str, str, int], Route] = ChangeLog(route_identity)
+        self._by_key: dict[str, tuple[Route, ...]] = {}
+        self._in_flight: Counter[tuple[str, int]] = Counter()
+        self._suspect: dict[tuple[str, int], float] = {}
+        self._ready = threading.Event()
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.updates = 0  # route-table changes received (for tests and stats)
+
+    # ---- following the coordinator ----------------------------------------
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._follow, name="route-table", daemon=True)
+                self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def wait_ready(self, timeout: float) -> bool:
+        self.start()
+        return self._ready.wait(timeout)
+
+    def _follow(self) -> None:
+        since: tuple[str, int] | None = None
+        failures = 0
+        while not self._stopped.is_set():
+            try:
+                ref = self._cluster._handle.routes_since.remote(since, self._poll_timeout)
+                change = ray.get(ref, timeout=self._poll_timeout + 30)
+            except (RayError, TimeoutError) as exc:  # restarting, replaced, or slow: keep the table, ask again
+                failures += 1
+                if failures == 1:
+                    log.warning("route table: the coordinator did not answer (%s); keeping the last table", exc)
+                self._cluster._reresolve()
+                time.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)))
+                continue
+            except Exception:  # the thread survives; a bug worth a traceback
+                log.exception("route table: following failed")
+                time.sleep(1.0)
+                continue
+            failures = 0
+            if change is not None:
+                self._take(change)
+                since = (change.epoch, change.version)
+            self._ready.set()
+
+    def _take(self, change: Any) -> None:
+        changed = self._table.apply(change)
+        keys = {ident[0] for ident in changed}
+        by_key: dict[str, list[Route]] = {k: [] for k in keys}
+        for route in self._table.values():  # linear in the table; only when something changed
+            if route.model_name in by_key:
+                by_key[route.model_name].append(route)
+        with self._lock:
+            for key, routes in by_key.items():
+                self._by_key[key] = tuple(sorted(routes))
+                for r in routes:  # listed again as answering: no longer suspect
+                    self._suspect.pop(r.endpoint, None)
+            self.updates += 1
+
+    # ---- choosing ---------------------------------------------------------
+
+    def routes(self, key: str) -> tuple[Route, ...]:
+        return self._by_key.get(key, ())
+
+    def pick(self, key: str, exclude: set[tuple[str, int]] = frozenset()) -> Route | None:  # type: ignore[assignment]
+        """An instance of ``key`` for one request, none of ``exclude``;
+        suspects only when nothing else is left."""
+        routes = [r for r in self._by_key.get(key, ()) if r.endpoint not in exclude]
+        now = time.monotonic()
+        with self._lock:
+            trusted = [r for r in routes if self._suspect.get(r.endpoint, 0.0) <= now]
+            pool = trusted or routes
+            i = choose([Candidate(r.endpoint, r.weight, self._in_flight[r.endpoint]) for r in pool], self._rng)
+        return None if i is None else pool[i]
+
+    def begin(self, endpoint: tuple[str, int]) -> None:
+        with self._lock:
+            self._in_flight[endpoint] += 1
+
+    def end(self, endpoint: tuple[str, int]) -> None:
+        with self._lock:
+            self._in_flight[endpoint] -= 1
+            if self._in_flight[endpoint] <= 0:
+                del self._in_flight[endpoint]
+
+    def suspect(self, endpoint: tuple[str, int]) -> None:
+        """A connection to it failed: skip it until the table says it answers."""
+        with self._lock:
+            self._suspect[endpoint] = time.monotonic() + self._suspect_for
+
+    def in_flight(self) -> dict[tuple[str, int], int]:
+        with self._lock:
+            return dict(self._in_flight)
+
+
+class NeverSent(Exception):
+    """The request did not reach the worker (safe to send elsewhere)."""
+
+
+class MaybeReceived(Exception):
+    """The request may have reached the worker: never resent."""
+
+
+class WorkerCaller:
+    """HTTP to the workers from the caller's process: kept-open clients, one per
+    event loop and access setting (an httpx client belongs to one loop)."""
+
+    def __init__(self, config: CoordinatorConfig, read_timeout: float) -> None:
+        self._config = config
+        self._read_timeout = read_timeout
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, httpx.AsyncClient]] = (
+            weakref.WeakKeyDictionary())
+
+    def _client(self, access: WorkerAccess) -> httpx.AsyncClient:
+        loop = asyncio.get_running_loop()
+        per_loop = self._clients.setdefault(loop, {})
+        tag = access.model_dump_json()
+        client = per_loop.get(tag)
+        if client is None:
+            verify: ssl.SSLContext | bool = ssl_context(access.tls) if access.tls is not None else True
+            client = per_loop[tag] = httpx.AsyncClient(
+                headers=access.http_headers(self._config.headers),
+                limits=client_limits(256),
+                timeout=httpx.Timeout(self._read_timeout, connect=self._config.timeouts.connect),
+                verify=verify,
+            )
+        return client
+
+    def _url(self, route: Route, access: WorkerAccess, path: str) -> httpx.URL:
+        return httpx.URL(scheme=access.scheme, host=route.host, port=route.port, path=f"/api/worker{path}")
+
+    def _access(self, route: Route) -> WorkerAccess:
+        return self._config.access_for(Endpoint(route.host, route.port), route.sources)
+
+    async def call(self, route: Route, method: str, path: str, **kwargs: Any) -> Any:
+        """One call; its JSON answer. Raises :class:`NeverSent` or :class:`MaybeReceived`."""
+        access = self._access(route)
+        try:
+            with map_transport_errors(self._read_timeout):
+                response = await self._client(access).request(method, self._url(route, access, path), **kwargs)
+                return read_json(response)
+        except WorkerUnreachable as exc:
+            raise NeverSent(str(exc)) from exc
+        except WorkerCallError as exc:
+            raise MaybeReceived(str(exc)) from exc
+
+    async def stream(self, route: Route, path: str, body: dict[str, Any]) -> AsyncIterator[ModelOutput]:
+        """The ModelOutputs of one streamed call, as they arrive. Raises
+        :class:`NeverSent` before the first, :class:`MaybeReceived` at any point."""
+        access = self._access(route)
+        reader = ChunkReader()
+        got = 0
+        try:
+            with map_transport_errors(self._read_timeout):
+                async with self._client(access).stream("POST", self._url(route, access, path), json=body) as resp:
+                    if not resp.is_success:
+                        text = (await resp.aread()).decode(errors="replace")
+                        raise MaybeReceived(f"HTTP {resp.status_code}: {excerpt(text, 200)}")
+                    async for data in resp.aiter_raw():
+                        for output in reader.feed(data):
+                            got += 1
+                            yield output
+        except WorkerUnreachable as exc:
+            raise NeverSent(str(exc)) from exc
+        except WorkerCallError as exc:
+            raise MaybeReceived(f"stream broken after {got} chunks: {exc}") from exc
+        except ValueError as exc:  # a chunk that is not a ModelOutput
+            raise MaybeReceived(f"unreadable chunk after {got} chunks: {exc}") from exc
+        if reader.pending.strip():
+            raise MaybeReceived(f"stream ended mid-chunk after {got} chunks")
+        if got == 0:
+            raise MaybeReceived("stream ended without output")
+
+    async def aclose(self) -> None:
+        """Close the clients of the running loop."""
+        for client in self._clients.pop(asyncio.get_running_loop(), {}).values():
+            await client.aclose()

@@ -1,0 +1,284 @@
+"""``RayWorkerManager``: DB-GPT's worker-manager interface over a
+:class:`~coordinator.client.Cluster`, so DB-GPT-style code — and DB-GPT's own
+servers, which use a worker manager mostly for inference — can switch by
+changing one constructor.
+
+Control (``worker_apply``, ``model_startup``, ``model_shutdown``,
+``supported_models``, instance getters) goes through the coordinator.
+Inference (``generate_stream``, ``generate``, ``embeddings``,
+``sync_embeddings``, ``count_token``, ``get_model_metadata``,
+``select_one_instance``, ``sync_select_one_instance``,
+``parameter_descriptions``) goes from this process straight to a worker, chosen
+locally from the coordinator's route table (:mod:`coordinator.router`): only
+instances listed healthy, enabled and found reachable by the probes; power of
+two choices on requests in flight, honouring ``weight``. A request that never
+reached a worker goes to another instance, at most twice; one that may have
+reached it is never resent — a broken stream ends with an error output naming
+the worker and the cause.
+
+Differences that are on purpose: ``worker_apply`` combines *every* instance's
+output (DB-GPT returns only the first); the instance getters and
+``select_one_instance`` return ``ModelInstance`` (DB-GPT's ``WorkerRunData`` is
+its in-process bookkeeping); failures name the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, TypeVar
+
+from coordinator.client import Cluster
+from coordinator.errors import CoordinatorError, NoInstancesError
+from coordinator.inference import ModelMetadata, ModelOutput, ParameterDescription, Route
+from coordinator.models import (
+    ModelInstance,
+    WorkerApplyOutput,
+    WorkerApplyRequest,
+    WorkerStartupRequest,
+    WorkerSupportedModel,
+    worker_key,
+)
+from coordinator.router import MAX_SENDS, MaybeReceived, NeverSent, Router, WorkerCaller
+
+T = TypeVar("T")
+
+#: Seconds a worker may take to send the next bytes of an answer.
+READ_TIMEOUT = 600.0
+#: Seconds the first inference call waits for the route table.
+ROUTES_WAIT = 30.0
+
+
+class WorkerOperationError(CoordinatorError):
+    """A startup/shutdown the worker did not carry out; DB-GPT raises here too."""
+
+    def __init__(self, output: WorkerApplyOutput) -> None:
+        super().__init__(output.message)
+        self.output, self._args = output, (output,)
+
+
+class InferenceError(CoordinatorError):
+    """An embeddings, count_token, metadata or descriptions call that failed,
+    naming the worker and the cause (DB-GPT raises on these too; generate and
+    generate_stream never raise: they answer a ModelOutput with the error)."""
+
+
+class RayWorkerManager:
+    def __init__(self, cluster: Cluster, read_timeout: float = READ_TIMEOUT, rng: random.Random | None = None) -> None:
+        self.cluster = cluster
+        self._router = Router(cluster, rng=rng)
+        self._read_timeout = read_timeout
+        self._caller: WorkerCaller | None = None
+        self._sync_loop: asyncio.AbstractEventLoop | None = None
+        self._sync_lock = threading.Lock()
+
+    # ---- control, through the coordinator -------------------------------
+
+    async def supported_models(self) -> list[WorkerSupportedModel]:
+        return await self.cluster.aio.supported_models()
+
+    async def model_startup(self, startup_req: WorkerStartupRequest) -> None:
+        output = await self.cluster.aio.startup(startup_req)
+        if not output.success:
+            raise WorkerOperationError(output)
+
+    async def model_shutdown(self, shutdown_req: WorkerStartupRequest) -> None:
+        output = await self.cluster.aio.shutdown(shutdown_req)
+        if not output.success:
+            raise WorkerOperationError(output)
+
+    async def worker_apply(self, apply_req: WorkerApplyRequest) -> WorkerApplyOutput:
+        req = WorkerApplyRequest.model_validate(apply_req)
+        result = await self.cluster.aio.apply(req.model, req.apply_type, req.worker_type, req.params)
+        return result.output
+
+    async def get_model_instances(
+        self, worker_type: str, model_name: str, healthy_only: bool = True
+    ) -> list[ModelInstance]:
+        return await self.cluster.aio.instances(model_name, worker_type, healthy_only)
+
+    async def get_all_model_instances(self, worker_type: str, healthy_only: bool = True) -> list[ModelInstance]:
+        return await self.cluster.aio.instances(None, worker_type, healthy_only)
+
+    def sync_get_model_instances(
+        self, worker_type: str, model_name: str, healthy_only: bool = True
+    ) -> list[ModelInstance]:
+        return self.cluster.instances(model_name, worker_type, healthy_only)
+
+    # ---- inference, straight to a worker ----------------------------------
+
+    async def generate_stream(self, params: dict[str, Any], **_: Any) -> AsyncIterator[ModelOutput]:
+        """The model's output as it streams (each chunk as the worker sends it).
+        Never raises: no instance, or a stream that broke, ends with a
+        ModelOutput whose ``error_code`` is 1 and whose text says why."""
+        key = _key(params, "llm")
+        if key is None:
+            yield ModelOutput.error("Model name count not be empty")
+            return
+        await self._routes()
+        tried: list[str] = []
+        for _attempt in range(MAX_SENDS):
+            route = self._router.pick(key, {_ep(t) for t in tried})
+            if route is None:
+                break
+            tried.append(f"{route.host}:{route.port}")
+            self._router.begin(route.endpoint)
+            try:
+                async for output in self._caller_().stream(route, "/generate_stream", params):
+                    yield output
+                return
+            except NeverSent as exc:
+                self._router.suspect(route.endpoint)
+                tried[-1] += f" ({exc})"
+            except MaybeReceived as exc:
+                yield ModelOutput.error(f"{key} at {route.host}:{route.port}: {exc}")
+                return
+            finally:
+                self._router.end(route.endpoint)
+        yield ModelOutput.error(_none_left(key, tried))
+
+    async def generate(self, params: dict[str, Any]) -> ModelOutput:
+        """The model's whole answer. Never raises (see :meth:`generate_stream`)."""
+        key = _key(params, "llm")
+        if key is None:
+            return ModelOutput.error("Model name count not be empty")
+        try:
+            return ModelOutput.model_validate(await self._call(key, "POST", "/generate", json=params))
+        except InferenceError as exc:
+            return ModelOutput.error(str(exc))
+
+    async def embeddings(self, params: dict[str, Any]) -> list[list[float]]:
+        """Vectors of ``params["input"]`` (scores, for a ``reranker``)."""
+        key = _key(params, params.get("worker_type") or "text2vec")
+        if key is None:
+            raise InferenceError("Model name count not be empty")
+        return await self._call(key, "POST", "/embeddings", json=params)
+
+    def sync_embeddings(self, params: dict[str, Any]) -> list[list[float]]:
+        return self._blocking(self.embeddings(params))
+
+    async def count_token(self, params: dict[str, Any]) -> int:
+        key = _key(params, "llm")
+        if key is None:
+            raise InferenceError("Model name count not be empty")
+        return int(await self._call(key, "POST", "/count_token",
+                                    json={"model": params["model"], "prompt": params.get("prompt", "")}))
+
+    async def get_model_metadata(self, params: dict[str, Any]) -> ModelMetadata:
+        key = _key(params, "llm")
+        if key is None:
+            raise InferenceError("Model name count not be empty")
+        return ModelMetadata.model_validate(await self._call(key, "POST", "/model_metadata",
+                                                             json={"model": params["model"]}))
+
+    async def parameter_descriptions(self, worker_type: str, model_name: str) -> list[ParameterDescription]:
+        key = worker_key(model_name, worker_type)
+        answer = await self._call(key, "GET", "/parameter/descriptions",
+                                  params={"model": model_name, "worker_type": worker_type})
+        return [ParameterDescription.model_validate(d) for d in answer]
+
+    async def select_one_instance(
+        self, worker_type: str, model_name: str, healthy_only: bool = True
+    ) -> ModelInstance:
+        """The instance a request would go to now (healthy_only=False: any
+        listed instance, at random, as DB-GPT does). Raises NoInstancesError."""
+        key = worker_key(model_name, worker_type)
+        if not healthy_only:
+            listed = await self.get_model_instances(worker_type, model_name, healthy_only=False)
+            if not listed:
+                raise NoInstancesError(key)
+            return random.choice(listed)
+        await self._routes()
+        route = self._router.pick(key)
+        if route is None:
+            raise NoInstancesError(key)
+        return _instance(route)
+
+    def sync_select_one_instance(
+        self, worker_type: str, model_name: str, healthy_only: bool = True
+    ) -> ModelInstance:
+        if not healthy_only:
+            listed = self.sync_get_model_instances(worker_type, model_name, healthy_only=False)
+            if not listed:
+                raise NoInstancesError(worker_key(model_name, worker_type))
+            return random.choice(listed)
+        self._router.wait_ready(ROUTES_WAIT)
+        route = self._router.pick(worker_key(model_name, worker_type))
+        if route is None:
+            raise NoInstancesError(worker_key(model_name, worker_type))
+        return _instance(route)
+
+    def in_flight(self) -> dict[tuple[str, int], int]:
+        """Requests in flight from this process, per worker."""
+        return self._router.in_flight()
+
+    async def aclose(self) -> None:
+        """Close this event loop's connections (and stop following the route table)."""
+        self._router.stop()
+        if self._caller is not None:
+            await self._caller.aclose()
+
+    # ---- internals --------------------------------------------------------
+
+    async def _routes(self) -> None:
+        """The first call waits (bounded) for the first route table."""
+        if not self._router._ready.is_set():
+            await asyncio.to_thread(self._router.wait_ready, ROUTES_WAIT)
+
+    def _caller_(self) -> WorkerCaller:
+        if self._caller is None:
+            self._caller = WorkerCaller(self.cluster.config, self._read_timeout)
+        return self._caller
+
+    async def _call(self, key: str, method: str, path: str, **kwargs: Any) -> Any:
+        """One non-streamed call, sent again elsewhere only if it never reached a worker."""
+        await self._routes()
+        tried: list[str] = []
+        for _attempt in range(MAX_SENDS):
+            route = self._router.pick(key, {_ep(t) for t in tried})
+            if route is None:
+                break
+            tried.append(f"{route.host}:{route.port}")
+            self._router.begin(route.endpoint)
+            try:
+                return await self._caller_().call(route, method, path, **kwargs)
+            except NeverSent as exc:
+                self._router.suspect(route.endpoint)
+                tried[-1] += f" ({exc})"
+            except MaybeReceived as exc:
+                raise InferenceError(f"{key} at {route.host}:{route.port}: {path.lstrip('/')} failed: {exc}") from None
+            finally:
+                self._router.end(route.endpoint)
+        raise InferenceError(_none_left(key, tried))
+
+    def _blocking(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` to the end from synchronous code, on a private loop."""
+        with self._sync_lock:
+            if self._sync_loop is None:
+                loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, name="worker-manager-sync", daemon=True).start()
+                self._sync_loop = loop
+        return asyncio.run_coroutine_threadsafe(coro, self._sync_loop).result()
+
+
+def _key(params: dict[str, Any], worker_type: str) -> str | None:
+    model = params.get("model")
+    return worker_key(model, worker_type) if model else None
+
+
+def _ep(tried: str) -> tuple[str, int]:
+    host, _, rest = tried.partition(" ")[0].rpartition(":")
+    return (host, int(rest))
+
+
+def _none_left(key: str, tried: list[str]) -> str:
+    if not tried:
+        return f"Cound not found worker instances for {key}: none is healthy, enabled and reachable"
+    return f"{key}: no instance could be reached (tried {', '.join(tried)})"
+
+
+def _instance(route: Route) -> ModelInstance:
+    return ModelInstance(model_name=route.model_name, host=route.host, port=route.port, weight=route.weight,
+                         healthy=True, enabled=True)
