@@ -100,6 +100,8 @@ class Router:
                 ref = self._cluster._handle.routes_since.remote(since, self._poll_timeout)
                 change = ray.get(ref, timeout=self._poll_timeout + 30)
             except (RayError, TimeoutError) as exc:  # restarting, replaced, or slow: keep the table, ask again
+                if self._stopped.is_set():
+                    return
                 failures += 1
                 if failures == 1:
                     log.warning("route table: the coordinator did not answer (%s); keeping the last table", exc)

@@ -4,6 +4,7 @@ session's Ray through RAY_ADDRESS, as a driver on a real cluster would."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -85,3 +86,14 @@ def test_deployments_example_heals_and_scales(ray_session):
     assert "deployed chat-small@llm (generation 1), embed-small@text2vec (generation 1)" in out
     assert "killed the worker manager at" in out and "chat-small@llm ready again in" in out
     assert "chat-small@llm scaled to 3" in out and "stopped cleanly" in out
+
+
+def test_batch_inference_example_spreads_and_survives_a_killed_worker(ray_session):
+    done = run_example("examples/batch_inference.py", "--prompts", "300", "--concurrency", "16", "--kill-one")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "killed one worker halfway" in out
+    answered, failed = map(int, re.search(r"answered (\d+), failed (\d+)", out).groups())
+    assert answered + failed == 300
+    assert failed <= 16  # at most the requests in flight on the worker when it died
+    assert len(re.findall(r"│ 127\.0\.0\.1:\d+ │\s+\d+ │", out)) == 3
