@@ -98,26 +98,52 @@ def start_controller(bin_dir: Path, port: int, workdir: Path) -> DbgptProcess:
 
 
 def start_worker_manager(
-    bin_dir: Path, port: int, controller: str, workdir: Path, model: str = "chatgpt-test",
-    closed_port: int = 9,
+    bin_dir: Path, port: int, controller: str, workdir: Path, model: str | None = "chatgpt-test",
+    closed_port: int = 9, embedding: str | None = None,
 ) -> DbgptProcess:
     """``dbgpt start worker`` serving one proxy/openai model whose API base is a
-    closed local port (start and stop never call it)."""
+    closed local port (start and stop never call it) — or, given an
+    OpenAI-compatible server's port there (tests/openai_stub.py), a model that
+    answers chats; with ``embedding`` (and ``model=None``: DB-GPT runs one model
+    per worker manager in cluster mode), a proxy/openai embedding model instead."""
     config = workdir / f"worker-{port}.toml"
-    config.write_text(
-        "[service.model.worker]\n"
-        'host = "127.0.0.1"\n'
-        f"port = {port}\n"
-        f'controller_addr = "{controller}"\n'
-        "heartbeat_interval = 1\n\n"
+    section = "" if model is None else (
         "[[models.llms]]\n"
         f'name = "{model}"\n'
         'provider = "proxy/openai"\n'
         f'api_base = "http://127.0.0.1:{closed_port}/v1"\n'
         'api_key = "not-used"\n'
     )
+    section += "" if embedding is None else (
+        "[[models.embeddings]]\n"
+        f'name = "{embedding}"\n'
+        'provider = "proxy/openai"\n'
+        f'api_url = "http://127.0.0.1:{closed_port}/v1/embeddings"\n'
+        'api_key = "not-used"\n'
+    )
+    config.write_text(
+        "[service.model.worker]\n"
+        'host = "127.0.0.1"\n'
+        f"port = {port}\n"
+        f'controller_addr = "{controller}"\n'
+        "heartbeat_interval = 1\n\n" + section
+    )
     cmd = [str(bin_dir / "dbgpt"), "start", "worker", "-c", str(config)]
     return DbgptProcess(cmd, port, "/api/worker/models/supports", workdir, f"worker-{port}")
+
+
+def start_apiserver(bin_dir: Path, port: int, controller: str, workdir: Path) -> DbgptProcess:
+    """DB-GPT's OpenAI-compatible API server (``dbgpt start apiserver``), which
+    finds its workers through ``controller`` on every request."""
+    config = workdir / f"apiserver-{port}.toml"
+    config.write_text(
+        "[service.model.api]\n"
+        'host = "127.0.0.1"\n'
+        f"port = {port}\n"
+        f'controller_addr = "{controller}"\n'
+    )
+    cmd = [str(bin_dir / "dbgpt"), "start", "apiserver", "-c", str(config)]
+    return DbgptProcess(cmd, port, "/api/v1/models", workdir, f"apiserver-{port}")
 
 
 def original_manager(bin_dir: Path, registry: str, model: str, apply_type: str | None = None) -> str:
