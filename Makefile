@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast setup bench detection scale proxies transport chaos healing clean
+.PHONY: demo test test-fast setup bench detection scale proxies transport chaos healing traffic clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or: make PYTHON=python3 ...)"; exit 1; }
@@ -62,6 +62,12 @@ chaos: $(STAMP)
 # replica ready elsewhere; next to detection time and the model's start-up.
 healing: $(STAMP)
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-token} $(PY) -m bench.healing
+
+# Serving traffic (about 2 minutes; builds DB-GPT's environment the first
+# time): RayWorkerManager.generate beside DB-GPT's RemoteWorkerManager, and
+# what the route adds to a stream's first token and chunks.
+traffic: $(STAMP)
+	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-token} $(PY) -m bench.traffic
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis  # .venv-dbgpt is kept: rebuilding it takes a while

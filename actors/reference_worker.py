@@ -300,12 +300,14 @@ class ReferenceWorker:
             return
         text = self.answer(params)
         words = text.split(" ")
-        per = max(1, -(-len(words) // self.settings.chunks))
-        for i in range(0, len(words), per):
+        n = len(words)
+        # `chunks` chunks (fewer only for a reply of fewer words), each the text so far.
+        ends = sorted({max(1, round(n * i / self.settings.chunks)) for i in range(1, self.settings.chunks + 1)})
+        for end in ends:
             if self.settings.chunk_delay:
                 await asyncio.sleep(self.settings.chunk_delay)
-            last = i + per >= len(words)
-            so_far = " ".join(words[:i + per])
+            so_far = " ".join(words[:end])
+            last = end == n
             yield ModelOutput(text=so_far, finish_reason="stop" if last else None,
                               usage=self._usage(params, so_far) if last else None)
 
