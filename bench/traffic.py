@@ -11,7 +11,7 @@ embedded registry.
    - DB-GPT 0.8.2's own ``RemoteWorkerManager.generate`` (asks the registry
      over HTTP and opens a new client on every request), in DB-GPT's own
      virtual environment, reading the same registry;
-   - raw httpx straight to the workers, round robin (the floor).
+   - raw httpx straight to the workers, round robin (no routing at all).
 2. **Streaming**: one worker streaming 8 chunks 10 ms apart; ``--streams``
    sequential streams per contender. First-token latency, and the time per
    chunk after it, for: raw httpx to the worker; ``RayWorkerManager.generate_stream``
@@ -226,7 +226,7 @@ def main() -> None:
         console.print("generate: DB-GPT's RemoteWorkerManager ...")
         rows["DB-GPT 0.8.2 RemoteWorkerManager"] = throughput_dbgpt(url, args.concurrency, args.seconds)
         console.print("generate: raw httpx ...")
-        rows["raw httpx, round robin (floor)"] = asyncio.run(throughput_direct(chat_ports, args.concurrency,
+        rows["raw httpx, round robin (no routing)"] = asyncio.run(throughput_direct(chat_ports, args.concurrency,
                                                                              args.seconds))
         console.print("streaming ...")
         stream_rows = asyncio.run(streaming(cluster, stream_port, args.streams))

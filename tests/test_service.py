@@ -487,3 +487,25 @@ async def test_right_after_a_start_operations_wait_for_the_live_set_instead_of_c
         assert (await asyncio.wait_for(early, 5)).output.success
     finally:
         run.cancel()
+
+
+async def test_the_route_table_holds_healthy_enabled_reachable_instances_and_tells_registries(service):
+    svc, watchers, _ = service
+    told = []
+    svc._registries = SimpleNamespace(tell=told.append)
+    watchers.publish("a", inst("m@llm", 1), inst("m@llm", 2, healthy=False), inst("WorkerManager@service", 1),
+                     ModelInstance(model_name="m@llm", host="h", port=3, healthy=True, enabled=False),
+                     ModelInstance(model_name="m@llm", host="h", port=4, healthy=True, weight=3.0))
+    await settle(svc, 3)
+    change = await svc.routes_since(None, timeout=1)
+    assert sorted((r.port, r.weight) for r in change.instances) == [(1, 1.0), (4, 3.0)]  # no manager, none disabled
+
+    # The probes find port 4 unreachable: its route goes, the registries hear it.
+    await svc.report_probe(Endpoint("h", 4), SimpleNamespace(reachable=False, last_error="refused"))
+    delta = await svc.routes_since((change.epoch, change.version), timeout=1)
+    assert [tuple(k) for k in delta.removed] == [("m@llm", "h", 4)] and not delta.upserts
+    assert told[-1] == frozenset({Endpoint("h", 4)})
+    await svc.report_probe(Endpoint("h", 4), SimpleNamespace(reachable=True, last_error=None))
+    back = await svc.routes_since((delta.epoch, delta.version), timeout=1)
+    assert [u.port for u in back.upserts] == [4] and told[-1] == frozenset()
+    assert await svc.routes_since((back.epoch, back.version), timeout=0.1) is None  # long poll: nothing new
