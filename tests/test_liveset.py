@@ -64,13 +64,14 @@ def test_live_set_says_which_endpoints_appeared_and_left():
     a, b = ChangeLog(identity), ChangeLog(identity)
     a.put(inst("m@llm", 1))
     a.put(inst("n@llm", 1))
-    assert live.absorb("a", a.since(None)) == ({Endpoint("h", 1)}, {"m@llm", "n@llm"})
+    assert live.absorb("a", a.since(None)) == (
+        {Endpoint("h", 1)}, {"m@llm", "n@llm"}, {("m@llm", "h", 1), ("n@llm", "h", 1)})
     b.put(inst("m@llm", 1))
     b.put(inst("m@llm", 2))
     position = b.position
     assert live.absorb("b", b.since(None)).endpoints == {Endpoint("h", 2)}  # h:1 was there already
     b.remove(("m@llm", "h", 2))
-    assert live.absorb("b", b.since(position)) == ({Endpoint("h", 2)}, {"m@llm"})
+    assert live.absorb("b", b.since(position)) == ({Endpoint("h", 2)}, {"m@llm"}, {("m@llm", "h", 2)})
     assert not live.has_endpoint(Endpoint("h", 2))
     assert live.listed_by(Endpoint("h", 1)) == ["a", "b"]
     a.replace([])
