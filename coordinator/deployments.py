@@ -51,7 +51,8 @@ class Deployment(BaseModel):
     model: Name
     worker_type: WorkerType = WorkerType.LLM
     replicas: NonNegativeInt
-    #: What each start sends as DB-GPT's ``WorkerStartupRequest.params``.
+    #: What each start sends as DB-GPT's ``WorkerStartupRequest.params``
+    #: (``name`` defaults to the model).
     params: dict[str, Any] = Field(default_factory=dict)
     #: Only these worker managers ("host:port"); None: any.
     hosts: list[str] | None = None

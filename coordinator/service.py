@@ -675,8 +675,9 @@ class _Fleet:
         return output
 
     async def start(self, ep: Endpoint, spec: Deployment) -> WorkerApplyOutput:
+        # DB-GPT builds the model's config from params, name included: default it to the model.
         req = WorkerStartupRequest(host=ep.host, port=ep.port, model=spec.model, worker_type=spec.worker_type,
-                                   params=spec.params)
+                                   params={"name": spec.model, **spec.params})
         return await self._one(ep, "startup", req, f"startup {spec.key}")
 
     async def stop(self, ep: Endpoint, spec: Deployment) -> WorkerApplyOutput:
