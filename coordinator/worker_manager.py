@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from typing import Any, TypeVar
 
 from coordinator.client import Cluster
@@ -118,26 +118,18 @@ class RayWorkerManager:
             yield ModelOutput.error("Model name count not be empty")
             return
         await self._routes()
-        tried: list[str] = []
-        for _attempt in range(MAX_SENDS):
-            route = self._router.pick(key, {_ep(t) for t in tried})
-            if route is None:
-                break
-            tried.append(f"{route.host}:{route.port}")
-            self._router.begin(route.endpoint)
+        sends = _Sends(self._router, key)
+        for route in sends:
             try:
                 async for output in self._caller_().stream(route, "/generate_stream", params):
                     yield output
                 return
             except NeverSent as exc:
-                self._router.suspect(route.endpoint)
-                tried[-1] += f" ({exc})"
+                sends.never_sent(route, exc)
             except MaybeReceived as exc:
                 yield ModelOutput.error(f"{key} at {route.host}:{route.port}: {exc}")
                 return
-            finally:
-                self._router.end(route.endpoint)
-        yield ModelOutput.error(_none_left(key, tried))
+        yield ModelOutput.error(sends.none_left())
 
     async def generate(self, params: dict[str, Any]) -> ModelOutput:
         """The model's whole answer. Never raises (see :meth:`generate_stream`)."""
@@ -235,23 +227,15 @@ class RayWorkerManager:
     async def _call(self, key: str, method: str, path: str, **kwargs: Any) -> Any:
         """One non-streamed call, sent again elsewhere only if it never reached a worker."""
         await self._routes()
-        tried: list[str] = []
-        for _attempt in range(MAX_SENDS):
-            route = self._router.pick(key, {_ep(t) for t in tried})
-            if route is None:
-                break
-            tried.append(f"{route.host}:{route.port}")
-            self._router.begin(route.endpoint)
+        sends = _Sends(self._router, key)
+        for route in sends:
             try:
                 return await self._caller_().call(route, method, path, **kwargs)
             except NeverSent as exc:
-                self._router.suspect(route.endpoint)
-                tried[-1] += f" ({exc})"
+                sends.never_sent(route, exc)
             except MaybeReceived as exc:
                 raise InferenceError(f"{key} at {route.host}:{route.port}: {path.lstrip('/')} failed: {exc}") from None
-            finally:
-                self._router.end(route.endpoint)
-        raise InferenceError(_none_left(key, tried))
+        raise InferenceError(sends.none_left())
 
     def _blocking(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` to the end from synchronous code, on a private loop."""
@@ -268,15 +252,37 @@ def _key(params: dict[str, Any], worker_type: str) -> str | None:
     return worker_key(model, worker_type) if model else None
 
 
-def _ep(tried: str) -> tuple[str, int]:
-    host, _, rest = tried.partition(" ")[0].rpartition(":")
-    return (host, int(rest))
+class _Sends:
+    """The sends of one request: iterating gives an instance for each (at most
+    MAX_SENDS, none twice), counted in flight while the loop body runs — the
+    generator's ``finally`` ends the count however the loop is left."""
 
+    def __init__(self, router: Router, key: str) -> None:
+        self._router, self._key = router, key
+        self._tried: dict[tuple[str, int], str] = {}  # endpoint -> why it failed ("" while in flight)
 
-def _none_left(key: str, tried: list[str]) -> str:
-    if not tried:
-        return f"Cound not found worker instances for {key}: none is healthy, enabled and reachable"
-    return f"{key}: no instance could be reached (tried {', '.join(tried)})"
+    def __iter__(self) -> Iterator[Route]:
+        for _ in range(MAX_SENDS):
+            route = self._router.pick(self._key, set(self._tried))
+            if route is None:
+                return
+            self._tried[route.endpoint] = ""
+            self._router.begin(route.endpoint)
+            try:
+                yield route
+            finally:
+                self._router.end(route.endpoint)
+
+    def never_sent(self, route: Route, exc: Exception) -> None:
+        """It never reached the worker: suspect until the route table re-lists it."""
+        self._router.suspect(route.endpoint)
+        self._tried[route.endpoint] = str(exc)
+
+    def none_left(self) -> str:
+        if not self._tried:
+            return f"Cound not found worker instances for {self._key}: none is healthy, enabled and reachable"
+        tried = ", ".join(f"{h}:{p} ({why})" for (h, p), why in self._tried.items())
+        return f"{self._key}: no instance could be reached (tried {tried})"
 
 
 def _instance(route: Route) -> ModelInstance:

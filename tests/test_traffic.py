@@ -129,6 +129,7 @@ def test_inference_goes_to_live_workers_and_fails_over_only_what_was_never_sent(
         assert nothing.error_code == 1 and "nope@llm" in nothing.text
         with pytest.raises(coordinator.InferenceError, match="nope@text2vec"):
             await manager.embeddings({"model": "nope", "input": ["x"]})
+        assert manager.in_flight() == {}  # every send counted out, failed or not
         await manager.aclose()
 
     asyncio.run(scenario())
