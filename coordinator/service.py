@@ -143,6 +143,7 @@ class CoordinatorService:
         self._gauge_keys: set[str] = set()  # worker keys whose gauges are out of date
         self._probes: dict[Endpoint, Reachability] = {}
         self._probed_at: dict[Endpoint, float] = {}  # when that word arrived (loop time)
+        self._down: set[Endpoint] = set()  # the endpoints whose last word is "unreachable"
         self._queue = OperationQueue(config.max_queued_operations, self._metrics.queued_operations)
         self._rollouts: dict[str, RolloutProgress] = {}
         self._feed = ChangeFeed()
@@ -222,6 +223,7 @@ class CoordinatorService:
     def _retire_proxy(self, ep: Endpoint) -> None:
         self._proxies.retire(ep)
         self._probes.pop(ep, None)
+        self._down.discard(ep)
         self._probed_at.pop(ep, None)
         self._reroute_endpoint(ep)
         self._tell_registries()
@@ -292,8 +294,7 @@ class CoordinatorService:
         """A proxy says its worker became reachable or unreachable."""
         endpoint = Endpoint(*endpoint)
         if endpoint in self._proxies.endpoints():
-            self._probes[endpoint] = state
-            self._probed_at[endpoint] = asyncio.get_running_loop().time()
+            self._record_probe(endpoint, state)
             log.info("%s is now %s", endpoint, "reachable" if state.reachable else f"unreachable ({state.last_error})")
             self._gauge_keys |= self._live.keys_at(endpoint)
             self._reroute_endpoint(endpoint)
@@ -317,10 +318,9 @@ class CoordinatorService:
         """Bring the route table's entries for ``identities`` up to date: an
         entry is a route while it is listed healthy, enabled, and its endpoint
         is not found unreachable. Costs what changed."""
-        unreachable = self._unreachable()
         for ident in identities:
             inst = self._live.merged.get(ident)
-            if (inst is None or not inst.healthy or inst.enabled is False or inst.endpoint in unreachable
+            if (inst is None or not inst.healthy or inst.enabled is False or inst.endpoint in self._down
                     or inst.model_name == WORKER_MANAGER_KEY):
                 self._routes.remove(ident)
             else:
@@ -344,8 +344,18 @@ class CoordinatorService:
 
     # ---- reads ----------------------------------------------------------
 
+    def _record_probe(self, ep: Endpoint, state: Reachability, at: float | None = None) -> None:
+        self._probes[ep] = state
+        self._probed_at[ep] = asyncio.get_running_loop().time() if at is None else at
+        if state.reachable is False:
+            self._down.add(ep)
+        else:
+            self._down.discard(ep)
+
     def _unreachable(self) -> frozenset[Endpoint]:
-        return frozenset(ep for ep, st in self._probes.items() if st.reachable is False)
+        """The endpoints the probes find unreachable (kept as they report, so
+        this costs what is down, not the fleet)."""
+        return frozenset(self._down)
 
     def _select(self, model: str | None, worker_type: str | None, healthy_only: bool) -> list[ModelInstance]:
         """The instances asked for, sorted; one key's instances only when the
@@ -546,7 +556,7 @@ class CoordinatorService:
         now = asyncio.get_running_loop().time()
         for ep, state in zip(batch, states):
             if state is not None and ep in self._proxies.endpoints():
-                self._probes[ep], self._probed_at[ep] = state, now
+                self._record_probe(ep, state, now)
                 self._reroute_endpoint(ep)
         self._tell_registries()
         self._changed()
