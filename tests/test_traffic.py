@@ -113,6 +113,9 @@ def test_inference_goes_to_live_workers_and_fails_over_only_what_was_never_sent(
         assert (await manager.get_model_metadata({"model": "chat"})).context_length == 4096
         picked = await manager.select_one_instance("llm", "chat")
         assert picked.port in {w.port for w in workers} and picked.healthy
+        assert await manager.parameter_descriptions("llm", "chat") == []  # started with no params
+        with pytest.raises(coordinator.NoInstancesError):
+            await manager.select_one_instance("llm", "nope")
 
         # One worker dies. Before the probes notice, its connections are refused:
         # those requests never reached it, so they go to the other one.
