@@ -69,7 +69,8 @@ class Router:
         self._rng = rng or random.Random()
         self._lock = threading.Lock()
         self._table: ChangeLog[tuple[str, str, int], Route] = ChangeLog(route_identity)
-        self._by_key: dict[str, tuple[Route, ...]] = {}
+        self._index: dict[str, dict[tuple[str, str, int], Route]] = {}  # the table by model (follower thread's)
+        self._by_key: dict[str, tuple[Route, ...]] = {}  # what choices read: swapped whole per model
         self._in_flight: Counter[tuple[str, int]] = Counter()
         self._suspect: dict[tuple[str, int], float] = {}
         self._ready = threading.Event()
@@ -119,16 +120,24 @@ class Router:
             self._ready.set()
 
     def _take(self, change: Any) -> None:
-        changed = self._table.apply(change)
-        keys = {ident[0] for ident in changed}
-        by_key: dict[str, list[Route]] = {k: [] for k in keys}
-        for route in self._table.values():  # linear in the table; only when something changed
-            if route.model_name in by_key:
-                by_key[route.model_name].append(route)
+        """Apply one change; rebuild the choice lists of the models it touched
+        only (costs what changed and those models' instances, not the table)."""
+        keys: set[str] = set()
+        for ident in self._table.apply(change):
+            route = self._table.get(ident)
+            per_key = self._index.setdefault(ident[0], {})
+            if route is None:
+                per_key.pop(ident, None)
+            else:
+                per_key[ident] = route
+            keys.add(ident[0])
         with self._lock:
-            for key, routes in by_key.items():
-                self._by_key[key] = tuple(sorted(routes))
-                for r in routes:  # listed again as answering: no longer suspect
+            for key in keys:
+                routes = self._index[key]
+                self._by_key[key] = tuple(sorted(routes.values()))
+                if not routes:
+                    del self._index[key]
+                for r in routes.values():  # listed again as answering: no longer suspect
                     self._suspect.pop(r.endpoint, None)
             self.updates += 1
 
