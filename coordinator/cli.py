@@ -35,7 +35,7 @@ from rich.table import Table
 
 from coordinator.config import CoordinatorConfig
 from coordinator.deployments import Deployment, DeploymentStatus, check_distinct
-from coordinator.errors import CoordinatorError
+from coordinator.errors import CoordinatorError, DeploymentNotReadyError
 from coordinator.models import WorkerApplyOutput
 from coordinator.naming import DEFAULT_NAME, DEFAULT_NAMESPACE
 
@@ -334,9 +334,7 @@ def deploy(obj: Context, file: str, dry_run: bool, wait: bool, timeout: float | 
         return
     try:
         generations = cluster.deploy(*specs, wait=wait, timeout=timeout)
-    except CoordinatorError as exc:
-        if not wait or "not ready" not in str(exc):
-            raise
+    except DeploymentNotReadyError as exc:
         errors.print(f"[red]not ready:[/] {escape(str(exc))}", highlight=False)
         _deployments_table(cluster.deployments())
         sys.exit(1)

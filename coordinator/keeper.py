@@ -317,7 +317,7 @@ class Keeper:
             dirty = True
         if decision.state == "ready":
             self._last_error[key] = None
-        self._report(key, held, view)
+        self._report(key, held, view, decision)
         if not decision.actions:
             if dirty:
                 await self._save()
@@ -406,8 +406,8 @@ class Keeper:
             at=self._clock(), action=action, endpoint=None if ep is None else str(ep), reason=reason, ok=ok,
             message=message))
 
-    def _report(self, key: str, held: Record, view: View) -> None:
+    def _report(self, key: str, held: Record, view: View, decision: Decision | None = None) -> None:
         ready = sum(1 for s in view.instances if s.ready and s.endpoint not in view.stopping)
-        failing = decide(held.spec, view).state == "failing"
+        failing = (decision or decide(held.spec, view)).state == "failing"
         self._metrics.deployment(key, held.spec.replicas, ready, failing)
 
