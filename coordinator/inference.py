@@ -10,6 +10,7 @@ thinking first). It reads either ``text`` or ``content`` back (never both).
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -121,7 +122,9 @@ class ChunkReader:
         while DELIMITER in self._buffer:
             chunk, self._buffer = self._buffer.split(DELIMITER, 1)
             if chunk.strip():
-                yield ModelOutput.model_validate_json(chunk)
+                # json.loads, not pydantic's parser: that one refuses what
+                # Python's json writes for a lone surrogate ("\ud800").
+                yield ModelOutput.model_validate(json.loads(chunk))
 
     @property
     def pending(self) -> bytes:
