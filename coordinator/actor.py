@@ -1,49 +1,136 @@
-"""The coordinator as a Ray actor: the service with Ray links plugged in.
+"""The coordinator as a Ray actor: the RPC face.
+
+It *holds* a :class:`~coordinator.service.CoordinatorService` (with the Ray
+links plugged in) and exposes exactly the methods below as Ray methods; nothing
+of the service's inside is reachable over Ray.
 
 Created by :func:`coordinator.start` as a named actor with ``max_restarts=-1``.
-After a restart ``__init__`` runs again and the service rebuilds its live set from
-the watchers (which outlive it) and starts fresh proxies.
+After a restart ``__init__`` runs again and the service rebuilds its live set
+from the watchers (which outlive it) and starts fresh proxies. A background
+loop that cannot be restarted in place ends the process, so that Ray restarts
+the actor cleanly rather than leaving it answering from a frozen view.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+from typing import Any
 
 import ray
 
 from actors.process import process_info
 from actors.registry_state import GcsStateStore
+from coordinator.changes import Change
 from coordinator.config import CoordinatorConfig, EmbeddedSource
+from coordinator.deployments import Decision, Deployment, DeploymentStatus
 from coordinator.metrics import RayMetrics
-from coordinator.models import Endpoint
+from coordinator.models import (
+    ApplyResult,
+    Endpoint,
+    ModelInstance,
+    SupportsOutcome,
+    WorkerApplyOutput,
+    WorkerApplyRequest,
+    WorkerStartupRequest,
+)
 from coordinator.naming import registry_actor, watcher_actor
 from coordinator.placement import NodeInfo
 from coordinator.ray_links import RayProxies, RayRegistries, RayWatchers
+from coordinator.rollout import ApplyOptions, ApplyPlan
 from coordinator.service import CoordinatorService
+from coordinator.status import ClusterStatus
 
 log = logging.getLogger(__name__)
 
 
-class CoordinatorActor(CoordinatorService):
+def _exit_for_restart(loop: str, error: BaseException) -> None:
+    """A loop that cannot be restarted in place: end the process (Ray restarts
+    the actor, which rebuilds everything from the watchers and the GCS)."""
+    log.critical("coordinator loop %r cannot be restarted (%s); exiting so that Ray restarts the actor", loop, error)
+    logging.shutdown()
+    os._exit(1)
+
+
+class CoordinatorActor:
     def __init__(
         self, config: CoordinatorConfig, name: str, namespace: str, nodes: list[NodeInfo] | None = None
     ) -> None:
         me = ray.get_runtime_context().current_actor
         watchers = RayWatchers({s.name: watcher_actor(name, s.name) for s in config.registries}, namespace)
         self._ray_proxies = RayProxies(config, me, nodes)
-        super().__init__(config, watchers, self._ray_proxies, name=name, namespace=namespace, metrics=RayMetrics(),
-                         store=GcsStateStore(),
-                         registries=RayRegistries([registry_actor(name, s.name) for s in config.registries
-                                                   if isinstance(s, EmbeddedSource)], namespace))
-        self._main = asyncio.get_running_loop().create_task(self._run_logged())
+        self._service = CoordinatorService(
+            config, watchers, self._ray_proxies, name=name, namespace=namespace, metrics=RayMetrics(),
+            store=GcsStateStore(),
+            registries=RayRegistries([registry_actor(name, s.name) for s in config.registries
+                                      if isinstance(s, EmbeddedSource)], namespace),
+            on_fatal=_exit_for_restart,
+        )
+        self._main = asyncio.get_running_loop().create_task(self._service.run())
 
-    async def _run_logged(self) -> None:
-        try:
-            await self.run()
-        except Exception:
-            log.exception("coordinator loop stopped")
-            raise
+    # ---- reads ----------------------------------------------------------
+
+    async def get_config(self) -> CoordinatorConfig:
+        return self._service.config
+
+    async def ready(self, timeout: float) -> bool:
+        return await self._service.ready(timeout)
+
+    async def instances(
+        self, model: str | None = None, worker_type: str | None = None, healthy_only: bool = True
+    ) -> list[ModelInstance]:
+        return await self._service.instances(model, worker_type, healthy_only)
+
+    async def wait_for(self, model: str, count: int, worker_type: str = "llm",
+                       timeout: float = 60.0) -> list[ModelInstance]:
+        return await self._service.wait_for(model, count, worker_type, timeout)
+
+    async def status(self) -> ClusterStatus:
+        return await self._service.status()
+
+    async def routes_since(self, since: tuple[str, int] | None, timeout: float) -> Change | None:
+        return await self._service.routes_since(since, timeout)
+
+    # ---- operations -----------------------------------------------------
+
+    async def apply(self, req: WorkerApplyRequest,
+                    options: ApplyOptions | None = None) -> ApplyResult | ApplyPlan:
+        return await self._service.apply(req, options)
+
+    async def startup(self, req: WorkerStartupRequest, timeout: float | None = None) -> WorkerApplyOutput:
+        return await self._service.startup(req, timeout)
+
+    async def shutdown(self, req: WorkerStartupRequest, timeout: float | None = None) -> WorkerApplyOutput:
+        return await self._service.shutdown(req, timeout)
+
+    async def supports(self) -> list[SupportsOutcome]:
+        return await self._service.supports()
+
+    # ---- deployments ----------------------------------------------------
+
+    async def deploy(self, specs: list[Deployment], wait: bool = False, timeout: float | None = None) -> list[int]:
+        return await self._service.deploy(specs, wait, timeout)
+
+    async def undeploy(self, key: str, shutdown: bool = False) -> DeploymentStatus:
+        return await self._service.undeploy(key, shutdown)
+
+    async def deployments(self) -> list[DeploymentStatus]:
+        return await self._service.deployments()
+
+    async def plan_deploy(self, specs: list[Deployment]) -> list[tuple[str, Decision]]:
+        return await self._service.plan_deploy(specs)
+
+    async def deployed(self, key: str) -> Deployment | None:
+        return self._service.deployed(key)
+
+    # ---- from proxies ---------------------------------------------------
+
+    async def report_probe(self, endpoint: Endpoint, state: Any) -> None:
+        """A proxy says its worker became reachable or unreachable."""
+        await self._service.report_probe(endpoint, state)
+
+    # ---- for debugging and tests ----------------------------------------
 
     async def process_info(self) -> dict[str, str | int | None]:
         """Where the coordinator runs: Ray node and PID (for placement checks and profiling)."""
@@ -53,13 +140,11 @@ class CoordinatorActor(CoordinatorService):
         """The proxy actor serving host:port (for debugging), or None."""
         return self._ray_proxies.handle(Endpoint(host, port))
 
-    async def get_config(self) -> CoordinatorConfig:
-        return self.config
-
-    async def close(self) -> None:
-        """Stop following and retire every proxy (before the actor is killed);
-        the deployments kept in the GCS go too: a coordinator stopped on
-        purpose is not one that restarts."""
+    async def close(self, forget: bool = False) -> None:
+        """Stop following and retire every proxy (before the actor is killed).
+        The deployments kept in the GCS stay, so a later start of the same name
+        brings them back — unless ``forget``."""
         self._main.cancel()
         self._ray_proxies.close()
-        await self._keeper.forget()
+        if forget:
+            await self._service.forget()

@@ -175,6 +175,11 @@ class ReconcileSettings(_Strict):
     #: After a start answered success, how long its instance may take to show
     #: up healthy in the registry before it counts as missing again.
     appear_within: float = Field(60.0, gt=0)
+    #: An instance that stops answering without proof of death (a timeout,
+    #: not a refused connection; still listed healthy) leaves the route table
+    #: at once but is replaced only after this many seconds: a network blip
+    #: or a long pause must not start a model load elsewhere.
+    replace_after: float = Field(15.0, ge=0)
 
     @model_validator(mode="after")
     def _ordered(self) -> Self:

@@ -9,7 +9,12 @@ move one step closer, and the state to report:
 
 - an instance counts as **ready** when the registry lists it healthy and the
   probes do not find its worker unreachable; one that is listed but not ready
-  counts as missing, and a replacement starts elsewhere at once;
+  counts as missing, and a replacement starts elsewhere — at once when its
+  death is certain (connection refused, or unlisted/unhealthy in the
+  registry), after ``replace_after`` seconds when it merely stopped answering
+  (a blip is not a death; the route table has dropped it meanwhile);
+- an instance a driver's **operation** is restarting, starting or
+  reconfiguring is neither missing nor replaced while that lasts;
 - **placement** is on worker managers (``WorkerManager@service``) that are
   registry-healthy and reachable, within ``hosts`` if given, never two
   replicas on one manager; fewest replicas of this model on the manager's host
@@ -114,6 +119,9 @@ class DeploymentStatus(BaseModel):
     generation: int
     observed_generation: int
     events: list[DeploymentEvent] = Field(default_factory=list)
+    #: The last round found no eligible worker manager for the missing
+    #: replicas: waiting will not help until the fleet changes.
+    stuck: bool = False
 
     @property
     def key(self) -> str:
@@ -129,10 +137,23 @@ class Seen(NamedTuple):
     endpoint: Endpoint
     healthy: bool  # as the registry lists it
     reachable: bool | None  # the probes' verdict; None: not probed yet
+    #: Since when (unix time) the probes find it unreachable; None: not known
+    #: (then an unreachable instance is taken for dead at once).
+    down_since: float | None = None
+    #: The probe's connection was refused: the host answers and nothing listens
+    #: on the port — a dead worker, not a network blip.
+    refused: bool = False
 
     @property
     def ready(self) -> bool:
         return self.healthy and self.reachable is not False
+
+    def held(self, now: float, replace_after: float) -> bool:
+        """Listed healthy but unreachable for less than ``replace_after``,
+        without proof of death: maybe a blip. The route table has dropped it
+        already; a deployment waits before replacing it."""
+        return (self.healthy and self.reachable is False and not self.refused and self.down_since is not None
+                and now - self.down_since < replace_after)
 
 
 class Manager(NamedTuple):
@@ -172,6 +193,13 @@ class View:
     now: float = 0.0
     #: Whether the running instances have the deployment's params.
     params_current: bool = True
+    #: Instances an operation is running on, or that one restarted, started or
+    #: reconfigured and that are not ready again yet: neither missing nor
+    #: replaced while that lasts (:meth:`coordinator.operations.Operations.operating`).
+    operating: frozenset[Endpoint] = frozenset()
+    #: Seconds an unreachable instance whose death is not certain is waited
+    #: for before it is replaced (``reconcile.replace_after``).
+    replace_after: float = 15.0
 
 
 class Action(NamedTuple):
@@ -184,13 +212,24 @@ class Decision(NamedTuple):
     actions: list[Action]
     state: State
     why: str | None  # when not ready: what is missing, in words
+    #: No eligible worker manager for the missing replicas: waiting will not
+    #: help until the fleet changes (``deploy --wait`` fails at once).
+    stuck: bool = False
+    #: When (unix time) this decision may change with nothing else changing:
+    #: a held instance's wait ends.
+    recheck_at: float | None = None
 
 
 def decide(spec: Deployment, view: View) -> Decision:
     """The actions that bring the live set one step closer to ``spec``."""
     backoff = view.backoff
     ready = sorted(s.endpoint for s in view.instances if s.ready and s.endpoint not in view.stopping)
-    starting = set(view.starting) - set(ready)
+    # Unreachable without proof of death, for less than replace_after: held
+    # (counted, their managers taken) until they answer or the wait ends.
+    held = {s.endpoint: s.down_since for s in view.instances
+            if s.endpoint not in view.stopping and s.held(view.now, view.replace_after)}
+    recheck = min((since + view.replace_after for since in held.values() if since is not None), default=None)
+    starting = (set(view.starting) | set(view.operating) | set(held)) - set(ready)
     have = len(ready) + len(starting)
     replicas_on_host = Counter(ep.host for ep in [*ready, *starting])
     models_on = {m.endpoint: m.models for m in view.managers}
@@ -216,13 +255,13 @@ def decide(spec: Deployment, view: View) -> Decision:
             missing += f"; not ready: {', '.join(map(str, not_ready))}"
         actions = [Action("start", ep, missing) for ep in picks]
         if actions or starting:
-            return Decision(actions, "progressing", missing)
+            return Decision(actions, "progressing", missing, recheck_at=recheck)
         waiting = [backoff[m.endpoint] for m in eligible if m.endpoint in backoff]
         if waiting:
             last = max(waiting, key=lambda b: b.retry_at)
             return Decision([], "failing", f"{missing}; starts failing, backing off: {last.last_error}")
         where = "" if allowed is None else f" among hosts {', '.join(sorted(map(str, allowed)))}"
-        return Decision([], "degraded", f"{missing}; no other eligible worker manager{where}")
+        return Decision([], "degraded", f"{missing}; no other eligible worker manager{where}", stuck=True)
 
     if have > spec.replicas:
         if starting:
@@ -233,6 +272,11 @@ def decide(spec: Deployment, view: View) -> Decision:
         return Decision([Action("stop", ep, why) for ep in ranked[:excess]], "progressing", why)
 
     if starting:
+        if set(held) & starting:
+            waits = ", ".join(f"{ep} (unreachable {view.now - since:.0f} s)" for ep, since in sorted(held.items())
+                              if since is not None)
+            return Decision([], "degraded", f"{len(ready)} of {spec.replicas} ready; waiting "
+                            f"{view.replace_after:g} s before replacing {waits}", recheck_at=recheck)
         return Decision([], "progressing", f"{len(starting)} starting")
     if not view.params_current and ready:
         roll = backoff.get(None)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Protocol, TypeVar
 
@@ -88,6 +88,11 @@ class Fleet(Protocol):
 
     def observe(self, key: str) -> tuple[list[Seen], list[Manager]]: ...
 
+    def operating(self, key: str) -> frozenset[Endpoint]:
+        """Instances of ``key`` a driver's operation is restarting, starting or
+        reconfiguring (not to be counted missing meanwhile)."""
+        ...
+
     async def rebuilt(self) -> None: ...
 
     async def in_turn(self, key: str, start: Callable[[], Awaitable[T]], same: tuple[str, ...]) -> T: ...
@@ -130,6 +135,7 @@ class Keeper:
         #: are not counted while the registry may still list them healthy.
         self._stopped: dict[str, dict[Endpoint, float]] = {}
         self._acting: set[str] = set()  # keys whose round is carrying out actions
+        self._recheck: dict[str, float] = {}  # keys whose decision changes by itself then (unix time)
         self._dirty: set[str] = set()
         self._rounds: dict[str, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
@@ -142,11 +148,10 @@ class Keeper:
         """Read the kept records; deploy the configured ones not kept yet."""
         raw = await self._store.get(self._state_key)
         self._records = _RECORDS.validate_json(raw) if raw else {}
-        fresh = [d for d in configured if d.key not in self._records]
-        for spec in fresh:
-            self._records[spec.key] = Record(spec=spec, generation=1, applied=spec.params_digest)
+        fresh = {d.key: Record(spec=d, generation=1, applied=d.params_digest)
+                 for d in configured if d.key not in self._records}
         if fresh:
-            await self._save()
+            await self._commit(lambda records: fresh)
         self._loaded.set()
         self.poke()
 
@@ -155,26 +160,37 @@ class Keeper:
         generation of each (unchanged for an identical spec)."""
         check_distinct(specs)
         await self._loaded.wait()
-        generations = []
-        for spec in specs:
-            held = self._records.get(spec.key)
-            if held is not None and held.spec == spec:
-                generations.append(held.generation)
-                continue
-            self._records[spec.key] = Record(
-                spec=spec,
-                generation=(held.generation + 1) if held else 1,
-                observed_generation=held.observed_generation if held else 0,
-                # A first deploy adopts running instances as they are; a
-                # redeploy keeps what they run, so new params roll out.
-                applied=held.applied if held else spec.params_digest,
-                intents=held.intents if held else {},
-            )
-            generations.append(self._records[spec.key].generation)
-            self._event(spec.key, "deploy", None, f"generation {generations[-1]}: {spec.replicas} replicas", True)
-        await self._save()
+        generations: list[int] = []
+        changed: dict[str, Record | None] = {}
+
+        def replace(records: dict[str, Record]) -> dict[str, Record | None]:
+            generations.clear(), changed.clear()
+            for spec in specs:
+                held = records.get(spec.key)
+                if held is not None and held.spec == spec:
+                    generations.append(held.generation)
+                    continue
+                changed[spec.key] = Record(
+                    spec=spec,
+                    generation=(held.generation + 1) if held else 1,
+                    observed_generation=held.observed_generation if held else 0,
+                    # A first deploy adopts running instances as they are; a
+                    # redeploy keeps what they run, so new params roll out.
+                    applied=held.applied if held else spec.params_digest,
+                    intents=dict(held.intents) if held else {},
+                )
+                generations.append(changed[spec.key].generation)
+            return changed
+
+        # Kept first, then in memory: a refused save changes nothing. A round
+        # running meanwhile books its actions on the record by key, and the
+        # next round decides on the new spec.
+        await self._commit(replace)
+        for key, rec in changed.items():
+            assert rec is not None
+            self._event(key, "deploy", None, f"generation {rec.generation}: {rec.spec.replicas} replicas", True)
         self.poke()
-        return generations
+        return list(generations)
 
     async def undeploy(self, key: str, shutdown: bool = False) -> DeploymentStatus:
         """Forget the desired state of ``key``; with ``shutdown``, first stop
@@ -184,14 +200,12 @@ class Keeper:
         if held is None:
             raise NotDeployedError(key)
         if shutdown:
-            held = self._records[key] = held.model_copy(update={
-                "spec": held.spec.model_copy(update={"replicas": 0}), "generation": held.generation + 1})
-            await self._save()
+            await self._book(key, lambda held: held.model_copy(update={
+                "spec": held.spec.model_copy(update={"replicas": 0}), "generation": held.generation + 1}))
             await self._fleet.in_turn(key, lambda: self._round(key), ("reconcile", key))
         last = self.status(key)
-        self._records.pop(key, None)
+        await self._commit(lambda records: {key: None})
         self._backoff.pop(key, None)
-        await self._save()
         self._metrics.deployment(key, 0, 0, False, present=False)
         return last
 
@@ -199,9 +213,30 @@ class Keeper:
         """Remove the kept state (when the coordinator is stopped on purpose)."""
         await self._store.delete(self._state_key)
 
-    async def _save(self) -> None:
+    async def _commit(self, change: Callable[[dict[str, Record]], dict[str, Record | None] | None]) -> bool:
+        """Change the records: ``change`` sees them as they are (under the lock,
+        so changes never interleave) and returns what to replace (None:
+        remove), or None for nothing. The store takes the result first; memory
+        changes only once it did — a refused save raises and changes nothing."""
         async with self._save_lock:
-            await self._store.put(self._state_key, _RECORDS.dump_json(self._records))
+            changes = change(self._records)
+            if changes is None:
+                return False
+            records = dict(self._records)
+            for key, rec in changes.items():
+                if rec is None:
+                    records.pop(key, None)
+                else:
+                    records[key] = rec
+            await self._store.put(self._state_key, _RECORDS.dump_json(records))
+            self._records = records
+            return True
+
+    async def _book(self, key: str, update: Callable[[Record], Record]) -> bool:
+        """Kept, then in memory: ``update`` of the deployment's record as it is
+        by then (a deploy during a round replaced it: the outcome of an action
+        still lands on the live record, never an orphan)."""
+        return await self._commit(lambda records: {key: update(records[key])} if key in records else None)
 
     # ---- status ---------------------------------------------------------
 
@@ -227,6 +262,7 @@ class Keeper:
             last_error=None if state == "ready" else (self._last_error.get(key) or decision.why),
             generation=held.generation, observed_generation=held.observed_generation,
             events=list(self._events.get(key, ())),
+            stuck=decision.stuck and held.observed_generation >= held.generation and key not in self._acting,
         )
 
     def statuses(self) -> list[DeploymentStatus]:
@@ -245,9 +281,15 @@ class Keeper:
 
     def _view(self, key: str, held: Record) -> View:
         instances, managers = self._fleet.observe(key)
+        now = self._clock()
+        # A start in flight for another deployment is a model on that manager
+        # already (two deployments placed in one breath must not stack).
+        elsewhere = Counter(_endpoint(t) for k, rec in self._records.items() if k != key
+                            for t, until in rec.intents.items() if until > now)
+        if elsewhere:
+            managers = [m._replace(models=m.models + elsewhere[m.endpoint]) for m in managers]
         ready = {s.endpoint for s in instances if s.ready}
         eligible = {m.endpoint for m in managers if m.eligible}
-        now = self._clock()
         starting = frozenset(
             ep for ep, until in ((_endpoint(t), u) for t, u in held.intents.items())
             if until > now and ep not in ready and ep in eligible
@@ -257,11 +299,17 @@ class Keeper:
             del stopped[ep]  # the registry caught up (or never will: then it counts again)
         return View(instances=instances, managers=managers, starting=starting, stopping=frozenset(stopped),
                     backoff=self._backoff.get(key, {}), now=now,
-                    params_current=held.applied == held.spec.params_digest)
+                    params_current=held.applied == held.spec.params_digest,
+                    operating=self._fleet.operating(key), replace_after=self._settings.replace_after)
 
     def _decide(self, key: str, held: Record) -> tuple[Decision, View]:
         view = self._view(key, held)
-        return decide(held.spec, view), view
+        decision = decide(held.spec, view)
+        if decision.recheck_at is not None:
+            self._recheck[key] = decision.recheck_at
+        else:
+            self._recheck.pop(key, None)
+        return decision, view
 
     # ---- the loop -------------------------------------------------------
 
@@ -289,6 +337,7 @@ class Keeper:
         """Seconds until the resync, or until a backoff ends if sooner."""
         now = self._clock()
         ends = [b.retry_at - now for per in self._backoff.values() for b in per.values() if b.retry_at > now]
+        ends += [at - now for at in self._recheck.values() if at > now]
         return max(0.05, min([self._settings.resync_interval, *ends]))
 
     async def _rounds_of(self, key: str) -> None:
@@ -309,39 +358,42 @@ class Keeper:
         if held is None:
             return
         decision, view = self._decide(key, held)
-        dirty = held.observed_generation != held.generation
-        held.observed_generation = held.generation
         alive = {str(ep) for ep in view.starting}
-        if set(held.intents) - alive:
-            held.intents = {t: u for t, u in held.intents.items() if t in alive}
-            dirty = True
+        intents = {t: u for t, u in held.intents.items() if t in alive}
+        starts = [a for a in decision.actions if a.kind == "start"]
+        until = self._clock() + self._startup_timeout + self._settings.appear_within
+        intents.update({str(a.endpoint): until for a in starts})
+        booked = held.model_copy(update={"observed_generation": held.generation, "intents": intents})
+        if booked != held:
+            # The starts are on record before they are sent; memory changes
+            # only once the store took it (a refused save sends nothing). A
+            # deploy that replaced the record meanwhile wins: its own round follows.
+            if not await self._commit(lambda records: {key: booked} if records.get(key) is held else None):
+                return
+        held = booked
         if decision.state == "ready":
             self._last_error[key] = None
         self._report(key, held, view, decision)
         if not decision.actions:
-            if dirty:
-                await self._save()
             return
-        for action in decision.actions:
-            if action.kind == "start":
-                held.intents[str(action.endpoint)] = self._clock() + self._startup_timeout + self._settings.appear_within
-        await self._save()  # the starts are on record before they are sent
         self._acting.add(key)
         try:
             async with asyncio.TaskGroup() as tg:
                 for action in decision.actions:
-                    tg.create_task(self._carry_out(key, held, action, view))
+                    tg.create_task(self._carry_out(key, held.spec, action, view))
         finally:
             self._acting.discard(key)
-            await self._save()
-            self._report(key, held, self._view(key, held))
+            now = self._records.get(key)
+            if now is not None:
+                self._report(key, now, self._view(key, now))
             self._fleet.changed()
 
-    async def _carry_out(self, key: str, held: Record, action: Action, view: View) -> None:
-        spec = held.spec
+    async def _carry_out(self, key: str, spec: Deployment, action: Action, view: View) -> None:
+        """Carry out one action of ``spec`` (the spec the round decided on);
+        its bookkeeping goes to the deployment's record as it is by then."""
         match action.kind:
             case "start":
-                await self._start(key, held, action, view)
+                await self._start(key, spec, action, view)
             case "stop":
                 out = await self._fleet.stop(action.endpoint, spec)
                 then = None
@@ -360,15 +412,16 @@ class Keeper:
                             f"{len(outs)} instances updated" if ok else failed)
                 per = self._backoff.setdefault(key, {})
                 if ok:
-                    held.applied = spec.params_digest
                     per.pop(None, None)
+                    # what the instances run now, whatever was deployed meanwhile
+                    await self._book(key, lambda held: held.model_copy(update={"applied": spec.params_digest}))
                 else:
                     per[None] = backed_off(per.get(None), self._clock(), failed, self._settings.backoff_initial,
                                            self._settings.backoff_max)
                     self._last_error[key] = f"params update failed: {failed}"
 
-    async def _start(self, key: str, held: Record, action: Action, view: View) -> None:
-        ep, spec = action.endpoint, held.spec
+    async def _start(self, key: str, spec: Deployment, action: Action, view: View) -> None:
+        ep = action.endpoint
         out = await self._fleet.start(ep, spec)
         then = None
         if not out.success and any(s.endpoint == ep for s in view.instances):
@@ -379,12 +432,21 @@ class Keeper:
         per = self._backoff.setdefault(key, {})
         if ok:
             per.pop(ep, None)
-            held.intents[str(ep)] = self._clock() + self._settings.appear_within
         else:
-            held.intents.pop(str(ep), None)
             message = (then[1] if then else out).message
             per[ep] = backed_off(per.get(ep), self._clock(), f"{ep}: {message}", self._settings.backoff_initial,
                                  self._settings.backoff_max)
+        until = self._clock() + self._settings.appear_within
+
+        def outcome(held: Record) -> Record:
+            intents = dict(held.intents)
+            if ok:
+                intents[str(ep)] = until  # now it has a while to appear
+            else:
+                intents.pop(str(ep), None)
+            return held.model_copy(update={"intents": intents})
+
+        await self._book(key, outcome)
 
     def _done(self, key: str, action: Action, kind: str, out: WorkerApplyOutput,
               then: tuple[str, WorkerApplyOutput] | None = None) -> bool:

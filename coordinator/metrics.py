@@ -55,6 +55,8 @@ class Metrics(Protocol):
 
     def reconcile_action(self, action: str, outcome: str) -> None: ...
 
+    def loop_restart(self, loop: str) -> None: ...
+
 
 class NoMetrics:
     def operation(self, operation: str, outcome: str) -> None:
@@ -82,6 +84,9 @@ class NoMetrics:
         pass
 
     def reconcile_action(self, action: str, outcome: str) -> None:
+        pass
+
+    def loop_restart(self, loop: str) -> None:
         pass
 
 
@@ -120,6 +125,9 @@ class RayMetrics:
         self._actions = metrics.Counter(
             "coordinator_reconcile_actions_total", "Reconcile actions by kind and outcome",
             tag_keys=("action", "outcome"))
+        self._restarts = metrics.Counter(
+            "coordinator_loop_restarts_total", "Background loops restarted after an unexpected failure",
+            tag_keys=("loop",))
         self._live_labels: dict[str, set[str]] = {}  # health labels recorded non-zero, by model
 
     def operation(self, operation: str, outcome: str) -> None:
@@ -163,6 +171,9 @@ class RayMetrics:
 
     def reconcile_action(self, action: str, outcome: str) -> None:
         self._actions.inc(1, {"action": action, "outcome": outcome})
+
+    def loop_restart(self, loop: str) -> None:
+        self._restarts.inc(1, {"loop": loop})
 
 
 def live_counts(models_and_health: list[tuple[str, str]]) -> dict[tuple[str, str], int]:

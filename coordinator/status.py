@@ -8,6 +8,7 @@ from datetime import datetime
 from pydantic import BaseModel, Field
 
 from coordinator.rollout import RolloutProgress
+from coordinator.supervisor import LoopState
 
 
 class WatcherStatus(BaseModel):
@@ -62,3 +63,5 @@ class ClusterStatus(BaseModel):
     #: Distinct operations waiting per model@type (the one running not counted).
     queued: dict[str, int] = Field(default_factory=dict)
     rollouts: list[RolloutProgress] = Field(default_factory=list)
+    #: The coordinator's background loops (following, resync, gauges, keeper).
+    loops: list[LoopState] = Field(default_factory=list)

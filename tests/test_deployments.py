@@ -52,7 +52,7 @@ def test_never_two_replicas_on_one_manager():
 
 def test_ready_when_count_matches():
     view = View(instances=[up(A), up(B)], managers=[mgr(A, 1), mgr(B, 1), mgr(C)])
-    assert decide(spec(2), view) == (([], "ready", None))
+    assert decide(spec(2), view)[:3] == (([], "ready", None))
 
 
 def test_a_dead_instance_counts_as_missing_and_is_replaced_elsewhere():
@@ -90,7 +90,7 @@ def test_starts_in_flight_count_and_nothing_more_is_sent():
     d = decide(spec(2), view)
     assert starts(d) == [B]
     view = View(instances=[], managers=[mgr(A), mgr(B)], starting=frozenset({A, B}))
-    assert decide(spec(2), view) == ([], "progressing", "2 starting")
+    assert decide(spec(2), view)[:3] == ([], "progressing", "2 starting")
 
 
 def test_no_scale_down_while_starts_are_in_flight():
@@ -169,4 +169,4 @@ def test_bad_specs_name_the_field():
 def test_a_stopped_instance_the_registry_still_lists_is_not_stopped_twice():
     # A's stop succeeded; the registry has not caught up and still lists it healthy.
     view = View(instances=[up(A), up(B)], managers=[mgr(A, 1), mgr(B, 1)], stopping=frozenset({A}))
-    assert decide(spec(1), view) == ([], "ready", None)
+    assert decide(spec(1), view)[:3] == ([], "ready", None)

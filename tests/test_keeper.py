@@ -26,6 +26,9 @@ class FakeFleet:
         return ([Seen(ep, True, True) for ep in sorted(self.running)],
                 [Manager(ep, True, int(ep in self.running)) for ep in (A, B)])
 
+    def operating(self, key):
+        return frozenset()
+
     async def rebuilt(self):
         pass
 

@@ -490,9 +490,12 @@ async def test_right_after_a_start_operations_wait_for_the_live_set_instead_of_c
 
 
 async def test_the_route_table_holds_healthy_enabled_reachable_instances_and_tells_registries(service):
-    svc, watchers, _ = service
+    _, watchers, proxies = service
     told = []
-    svc._registries = SimpleNamespace(tell=told.append)
+    config = CoordinatorConfig.model_validate(
+        {"registries": [{"kind": "static", "name": "a", "instances": []}], "long_poll_timeout": 0.2})
+    svc = CoordinatorService(config, watchers, proxies, registries=SimpleNamespace(tell=told.append))
+    run = asyncio.create_task(svc.run())
     watchers.publish("a", inst("m@llm", 1), inst("m@llm", 2, healthy=False), inst("WorkerManager@service", 1),
                      ModelInstance(model_name="m@llm", host="h", port=3, healthy=True, enabled=False),
                      ModelInstance(model_name="m@llm", host="h", port=4, healthy=True, weight=3.0))
@@ -509,3 +512,4 @@ async def test_the_route_table_holds_healthy_enabled_reachable_instances_and_tel
     back = await svc.routes_since((delta.epoch, delta.version), timeout=1)
     assert [u.port for u in back.upserts] == [4] and told[-1] == frozenset()
     assert await svc.routes_since((back.epoch, back.version), timeout=0.1) is None  # long poll: nothing new
+    run.cancel()

@@ -1,0 +1,275 @@
+"""The coordinator's view of the fleet: the one owner of what it knows.
+
+Synchronous, no I/O of its own. It holds
+
+- the **live set** — every watcher's changes merged (:class:`LiveSet`);
+- the **probes' verdicts** — what each proxy last found about its worker, since
+  when an endpoint has been unreachable, and whether its death is certain
+  (connection refused: the host answers, nothing listens);
+- the **route table** — where requests may go, for callers to follow;
+- what the **embedded registries** were last told about unreachable endpoints;
+- which live-instance gauges are out of date.
+
+Every change goes through one of its methods, which keeps these consistent
+and then calls ``on_change`` (the service wakes long polls and the keeper).
+It starts and retires proxies through the :class:`ProxyLink` it is given, and
+tells the registries through the :class:`RegistryLink`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+from coordinator.changes import Change, ChangeLog
+from coordinator.config import CoordinatorConfig, WorkerAccess
+from coordinator.deployments import Manager, Seen
+from coordinator.inference import Route, route_identity
+from coordinator.liveset import LiveSet, filter_instances
+from coordinator.metrics import Metrics, live_counts
+from coordinator.models import WORKER_MANAGER_KEY, Endpoint, ModelInstance, parse_worker_key, worker_key
+from coordinator.status import InstanceStatus
+
+log = logging.getLogger(__name__)
+
+
+class LinkError(Exception):
+    """A watcher or proxy could not be reached (dead, restarting, too slow)."""
+
+
+class ProxyLink(Protocol):
+    def endpoints(self) -> set[Endpoint]: ...
+
+    def ensure(self, endpoint: Endpoint, access: WorkerAccess) -> None: ...
+
+    def retire(self, endpoint: Endpoint) -> None: ...
+
+    async def call(self, endpoint: Endpoint, method: str, *args: Any, deadline: float) -> Any:
+        """Run ``method`` on the endpoint's proxy; raise :class:`LinkError` when the
+        proxy itself failed (it never raises for the worker's failures)."""
+        ...
+
+
+class RegistryLink(Protocol):
+    def tell(self, unreachable: frozenset[Endpoint]) -> None:
+        """Tell the embedded registries which endpoints the probes find unreachable."""
+        ...
+
+
+class NoRegistries:
+    def tell(self, unreachable: frozenset[Endpoint]) -> None:
+        pass
+
+
+class Reachability(Protocol):
+    reachable: bool | None
+    last_error: str | None
+
+
+class FleetView:
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        proxies: ProxyLink,
+        registries: RegistryLink | None = None,
+        metrics: Metrics | None = None,
+        on_change: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        from coordinator.metrics import NoMetrics
+
+        self._config = config
+        self._proxies = proxies
+        self._registries = registries or NoRegistries()
+        self._metrics = metrics or NoMetrics()
+        self._on_change = on_change
+        self._clock = clock
+        self.sources = [s.name for s in config.registries]
+        self.heard: set[str] = set()  # sources whose watcher has answered once
+        self.live = LiveSet(self.sources)
+        self._told: frozenset[Endpoint] = frozenset()  # what the registries were last told
+        self._gauge_keys: set[str] = set()  # worker keys whose gauges are out of date
+        self._probes: dict[Endpoint, Reachability] = {}
+        self._probed_at: dict[Endpoint, float] = {}  # when that word arrived (loop time)
+        self._down: dict[Endpoint, float] = {}  # unreachable endpoints -> since when (unix time)
+        #: Where requests may go, for callers to follow.
+        self.routes: ChangeLog[tuple[str, str, int], Route] = ChangeLog(route_identity)
+
+    # ---- changes --------------------------------------------------------
+
+    def absorb(self, source: str, change: Change) -> None:
+        """One watcher's change into the live set; proxies follow the endpoints
+        it touched. Costs what the change carries."""
+        self.heard.add(source)
+        absorbed = self.live.absorb(source, change)
+        self._gauge_keys |= absorbed.keys
+        self._reroute(absorbed.identities)
+        for ep in sorted(absorbed.endpoints):
+            if self.live.has_endpoint(ep) and ep not in self._proxies.endpoints():
+                self._ensure_proxy(ep)
+            elif not self.live.has_endpoint(ep) and ep in self._proxies.endpoints():
+                self._retire_proxy(ep)
+        self._on_change()
+
+    def report_probe(self, endpoint: Endpoint, state: Reachability, at: float | None = None,
+                     notify: bool = True) -> bool:
+        """A proxy's word on its worker; False if that proxy is not ours (any more)."""
+        if endpoint not in self._proxies.endpoints():
+            return False
+        self._record_probe(endpoint, state, at)
+        self._gauge_keys |= self.live.keys_at(endpoint)
+        self._reroute_endpoint(endpoint)
+        self.tell_registries()
+        if notify:
+            self._on_change()
+        return True
+
+    def changed(self) -> None:
+        self._on_change()
+
+    def repair(self) -> None:
+        """Repair drift between the live set and the proxies: a proxy for every
+        live endpoint (a lost one is started again), none for an endpoint that
+        left; and tell the registries again."""
+        self.tell_registries(always=True)
+        live, have = self.live.endpoints(), self._proxies.endpoints()
+        for ep in sorted(live):
+            if ep not in have:
+                log.warning("resync: %s had no proxy; starting one", ep)
+            self._ensure_proxy(ep)
+        for ep in sorted(have - live):
+            log.warning("resync: %s left the registries but kept its proxy; retiring it", ep)
+            self._retire_proxy(ep)
+
+    def tell_registries(self, always: bool = False) -> None:
+        """The embedded registries list instances at unreachable endpoints as
+        unhealthy: tell them when the set changes (and at every resync)."""
+        unreachable = self.unreachable()
+        if always or unreachable != self._told:
+            self._told = unreachable
+            self._registries.tell(unreachable)
+
+    def _ensure_proxy(self, ep: Endpoint) -> None:
+        self._proxies.ensure(ep, self._config.access_for(ep, self.live.listed_by(ep)))
+
+    def _retire_proxy(self, ep: Endpoint) -> None:
+        self._proxies.retire(ep)
+        self._probes.pop(ep, None)
+        self._down.pop(ep, None)
+        self._probed_at.pop(ep, None)
+        self._reroute_endpoint(ep)
+        self.tell_registries()
+
+    def _record_probe(self, ep: Endpoint, state: Reachability, at: float | None = None) -> None:
+        self._probes[ep] = state
+        self._probed_at[ep] = asyncio.get_running_loop().time() if at is None else at
+        if state.reachable is False:
+            self._down.setdefault(ep, self._clock())
+        else:
+            self._down.pop(ep, None)
+
+    # ---- the route table -------------------------------------------------
+
+    def _reroute(self, identities: Iterable[tuple[str, str, int]]) -> None:
+        """Bring the route table's entries for ``identities`` up to date: an
+        entry is a route while it is listed healthy, enabled, and its endpoint
+        is not found unreachable. Costs what changed."""
+        for ident in identities:
+            inst = self.live.merged.get(ident)
+            if (inst is None or not inst.healthy or inst.enabled is False or inst.endpoint in self._down
+                    or inst.model_name == WORKER_MANAGER_KEY):
+                self.routes.remove(ident)
+            else:
+                self.routes.put(Route(inst.model_name, inst.host, inst.port, float(inst.weight or 0.0),
+                                      tuple(self.live.listed_by(inst.endpoint))))
+
+    def _reroute_endpoint(self, ep: Endpoint) -> None:
+        """After the probes' verdict on ``ep`` changed (entries that left the
+        live set were rerouted as they left)."""
+        self._reroute({i.identity for i in self.live.at(ep)})
+
+    # ---- reads ----------------------------------------------------------
+
+    def ready(self) -> bool:
+        """Whether every watcher has answered once."""
+        return len(self.heard) == len(self.sources)
+
+    def unreachable(self) -> frozenset[Endpoint]:
+        """The endpoints the probes find unreachable (kept as they report, so
+        this costs what is down, not the fleet)."""
+        return frozenset(self._down)
+
+    def probe(self, ep: Endpoint) -> Reachability | None:
+        return self._probes.get(ep)
+
+    def answered_since(self, ep: Endpoint, since: float) -> bool:
+        """The last probe of ``ep`` got through (not merely "not dead yet") and
+        its word arrived after ``since`` (loop time)."""
+        state = self._probes.get(ep)
+        return (state is not None and state.reachable is True and not getattr(state, "consecutive_failures", 0)
+                and self._probed_at.get(ep, -1.0) >= since)
+
+    def select(self, model: str | None, worker_type: str | None, healthy_only: bool) -> list[ModelInstance]:
+        """The instances asked for, sorted; one key's instances only when the
+        key is known (no scan of the fleet)."""
+        live = self.live.of_key(worker_key(model, worker_type)) if model and worker_type else self.live.instances()
+        return sorted(filter_instances(live, model, worker_type, healthy_only, self.unreachable()),
+                      key=lambda i: i.identity)
+
+    def observe(self, key: str) -> tuple[list[Seen], list[Manager]]:
+        """A deployment's view: its model's instances (with the probes' verdict,
+        since when they are unreachable and whether that is certain), and every
+        worker manager with the models it runs."""
+
+        def reach(ep: Endpoint) -> bool | None:
+            state = self._probes.get(ep)
+            return None if state is None else state.reachable
+
+        def seen(i: ModelInstance) -> Seen:
+            state = self._probes.get(i.endpoint)
+            return Seen(i.endpoint, bool(i.healthy), reach(i.endpoint), down_since=self._down.get(i.endpoint),
+                        refused=bool(getattr(state, "refused", False)))
+
+        managers = [
+            Manager(m.endpoint, bool(m.healthy) and reach(m.endpoint) is not False,
+                    sum(1 for i in self.live.at(m.endpoint) if i.healthy and i.model_name != WORKER_MANAGER_KEY))
+            for m in self.live.of_key(WORKER_MANAGER_KEY)
+        ]
+        return sorted(seen(i) for i in self.live.of_key(key)), sorted(managers)
+
+    def instance_rows(self) -> list[InstanceStatus]:
+        rows = []
+        for inst in self.live.instances():
+            name, wtype = parse_worker_key(inst.model_name)
+            probe = self._probes.get(inst.endpoint)
+            rows.append(InstanceStatus(
+                model=name, worker_type=wtype, host=inst.host, port=inst.port,
+                registry_healthy=bool(inst.healthy),
+                reachable=probe.reachable if probe else None,
+                probe_error=probe.last_error if probe and probe.reachable is False else None,
+                last_heartbeat=inst.last_heartbeat,
+            ))
+        return rows
+
+    # ---- gauges ---------------------------------------------------------
+
+    def record_gauges(self, everything: bool) -> None:
+        """The live-instance gauges of the models that changed since the last
+        call (of every model with ``everything``), counted from those models'
+        instances only."""
+        if everything:
+            keys: set[str] | None = None
+            self._gauge_keys = set()
+        elif self._gauge_keys:
+            keys, self._gauge_keys = self._gauge_keys, set()
+        else:
+            return
+        unreachable = self.unreachable()
+        live = self.live.merged.values() if keys is None else (i for k in keys for i in self.live.of_key(k))
+        self._metrics.live_instances(live_counts([
+            (i.model_name, "unreachable" if i.endpoint in unreachable else "healthy" if i.healthy else "unhealthy")
+            for i in live
+        ]), keys)

@@ -1,0 +1,315 @@
+"""Operations: what the coordinator does to workers, in each model's turn.
+
+- **Turns.** Every operation on a ``model@type`` — a driver's apply, startup or
+  shutdown, and each keeper round — runs in that key's turn
+  (:class:`OperationQueue`): one at a time per model, concurrently across
+  models, identical waiting operations merged.
+- **Fan-out.** One proxy call per target endpoint, all at once, under the
+  caller's deadline; one output per target, a proxy's failure being that
+  target's failed output (:meth:`Operations.fan_out`).
+- **Rollouts.** Batches with a health gate between them that takes only
+  evidence newer than the batch (:meth:`Operations.roll`).
+- **What is being operated on**, for the keeper: an instance under an
+  operation, or restarted, started or reconfigured by one and not ready
+  again yet, is not missing — the keeper neither replaces it nor starts a
+  copy beside it (:meth:`Operations.operating`).
+
+It reads and updates the fleet's view (:class:`FleetView`) and calls proxies
+through the :class:`ProxyLink`; it owns no other state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from coordinator.config import CoordinatorConfig
+from coordinator.errors import ModelBusyError, NoInstancesError, UnknownEndpointError
+from coordinator.fleet_view import FleetView, LinkError, ProxyLink
+from coordinator.liveset import apply_targets, manager_endpoints
+from coordinator.longpoll import ChangeFeed
+from coordinator.metrics import Metrics
+from coordinator.models import (
+    WORKER_MANAGER_KEY,
+    ApplyResult,
+    ApplyType,
+    Endpoint,
+    SupportsOutcome,
+    WorkerApplyOutput,
+    WorkerApplyRequest,
+    WorkerStartupRequest,
+)
+from coordinator.ordering import OperationQueue, QueueFull
+from coordinator.rollout import ApplyOptions, ApplyPlan, RolloutProgress, not_attempted, plan_batches
+
+T = TypeVar("T")
+
+#: Seconds the coordinator waits for a proxy beyond the worker call's own bound.
+PROXY_MARGIN = 5.0
+#: Of a caller's timeout, what is kept back so that the answer reaches it in
+#: time (at most this, at most a quarter): the worker calls get the rest.
+ANSWER_MARGIN = 1.0
+#: Operations after which an instance is expected back (not gone for good).
+_COMES_BACK = {"startup", ApplyType.START.value, ApplyType.RESTART.value, ApplyType.UPDATE_PARAMS.value}
+
+
+def ends_at(timeout: float | None) -> float | None:
+    """When an operation's worker calls must have ended (event-loop time), given
+    the caller's timeout from now: a little before it, so the answer arrives
+    in time."""
+    if timeout is None:
+        return None
+    return asyncio.get_running_loop().time() + timeout - min(ANSWER_MARGIN, timeout / 4)
+
+
+class Operations:
+    def __init__(
+        self, config: CoordinatorConfig, view: FleetView, proxies: ProxyLink, metrics: Metrics, feed: ChangeFeed,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._config = config
+        self._view = view
+        self._proxies = proxies
+        self._metrics = metrics
+        self._feed = feed
+        self._clock = clock
+        self._queue = OperationQueue(config.max_queued_operations, metrics.queued_operations)
+        self.rollouts: dict[str, RolloutProgress] = {}
+        #: key -> endpoint -> number of operations running on it now
+        self._running: dict[str, dict[Endpoint, int]] = {}
+        #: key -> endpoint -> unix time until which a finished operation's
+        #: instance is expected back (not counted missing while not ready)
+        self._returning: dict[str, dict[Endpoint, float]] = {}
+
+    # ---- turns ----------------------------------------------------------
+
+    async def in_turn(self, key: str, start: Callable[[], Awaitable[T]], same: tuple[str, ...]) -> T:
+        """Run ``start()`` in ``key``'s turn: joined with an identical waiting
+        operation, refused when too many wait, and owning the turn until its
+        last worker call has ended — if the caller stops waiting, the operation
+        carries on under its own deadline, and the next one on that key waits
+        for it."""
+        try:
+            return await self._queue.run(key, start, same)
+        except QueueFull as full:
+            self._metrics.operation(same[0], "busy")
+            raise ModelBusyError(full.key, full.depth) from None
+
+    def busy_keys(self) -> list[str]:
+        return self._queue.busy_keys()
+
+    def depths(self) -> dict[str, int]:
+        return self._queue.depths()
+
+    # ---- what is being operated on -------------------------------------
+
+    def operating(self, key: str) -> frozenset[Endpoint]:
+        """The instances of ``key`` an operation is running on, or that one
+        restarted, started or reconfigured less than ``reconcile.appear_within``
+        ago (the keeper counts them as starting while they are not ready)."""
+        now = self._clock()
+        returning = self._returning.get(key, {})
+        for ep in [ep for ep, until in returning.items() if until <= now]:
+            del returning[ep]
+        return frozenset(self._running.get(key, {})) | frozenset(returning)
+
+    def _begin(self, key: str, targets: list[Endpoint]) -> None:
+        running = self._running.setdefault(key, {})
+        for ep in targets:
+            running[ep] = running.get(ep, 0) + 1
+            self._returning.get(key, {}).pop(ep, None)
+
+    def _end(self, key: str, op: str, outputs: list[WorkerApplyOutput], targets: list[Endpoint]) -> None:
+        running = self._running.get(key, {})
+        for ep in targets:
+            running[ep] -= 1
+            if not running[ep]:
+                del running[ep]
+        if not running:
+            self._running.pop(key, None)
+        if op in _COMES_BACK:
+            until = self._clock() + self._config.reconcile.appear_within
+            for ep, out in zip(targets, outputs):
+                if out.success:
+                    self._returning.setdefault(key, {})[ep] = until
+
+    # ---- a driver's operations ------------------------------------------
+
+    async def apply(self, req: WorkerApplyRequest, options: ApplyOptions) -> ApplyResult | ApplyPlan:
+        if options.dry_run:
+            return ApplyPlan(key=req.key, apply_type=req.apply_type, batches=self._plan(req, options))
+        ends = ends_at(options.timeout)
+        same = ("apply", req.model_dump_json(), options.model_dump_json(exclude={"timeout"}))
+        return await self.in_turn(req.key, lambda: self._apply(req, options, ends), same)
+
+    def _plan(self, req: WorkerApplyRequest, options: ApplyOptions) -> list[list[Endpoint]]:
+        targets = apply_targets(self._view.live.of_key(req.key), req.model, req.worker_type)
+        if not targets:
+            self._metrics.operation("apply", "error")
+            raise NoInstancesError(req.key)
+        return plan_batches(targets, options.max_unavailable)
+
+    async def _apply(self, req: WorkerApplyRequest, options: ApplyOptions, ends: float | None) -> ApplyResult:
+        batches = self._plan(req, options)
+        wire = req.model_dump_json()  # serialised once per apply, not once per proxy
+        if len(batches) == 1:
+            what = f"apply {req.apply_type.value} {req.key}"
+            return ApplyResult.of(await self.fan_out(batches[0], "apply", wire, what, ends, req.key,
+                                                     req.apply_type.value))
+        health_timeout = options.health_timeout or self._config.timeouts.rollout_health
+        return ApplyResult.of(await self.roll(req, wire, batches, health_timeout, ends))
+
+    async def lifecycle(self, op: str, req: WorkerStartupRequest, timeout: float | None) -> WorkerApplyOutput:
+        """A startup or shutdown of one model on one worker manager."""
+
+        async def operation() -> WorkerApplyOutput:
+            if not self._view.live.has_endpoint(req.endpoint):
+                self._metrics.operation(op, "error")
+                raise UnknownEndpointError(req.host, req.port)
+            [output] = await self.fan_out([req.endpoint], op, req, f"{op} {req.key}", ends, req.key)
+            if op == "shutdown" and not output.success and not self._runs_there(req):
+                # DB-GPT answers a bare 500 for a model it does not run: say so.
+                output = output.model_copy(update={"message": (
+                    f"{output.message} ({req.key} is not running on {req.endpoint}: "
+                    "no registry lists it there)")})
+            return output
+
+        ends = ends_at(timeout)
+        return await self.in_turn(req.key, operation, (op, req.model_dump_json()))
+
+    def _runs_there(self, req: WorkerStartupRequest) -> bool:
+        return any(i.endpoint == req.endpoint for i in self._view.live.of_key(req.key))
+
+    async def supports(self) -> list[SupportsOutcome]:
+        """``GET /models/supports`` on every healthy, reachable worker manager."""
+        unreachable = self._view.unreachable()
+        managers = self._view.live.of_key(WORKER_MANAGER_KEY)
+        targets = [ep for ep in manager_endpoints(managers) if ep not in unreachable]
+        return await self.each(
+            targets, "supports", (), None,
+            lambda ep, exc: SupportsOutcome(endpoint=ep, error=f"{ep}: supports failed: {exc}"),
+        )
+
+    # ---- rollouts -------------------------------------------------------
+
+    async def roll(
+        self, req: WorkerApplyRequest, wire: str, batches: list[list[Endpoint]], health_timeout: float,
+        ends: float | None = None,
+    ) -> list[WorkerApplyOutput]:
+        progress = RolloutProgress(key=req.key, batches=len(batches))
+        self.rollouts[req.key] = progress
+        outputs: list[WorkerApplyOutput] = []
+        loop = asyncio.get_running_loop()
+        try:
+            for i, batch in enumerate(batches, 1):
+                if i > 1 and ends is not None and ends <= loop.time():
+                    outputs += not_attempted([ep for b in batches[i - 1:] for ep in b], "the caller's deadline passed")
+                    progress.phase = "stopped"
+                    break
+                progress.current, progress.phase = batch, "applying"
+                what = f"apply {req.apply_type.value} {req.key} (batch {i}/{len(batches)})"
+                done = await self.fan_out(batch, "apply", wire, what, ends, req.key, req.apply_type.value)
+                outputs += done
+                rest = [ep for later in batches[i:] for ep in later]
+                if not all(o.success for o in done):
+                    outputs += not_attempted(rest, f"batch {i} of {len(batches)} failed")
+                    progress.phase = "stopped"
+                    break
+                progress.phase = "waiting for health"
+                batch_ended = loop.time()
+                await self._probe_now(batch)
+                if ends is not None:
+                    health_timeout = min(health_timeout, max(0.0, ends - loop.time()))
+                if not await self._feed.wait_until(
+                    lambda: self._batch_healthy(req.key, batch, batch_ended), health_timeout
+                ):
+                    outputs += not_attempted(rest, f"batch {i} not healthy within {health_timeout:g} s")
+                    progress.phase = "stopped"
+                    break
+                progress.done = i
+            else:
+                progress.phase = "finished"
+        finally:
+            self.rollouts.pop(req.key, None)
+        return outputs
+
+    async def _probe_now(self, batch: list[Endpoint]) -> None:
+        """Ask the batch's proxies to probe their workers now: the health gate
+        takes only evidence that is newer than the batch's operation."""
+        states = await self.each(batch, "probe_now", (), self._config.probe.timeout + 1.0, lambda ep, exc: None)
+        now = asyncio.get_running_loop().time()
+        for ep, state in zip(batch, states):
+            if state is not None:
+                self._view.report_probe(ep, state, now, notify=False)
+        self._view.changed()
+
+    def _batch_healthy(self, key: str, batch: list[Endpoint], since: float) -> bool:
+        """Every instance of the batch registered healthy, and found reachable
+        by a probe whose word arrived after ``since`` (the batch's end): a
+        snapshot from before the batch restarted proves nothing."""
+        healthy = {i.endpoint for i in self._view.live.of_key(key) if i.healthy}
+        return all(ep in healthy and self._view.answered_since(ep, since) for ep in batch)
+
+    # ---- proxies --------------------------------------------------------
+
+    async def fan_out(
+        self, targets: list[Endpoint], op: str, req: Any, what: str, ends: float | None = None,
+        key: str | None = None, kind: str | None = None,
+    ) -> list[WorkerApplyOutput]:
+        """Run proxy operation ``op`` on every target: one output per target, in
+        target order; a proxy failure is that target's failed output. With
+        ``ends`` (the caller's deadline, loop time), every worker call ends by
+        then, and none starts after it. With ``key``, the targets count as
+        operated on (:meth:`operating`) while it runs, and after it as ``kind``
+        (``op`` unless given) says."""
+        budget = None if ends is None else ends - asyncio.get_running_loop().time()
+        if budget is not None and budget <= 0:
+            return [WorkerApplyOutput(message=f"{ep}: {what} not sent: the caller's deadline passed before its turn",
+                                      success=False, timecost=0, host=ep.host, port=ep.port) for ep in targets]
+        # To the proxies as a wall-clock time: it counts the time a call takes
+        # to reach its proxy (one that is still starting, say).
+        deadline_at = None if budget is None else time.time() + budget
+        if key is not None:
+            self._begin(key, targets)
+        outputs: list[WorkerApplyOutput] = []
+        try:
+            outputs = await self.each(
+                targets, op, (req, deadline_at), budget,
+                lambda ep, exc: WorkerApplyOutput(
+                    message=f"{ep}: {what} failed: {exc}", success=False, timecost=-1, host=ep.host, port=ep.port
+                ),
+            )
+        finally:
+            if key is not None:
+                self._end(key, kind or op, outputs, targets)
+        for o in outputs:
+            if o.timecost is not None and o.timecost >= 0:
+                self._metrics.instance_latency(op, o.timecost)
+        self._metrics.operation(op, "success" if all(o.success for o in outputs) else "failure")
+        return outputs
+
+    async def each(
+        self, targets: list[Endpoint], op: str, args: tuple[Any, ...], budget: float | None,
+        failed: Callable[[Endpoint, LinkError], T],
+    ) -> list[T]:
+        """Call ``op`` on every target's proxy at once, under the operation's
+        deadline; a proxy that fails becomes ``failed(endpoint, error)``."""
+        deadline = self._deadline(op) if budget is None else budget + PROXY_MARGIN
+
+        async def one(ep: Endpoint) -> T:
+            try:
+                return await self._proxies.call(ep, op, *args, deadline=deadline)
+            except LinkError as exc:
+                return failed(ep, exc)
+
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(one(ep)) for ep in targets]
+        return [t.result() for t in tasks]
+
+    def _deadline(self, op: str) -> float:
+        """How long to wait for a proxy: its operation timeout, plus the connect
+        attempts it may retry, plus a margin."""
+        t = self._config.timeouts
+        return t.for_operation(op) + 3 * t.connect + PROXY_MARGIN
