@@ -62,6 +62,9 @@ class ProbeState(BaseModel):
     last_error: str | None = None
     last_ok: float | None = None  # wall-clock seconds
     checked_at: float | None = None
+    #: The last probe's connection was refused: the host answers and nothing
+    #: listens on the port — the worker is dead, not merely slow to answer.
+    refused: bool = False
 
 
 ProbeListener = Callable[[Endpoint, ProbeState], Awaitable[None] | None]
@@ -270,20 +273,53 @@ class WorkerProxy:
             await asyncio.sleep(max(0.0, settings.interval - (time.monotonic() - started)))
 
     async def _probe_once(self) -> None:
+        """Does the worker's server answer? A TCP connection is not enough: a
+        paused or wedged process still completes handshakes from its listen
+        backlog. So the probe asks for ``/`` over plain HTTP and waits for the
+        status line (any status will do), or for a TLS worker completes the
+        TLS handshake — both need the server's own code to run."""
         settings = self._probe_settings
+        loop = asyncio.get_running_loop()
+        ends = loop.time() + settings.timeout
         error: str | None = None
+        refused = False
         try:
-            _, writer = await asyncio.wait_for(
-                asyncio.open_connection(*self.endpoint), timeout=settings.timeout
-            )
-            writer.close()
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(*self.endpoint), timeout=settings.timeout)
         except TimeoutError:
             error = f"connect timed out after {settings.timeout:g} s"
+        except ConnectionRefusedError as exc:
+            error, refused = exc.strerror or "connection refused", True
         except OSError as exc:
             error = exc.strerror or type(exc).__name__
-        await self._record_probe(error)
+        else:
+            try:
+                error = await asyncio.wait_for(self._answers(reader, writer), max(0.01, ends - loop.time()))
+            except TimeoutError:
+                error = f"no answer within {settings.timeout:g} s (connected, but the server does not respond)"
+            finally:
+                writer.close()
+        await self._record_probe(error, refused)
 
-    async def _record_probe(self, error: str | None) -> None:
+    async def _answers(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str | None:
+        """None if the server answered on this connection, else why not."""
+        try:
+            if self._access.tls is not None:
+                if self._tls_error is None:  # the handshake itself is the answer; its verdict is not ours
+                    try:
+                        await writer.start_tls(ssl_context(self._access.tls), server_hostname=self.endpoint.host)
+                    except ssl.SSLError:
+                        pass
+                return None
+            host = self.endpoint.host if ":" not in self.endpoint.host else f"[{self.endpoint.host}]"
+            writer.write(f"GET / HTTP/1.1\r\nHost: {host}:{self.endpoint.port}\r\n"
+                         "User-Agent: coordinator-probe\r\nConnection: close\r\n\r\n".encode())
+            await writer.drain()
+            line = await reader.readline()
+        except (ConnectionError, OSError) as exc:
+            return f"connection lost before an answer ({exc.strerror or type(exc).__name__})"
+        return None if line.startswith(b"HTTP/") else "closed the connection without an HTTP answer"
+
+    async def _record_probe(self, error: str | None, refused: bool = False) -> None:
         now = self._clock()
         old = self._state
         if error is None:
@@ -297,10 +333,12 @@ class WorkerProxy:
                 last_error=error,
                 last_ok=old.last_ok,
                 checked_at=now,
+                refused=refused,
             )
         self._state = new
         self._metrics.probe(str(self.endpoint), new.consecutive_failures)
-        if new.reachable != old.reachable and self._on_probe_change is not None:
+        changed = new.reachable != old.reachable or (new.reachable is False and new.refused != old.refused)
+        if changed and self._on_probe_change is not None:
             result = self._on_probe_change(self.endpoint, new)
             if asyncio.iscoroutine(result):
                 await result

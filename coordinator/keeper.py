@@ -329,7 +329,8 @@ class Keeper:
                 if key not in self._rounds and key in self._records:
                     self._rounds[key] = asyncio.get_running_loop().create_task(self._rounds_of(key))
             try:
-                await asyncio.wait_for(self._wake.wait(), self._next_wake())
+                timeout = self._next_wake()
+                await asyncio.wait_for(self._wake.wait(), timeout)
             except TimeoutError:
                 self.poke()
 
@@ -354,23 +355,29 @@ class Keeper:
             self._rounds.pop(key, None)
 
     async def _round(self, key: str) -> None:
-        held = self._records.get(key)
-        if held is None:
-            return
-        decision, view = self._decide(key, held)
-        alive = {str(ep) for ep in view.starting}
-        intents = {t: u for t, u in held.intents.items() if t in alive}
-        starts = [a for a in decision.actions if a.kind == "start"]
-        until = self._clock() + self._startup_timeout + self._settings.appear_within
-        intents.update({str(a.endpoint): until for a in starts})
-        booked = held.model_copy(update={"observed_generation": held.generation, "intents": intents})
-        if booked != held:
+        outcome: list[tuple[Record, Decision, View]] = []
+
+        def book(records: dict[str, Record]) -> dict[str, Record | None] | None:
+            # Decided under the store's lock, so a round deciding meanwhile (for
+            # another model) sees these starts as booked on their managers.
+            held = records.get(key)
+            if held is None:
+                return None
+            decision, view = self._decide(key, held)
+            alive = {str(ep) for ep in view.starting}
+            intents = {t: u for t, u in held.intents.items() if t in alive}
+            until = self._clock() + self._startup_timeout + self._settings.appear_within
+            intents.update({str(a.endpoint): until for a in decision.actions if a.kind == "start"})
+            booked = held.model_copy(update={"observed_generation": held.generation, "intents": intents})
+            outcome.append((booked, decision, view))
             # The starts are on record before they are sent; memory changes
-            # only once the store took it (a refused save sends nothing). A
-            # deploy that replaced the record meanwhile wins: its own round follows.
-            if not await self._commit(lambda records: {key: booked} if records.get(key) is held else None):
-                return
-        held = booked
+            # only once the store took it (a refused save sends nothing).
+            return {key: booked} if booked != held else None
+
+        await self._commit(book)
+        if not outcome:
+            return
+        held, decision, view = outcome[0]
         if decision.state == "ready":
             self._last_error[key] = None
         self._report(key, held, view, decision)
