@@ -137,8 +137,9 @@ class Seen(NamedTuple):
     endpoint: Endpoint
     healthy: bool  # as the registry lists it
     reachable: bool | None  # the probes' verdict; None: not probed yet
-    #: Since when (unix time) the probes find it unreachable; None: not known
-    #: (then an unreachable instance is taken for dead at once).
+    #: Since when (unix time) the probes find it unreachable — or found it, if
+    #: it answers again but the registry has not caught up with that yet;
+    #: None: not known (then an unready instance is taken for dead at once).
     down_since: float | None = None
     #: The probe's connection was refused: the host answers and nothing listens
     #: on the port — a dead worker, not a network blip.
@@ -149,10 +150,12 @@ class Seen(NamedTuple):
         return self.healthy and self.reachable is not False
 
     def held(self, now: float, replace_after: float) -> bool:
-        """Listed healthy but unreachable for less than ``replace_after``,
-        without proof of death: maybe a blip. The route table has dropped it
-        already; a deployment waits before replacing it."""
-        return (self.healthy and self.reachable is False and not self.refused and self.down_since is not None
+        """Not ready, within ``replace_after`` of an outage that began without
+        proof of death: maybe a blip. The route table has dropped it already;
+        a deployment waits before replacing it. (Its registry health is not
+        asked: the embedded registry lists it unhealthy because the probes
+        said so, and catches up a moment after they find it answering.)"""
+        return (not self.ready and not self.refused and self.down_since is not None
                 and now - self.down_since < replace_after)
 
 

@@ -95,6 +95,9 @@ class FleetView:
         self._probes: dict[Endpoint, Reachability] = {}
         self._probed_at: dict[Endpoint, float] = {}  # when that word arrived (loop time)
         self._down: dict[Endpoint, float] = {}  # unreachable endpoints -> since when (unix time)
+        #: Endpoints that answer again after an outage -> when it began (kept
+        #: for reconcile.replace_after: the registry's word lags the probes').
+        self._revived: dict[Endpoint, float] = {}
         #: Where requests may go, for callers to follow.
         self.routes: ChangeLog[tuple[str, str, int], Route] = ChangeLog(route_identity)
 
@@ -159,6 +162,7 @@ class FleetView:
         self._proxies.retire(ep)
         self._probes.pop(ep, None)
         self._down.pop(ep, None)
+        self._revived.pop(ep, None)
         self._probed_at.pop(ep, None)
         self._reroute_endpoint(ep)
         self.tell_registries()
@@ -166,10 +170,15 @@ class FleetView:
     def _record_probe(self, ep: Endpoint, state: Reachability, at: float | None = None) -> None:
         self._probes[ep] = state
         self._probed_at[ep] = asyncio.get_running_loop().time() if at is None else at
+        now = self._clock()
         if state.reachable is False:
-            self._down.setdefault(ep, self._clock())
-        else:
-            self._down.pop(ep, None)
+            # Down again soon after it came back: the same outage goes on.
+            since = self._revived.pop(ep, None)
+            self._down.setdefault(ep, since if since is not None else now)
+        elif ep in self._down:
+            self._revived[ep] = self._down.pop(ep)
+        for old in [e for e, since in self._revived.items() if now - since > self._config.reconcile.replace_after]:
+            del self._revived[old]
 
     # ---- the route table -------------------------------------------------
 
@@ -230,7 +239,8 @@ class FleetView:
 
         def seen(i: ModelInstance) -> Seen:
             state = self._probes.get(i.endpoint)
-            return Seen(i.endpoint, bool(i.healthy), reach(i.endpoint), down_since=self._down.get(i.endpoint),
+            since = self._down.get(i.endpoint, self._revived.get(i.endpoint))
+            return Seen(i.endpoint, bool(i.healthy), reach(i.endpoint), down_since=since,
                         refused=bool(getattr(state, "refused", False)))
 
         managers = [
