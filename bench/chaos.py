@@ -6,8 +6,9 @@ embedded registry. Drivers apply (start / restart / update_params), start up
 and shut down models continuously, each call with a deadline. Meanwhile a
 chaos loop, seeded, kills at random: a worker process (started again on its
 port a few seconds later), a proxy actor, the watcher actor, the embedded
-registry actor, the coordinator actor. At the end, with the chaos stopped and
-the fleet given time to settle, it checks:
+registry actor, the coordinator actor. When the chaos stops, each driver goes
+on until an operation it began after the last fault has succeeded (within
+``RECOVERY`` seconds). Then, with the fleet given time to settle, it checks:
 
 1. every call returned within its deadline (plus a second);
 2. every result had one output per instance, none twice;
@@ -19,7 +20,9 @@ the fleet given time to settle, it checks:
 
     python -m bench.chaos [--seconds 300] [--seed 7]     # or: make chaos
 
-Prints calls made, faults injected by kind and violations (goal: 0), and
+Prints calls made, faults injected by kind, which kinds of operation got
+through to a worker and succeeded, faults no later operation succeeded after
+(goal: none), violations (goal: 0), and
 writes bench/results/chaos.json. ``tests/test_chaos.py`` runs 60 seconds of it.
 """
 
@@ -54,6 +57,10 @@ NAME, NAMESPACE = "chaos", "chaos"
 #: A call's deadline, and how much later than it an answer still counts as in time.
 CALL_TIMEOUT = 8.0
 LATE = 1.0
+#: What the drivers do, each chosen at random per call.
+OPERATIONS = ["restart", "start", "update_params", "startup", "shutdown"]
+#: Seconds after the chaos within which every driver must see an operation succeed.
+RECOVERY = 60.0
 CONFIG = {
     "registries": [{"kind": "embedded", "name": "reg", "port": 0, "heartbeat_interval": 1,
                     "heartbeat_timeout": 4}],
@@ -95,16 +102,47 @@ class Soak:
     seed: int
     calls: list[dict] = field(default_factory=list)
     faults: Counter = field(default_factory=Counter)
+    #: (time.monotonic(), kind) of each fault, in order.
+    fault_log: list[tuple[float, str]] = field(default_factory=list)
+    #: When the chaos loop ended (time.monotonic()); None while it runs.
+    chaos_ended: float | None = None
     violations: list[str] = field(default_factory=list)
 
+    def fault(self, kind: str) -> None:
+        self.faults[kind] += 1
+        self.fault_log.append((time.monotonic(), kind))
 
-async def drive(cluster: coordinator.Cluster, soak: Soak, rng: random.Random, stop: asyncio.Event,
-                workers: list[Worker]) -> None:
-    while not stop.is_set():
+
+def succeeded(call: dict) -> bool:
+    """Some instance carried the operation out."""
+    return any(o["success"] for o in call.get("outputs", []))
+
+
+def worker_answered(call: dict) -> bool:
+    """The operation went through to a worker and came back with its answer
+    (a success, or the worker's own refusal: an HTTP status)."""
+    return any(o["success"] or "HTTP " in o["message"] for o in call.get("outputs", []))
+
+
+def unrecovered(soak: Soak) -> list[str]:
+    """Faults after which no operation that began later succeeded."""
+    last_success = max((c["started"] for c in soak.calls if succeeded(c)), default=None)
+    return [f"{kind} (fault {i} of {len(soak.fault_log)})" for i, (at, kind) in enumerate(soak.fault_log, 1)
+            if last_success is None or last_success <= at]
+
+
+async def drive(cluster: coordinator.Cluster, soak: Soak, rng: random.Random, workers: list[Worker]) -> None:
+    """Operate until the chaos has ended and an operation begun since then has
+    succeeded (or ``RECOVERY`` seconds have passed without one)."""
+    last_success = None
+    while True:
+        ended = soak.chaos_ended
+        if ended is not None and ((last_success or 0) > ended or time.monotonic() > ended + RECOVERY):
+            return
         model = rng.choice(MODELS)
-        kind = rng.choice(["restart", "start", "update_params", "startup", "shutdown"])
+        kind = rng.choice(OPERATIONS)
         started = time.monotonic()
-        record: dict = {"kind": kind, "model": model}
+        record: dict = {"kind": kind, "model": model, "started": started}
         try:
             if kind in ("startup", "shutdown"):
                 worker = rng.choice(workers)
@@ -123,6 +161,8 @@ async def drive(cluster: coordinator.Cluster, soak: Soak, rng: random.Random, st
             record["error"] = f"UNEXPECTED {type(exc).__name__}: {exc}"
         record["seconds"] = time.monotonic() - started
         soak.calls.append(record)
+        if succeeded(record):
+            last_success = started
         await asyncio.sleep(rng.uniform(0, 0.2))
 
 
@@ -152,7 +192,7 @@ async def chaos(soak: Soak, rng: random.Random, stop: asyncio.Event, workers: li
                 victim = rng.choice(alive)
                 victim.kill()
                 restarts.append(asyncio.ensure_future(restart_later(victim)))
-                soak.faults[kind] += 1
+                soak.fault(kind)
         elif kind == "proxy":
             coord = ray.get_actor(NAME, namespace=NAMESPACE)
             victim = rng.choice(workers)
@@ -162,12 +202,12 @@ async def chaos(soak: Soak, rng: random.Random, stop: asyncio.Event, workers: li
                 handle = None
             if handle is not None:
                 ray.kill(handle)
-                soak.faults[kind] += 1
+                soak.fault(kind)
         else:
             name = {"watcher": watcher_actor(NAME, "reg"), "registry": registry_actor(NAME, "reg"),
                     "coordinator": NAME}[kind]
             if kill_actor(name):
-                soak.faults[kind] += 1
+                soak.fault(kind)
     await asyncio.gather(*restarts)
 
 
@@ -250,11 +290,13 @@ async def soak_async(seconds: float, seed: int, drivers: int = 4) -> Soak:
         await cluster.aio.wait_for(MODELS[0], count=WORKERS, timeout=60)
         await settle(cluster, workers)
         stop = asyncio.Event()
-        tasks = [asyncio.ensure_future(drive(cluster, soak, random.Random(seed * 100 + i), stop, workers))
+        tasks = [asyncio.ensure_future(drive(cluster, soak, random.Random(seed * 100 + i), workers))
                  for i in range(drivers)]
-        tasks.append(asyncio.ensure_future(chaos(soak, rng, stop, workers, url)))
+        chaos_loop = asyncio.ensure_future(chaos(soak, rng, stop, workers, url))
         await asyncio.sleep(seconds)
         stop.set()
+        await chaos_loop  # its last kill done, and the killed workers started again
+        soak.chaos_ended = time.monotonic()
         await asyncio.gather(*tasks)
         await settle(cluster, workers)
         await asyncio.sleep(3)  # heartbeats, probes and the resync catch up
@@ -282,7 +324,10 @@ def summary(soak: Soak) -> dict:
         "date": datetime.now().isoformat(timespec="minutes"), "seconds": soak.seconds, "seed": soak.seed,
         "calls": len(soak.calls), "calls_by_kind": dict(kinds), "typed_errors": dict(errors),
         "outputs": outputs, "failed_outputs": failed,
-        "faults": dict(soak.faults), "violations": len(soak.violations), "violation_examples": soak.violations[:20],
+        "worker_answered_by_kind": dict(Counter(c["kind"] for c in soak.calls if worker_answered(c))),
+        "succeeded_by_kind": dict(Counter(c["kind"] for c in soak.calls if succeeded(c))),
+        "faults": dict(soak.faults), "unrecovered_faults": unrecovered(soak),
+        "violations": len(soak.violations), "violation_examples": soak.violations[:20],
     }
 
 

@@ -130,7 +130,13 @@ def test_a_killed_coordinator_mid_reconcile_starts_no_duplicates(clusters, worke
 
     # The restarted coordinator reads the starts it had sent, and waits for them.
     wait_until(lambda: len(ready_ports(cluster, "once@llm")) == 2, timeout=30, what="ready after the restart")
-    time.sleep(3)  # a duplicate would have been sent by now (resync every 2 s)
+    # A witness that the restarted coordinator has reconciled since: a new
+    # generation that asks for no action (max_unavailable matters only to a
+    # params roll) is observed by a round, and deploy(wait) returns once that
+    # round has ended with the deployment ready. A round that was going to
+    # send a duplicate start sent it then (journalled on arrival).
+    assert cluster.deploy(Deployment(model="once", replicas=2, params=SIM, max_unavailable=2),
+                          wait=True, timeout=30) == [2]
     assert sum(startups(p, "once") for p in ports) == 2
     assert len(cluster.instances("once")) == 2
 

@@ -8,6 +8,7 @@ import asyncio
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 
 import httpx
 import pytest
@@ -50,6 +51,30 @@ def set_faults(port: int, **faults) -> None:
     httpx.post(f"http://127.0.0.1:{port}/api/_reference/faults", json=faults).raise_for_status()
 
 
+def process_journal(port: int) -> Callable[[], Awaitable[list[dict]]]:
+    """The journal of a reference worker process (the worker calls it received)."""
+
+    async def read() -> list[dict]:
+        async with httpx.AsyncClient() as client:
+            return (await client.get(f"http://127.0.0.1:{port}/api/_reference/journal", timeout=5)).json()
+
+    return read
+
+
+async def until_in_flight(journal: Callable[[], Awaitable[list[dict]]], apply_type: str, after: int = 0,
+                          timeout: float = 20) -> dict:
+    """Until an apply of ``apply_type`` (journalled after entry ``after``) has
+    reached the worker and is still running there; its journal entry."""
+    deadline = time.monotonic() + timeout
+    while True:
+        running = [e for e in (await journal())[after:]
+                   if e["path"] == "/api/worker/apply" and f'"{apply_type}"' in e["body"] and "t_end" not in e]
+        if running:
+            return running[-1]
+        assert time.monotonic() < deadline, f"no {apply_type} running on the worker within {timeout} s"
+        await asyncio.sleep(0.05)
+
+
 def test_worker_killed_mid_apply_fails_only_its_own_output(clusters, worker_process):
     cluster = clusters("kill-worker", EMBEDDED)
     url = cluster.registry_url()
@@ -61,7 +86,7 @@ def test_worker_killed_mid_apply_fails_only_its_own_output(clusters, worker_proc
 
     async def apply_and_kill():
         task = asyncio.ensure_future(cluster.aio.apply("f1", "restart"))
-        await asyncio.sleep(1.0)  # the call is in flight on the victim
+        await until_in_flight(process_journal(victim.port), "restart")  # the call is in flight on the victim
         victim.kill()
         return await task
 
@@ -120,13 +145,15 @@ def test_dbgpt_controller_outage_keeps_the_live_set_and_catches_up(clusters, wor
         proc.kill()
         proc.wait()
         wait_until(lambda: cluster.status().watchers[0].stale, timeout=10, what="watcher says stale")
-        # Several poll intervals of outage later, nothing is forgotten.
-        deadline = time.monotonic() + 1.5
-        while time.monotonic() < deadline:
+
+        def several_polls_failed() -> bool:
+            # Through several failed polls of the outage, nothing is forgotten.
             assert [i.port for i in cluster.instances("o1", healthy_only=False)] == [w1.port]
-            time.sleep(0.1)
-        watcher = cluster.status().watchers[0]
-        assert watcher.consecutive_failures >= 2 and "refused" in watcher.last_error
+            return cluster.status().watchers[0].consecutive_failures >= 3
+
+        wait_until(several_polls_failed, timeout=10, what="three polls failed in a row")
+        assert [i.port for i in cluster.instances("o1", healthy_only=False)] == [w1.port]
+        assert "refused" in cluster.status().watchers[0].last_error
 
         w2 = worker_process("o1@llm", controller=url, heartbeat_interval=1)  # arrives during the outage
         proc = controller()  # the controller returns, empty; heartbeats re-register
@@ -190,7 +217,7 @@ def test_killed_proxy_is_replaced_and_the_next_operation_succeeds(clusters, ray_
 
         async def apply_and_kill():
             task = asyncio.ensure_future(cluster.aio.apply("p1", "restart"))
-            await asyncio.sleep(0.5)
+            await until_in_flight(lambda: host.journal.remote(port), "restart")  # the proxy awaits its answer
             ray.kill(proxy)
             return await task
 
@@ -301,19 +328,22 @@ def test_a_driver_timeout_travels_with_the_operation_and_the_next_waits_for_it(c
     assert time.monotonic() - started < 6 + 1.0  # liveness: answered about when the driver stops waiting
     assert not out.success and "no answer within" in out.message
     set_faults(slow.port, hang=False, latency=2)
+    mark = len(httpx.get(f"http://127.0.0.1:{slow.port}/api/_reference/journal").json())  # the hung call stays
 
     async def give_up_then_apply_again():
         first = asyncio.ensure_future(cluster.aio.apply("late", "restart"))
-        await asyncio.sleep(0.5)
-        first.cancel()  # the driver walks away; the operation does not
-        return await cluster.aio.apply("late", "start")
+        await until_in_flight(process_journal(slow.port), "restart", after=mark)
+        first.cancel()  # the driver walks away while the worker call runs; the operation does not
+        return time.time(), await cluster.aio.apply("late", "start")
 
-    assert asyncio.run(give_up_then_apply_again()).success
-    calls = [e for e in httpx.get(f"http://127.0.0.1:{slow.port}/api/_reference/journal").json()
+    gave_up, out = asyncio.run(give_up_then_apply_again())
+    assert out.success
+    calls = [e for e in httpx.get(f"http://127.0.0.1:{slow.port}/api/_reference/journal").json()[mark:]
              if e["path"] == "/api/worker/apply"]
-    restart, start = calls[-2], calls[-1]
+    restart, start = calls
     assert '"restart"' in restart["body"] and '"start"' in start["body"]
-    assert start["t"] - restart["t"] >= 1.9  # the start waited for the restart's 2 s
+    assert gave_up < restart["t_end"]  # the driver gave up before the restart's worker call ended...
+    assert start["t"] >= restart["t_end"]  # ...and the start arrived only after it had
 
 
 def test_a_proxy_that_keeps_dying_is_replaced_with_backoff(clusters, worker_process):

@@ -83,11 +83,21 @@ async def test_a_round_starts_what_is_missing_and_a_restart_remembers_starts_in_
     k = keeper(fleet, store)
     await k.load()
     await k.deploy([Deployment(model="m", replicas=2)])
-    fleet.start = _never_answers  # the starts are in flight when the coordinator dies
+    in_flight: list[Endpoint] = []
+
+    async def never_answers(ep, spec):
+        in_flight.append(ep)
+        await asyncio.Event().wait()
+
+    fleet.start = never_answers  # the starts are in flight when the coordinator dies
     task = asyncio.ensure_future(k._round("m@llm"))
-    await asyncio.sleep(0.05)
+    await _until(lambda: sorted(in_flight) == [A, B], "both starts sent")
+    # The coordinator dies now: what the store holds at this moment is all a
+    # restart finds (a cancelled round's clean-up would save more than a death).
+    at_death = MemoryStateStore()
+    at_death.data = dict(store.data)
     task.cancel()
-    restarted, fresh = keeper(fleet, store), FakeFleet()
+    restarted, fresh = keeper(fleet, at_death), FakeFleet()
     restarted._fleet = fresh
     await restarted.load()
     await restarted._round("m@llm")
@@ -95,8 +105,11 @@ async def test_a_round_starts_what_is_missing_and_a_restart_remembers_starts_in_
     assert restarted.status("m@llm").state == "progressing"
 
 
-async def _never_answers(ep, spec):
-    await asyncio.Event().wait()
+async def _until(condition, what: str, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"not true within {timeout} s: {what}"
+        await asyncio.sleep(0.01)
 
 
 @pytest.mark.anyio

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import ModuleType
 
 import pytest
 from pydantic import ValidationError
@@ -141,9 +142,21 @@ def test_public_names_are_exactly_the_documented_ones():
         "Deployment", "DeploymentEvent", "DeploymentNotReadyError", "DeploymentStatus", "NotDeployedError",
         "ReconcileSettings", "InferenceError", "ModelMetadata", "ModelOutput", "ParameterDescription",
     }
-    assert set(coordinator.__all__) == expected
+    assert sorted(coordinator.__all__) == sorted(expected)  # each once
+    # What the package serves is exactly that: no undocumented name besides
+    # submodules, no documented one missing.
+    served = {n for n in dir(coordinator)
+              if not n.startswith("_") and not isinstance(getattr(coordinator, n), ModuleType)}
+    assert served == expected
+    star: dict = {}
+    exec("from coordinator import *", star)
+    assert set(star) - {"__builtins__"} == expected
     for name in expected:
-        assert getattr(coordinator, name) is not None
+        value = getattr(coordinator, name)
+        # The name is the object's own, defined in this package: not another
+        # object filed under it, nor a third-party one passed through.
+        assert value.__name__ == name, (name, value)
+        assert value.__module__.startswith("coordinator."), (name, value.__module__)
 
 
 @pytest.mark.parametrize(

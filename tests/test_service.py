@@ -375,6 +375,26 @@ async def eventually(condition, what: str = "") -> None:
         await asyncio.sleep(0.01)
 
 
+async def status_until(svc: CoordinatorService, condition, what: str = ""):
+    """The service's status, once ``condition(status)`` holds (within 5 s)."""
+    deadline = asyncio.get_running_loop().time() + 5
+    while not condition(status := await svc.status()):
+        assert asyncio.get_running_loop().time() < deadline, what
+        await asyncio.sleep(0.01)
+    return status
+
+
+def sent(proxies: FakeProxies, apply_type: str) -> list[Endpoint]:
+    """Endpoints an apply of ``apply_type`` has reached (calls are recorded as they begin)."""
+    return [c[0] for c in proxies.calls if c[1] == "apply" and f'"{apply_type}"' in c[2]]
+
+
+async def calls_running(proxies: FakeProxies, apply_type: str) -> None:
+    """Until the apply's worker calls to both instances have begun: it holds the model's turn."""
+    await eventually(lambda: sorted(ep.port for ep in sent(proxies, apply_type)) == [1, 2],
+                     f"the {apply_type}'s worker calls running")
+
+
 async def test_a_caller_that_gives_up_leaves_the_operation_its_models_turn():
     """The first apply's caller is cancelled (a driver that gave up) while its
     worker calls run; the next apply on the model starts none of its calls
@@ -382,7 +402,7 @@ async def test_a_caller_that_gives_up_leaves_the_operation_its_models_turn():
     async with running(TimedProxies()) as (svc, _, proxies):
         proxies.delay = 0.5
         first = asyncio.ensure_future(svc.apply(WorkerApplyRequest(model="m", apply_type="restart")))
-        await asyncio.sleep(0.1)
+        await calls_running(proxies, "restart")
         first.cancel()
         second = await svc.apply(WorkerApplyRequest(model="m", apply_type="start"))
         assert second.output.success
@@ -396,7 +416,8 @@ async def test_a_dry_run_is_answered_while_an_operation_holds_the_model():
     async with running() as (svc, _, proxies):
         proxies.delay = 5
         busy = asyncio.ensure_future(svc.apply(WorkerApplyRequest(model="m", apply_type="restart")))
-        await asyncio.sleep(0.05)
+        await calls_running(proxies, "restart")
+        assert (await svc.status()).busy_keys == ["m@llm"]
         plan = await asyncio.wait_for(
             svc.apply(WorkerApplyRequest(model="m", apply_type="restart"),
                       ApplyOptions(apply_type="restart", max_unavailable=1, dry_run=True)), 2)
@@ -408,7 +429,7 @@ async def test_an_operation_whose_callers_deadline_passed_in_the_queue_sends_not
     async with running(TimedProxies()) as (svc, _, proxies):
         proxies.delay = 0.6
         first = asyncio.ensure_future(svc.apply(WorkerApplyRequest(model="m", apply_type="restart")))
-        await asyncio.sleep(0.05)
+        await calls_running(proxies, "restart")
         late = await svc.apply(WorkerApplyRequest(model="m", apply_type="start"),
                                ApplyOptions(apply_type="start", timeout=0.3))
         assert [o.success for o in late.outputs] == [False, False]
@@ -421,14 +442,16 @@ async def test_a_flood_of_one_restart_is_carried_out_once_more_and_distinct_exce
     async with running(TimedProxies(), max_queued_operations=2) as (svc, _, proxies):
         proxies.delay = 0.3
         first = asyncio.ensure_future(svc.apply(WorkerApplyRequest(model="m", apply_type="restart")))
-        await asyncio.sleep(0.05)
+        await calls_running(proxies, "restart")  # running, so the flood cannot join it
         flood = [asyncio.ensure_future(svc.apply(WorkerApplyRequest(model="m", apply_type="restart")))
                  for _ in range(60)]
         other = asyncio.ensure_future(svc.apply(
             WorkerApplyRequest(model="m", apply_type="update_params", params={"temperature": 0.1})))
-        await asyncio.sleep(0.05)
-        status = await svc.status()
+        # The update was asked last (tasks start in order): once two distinct
+        # operations wait, every caller has been queued, joined or refused.
+        status = await status_until(svc, lambda st: st.queued.get("m@llm", 0) >= 2, "two operations waiting")
         assert status.queued == {"m@llm": 2} and status.busy_keys == ["m@llm"]
+        assert not any(f.done() for f in [*flood, other])  # none was refused
         with pytest.raises(ModelBusyError, match=r"m@llm is busy: 2 distinct operations"):
             await svc.apply(WorkerApplyRequest(model="m", apply_type="stop"))
         results = await asyncio.gather(first, *flood, other)
