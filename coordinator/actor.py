@@ -56,10 +56,11 @@ class CoordinatorActor(CoordinatorService):
     async def get_config(self) -> CoordinatorConfig:
         return self.config
 
-    async def close(self) -> None:
-        """Stop following and retire every proxy (before the actor is killed);
-        the deployments kept in the GCS go too: a coordinator stopped on
-        purpose is not one that restarts."""
+    async def close(self, forget: bool = False) -> None:
+        """Stop following and retire every proxy (before the actor is killed).
+        The deployments kept in the GCS stay for the next start of this name,
+        unless ``forget``."""
         self._main.cancel()
         self._ray_proxies.close()
-        await self._keeper.forget()
+        if forget:
+            await self._keeper.forget()

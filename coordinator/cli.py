@@ -9,7 +9,7 @@
     coordinator deploy fleet.yaml [--dry-run] [--wait]   # the desired state, kept from then on
     coordinator deployments [--json]
     coordinator undeploy MODEL [--worker-type llm] [--shutdown]
-    coordinator stop
+    coordinator stop [--forget]                          # deployments kept unless --forget
 
 Every command takes ``--address`` (a Ray cluster; default: the one this machine
 is part of), ``--namespace`` and ``--name``. Operations print one row per
@@ -137,11 +137,28 @@ def start(obj: Context, config_path: str) -> None:
 
 
 @cli.command()
+@click.option("--forget", is_flag=True, help="also delete its deployments (kept by default for the next start)")
 @click.pass_obj
-def stop(obj: Context) -> None:
-    """Remove the coordinator, its watchers and its embedded registries."""
-    obj.cluster().stop()
-    console.print(f"coordinator {obj.name} stopped")
+def stop(obj: Context, forget: bool) -> None:
+    """Remove the coordinator, its watchers and its embedded registries, also
+    when the coordinator no longer answers. Its deployments stay kept, and the
+    next start of this name takes them up again, unless --forget."""
+    from coordinator import client
+
+    obj.connect()
+    removed = client.stop(obj.name, namespace=obj.namespace, forget=forget)
+    if obj.name in removed:
+        console.print(f"coordinator {escape(obj.name)} stopped")
+    elif removed:
+        console.print(f"coordinator {escape(obj.name)} was not running; removed what was left of it: "
+                      f"{escape(', '.join(removed))}")
+    else:
+        console.print(f"no coordinator {escape(obj.name)} in namespace {escape(obj.namespace)}: nothing to stop")
+    if forget:
+        console.print("its deployments are forgotten")
+    elif removed:
+        console.print(f"its deployments are kept: 'coordinator start' with the name {escape(obj.name)} takes them "
+                      f"up again ('coordinator stop --forget' deletes them)")
 
 
 @cli.command()

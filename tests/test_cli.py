@@ -42,7 +42,7 @@ def deployed(ray_session, tmp_path_factory):
     yield host, ports
     ray.get(host.stop_all.remote())
     ray.kill(host)
-    result = run("stop")
+    result = run("stop", "--forget")
     assert result.exit_code == 0 and "stopped" in result.output
     with pytest.raises(ValueError):
         ray.get_actor("cli", namespace="tests")
