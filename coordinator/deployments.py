@@ -114,6 +114,9 @@ class DeploymentStatus(BaseModel):
     generation: int
     observed_generation: int
     events: list[DeploymentEvent] = Field(default_factory=list)
+    #: A round found no eligible worker manager for its missing replicas:
+    #: waiting cannot help (``last_error`` says why).
+    stuck: bool = False
 
     @property
     def key(self) -> str:
