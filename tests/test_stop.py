@@ -78,9 +78,10 @@ def test_a_hung_coordinator_is_stopped_with_its_watchers_registries_proxies_and_
 
         cluster.stop(forget=True)
 
-        assert named_actors_of(name) == []
-        assert alive_actors_of(ray_session, name) == []
-        wait_until(lambda: actor_state(ray_session, proxy_id) == "DEAD", timeout=60, what="its proxy dead with it")
+        wait_until(lambda: named_actors_of(name) == [] and alive_actors_of(ray_session, name) == [],
+                   timeout=30, interval=0.5, what="no actor of its name left")
+        wait_until(lambda: actor_state(ray_session, proxy_id) == "DEAD", timeout=60, interval=0.5,
+                   what="its proxy dead with it")
         assert kv(deployments_key(name, NS)) is None
         assert internal_kv._internal_kv_list(registry_actor(name, "reg"), namespace=GcsStateStore.NAMESPACE) == []
     finally:
@@ -165,8 +166,8 @@ def test_cli_stop_removes_what_a_dead_coordinator_left(ray_session, tmp_path):
 
     assert stopped.exit_code == 0, stopped.output
     assert "was not running; removed what was left of it" in stopped.output
-    assert named_actors_of(name) == []
-    assert alive_actors_of(ray_session, name) == []
+    wait_until(lambda: named_actors_of(name) == [] and alive_actors_of(ray_session, name) == [],
+               timeout=30, interval=0.5, what="no actor of its name left")
     assert kv(deployments_key(name, NS)) is None
     nothing = cli_run(name, "stop")
     assert nothing.exit_code == 0 and "nothing to stop" in nothing.output
