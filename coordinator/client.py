@@ -609,7 +609,7 @@ def _stop(name: str, namespace: str, handle: Any | None, forget: bool) -> list[s
             except RayError:
                 answered = False
         if not answered:
-            log.warning("%r did not close within %ss; killing it", actor_name, STOP_ANSWER)
+            log.warning("%r did not close cleanly within %ss; killed", actor_name, STOP_ANSWER)
         ray.kill(actor, no_restart=True)
         removed.append(actor_name)
         if is_registry[actor_name] and not answered:
