@@ -9,7 +9,7 @@
     coordinator deploy fleet.yaml [--dry-run] [--wait]   # the desired state, kept from then on
     coordinator deployments [--json]
     coordinator undeploy MODEL [--worker-type llm] [--shutdown]
-    coordinator stop
+    coordinator stop [--forget]                          # deployments kept unless --forget
 
 Every command takes ``--address`` (a Ray cluster; default: the one this machine
 is part of), ``--namespace`` and ``--name``. Operations print one row per
@@ -23,6 +23,7 @@ import asyncio
 import json
 import logging
 import sys
+import time
 from typing import Any
 
 import click
@@ -30,13 +31,14 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import Progress
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from coordinator.config import CoordinatorConfig
+from coordinator.config import CoordinatorConfig, Timeouts
 from coordinator.deployments import Deployment, DeploymentStatus, check_distinct
-from coordinator.errors import CoordinatorError, DeploymentNotReadyError
-from coordinator.models import WorkerApplyOutput
+from coordinator.errors import CoordinatorError
+from coordinator.hosts import parse_endpoint
+from coordinator.models import Endpoint, WorkerApplyOutput
 from coordinator.naming import DEFAULT_NAME, DEFAULT_NAMESPACE
 
 console = Console()
@@ -137,11 +139,28 @@ def start(obj: Context, config_path: str) -> None:
 
 
 @cli.command()
+@click.option("--forget", is_flag=True, help="also delete its deployments (kept by default for the next start)")
 @click.pass_obj
-def stop(obj: Context) -> None:
-    """Remove the coordinator, its watchers and its embedded registries."""
-    obj.cluster().stop()
-    console.print(f"coordinator {obj.name} stopped")
+def stop(obj: Context, forget: bool) -> None:
+    """Remove the coordinator, its watchers and its embedded registries, also
+    when the coordinator no longer answers. Its deployments stay kept, and the
+    next start of this name takes them up again, unless --forget."""
+    from coordinator import client
+
+    obj.connect()
+    removed = client.stop(obj.name, namespace=obj.namespace, forget=forget)
+    if obj.name in removed:
+        console.print(f"coordinator {escape(obj.name)} stopped")
+    elif removed:
+        console.print(f"coordinator {escape(obj.name)} was not running; removed what was left of it: "
+                      f"{escape(', '.join(removed))}")
+    else:
+        console.print(f"no coordinator {escape(obj.name)} in namespace {escape(obj.namespace)}: nothing to stop")
+    if forget:
+        console.print("its deployments are forgotten")
+    elif removed:
+        console.print(f"its deployments are kept: 'coordinator start' with the name {escape(obj.name)} takes them "
+                      f"up again ('coordinator stop --forget' deletes them)")
 
 
 @cli.command()
@@ -310,16 +329,25 @@ def read_deployments(path: str) -> list[Deployment]:
     return specs
 
 
+#: Seconds between two looks at the deployments while ``deploy --wait`` waits.
+WAIT_POLL = 0.5
+
+
 @cli.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--dry-run", is_flag=True, help="print the actions a round would take now; send nothing, keep nothing")
-@click.option("--wait", is_flag=True, help="until every deployment is ready (exit 1 if not in time)")
-@click.option("--timeout", type=float, help="seconds --wait waits")
+@click.option("--wait", is_flag=True,
+              help="show each deployment's progress until all are ready; exit 1 if one is stuck (no eligible "
+                   "worker manager) or time runs out")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help=f"seconds --wait waits (default: the coordinator's timeouts.startup, "
+                   f"{Timeouts.model_fields['startup'].default:g} s unless its config says otherwise)")
 @click.pass_obj
 def deploy(obj: Context, file: str, dry_run: bool, wait: bool, timeout: float | None) -> None:
     """Keep the deployments in FILE: N replicas of each model, healed and restored."""
     specs = read_deployments(file)
     cluster = obj.cluster()
+    _note_unknown_hosts(cluster, specs)
     if dry_run:
         table = Table(title="plan (nothing sent)")
         for col in ("deployment", "action", "worker", "why"):
@@ -332,16 +360,81 @@ def deploy(obj: Context, file: str, dry_run: bool, wait: bool, timeout: float | 
                 table.add_row(escape(key), "-", "", escape(decision.why or f"nothing to do ({decision.state})"))
         console.print(table)
         return
-    try:
-        generations = cluster.deploy(*specs, wait=wait, timeout=timeout)
-    except DeploymentNotReadyError as exc:
-        errors.print(f"[red]not ready:[/] {escape(str(exc))}", highlight=False)
-        _deployments_table(cluster.deployments())
-        sys.exit(1)
+    generations = cluster.deploy(*specs)
     for spec, generation in zip(specs, generations):
         console.print(f"deployed {escape(spec.key)}: {spec.replicas} replicas (generation {generation})")
-    if wait:
-        _deployments_table(cluster.deployments())
+    if not wait:
+        return
+    wanted = {spec.key: generation for spec, generation in zip(specs, generations)}
+    limit = timeout if timeout is not None else cluster.config.timeouts.startup
+    verdict, found = _wait_with_progress(cluster, wanted, limit)
+    _deployments_table(found)
+    if verdict is not None:
+        errors.print(f"[red]not ready:[/] {escape(verdict)}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+def _note_unknown_hosts(cluster, specs: list[Deployment]) -> None:
+    """A ``hosts`` entry no registry lists as a worker manager is most likely
+    a typo: say so before anything waits on it."""
+    if not any(spec.hosts for spec in specs):
+        return
+    listed = {i.endpoint for i in cluster.instances(model="WorkerManager", worker_type="service", healthy_only=False)}
+    for spec in specs:
+        for entry in spec.hosts or ():
+            if Endpoint(*parse_endpoint(entry)) not in listed:
+                errors.print(f"note: {escape(spec.key)}: hosts entry {escape(entry)} is not a worker manager any "
+                             f"registry lists", highlight=False, soft_wrap=True)
+
+
+def wait_verdict(found: list[DeploymentStatus], wanted: dict[str, int]) -> tuple[bool, str | None]:
+    """Whether every wanted deployment is ready at its generation, and, when
+    waiting cannot help (one is stuck, or no longer deployed), why not."""
+    by_key = {d.key: d for d in found}
+    done = True
+    for key, generation in wanted.items():
+        d = by_key.get(key)
+        if d is None:
+            return False, f"{key} is no longer deployed"
+        current = d.observed_generation >= generation
+        if current and d.stuck:
+            return False, f"{key} is stuck: {d.last_error or f'{d.ready} of {d.replicas} ready, {d.state}'}"
+        done = done and current and d.state == "ready"
+    return done, None
+
+
+def _line(d: DeploymentStatus | None, key: str) -> str:
+    if d is None:
+        return f"{escape(key)}: waiting for its status"
+    why = f" — {escape(d.last_error)}" if d.last_error and d.state != "ready" else ""
+    return f"{escape(key)}: {d.ready}/{d.replicas} ready, {d.state}{why}"
+
+
+def _wait_with_progress(cluster, wanted: dict[str, int], limit: float) -> tuple[str | None, list[DeploymentStatus]]:
+    """Poll the deployments, one progress line each (ready x/y, state, last
+    error), until all are ready at their generation, one is stuck, or
+    ``limit`` seconds pass. Why it stopped short (None: all ready), and the
+    statuses last seen."""
+    deadline = time.monotonic() + limit
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                  console=console, transient=False) as progress:
+        bars = {key: progress.add_task(escape(key), total=None) for key in wanted}
+        while True:
+            found = cluster.deployments()
+            by_key = {d.key: d for d in found}
+            for key, bar in bars.items():
+                d = by_key.get(key)
+                progress.update(bar, description=_line(d, key), total=d.replicas if d else None,
+                                completed=d.ready if d else 0)
+            done, why = wait_verdict(found, wanted)
+            if done or why is not None:
+                return why, found
+            if time.monotonic() >= deadline:
+                late = [_line(by_key.get(k), k) for k in wanted
+                        if k not in by_key or by_key[k].state != "ready"
+                        or by_key[k].observed_generation < wanted[k]]
+                return f"after {limit:g} s: {'; '.join(late) or 'not observed yet'}", found
+            time.sleep(WAIT_POLL)
 
 
 @cli.command()

@@ -58,6 +58,9 @@ CALL_MARGIN = 30.0
 READ_TIMEOUT = 30.0
 #: A driver's last-resort deadline for a rolling apply given no timeout.
 ROLLOUT_BACKSTOP = 24 * 3600.0
+#: Seconds ``stop`` gives the coordinator, and then its watchers and
+#: registries together, to close before killing them anyway.
+STOP_ANSWER = 10.0
 
 
 def _options(name: str, namespace: str, detached: bool, on_head: bool) -> dict[str, Any]:
@@ -411,9 +414,12 @@ class Cluster:
         actor = ray.get_actor(registry_actor(self.name, chosen[0].name), namespace=self.namespace)
         return ray.get(actor.ready.remote(), timeout=READ_TIMEOUT)
 
-    def stop(self) -> None:
-        """Remove the coordinator, its watchers and its embedded registries."""
-        _stop(self.name, self.namespace, self._handle)
+    def stop(self, forget: bool = False) -> None:
+        """Remove the coordinator, its watchers and its embedded registries —
+        also when the coordinator no longer answers. The deployments stay kept
+        in the GCS: a later :func:`start` of the same name and namespace takes
+        them up again. ``forget=True`` deletes them too."""
+        _stop(self.name, self.namespace, self._handle, forget)
 
     # -- running a call, blocking --
 
@@ -515,9 +521,10 @@ class AsyncCluster:
         """The controller URL of an embedded registry (the first one by default)."""
         return await asyncio.to_thread(self._cluster.registry_url, source)
 
-    async def stop(self) -> None:
-        """Remove the coordinator, its watchers and its embedded registries."""
-        await asyncio.to_thread(self._cluster.stop)
+    async def stop(self, forget: bool = False) -> None:
+        """Remove the coordinator, its watchers and its embedded registries
+        (see :meth:`Cluster.stop`); ``forget=True`` deletes the kept deployments."""
+        await asyncio.to_thread(self._cluster.stop, forget)
 
     async def _run(self, call: _Call) -> Any:
         deadline = time.monotonic() + call.timeout
@@ -533,26 +540,83 @@ class AsyncCluster:
         raise AssertionError("unreachable")
 
 
-def _stop(name: str, namespace: str, handle: Any) -> None:
+def stop(name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE, forget: bool = False) -> list[str]:
+    """Remove whatever is left of the coordinator ``name``: the coordinator
+    (answering, hung or already gone), its watchers and its embedded
+    registries; with ``forget=True`` its kept deployments too. The names of
+    the actors removed."""
+    if not ray.is_initialized():
+        ray.init(namespace=namespace)
     try:
-        config: CoordinatorConfig = ray.get(handle.get_config.remote(), timeout=READ_TIMEOUT)
-        ray.get(handle.close.remote(), timeout=READ_TIMEOUT)
-    except RayError as exc:  # already gone: remove what is left by name below
-        log.info("coordinator %r did not answer on stop: %s", name, exc)
-        config = None
-    ray.kill(handle, no_restart=True)
-    if config is None:
-        return
-    for source in config.registries:
-        # A registry removed on purpose also forgets its saved state.
-        for actor_name, method in ((watcher_actor(name, source.name), "close"),
-                                   (registry_actor(name, source.name), "forget")):
+        handle = ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        handle = None
+    return _stop(name, namespace, handle, forget)
+
+
+def deployments_key(name: str, namespace: str) -> str:
+    """Where the coordinator keeps its deployments in the GCS key-value store
+    (the service's keeper writes it; see coordinator/keeper.py)."""
+    return f"deployments/{namespace}/{name}"
+
+
+def _parts(name: str, namespace: str) -> list[str]:
+    """The named actors of coordinator ``name`` that are still registered:
+    its watchers and embedded registries (coordinator/naming.py)."""
+    watchers, registries = watcher_actor(name, ""), registry_actor(name, "")
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["namespace"] == namespace and a["name"].startswith((watchers, registries)))
+
+
+def _kv_delete(key: str, prefix: bool = False) -> None:
+    from actors.registry_state import GcsStateStore
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_del(key, del_by_prefix=prefix, namespace=GcsStateStore.NAMESPACE)
+
+
+def _stop(name: str, namespace: str, handle: Any | None, forget: bool) -> list[str]:
+    """Each step is bounded and none depends on an answer: the coordinator is
+    asked to close, then killed whether it answered or not (its proxies are
+    its own, not detached, actors: they die with it); its watchers and
+    registries, found by name, are asked to close (a registry also forgets its
+    saved entries), then killed; with ``forget`` the kept deployments are
+    deleted here too, in case the coordinator could not do it itself."""
+    removed = []
+    if handle is not None:
+        try:
+            ray.get(handle.close.remote(forget), timeout=STOP_ANSWER)
+        except (RayError, TimeoutError) as exc:
+            log.warning("coordinator %r did not close within %ss (%s); killing it", name, STOP_ANSWER,
+                        type(exc).__name__)
+        ray.kill(handle, no_restart=True)
+        removed.append(name)
+    parts = {}
+    for actor_name in _parts(name, namespace):
+        try:
+            parts[actor_name] = ray.get_actor(actor_name, namespace=namespace)
+        except ValueError:  # gone meanwhile
+            continue
+    is_registry = {n: n.startswith(registry_actor(name, "")) for n in parts}
+    # A registry removed on purpose also forgets its saved state; a watcher just closes.
+    asked = {n: getattr(a, "forget" if is_registry[n] else "close").remote() for n, a in parts.items()}
+    done, _ = ray.wait(list(asked.values()), num_returns=len(asked), timeout=STOP_ANSWER) if asked else ([], [])
+    for actor_name, actor in parts.items():
+        answered = asked[actor_name] in done
+        if answered:
             try:
-                actor = ray.get_actor(actor_name, namespace=namespace)
-            except ValueError:
-                continue
-            try:
-                ray.get(getattr(actor, method).remote(), timeout=10)
+                ray.get(asked[actor_name])
             except RayError:
-                pass
-            ray.kill(actor, no_restart=True)
+                answered = False
+        if not answered:
+            log.warning("%r did not close cleanly within %ss; killed", actor_name, STOP_ANSWER)
+        ray.kill(actor, no_restart=True)
+        removed.append(actor_name)
+        if is_registry[actor_name] and not answered:
+            # What Journal.forget deletes: the registry's key (its state's
+            # name is its actor's name) and everything under it.
+            _kv_delete(actor_name)
+            _kv_delete(f"{actor_name}/", prefix=True)
+    if forget:
+        _kv_delete(deployments_key(name, namespace))
+    return removed

@@ -42,7 +42,7 @@ def deployed(ray_session, tmp_path_factory):
     yield host, ports
     ray.get(host.stop_all.remote())
     ray.kill(host)
-    result = run("stop")
+    result = run("stop", "--forget")
     assert result.exit_code == 0 and "stopped" in result.output
     with pytest.raises(ValueError):
         ray.get_actor("cli", namespace="tests")
@@ -129,6 +129,7 @@ def test_deploy_deployments_and_undeploy(deployed, tmp_path):
     done = run("deploy", str(fleet), "--wait", "--timeout", "30")
     assert done.exit_code == 0, done.output
     assert "deployed cli-kept@llm: 2 replicas (generation 1)" in done.output
+    assert "cli-kept@llm: 2/2 ready, ready" in done.output  # its progress line, as it ended
     [st] = json.loads(run("deployments", "--json").output)
     assert (st["model"], st["ready"], st["state"]) == ("cli-kept", 2, "ready")
 
@@ -151,3 +152,25 @@ def test_a_bad_fleet_file_is_one_line_naming_the_field(deployed, tmp_path):
     fleet.write_text("deployments:\n  - {model: x, replicas: 1}\n  - {model: x, replicas: 2}\n")
     bad = CliRunner().invoke(cli, [*BASE, "deploy", str(fleet)])
     assert bad.exit_code == 2 and "repeated: x@llm" in bad.stderr
+
+
+def test_deploy_names_hosts_no_registry_lists_and_wait_says_why_it_gave_up(deployed, tmp_path):
+    _, ports = deployed
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text("deployments:\n  - {model: cli-pinned, replicas: 2, params: {provider: proxy/sim},"
+                     f" hosts: ['127.0.0.1:{ports[0]}', '127.0.0.9:1']}}\n")
+    plan = CliRunner().invoke(cli, [*BASE, "deploy", str(fleet), "--dry-run"], terminal_width=200)
+    assert plan.exit_code == 0, plan.output
+    assert plan.stderr.strip().splitlines() == [
+        "note: cli-pinned@llm: hosts entry 127.0.0.9:1 is not a worker manager any registry lists"]
+    assert json.loads(run("deployments", "--json").output) == []  # a dry run keeps nothing
+
+    try:
+        # One replica fits on the one listed manager among its hosts; the other has nowhere to go.
+        waited = CliRunner().invoke(cli, [*BASE, "deploy", str(fleet), "--wait", "--timeout", "20"],
+                                    terminal_width=300)
+        assert waited.exit_code == 1, waited.output
+        assert "not ready: " in waited.stderr
+        assert "no other eligible worker manager among hosts 127.0.0.1:" in waited.stderr.replace("\n", " ")
+    finally:
+        assert run("undeploy", "cli-pinned", "--shutdown").exit_code == 0

@@ -44,7 +44,7 @@ def fleet(ray_session, dbgpt_bin, tmp_path_factory):
             cluster.wait_for("WorkerManager", count=3, worker_type="service", timeout=90)
             yield cluster, workers
         finally:
-            cluster.stop()
+            cluster.stop(forget=True)
     finally:
         for proc in started:
             proc.kill()

@@ -40,7 +40,7 @@ def clusters(ray_session):
 
     yield make
     for cluster in started:
-        cluster.stop()
+        cluster.stop(forget=True)
 
 
 def journal(port: int) -> list[dict]:
@@ -188,7 +188,7 @@ def test_a_detached_coordinator_keeps_reconciling_after_the_driver_exits(ray_ses
         [other] = set(workers) - {first}
         wait_until(lambda: ready_ports(cluster, "kept@llm") == [other], timeout=20, what="healed without a driver")
     finally:
-        cluster.stop()
+        cluster.stop(forget=True)
 
 
 def test_a_manager_restarted_without_the_model_gets_it_again(clusters, worker_process):

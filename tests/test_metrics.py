@@ -79,7 +79,7 @@ def test_operations_latency_live_instances_and_probe_failures_are_exported(ray_s
     finally:
         ray.get(host.stop_all.remote())
         ray.kill(host)
-        cluster.stop()
+        cluster.stop(forget=True)
 
 
 def test_grafana_dashboard_plots_every_exported_metric():
