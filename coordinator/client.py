@@ -47,7 +47,7 @@ from coordinator.models import (
 )
 from coordinator.placement import HEAD_NODE_RESOURCE, NodeInfo
 from coordinator.rollout import ApplyOptions, ApplyPlan
-from coordinator.naming import DEFAULT_NAME, DEFAULT_NAMESPACE, registry_actor, watcher_actor
+from coordinator.naming import DEFAULT_NAME, DEFAULT_NAMESPACE, deployments_key, registry_actor, watcher_actor
 from coordinator.status import ClusterStatus
 
 log = logging.getLogger(__name__)
@@ -552,12 +552,6 @@ def stop(name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE, forget: b
     except ValueError:
         handle = None
     return _stop(name, namespace, handle, forget)
-
-
-def deployments_key(name: str, namespace: str) -> str:
-    """Where the coordinator keeps its deployments in the GCS key-value store
-    (the service's keeper writes it; see coordinator/keeper.py)."""
-    return f"deployments/{namespace}/{name}"
 
 
 def _parts(name: str, namespace: str) -> list[str]:

@@ -13,3 +13,8 @@ def watcher_actor(coordinator: str, source: str) -> str:
 
 def registry_actor(coordinator: str, source: str) -> str:
     return f"{coordinator}/registry/{source}"
+
+
+def deployments_key(coordinator: str, namespace: str) -> str:
+    """Where a coordinator keeps its deployments in the GCS key-value store."""
+    return f"deployments/{namespace}/{coordinator}"

@@ -34,6 +34,7 @@ from coordinator.fleet_view import FleetView, LinkError, ProxyLink, Reachability
 from coordinator.keeper import Keeper, Store
 from coordinator.longpoll import ChangeFeed
 from coordinator.metrics import Metrics, NoMetrics
+from coordinator.naming import deployments_key
 from coordinator.models import (
     ApplyResult,
     ApplyType,
@@ -94,7 +95,7 @@ class CoordinatorService:
         self.operations = Operations(config, self.view, proxies, self._metrics, self._feed)
         probe = config.probe
         self.keeper = Keeper(
-            _Fleet(self), store or MemoryStateStore(), f"deployments/{namespace}/{name}", config.reconcile,
+            _Fleet(self), store or MemoryStateStore(), deployments_key(name, namespace), config.reconcile,
             startup_timeout=config.timeouts.startup, metrics=self._metrics,
             # the first round waits until a dead worker's probes have had time to say so
             settle=probe.interval * probe.failures_to_dead + probe.timeout if probe.enabled else 0.0,

@@ -18,7 +18,7 @@ import coordinator
 from actors.reference_worker import ReferenceWorkerHost, SimModel, WorkerSettings
 from actors.registry_state import GcsStateStore
 from coordinator.cli import cli
-from coordinator.client import deployments_key
+from coordinator.naming import deployments_key
 from coordinator.client import stop as stop_by_name
 from coordinator.deployments import Deployment
 from coordinator.naming import registry_actor
