@@ -24,6 +24,7 @@ connection lost, a stream broken midway, an error status: never resent).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import random
 import ssl
@@ -69,6 +70,20 @@ _SHARED: dict[tuple[str, str], Router] = {}
 _SHARED_LOCK = threading.Lock()
 #: What the follower threads are called (one per process and coordinator).
 FOLLOWER_THREAD = "route-table"
+#: Routers whose follower thread runs (or ends): stopped at exit, before Ray
+#: shuts down — a thread still parked in ray.get then makes the process exit 1.
+_FOLLOWING: weakref.WeakSet[Router] = weakref.WeakSet()
+#: Seconds the process's exit waits for the follower threads to end.
+EXIT_WAIT = 2.0
+
+
+def _stop_all() -> None:
+    routers = list(_FOLLOWING)
+    for router in routers:
+        router.stop()
+    deadline = time.monotonic() + EXIT_WAIT
+    for router in routers:
+        router.join(max(0.0, deadline - time.monotonic()))
 
 
 class Router:
@@ -128,6 +143,13 @@ class Router:
             if self._thread is None and not self._stopped.is_set():
                 name = f"{FOLLOWER_THREAD} {self._cluster.namespace}/{self._cluster.name}"
                 self._thread = threading.Thread(target=self._follow, name=name, daemon=True)
+                with _SHARED_LOCK:
+                    if not _FOLLOWING:
+                        # Registered after ray.init (nothing follows before it), so run before Ray's own exit hook;
+                        # registering again once the set emptied is harmless (stopping twice is a no-op).
+                        atexit.unregister(_stop_all)
+                        atexit.register(_stop_all)
+                    _FOLLOWING.add(self)
                 self._thread.start()
 
     def stop(self) -> None:
