@@ -97,14 +97,20 @@ def excerpt(text: str, limit: int = BODY_EXCERPT) -> str:
 
 
 @contextmanager
-def map_transport_errors(timeout: float) -> Iterator[None]:
-    """Re-raise httpx's exceptions as :class:`WorkerCallError` subclasses."""
+def map_transport_errors(
+    timeout: float, *, pool_limit: int | None = None, pool_timeout: float | None = None
+) -> Iterator[None]:
+    """Re-raise httpx's exceptions as :class:`WorkerCallError` subclasses.
+    ``pool_limit`` and ``pool_timeout`` describe the client's connection pool,
+    for the message of a request that found no connection free."""
     try:
         yield
     except httpx.ConnectTimeout as exc:
         raise WorkerUnreachable("connect timed out") from exc
     except httpx.PoolTimeout as exc:
-        raise WorkerUnreachable(f"no connection to the worker free within {timeout:.3g} s (never sent)") from exc
+        within = pool_timeout if pool_timeout is not None else timeout
+        limit = f"all {pool_limit} connections to the worker busy" if pool_limit else "no connection to the worker free"
+        raise WorkerUnreachable(f"{limit} for {within:.3g} s (never sent)") from exc
     except httpx.ConnectError as exc:
         tls = _tls_failure(exc)
         if tls is not None:

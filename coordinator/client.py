@@ -9,12 +9,13 @@ description of the call (:class:`_Call`), so they cannot drift apart.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import ray
 from pydantic import Field, NonNegativeInt, PositiveInt, validate_call
@@ -61,10 +62,17 @@ ROLLOUT_BACKSTOP = 24 * 3600.0
 #: Seconds ``stop`` gives the coordinator, and then its watchers and
 #: registries together, to close before killing them anyway.
 STOP_ANSWER = 10.0
+#: Calls the coordinator actor runs at once. Most of them are parked long polls
+#: — one route-table follower per caller process, one per ``deploy(wait=True)``
+#: and ``wait_for`` — that cost a coroutine each, not a thread; Ray's default of
+#: 1,000 for an async actor would let a large fleet of callers queue every
+#: other call (status, apply) behind them. Ray Serve's controller uses the same.
+COORDINATOR_MAX_CONCURRENCY = 15_000
 
 
-def _options(name: str, namespace: str, detached: bool, on_head: bool) -> dict[str, Any]:
-    return {
+def _options(name: str, namespace: str, detached: bool, on_head: bool,
+             max_concurrency: int | None = None) -> dict[str, Any]:
+    options = {
         "name": name,
         "namespace": namespace,
         "lifetime": "detached" if detached else None,
@@ -75,6 +83,9 @@ def _options(name: str, namespace: str, detached: bool, on_head: bool) -> dict[s
         # to the head node without taking anything from it.
         "resources": {HEAD_NODE_RESOURCE: 0.001} if on_head else {},
     }
+    if max_concurrency is not None:
+        options["max_concurrency"] = max_concurrency
+    return options
 
 
 def start(
@@ -148,7 +159,8 @@ def start(
                 )
             )
         nodes = [NodeInfo.from_ray(n) for n in ray.nodes()]
-        handle = ray.remote(CoordinatorActor).options(**_options(name, namespace, detached, on_head)).remote(
+        handle = ray.remote(CoordinatorActor).options(
+            **_options(name, namespace, detached, on_head, COORDINATOR_MAX_CONCURRENCY)).remote(
             config, name, namespace, nodes
         )
         created.append(handle)
@@ -319,9 +331,37 @@ def _retry_after(exc: BaseException, ref: Any, call: _Call, attempt: int, deadli
     return None
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _refuse_in_loop(what: str, twin: str) -> None:
+    """A blocking call made inside a running event loop would stall it: refuse
+    it, naming the coroutine to await instead."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise RuntimeError(f"{what} blocks; in async code use '{twin}'")
+
+
+def _blocks(method: _F) -> _F:
+    """A public blocking call of :class:`Cluster`: refused inside a running
+    event loop, naming its twin on ``cluster.aio``."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    def guarded(self: Cluster, *args: Any, **kwargs: Any) -> Any:
+        _refuse_in_loop(f"Cluster.{name}()", f"await cluster.aio.{name}(...)")
+        return method(self, *args, **kwargs)
+
+    return guarded  # type: ignore[return-value]
+
+
 class Cluster:
     """A handle on a running coordinator. Blocking calls; ``cluster.aio`` has the
-    same calls as coroutines."""
+    same calls as coroutines. Every call works as the first one on a fresh
+    handle, from plain code and from any thread; inside a running event loop
+    the blocking ones refuse (naming their coroutine twin) instead of stalling it."""
 
     def __init__(self, name: str, namespace: str, handle: Any, owned: list[Any] | None = None) -> None:
         self.name, self.namespace = name, namespace
@@ -337,19 +377,23 @@ class Cluster:
     @property
     def config(self) -> CoordinatorConfig:
         if self._config is None:
+            _refuse_in_loop("Cluster.config", "await cluster.aio.config()")
             self._config = self._run(_Call("get_config"))
         return self._config
 
     # -- the calls --
 
+    @_blocks
     def instances(
         self, model: str | None = None, worker_type: str | None = None, healthy_only: bool = True
     ) -> list[ModelInstance]:
         return self._run(self._calls.instances(model=model, worker_type=worker_type, healthy_only=healthy_only))
 
+    @_blocks
     def wait_for(self, model: str, count: int = 1, worker_type: str = "llm", timeout: float = 60.0) -> list[ModelInstance]:
         return self._run(self._calls.wait_for(model=model, count=count, worker_type=worker_type, timeout=timeout))
 
+    @_blocks
     def apply(
         self, model: str, apply_type: ApplyType | str, worker_type: WorkerType | str = "llm",
         params: dict[str, Any] | None = None, timeout: float | None = None, *,
@@ -367,22 +411,28 @@ class Cluster:
             model=model, apply_type=apply_type, worker_type=worker_type, params=params, timeout=timeout,
             max_unavailable=max_unavailable, dry_run=dry_run, health_timeout=health_timeout))
 
+    @_blocks
     def startup(self, req: WorkerStartupRequest | dict[str, Any], timeout: float | None = None) -> WorkerApplyOutput:
         return self._run(self._calls.lifecycle(op="startup", req=req, timeout=timeout))
 
+    @_blocks
     def shutdown(self, req: WorkerStartupRequest | dict[str, Any], timeout: float | None = None) -> WorkerApplyOutput:
         return self._run(self._calls.lifecycle(op="shutdown", req=req, timeout=timeout))
 
+    @_blocks
     def supported_models(self, timeout: float | None = None) -> list[WorkerSupportedModel]:
         return self._run(self._calls.supported_models(timeout=timeout))
 
+    @_blocks
     def supports(self, timeout: float | None = None) -> list[SupportsOutcome]:
         """Per worker manager: its models, or why it could not say."""
         return self._run(self._calls.supports(timeout=timeout))
 
+    @_blocks
     def status(self) -> ClusterStatus:
         return self._run(self._calls.status())
 
+    @_blocks
     def deploy(self, *deployments: Deployment | dict[str, Any], wait: bool = False,
                timeout: float | None = None) -> list[int]:
         """Create or replace the desired state of each deployment's
@@ -392,28 +442,40 @@ class Cluster:
         :class:`DeploymentNotReadyError` naming its state and why."""
         return self._run(self._calls.deploy(deployments=list(deployments), wait=wait, timeout=timeout))
 
+    @_blocks
     def undeploy(self, model: str, worker_type: str = "llm", shutdown: bool = False) -> DeploymentStatus:
         """Stop keeping ``model@worker_type``; its instances keep running unless
         ``shutdown=True``, which stops them first. Its last status."""
         return self._run(self._calls.undeploy(model=model, worker_type=worker_type, shutdown=shutdown))
 
+    @_blocks
     def deployments(self) -> list[DeploymentStatus]:
         return self._run(self._calls.deployments())
 
+    @_blocks
     def plan(self, *deployments: Deployment | dict[str, Any]) -> list[tuple[str, Decision]]:
         """What deploying these would do now (``coordinator deploy --dry-run``); nothing is sent or kept."""
         return self._run(self._calls.plan(deployments=list(deployments)))
 
+    @_blocks
     def registry_url(self, source: str | None = None) -> str:
         """The controller URL of an embedded registry (the first one by default):
         what DB-GPT workers take as ``controller_addr``."""
-        embedded = [s for s in self.config.registries if isinstance(s, EmbeddedSource)]
+        actor = self._registry_actor(self.config, source)
+        return ray.get(actor.ready.remote(), timeout=READ_TIMEOUT)
+
+    def _registry_actor(self, config: CoordinatorConfig, source: str | None) -> Any:
+        embedded = [s for s in config.registries if isinstance(s, EmbeddedSource)]
         chosen = [s for s in embedded if source in (None, s.name)]
         if not chosen:
             raise CoordinatorError(f"no embedded registry source named {source!r} in this config")
-        actor = ray.get_actor(registry_actor(self.name, chosen[0].name), namespace=self.namespace)
-        return ray.get(actor.ready.remote(), timeout=READ_TIMEOUT)
+        try:
+            return ray.get_actor(registry_actor(self.name, chosen[0].name), namespace=self.namespace)
+        except ValueError:
+            raise CoordinatorUnavailableError(
+                f"the embedded registry {chosen[0].name!r} of coordinator {self.name!r} is not running") from None
 
+    @_blocks
     def stop(self, forget: bool = False) -> None:
         """Remove the coordinator, its watchers and its embedded registries —
         also when the coordinator no longer answers. The deployments stay kept
@@ -424,14 +486,9 @@ class Cluster:
     # -- running a call, blocking --
 
     def _run(self, call: _Call) -> Any:
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            pass
-        else:
-            raise RuntimeError(
-                f"Cluster.{call.method}() blocks; in async code use 'await cluster.aio.{call.method}(...)'"
-            )
+        # Public calls refuse earlier, by their own name; this catches a
+        # blocking path taken by mistake from a coroutine.
+        _refuse_in_loop(f"the coordinator call {call.method!r}", "the coroutine on cluster.aio")
         deadline = time.monotonic() + call.timeout
         for attempt in itertools.count(1):
             ref = getattr(self._handle, call.method).remote(*call.args)
@@ -519,7 +576,14 @@ class AsyncCluster:
 
     async def registry_url(self, source: str | None = None) -> str:
         """The controller URL of an embedded registry (the first one by default)."""
-        return await asyncio.to_thread(self._cluster.registry_url, source)
+        config = await self.config()
+        # Looking a named actor up asks the GCS, blocking: off the loop.
+        actor = await asyncio.to_thread(self._cluster._registry_actor, config, source)
+        try:
+            return await asyncio.wait_for(actor.ready.remote(), READ_TIMEOUT)
+        except TimeoutError:
+            raise CoordinatorUnavailableError(
+                f"the embedded registry did not answer within {READ_TIMEOUT:g} s") from None
 
     async def stop(self, forget: bool = False) -> None:
         """Remove the coordinator, its watchers and its embedded registries

@@ -200,6 +200,20 @@ class PlacementSettings(_Strict):
     host_resources: dict[str, str] = Field(default_factory=dict)
 
 
+class CallerSettings(_Strict):
+    """How a process that sends requests to the workers (``RayWorkerManager``)
+    connects to them. The limit is per worker and per process: a request that
+    would exceed it goes to another instance, and when every instance is at it,
+    fails at once naming it instead of queueing."""
+
+    #: Requests (connections) in flight from one process to one worker at most.
+    #: Size it to what a worker serves at once (its batch), not to the fleet.
+    max_connections_per_worker: int = Field(100, ge=1)
+    #: Seconds a request may wait for a free connection to its worker; after
+    #: that it was never sent, and goes to another instance (at most twice).
+    pool_timeout: float = Field(1.0, gt=0)
+
+
 class _Source(_Strict):
     name: str | None = Field(None, pattern=_NAME)
     #: How to call the workers this source lists (headers, token, https).
@@ -290,6 +304,8 @@ class CoordinatorConfig(_Strict):
     backoff: BackoffSettings = BackoffSettings()
     placement: PlacementSettings = PlacementSettings()
     reconcile: ReconcileSettings = ReconcileSettings()
+    #: How inference callers (RayWorkerManager) connect to the workers.
+    caller: CallerSettings = CallerSettings()
     #: Deployed when the coordinator starts, unless a deployment of the same
     #: model@type is already kept (from an earlier deploy, in Ray's GCS).
     deployments: list[Deployment] = Field(default_factory=list)

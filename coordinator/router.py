@@ -4,20 +4,27 @@ the coordinator knows — and the coordinator never on a request's path.
 :class:`Router` keeps the caller's copy of the coordinator's route table
 (instances that are listed healthy, enabled, and found reachable by the
 probes), followed by long poll from a daemon thread, as Ray Serve's routers
-follow their replica sets. Choosing an instance is then local: power of two
-choices on requests in flight, honouring ``weight`` (:func:`choose`).
+follow their replica sets. One router per process and coordinator
+(:meth:`Router.acquire`), shared by every ``RayWorkerManager`` of that
+coordinator: one follower thread and one long poll parked at the coordinator
+per process, and one count of the requests in flight from the process to each
+worker. Choosing an instance is then local: power of two choices on requests
+in flight, honouring ``weight`` (:func:`choose`), among the instances below
+the per-worker connection limit (``caller.max_connections_per_worker``).
 
 :class:`WorkerCaller` makes the HTTP calls over kept-open httpx clients (one
-per event loop and access setting) and turns what can go wrong into one of two
-outcomes: **never sent** (connection refused, connect timeout, no pooled
-connection free: safe to send elsewhere, and the instance is suspect until
-the probes say it answers) or **maybe received** (read timeout, connection
-lost, a stream broken midway, an error status: never resent).
+per event loop and worker, each holding at most that many connections) and
+turns what can go wrong into one of two outcomes: **never sent** (connection
+refused, connect timeout, no pooled connection free within
+``caller.pool_timeout``: safe to send elsewhere, and the instance is suspect
+until the probes say it answers) or **maybe received** (read timeout,
+connection lost, a stream broken midway, an error status: never resent).
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import random
 import ssl
@@ -42,7 +49,7 @@ from actors.transport import (
     ssl_context,
 )
 from coordinator.changes import ChangeLog
-from coordinator.config import CoordinatorConfig, WorkerAccess
+from coordinator.config import CallerSettings, CoordinatorConfig, WorkerAccess
 from coordinator.inference import Candidate, ChunkReader, ModelOutput, Route, choose, route_identity
 from coordinator.models import Endpoint
 
@@ -58,8 +65,32 @@ SUSPECT_FOR = 5.0
 MAX_SENDS = 3
 
 
+#: The routers of this process, by coordinator (name, namespace).
+_SHARED: dict[tuple[str, str], Router] = {}
+_SHARED_LOCK = threading.Lock()
+#: What the follower threads are called (one per process and coordinator).
+FOLLOWER_THREAD = "route-table"
+#: Routers whose follower thread runs (or ends): stopped at exit, before Ray
+#: shuts down — a thread still parked in ray.get then makes the process exit 1.
+_FOLLOWING: weakref.WeakSet[Router] = weakref.WeakSet()
+#: Seconds the process's exit waits for the follower threads to end.
+EXIT_WAIT = 2.0
+
+
+def _stop_all() -> None:
+    routers = list(_FOLLOWING)
+    for router in routers:
+        router.stop()
+    deadline = time.monotonic() + EXIT_WAIT
+    for router in routers:
+        router.join(max(0.0, deadline - time.monotonic()))
+
+
 class Router:
-    """The caller's copy of the route table, and the choice of an instance."""
+    """The caller's copy of the route table, and the choice of an instance.
+
+    Shared per process and coordinator: take it with :meth:`acquire` and give
+    it back with :meth:`release`; the last release stops the follower."""
 
     def __init__(self, cluster: Any, poll_timeout: float = POLL_TIMEOUT, suspect_for: float = SUSPECT_FOR,
                  rng: random.Random | None = None) -> None:
@@ -76,18 +107,73 @@ class Router:
         self._ready = threading.Event()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
+        self._poll: Any = None  # the long poll parked at the coordinator now
+        self._leases = 0
         self.updates = 0  # route-table changes received (for tests and stats)
+
+    # ---- one per process and coordinator ----------------------------------
+
+    @classmethod
+    def acquire(cls, cluster: Any) -> Router:
+        """The router of ``cluster``'s coordinator in this process (made on the
+        first call; nothing is sent until it is first waited on)."""
+        key = (cluster.name, cluster.namespace)
+        with _SHARED_LOCK:
+            router = _SHARED.get(key)
+            if router is None:
+                router = _SHARED[key] = cls(cluster)
+            router._leases += 1
+            return router
+
+    def release(self) -> None:
+        """Give back one :meth:`acquire`; the last one stops the follower."""
+        key = (self._cluster.name, self._cluster.namespace)
+        with _SHARED_LOCK:
+            self._leases -= 1
+            if self._leases > 0:
+                return
+            if _SHARED.get(key) is self:
+                del _SHARED[key]
+        self.stop()
 
     # ---- following the coordinator ----------------------------------------
 
     def start(self) -> None:
         with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._follow, name="route-table", daemon=True)
+            if self._thread is None and not self._stopped.is_set():
+                name = f"{FOLLOWER_THREAD} {self._cluster.namespace}/{self._cluster.name}"
+                self._thread = threading.Thread(target=self._follow, name=name, daemon=True)
+                with _SHARED_LOCK:
+                    if not _FOLLOWING:
+                        # Registered after ray.init (nothing follows before it), so run before Ray's own exit hook;
+                        # registering again once the set emptied is harmless (stopping twice is a no-op).
+                        atexit.unregister(_stop_all)
+                        atexit.register(_stop_all)
+                    _FOLLOWING.add(self)
                 self._thread.start()
 
     def stop(self) -> None:
+        """Stop following: the parked long poll is cancelled, so the thread
+        ends at once instead of at the poll's timeout."""
         self._stopped.set()
+        poll = self._poll
+        if poll is not None:
+            try:
+                ray.cancel(poll)
+            except Exception as exc:  # gone already, or Ray is shutting down
+                log.debug("route table: cancelling the long poll: %s", exc)
+
+    def join(self, timeout: float) -> bool:
+        """Wait (bounded) for the follower thread to end; whether it has."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        return thread is None or not thread.is_alive()
+
+    @property
+    def ready(self) -> bool:
+        """Whether the first route table has arrived."""
+        return self._ready.is_set()
 
     def wait_ready(self, timeout: float) -> bool:
         self.start()
@@ -98,7 +184,10 @@ class Router:
         failures = 0
         while not self._stopped.is_set():
             try:
-                ref = self._cluster._handle.routes_since.remote(since, self._poll_timeout)
+                ref = self._poll = self._cluster._handle.routes_since.remote(since, self._poll_timeout)
+                if self._stopped.is_set():  # stopped while sending: stop() may have missed this one
+                    ray.cancel(ref)
+                    return
                 change = ray.get(ref, timeout=self._poll_timeout + 30)
             except (RayError, TimeoutError) as exc:  # restarting, replaced, or slow: keep the table, ask again
                 if self._stopped.is_set():
@@ -146,16 +235,36 @@ class Router:
     def routes(self, key: str) -> tuple[Route, ...]:
         return self._by_key.get(key, ())
 
-    def pick(self, key: str, exclude: set[tuple[str, int]] = frozenset()) -> Route | None:  # type: ignore[assignment]
-        """An instance of ``key`` for one request, none of ``exclude``;
-        suspects only when nothing else is left."""
+    def pick(self, key: str, exclude: set[tuple[str, int]] = frozenset(),  # type: ignore[assignment]
+             limit: int | None = None, rng: random.Random | None = None, claim: bool = False) -> Route | None:
+        """An instance of ``key`` for one request, none of ``exclude`` nor any
+        with ``limit`` requests in flight from this process; suspects only when
+        nothing else is left. ``claim=True`` also counts the request in flight
+        (in the same step, so concurrent picks cannot overshoot ``limit``)."""
         routes = [r for r in self._by_key.get(key, ()) if r.endpoint not in exclude]
         now = time.monotonic()
         with self._lock:
+            if limit is not None:
+                routes = [r for r in routes if self._in_flight[r.endpoint] < limit]
             trusted = [r for r in routes if self._suspect.get(r.endpoint, 0.0) <= now]
             pool = trusted or routes
-            i = choose([Candidate(r.endpoint, r.weight, self._in_flight[r.endpoint]) for r in pool], self._rng)
-        return None if i is None else pool[i]
+            i = choose([Candidate(r.endpoint, r.weight, self._in_flight[r.endpoint]) for r in pool],
+                       rng or self._rng)
+            if i is None:
+                return None
+            if claim:
+                self._in_flight[pool[i].endpoint] += 1
+            return pool[i]
+
+    def at_limit(self, key: str, limit: int) -> list[tuple[str, int]]:
+        """The instances of ``key`` with ``limit`` requests in flight from this process."""
+        with self._lock:
+            return [r.endpoint for r in self._by_key.get(key, ()) if self._in_flight[r.endpoint] >= limit]
+
+    def endpoints(self) -> set[tuple[str, int]]:
+        """Every endpoint listed now, or with a request in flight."""
+        with self._lock:
+            return {r.endpoint for routes in self._by_key.values() for r in routes} | set(self._in_flight)
 
     def begin(self, endpoint: tuple[str, int]) -> None:
         with self._lock:
@@ -187,28 +296,48 @@ class MaybeReceived(Exception):
 
 class WorkerCaller:
     """HTTP to the workers from the caller's process: kept-open clients, one per
-    event loop and access setting (an httpx client belongs to one loop)."""
+    event loop (an httpx client belongs to one loop) and worker, each with at
+    most ``caller.max_connections_per_worker`` connections; a request that finds
+    none free within ``caller.pool_timeout`` is never sent (and goes elsewhere)."""
 
     def __init__(self, config: CoordinatorConfig, read_timeout: float) -> None:
         self._config = config
+        self._settings: CallerSettings = config.caller
         self._read_timeout = read_timeout
-        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, httpx.AsyncClient]] = (
+        self._clients: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, dict[tuple[tuple[str, int], str], httpx.AsyncClient]] = (
             weakref.WeakKeyDictionary())
 
-    def _client(self, access: WorkerAccess) -> httpx.AsyncClient:
+    @property
+    def settings(self) -> CallerSettings:
+        return self._settings
+
+    def _client(self, route: Route, access: WorkerAccess) -> httpx.AsyncClient:
         loop = asyncio.get_running_loop()
         per_loop = self._clients.setdefault(loop, {})
-        tag = access.model_dump_json()
-        client = per_loop.get(tag)
+        key = (route.endpoint, access.model_dump_json())
+        client = per_loop.get(key)
         if client is None:
             verify: ssl.SSLContext | bool = ssl_context(access.tls) if access.tls is not None else True
-            client = per_loop[tag] = httpx.AsyncClient(
+            client = per_loop[key] = httpx.AsyncClient(
                 headers=access.http_headers(self._config.headers),
-                limits=client_limits(256),
-                timeout=httpx.Timeout(self._read_timeout, connect=self._config.timeouts.connect),
+                limits=client_limits(self._settings.max_connections_per_worker),
+                timeout=httpx.Timeout(self._read_timeout, connect=self._config.timeouts.connect,
+                                      pool=self._settings.pool_timeout),
                 verify=verify,
             )
         return client
+
+    def _errors(self) -> Any:
+        return map_transport_errors(self._read_timeout, pool_limit=self._settings.max_connections_per_worker,
+                                    pool_timeout=self._settings.pool_timeout)
+
+    async def retain(self, endpoints: set[tuple[str, int]]) -> None:
+        """Close this loop's clients of workers not in ``endpoints`` (gone from
+        the route table, nothing in flight)."""
+        per_loop = self._clients.get(asyncio.get_running_loop(), {})
+        for key in [k for k in per_loop if k[0] not in endpoints]:
+            await per_loop.pop(key).aclose()
 
     def _url(self, route: Route, access: WorkerAccess, path: str) -> httpx.URL:
         return httpx.URL(scheme=access.scheme, host=route.host, port=route.port, path=f"/api/worker{path}")
@@ -220,8 +349,8 @@ class WorkerCaller:
         """One call; its JSON answer. Raises :class:`NeverSent` or :class:`MaybeReceived`."""
         access = self._access(route)
         try:
-            with map_transport_errors(self._read_timeout):
-                response = await self._client(access).request(method, self._url(route, access, path), **kwargs)
+            with self._errors():
+                response = await self._client(route, access).request(method, self._url(route, access, path), **kwargs)
                 return read_json(response)
         except WorkerUnreachable as exc:
             raise NeverSent(str(exc)) from exc
@@ -235,8 +364,8 @@ class WorkerCaller:
         reader = ChunkReader()
         got = 0
         try:
-            with map_transport_errors(self._read_timeout):
-                async with self._client(access).stream("POST", self._url(route, access, path), json=body) as resp:
+            with self._errors():
+                async with self._client(route, access).stream("POST", self._url(route, access, path), json=body) as resp:
                     if not resp.is_success:
                         text = (await resp.aread()).decode(errors="replace")
                         raise MaybeReceived(f"HTTP {resp.status_code}: {excerpt(text, 200)}")

@@ -11,10 +11,19 @@ Inference (``generate_stream``, ``generate``, ``embeddings``,
 ``parameter_descriptions``) goes from this process straight to a worker, chosen
 locally from the coordinator's route table (:mod:`coordinator.router`): only
 instances listed healthy, enabled and found reachable by the probes; power of
-two choices on requests in flight, honouring ``weight``. A request that never
-reached a worker goes to another instance, at most twice; one that may have
-reached it is never resent — a broken stream ends with an error output naming
-the worker and the cause.
+two choices on requests in flight, honouring ``weight``, among the instances
+below ``caller.max_connections_per_worker`` requests in flight from this
+process. A request that never reached a worker goes to another instance, at
+most twice; one that may have reached it is never resent — a broken stream
+ends with an error output naming the worker and the cause. When every instance
+is at the limit, the request fails at once, naming it.
+
+Every method works as the first call on a fresh :func:`~coordinator.attach`,
+from plain code, from a coroutine and from any thread (the ``sync_*`` ones
+too; they block their caller, so in async code await their twins). The route
+table is followed once per process and coordinator, however many managers
+there are (see :mod:`coordinator.router`); ``in_flight()`` counts the whole
+process's requests.
 
 Differences that are on purpose: ``worker_apply`` combines *every* instance's
 output (DB-GPT returns only the first); the instance getters and
@@ -27,6 +36,8 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+import time
+import weakref
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from typing import Any, TypeVar
 
@@ -49,6 +60,8 @@ T = TypeVar("T")
 READ_TIMEOUT = 600.0
 #: Seconds the first inference call waits for the route table.
 ROUTES_WAIT = 30.0
+#: Seconds between looks for kept-open connections to workers that left the table.
+PRUNE_EVERY = 10.0
 
 
 class WorkerOperationError(CoordinatorError):
@@ -68,9 +81,12 @@ class InferenceError(CoordinatorError):
 class RayWorkerManager:
     def __init__(self, cluster: Cluster, read_timeout: float = READ_TIMEOUT, rng: random.Random | None = None) -> None:
         self.cluster = cluster
-        self._router = Router(cluster, rng=rng)
+        self._rng = rng
         self._read_timeout = read_timeout
+        self._lease: Router | None = None
+        self._release: weakref.finalize | None = None
         self._caller: WorkerCaller | None = None
+        self._pruned: tuple[int, float] = (-1, 0.0)  # (route-table updates, monotonic time) at the last prune
         self._sync_loop: asyncio.AbstractEventLoop | None = None
         self._sync_lock = threading.Lock()
 
@@ -105,7 +121,7 @@ class RayWorkerManager:
     def sync_get_model_instances(
         self, worker_type: str, model_name: str, healthy_only: bool = True
     ) -> list[ModelInstance]:
-        return self.cluster.instances(model_name, worker_type, healthy_only)
+        return self._blocking(self.get_model_instances(worker_type, model_name, healthy_only))
 
     # ---- inference, straight to a worker ----------------------------------
 
@@ -117,11 +133,11 @@ class RayWorkerManager:
         if key is None:
             yield ModelOutput.error("Model name count not be empty")
             return
-        await self._routes()
-        sends = _Sends(self._router, key)
+        caller = await self._ready()
+        sends = self._sends(key, caller)
         for route in sends:
             try:
-                async for output in self._caller_().stream(route, "/generate_stream", params):
+                async for output in caller.stream(route, "/generate_stream", params):
                     yield output
                 return
             except NeverSent as exc:
@@ -182,8 +198,8 @@ class RayWorkerManager:
             if not listed:
                 raise NoInstancesError(key)
             return random.choice(listed)
-        await self._routes()
-        route = self._router.pick(key)
+        caller = await self._ready()
+        route = self._router.pick(key, limit=caller.settings.max_connections_per_worker, rng=self._rng)
         if route is None:
             raise NoInstancesError(key)
         return _instance(route)
@@ -191,46 +207,61 @@ class RayWorkerManager:
     def sync_select_one_instance(
         self, worker_type: str, model_name: str, healthy_only: bool = True
     ) -> ModelInstance:
-        if not healthy_only:
-            listed = self.sync_get_model_instances(worker_type, model_name, healthy_only=False)
-            if not listed:
-                raise NoInstancesError(worker_key(model_name, worker_type))
-            return random.choice(listed)
-        self._router.wait_ready(ROUTES_WAIT)
-        route = self._router.pick(worker_key(model_name, worker_type))
-        if route is None:
-            raise NoInstancesError(worker_key(model_name, worker_type))
-        return _instance(route)
+        return self._blocking(self.select_one_instance(worker_type, model_name, healthy_only))
 
     def in_flight(self) -> dict[tuple[str, int], int]:
-        """Requests in flight from this process, per worker."""
+        """Requests in flight from this process (every manager of this
+        coordinator in it), per worker."""
         return self._router.in_flight()
 
     async def aclose(self) -> None:
-        """Close this event loop's connections (and stop following the route table)."""
-        self._router.stop()
+        """Close this event loop's connections, and give back the process's
+        route table (the last manager to give it back stops its follower).
+        The manager can still be used: it takes the table again."""
+        if self._release is not None:
+            self._release()
+            self._lease = self._release = None
         if self._caller is not None:
             await self._caller.aclose()
 
     # ---- internals --------------------------------------------------------
 
-    async def _routes(self) -> None:
-        """The first call waits (bounded) for the first route table."""
-        if not self._router._ready.is_set():
-            await asyncio.to_thread(self._router.wait_ready, ROUTES_WAIT)
+    @property
+    def _router(self) -> Router:
+        """The process's router of this coordinator, taken on first use and
+        given back on aclose (or when this manager is collected)."""
+        if self._lease is None:
+            router = Router.acquire(self.cluster)
+            self._lease, self._release = router, weakref.finalize(self, router.release)
+        return self._lease
 
-    def _caller_(self) -> WorkerCaller:
+    async def _ready(self) -> WorkerCaller:
+        """What an inference call needs: the caller, built from the
+        coordinator's config, and the route table — the first call waits
+        (bounded) for both, without blocking the event loop."""
         if self._caller is None:
-            self._caller = WorkerCaller(self.cluster.config, self._read_timeout)
+            config = await self.cluster.aio.config()
+            if self._caller is None:  # another call may have built it meanwhile
+                self._caller = WorkerCaller(config, self._read_timeout)
+        router = self._router
+        if not router.ready:
+            await asyncio.to_thread(router.wait_ready, ROUTES_WAIT)
+        updates, at = self._pruned
+        if router.updates != updates and time.monotonic() - at >= PRUNE_EVERY:
+            self._pruned = (router.updates, time.monotonic())
+            await self._caller.retain(router.endpoints())
         return self._caller
+
+    def _sends(self, key: str, caller: WorkerCaller) -> _Sends:
+        return _Sends(self._router, key, caller.settings.max_connections_per_worker, self._rng)
 
     async def _call(self, key: str, method: str, path: str, **kwargs: Any) -> Any:
         """One non-streamed call, sent again elsewhere only if it never reached a worker."""
-        await self._routes()
-        sends = _Sends(self._router, key)
+        caller = await self._ready()
+        sends = self._sends(key, caller)
         for route in sends:
             try:
-                return await self._caller_().call(route, method, path, **kwargs)
+                return await caller.call(route, method, path, **kwargs)
             except NeverSent as exc:
                 sends.never_sent(route, exc)
             except MaybeReceived as exc:
@@ -238,7 +269,17 @@ class RayWorkerManager:
         raise InferenceError(sends.none_left())
 
     def _blocking(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` to the end from synchronous code, on a private loop."""
+        """Run ``coro`` to the end from synchronous code, on a private loop
+        (works from any thread, and from inside another running loop, which it
+        blocks meanwhile)."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not None and running is self._sync_loop:
+            coro.close()
+            raise RuntimeError("a sync_* method of RayWorkerManager called from its own coroutine: await the "
+                               "async method instead")
         with self._sync_lock:
             if self._sync_loop is None:
                 loop = asyncio.new_event_loop()
@@ -254,20 +295,20 @@ def _key(params: dict[str, Any], worker_type: str) -> str | None:
 
 class _Sends:
     """The sends of one request: iterating gives an instance for each (at most
-    MAX_SENDS, none twice), counted in flight while the loop body runs — the
-    generator's ``finally`` ends the count however the loop is left."""
+    MAX_SENDS, none twice, none with ``limit`` requests in flight), counted in
+    flight while the loop body runs — the generator's ``finally`` ends the
+    count however the loop is left."""
 
-    def __init__(self, router: Router, key: str) -> None:
-        self._router, self._key = router, key
+    def __init__(self, router: Router, key: str, limit: int, rng: random.Random | None = None) -> None:
+        self._router, self._key, self._limit, self._rng = router, key, limit, rng
         self._tried: dict[tuple[str, int], str] = {}  # endpoint -> why it failed ("" while in flight)
 
     def __iter__(self) -> Iterator[Route]:
         for _ in range(MAX_SENDS):
-            route = self._router.pick(self._key, set(self._tried))
+            route = self._router.pick(self._key, set(self._tried), limit=self._limit, rng=self._rng, claim=True)
             if route is None:
                 return
             self._tried[route.endpoint] = ""
-            self._router.begin(route.endpoint)
             try:
                 yield route
             finally:
@@ -279,10 +320,16 @@ class _Sends:
         self._tried[route.endpoint] = str(exc)
 
     def none_left(self) -> str:
+        full = [f"{h}:{p}" for h, p in self._router.at_limit(self._key, self._limit) if (h, p) not in self._tried]
+        at_limit = (f"{len(full)} instance(s) at the limit of {self._limit} requests in flight from this process "
+                    f"(caller.max_connections_per_worker): {', '.join(full)}") if full else ""
         if not self._tried:
+            if full:
+                return f"{self._key}: not sent: every instance is busy: {at_limit}"
             return f"Cound not found worker instances for {self._key}: none is healthy, enabled and reachable"
         tried = ", ".join(f"{h}:{p} ({why})" for (h, p), why in self._tried.items())
-        return f"{self._key}: no instance could be reached (tried {tried})"
+        more = f"; {at_limit}" if full else ""
+        return f"{self._key}: no instance could be reached (tried {tried}){more}"
 
 
 def _instance(route: Route) -> ModelInstance:
