@@ -29,8 +29,8 @@ from starlette.routing import Route, Router
 
 from actors.registry_store import RegistryFull
 from actors.serving import BodyTooLarge, read_body, replay
-from coordinator.config import EmbeddedSource
-from coordinator.models import ModelInstance, Port
+from coordinator.core.config import EmbeddedSource
+from coordinator.core.models import ModelInstance, Port
 
 if TYPE_CHECKING:
     from actors.registry import EmbeddedRegistry

@@ -22,8 +22,8 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from actors.process import process_info
-from actors.transport import (
+from coordinator.plumbing.process import process_info
+from coordinator.plumbing.transport import (
     WorkerBadAnswer,
     WorkerCallError,
     WorkerTimeout,
@@ -33,10 +33,10 @@ from actors.transport import (
     read_json,
     ssl_context,
 )
-from coordinator.config import ProbeSettings, Timeouts, WorkerAccess
-from coordinator.metrics import NoMetrics, RayMetrics
-from coordinator.secrets import redact
-from coordinator.models import (
+from coordinator.core.config import ProbeSettings, Timeouts, WorkerAccess
+from coordinator.plumbing.metrics import NoMetrics, RayMetrics
+from coordinator.core.secrets import redact
+from coordinator.core.models import (
     Endpoint,
     SupportsOutcome,
     WorkerApplyOutput,

@@ -17,15 +17,15 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from actors.process import process_info
+from coordinator.plumbing.process import process_info
 from actors.registry_state import GcsStateStore, Journal
 from actors.registry_store import RegistryStore
-from coordinator.changes import Change
-from coordinator.longpoll import ChangeFeed
+from coordinator.core.changes import Change
+from coordinator.core.longpoll import ChangeFeed
 from actors.controller_api import RegistryUnavailable, controller_app
 from actors.serving import HttpServer, serve_until_signalled
-from coordinator.config import EmbeddedSource
-from coordinator.models import ModelInstance
+from coordinator.core.config import EmbeddedSource
+from coordinator.core.models import ModelInstance
 
 log = logging.getLogger(__name__)
 

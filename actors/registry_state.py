@@ -6,7 +6,7 @@ Layout under the registry's key ``K``::
     K/base          {"port": P, "seq": S, "entries": [...]}   the state after segment S
     K/log/000000017 {"seq": 17, "put": [...], "removed": [[model, host, port], ...]}
 
-The journal is a listener of the store's change log (:mod:`coordinator.changes`):
+The journal is a listener of the store's change log (:mod:`coordinator.core.changes`):
 each flush writes one segment with the delta since the last one — what changed,
 not the whole registry — and a flush is awaited by the writes it carries, so a
 registration is answered only once it is saved (group commit: one KV write for
@@ -28,8 +28,8 @@ from typing import Protocol
 
 from pydantic import TypeAdapter
 
-from coordinator.changes import ChangeLog, Delta, Snapshot
-from coordinator.models import ModelInstance
+from coordinator.core.changes import ChangeLog, Delta, Snapshot
+from coordinator.core.models import ModelInstance
 
 log = logging.getLogger(__name__)
 

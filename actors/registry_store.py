@@ -10,7 +10,7 @@ Every write costs what it changes, whatever the registry's size: entries are
 keyed by ``(model_name, host, port)``; the entries that can expire wait in a
 queue ordered by their last heartbeat, so an expiry pass looks only at the
 ones that are due; and every visible change is recorded in :attr:`changes`
-(a :class:`~coordinator.changes.ChangeLog`), from which watchers and the
+(a :class:`~coordinator.core.changes.ChangeLog`), from which watchers and the
 journal take deltas. Heartbeats that only move ``last_heartbeat`` record
 nothing, so a quiet fleet produces no changes — and allocate nothing that
 outlives the request: heartbeat times are kept as floats beside the entries,
@@ -33,9 +33,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from datetime import datetime
 
-from coordinator.changes import ChangeLog, identity
-from coordinator.liveset import screen_entries
-from coordinator.models import ModelInstance
+from coordinator.core.changes import ChangeLog, identity
+from coordinator.core.liveset import screen_entries
+from coordinator.core.models import ModelInstance
 
 Identity = tuple[str, str, int]
 

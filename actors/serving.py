@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 import uvicorn
 
-from coordinator.config import ServeTls
+from coordinator.core.config import ServeTls
 
 
 class HttpServer:

@@ -16,11 +16,11 @@ from typing import Protocol
 import httpx
 import yaml
 
-from actors.transport import WorkerCallError, client_limits, map_transport_errors, read_json
-from coordinator.changes import Change
-from coordinator.config import DbgptSource, EmbeddedSource, RegistrySource, StaticSource, read_instances_file
-from coordinator.liveset import Screened, require_some, screen_entry, screen_listing
-from coordinator.models import ModelInstance
+from coordinator.plumbing.transport import WorkerCallError, client_limits, map_transport_errors, read_json
+from coordinator.core.changes import Change
+from coordinator.core.config import DbgptSource, EmbeddedSource, RegistrySource, StaticSource, read_instances_file
+from coordinator.core.liveset import Screened, require_some, screen_entry, screen_listing
+from coordinator.core.models import ModelInstance
 
 
 class SourceError(Exception):

@@ -1,5 +1,5 @@
 """The registry watcher: one per configured source, keeping a versioned copy of
-the instances the source lists (a :class:`~coordinator.changes.ChangeLog`).
+the instances the source lists (a :class:`~coordinator.core.changes.ChangeLog`).
 
 A consumer asks :meth:`RegistryWatcher.listen` for anything newer than the
 ``(epoch, version)`` it holds and waits up to a timeout (a long poll, as in Ray
@@ -19,15 +19,15 @@ import logging
 import time
 from collections.abc import Callable
 
-from actors.process import process_info
+from coordinator.plumbing.process import process_info
 from actors.sources import Source, SourceError, build_source
-from coordinator.changes import Change, ChangeLog, Snapshot, identity
-from coordinator.config import BackoffSettings, RegistrySource
-from coordinator.liveset import Screened
-from coordinator.longpoll import ChangeFeed
-from coordinator.metrics import NoMetrics, RayMetrics
-from coordinator.models import ModelInstance
-from coordinator.status import WatcherStatus
+from coordinator.core.changes import Change, ChangeLog, Snapshot, identity
+from coordinator.core.config import BackoffSettings, RegistrySource
+from coordinator.core.liveset import Screened
+from coordinator.core.longpoll import ChangeFeed
+from coordinator.plumbing.metrics import NoMetrics, RayMetrics
+from coordinator.core.models import ModelInstance
+from coordinator.core.status import WatcherStatus
 
 log = logging.getLogger(__name__)
 

@@ -47,7 +47,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 import ray  # noqa: E402
 
 import coordinator  # noqa: E402
-from coordinator.naming import registry_actor, watcher_actor  # noqa: E402
+from coordinator.core.naming import registry_actor, watcher_actor  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -77,7 +77,7 @@ class Worker:
     proc: subprocess.Popen | None = None
 
     def start(self, url: str) -> None:
-        cmd = [sys.executable, "-m", "actors.reference_worker", "--port", str(self.port), "--controller", url,
+        cmd = [sys.executable, "-m", "reference_worker", "--port", str(self.port), "--controller", url,
                "--heartbeat-interval", "1", "--latency", "0.05"]
         for m in MODELS:
             cmd += ["--model", m]

@@ -65,7 +65,7 @@ def detection(workers: int, spacing: float) -> dict:
     )
     try:
         for _ in range(workers):
-            procs.append(spawn(["actors.reference_worker", "--controller", url, "--model", "det@llm",
+            procs.append(spawn(["reference_worker", "--controller", url, "--model", "det@llm",
                                 "--heartbeat-interval", "20"]))
         cluster.wait_for("det", count=workers, timeout=60)
         ports = [port for _, port in procs]

@@ -37,7 +37,7 @@ from rich.table import Table  # noqa: E402
 
 import coordinator  # noqa: E402
 from bench.detection import spawn  # noqa: E402
-from coordinator.deployments import Deployment  # noqa: E402
+from coordinator.core.deployments import Deployment  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -47,7 +47,7 @@ PARAMS = {"provider": "proxy/sim"}
 
 
 def manager(url: str, start_delay: float, port: int = 0):
-    return spawn(["actors.reference_worker", "--port", str(port), "--controller", url, "--heartbeat-interval", "1",
+    return spawn(["reference_worker", "--port", str(port), "--controller", url, "--heartbeat-interval", "1",
                   "--start-delay", str(start_delay)])
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import ray
 
 import coordinator
-from actors.reference_worker import ReferenceWorkerHost, SimModel, WorkerSettings
+from reference_worker import ReferenceWorkerHost, SimModel, WorkerSettings
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

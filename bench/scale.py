@@ -53,7 +53,7 @@ from rich.table import Table
 
 import coordinator
 from bench import loadgen
-from coordinator.naming import registry_actor, watcher_actor
+from coordinator.core.naming import registry_actor, watcher_actor
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -243,7 +243,7 @@ def screening_cost(url: str) -> dict:
     import httpx
 
     from actors.sources import DbgptControllerSource
-    from coordinator.config import DbgptSource
+    from coordinator.core.config import DbgptSource
 
     body = httpx.get(f"{url}/api/controller/models", timeout=60).content
     source = DbgptControllerSource(DbgptSource(url=url))

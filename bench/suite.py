@@ -40,8 +40,8 @@ from rich.progress import Progress
 from rich.table import Table
 
 import coordinator
-from actors.transport import client_limits
-from actors.reference_worker import ReferenceWorkerHost, SimModel, WorkerSettings
+from coordinator.plumbing.transport import client_limits
+from reference_worker import ReferenceWorkerHost, SimModel, WorkerSettings
 from bench.baseline import BaselineManager
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -48,7 +48,7 @@ from rich.table import Table  # noqa: E402
 
 import coordinator  # noqa: E402
 from bench.detection import spawn  # noqa: E402
-from coordinator.inference import ChunkReader  # noqa: E402
+from coordinator.core.inference import ChunkReader  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -206,11 +206,11 @@ def main() -> None:
         url = cluster.registry_url()
         chat_ports = []
         for _ in range(4):
-            proc, port = spawn(["actors.reference_worker", "--port", "0", "--controller", url, "--model",
+            proc, port = spawn(["reference_worker", "--port", "0", "--controller", url, "--model",
                                 "bench-chat@llm", "--latency", "0.02", "--heartbeat-interval", "2"])
             procs.append(proc)
             chat_ports.append(port)
-        proc, stream_port = spawn(["actors.reference_worker", "--port", "0", "--controller", url, "--model",
+        proc, stream_port = spawn(["reference_worker", "--port", "0", "--controller", url, "--model",
                                    "bench-stream@llm", "--chunks", "8", "--chunk-delay", "0.01",
                                    "--heartbeat-interval", "2"])
         procs.append(proc)

@@ -33,8 +33,8 @@ from rich.console import Console
 from rich.table import Table
 
 from actors.proxy import WorkerProxy
-from coordinator.config import ProbeSettings
-from coordinator.models import WorkerApplyRequest
+from coordinator.core.config import ProbeSettings
+from coordinator.core.models import WorkerApplyRequest
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -51,7 +51,7 @@ def transports() -> dict[str, callable]:
 def spawn_workers(n: int) -> list[tuple[subprocess.Popen, int]]:
     out = []
     for _ in range(n):
-        proc = subprocess.Popen([sys.executable, "-m", "actors.reference_worker", "--port", "0", "--model", "m"],
+        proc = subprocess.Popen([sys.executable, "-m", "reference_worker", "--port", "0", "--model", "m"],
                                 cwd=ROOT, stdout=subprocess.PIPE, text=True)
         out.append((proc, int(proc.stdout.readline().rsplit(":", 1)[1])))
     return out

@@ -1,5 +1,5 @@
 """python -m coordinator: the command line."""
 
-from coordinator.cli import main
+from coordinator.driver.cli import main
 
 main()

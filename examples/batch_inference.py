@@ -30,7 +30,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 import coordinator
-from actors.reference_worker import ReferenceWorkerHost, SimModel, WorkerSettings
+from reference_worker import ReferenceWorkerHost, SimModel, WorkerSettings
 
 console = Console()
 MODEL = "chat-model"

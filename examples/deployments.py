@@ -22,8 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 import coordinator
-from actors.reference_worker import ReferenceWorkerHost, WorkerSettings
-from coordinator.cli import read_deployments
+from reference_worker import ReferenceWorkerHost, WorkerSettings
+from coordinator.driver.cli import read_deployments
 
 console = Console()
 HERE = Path(__file__).resolve().parent

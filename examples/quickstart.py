@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 import coordinator
-from actors.reference_worker import ReferenceWorkerHost, SimModel, WorkerSettings
+from reference_worker import ReferenceWorkerHost, SimModel, WorkerSettings
 
 console = Console()
 

@@ -72,7 +72,7 @@ def dbgpt_bin() -> Path:
 
 
 class WorkerProcess:
-    """``python -m actors.reference_worker`` as a child process."""
+    """``python -m reference_worker`` as a child process."""
 
     def __init__(self, proc: subprocess.Popen[str], port: int) -> None:
         self.proc, self.port = proc, port
@@ -88,7 +88,7 @@ def worker_process() -> Iterator[Callable[..., WorkerProcess]]:
     started: list[WorkerProcess] = []
 
     def spawn(*models: str, controller: str | None = None, port: int = 0, **flags: Any) -> WorkerProcess:
-        cmd = [sys.executable, "-m", "actors.reference_worker", "--port", str(port)]
+        cmd = [sys.executable, "-m", "reference_worker", "--port", str(port)]
         if controller:
             cmd += ["--controller", controller]
         for m in models:

@@ -22,8 +22,8 @@ from collections.abc import Callable
 from typing import Any
 
 import coordinator
-from coordinator.client import AsyncCluster, Cluster
-from coordinator.worker_manager import RayWorkerManager
+from coordinator.driver.client import AsyncCluster, Cluster
+from coordinator.driver.worker_manager import RayWorkerManager
 
 #: Not called: they remove the coordinator the other calls need.
 SKIPPED = {"Cluster.stop", "AsyncCluster.stop"}

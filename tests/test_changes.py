@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.changes import ChangeLog, Delta, Snapshot
+from coordinator.core.changes import ChangeLog, Delta, Snapshot
 
 
 def key(value: tuple[str, int]) -> str:

@@ -9,8 +9,8 @@ import pytest
 import ray
 from click.testing import CliRunner
 
-from actors.reference_worker import ReferenceWorkerHost, SimModel, WorkerSettings
-from coordinator.cli import cli
+from reference_worker import ReferenceWorkerHost, SimModel, WorkerSettings
+from coordinator.driver.cli import cli
 
 pytestmark = pytest.mark.ray
 

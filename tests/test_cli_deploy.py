@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import pytest
 from click.testing import CliRunner
 
-from coordinator import cli as cli_module
-from coordinator.cli import cli, wait_verdict
-from coordinator.config import Timeouts
-from coordinator.deployments import Action, Decision, DeploymentStatus
-from coordinator.models import Endpoint, ModelInstance
+from coordinator.driver import cli as cli_module
+from coordinator.driver.cli import cli, wait_verdict
+from coordinator.core.config import Timeouts
+from coordinator.core.deployments import Action, Decision, DeploymentStatus
+from coordinator.core.models import Endpoint, ModelInstance
 
 
 def status(model: str = "embed-small", state: str = "progressing", ready: int = 0, replicas: int = 2,

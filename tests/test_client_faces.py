@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 
-from coordinator.client import AsyncCluster, Cluster
+from coordinator.driver.client import AsyncCluster, Cluster
 
 
 def public(cls: type) -> set[str]:

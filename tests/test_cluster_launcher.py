@@ -8,7 +8,7 @@ import copy
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from coordinator.config import CoordinatorConfig
+from coordinator.core.config import CoordinatorConfig
 from tests.conftest import ROOT
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from coordinator.liveset import screen_entries
-from coordinator.config import (
+from coordinator.core.liveset import screen_entries
+from coordinator.core.config import (
     BackoffSettings,
     CoordinatorConfig,
     DbgptSource,

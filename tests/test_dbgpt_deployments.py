@@ -10,7 +10,7 @@ from collections import defaultdict
 import pytest
 
 import coordinator
-from coordinator.deployments import Deployment
+from coordinator.core.deployments import Deployment
 from tests.conftest import free_port, wait_until
 from tests.dbgpt_env import start_controller, start_worker_manager
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from coordinator.deployments import Backoff, Deployment, Manager, Seen, View, backed_off, decide
-from coordinator.models import Endpoint
+from coordinator.core.deployments import Backoff, Deployment, Manager, Seen, View, backed_off, decide
+from coordinator.core.models import Endpoint
 
 A, B, C, D = (Endpoint("10.0.0.1", 18001), Endpoint("10.0.0.2", 18001), Endpoint("10.0.0.3", 18001),
               Endpoint("10.0.0.1", 18002))

@@ -14,7 +14,7 @@ import pytest
 import ray
 
 import coordinator
-from coordinator.deployments import Deployment
+from coordinator.core.deployments import Deployment
 from tests.conftest import ROOT, wait_until
 
 pytestmark = pytest.mark.ray
@@ -164,7 +164,7 @@ def test_a_failing_startup_backs_off_and_says_why(clusters, worker_process):
 
 DRIVER = """
 import sys, coordinator
-from coordinator.deployments import Deployment
+from coordinator.core.deployments import Deployment
 cluster = coordinator.attach("deploy-detached", namespace="tests")
 cluster.deploy(Deployment(model="kept", replicas=1, params={"provider": "proxy/sim"}), wait=True, timeout=30)
 print("deployed")

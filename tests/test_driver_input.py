@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from coordinator import Cluster, CoordinatorConfig
-from coordinator.models import ApplyResult, WorkerApplyOutput, WorkerApplyRequest, WorkerStartupRequest
+from coordinator.core.models import ApplyResult, WorkerApplyOutput, WorkerApplyRequest, WorkerStartupRequest
 
 CONFIG = CoordinatorConfig(registries=[{"kind": "static", "instances": []}])
 ANSWERS: dict[str, Any] = {

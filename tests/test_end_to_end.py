@@ -15,7 +15,7 @@ import ray
 from pydantic import ValidationError
 
 import coordinator
-from actors.reference_worker import ReferenceWorkerHost, SimModel, WorkerSettings
+from reference_worker import ReferenceWorkerHost, SimModel, WorkerSettings
 from tests.conftest import ROOT, free_port, wait_until
 
 pytestmark = pytest.mark.ray

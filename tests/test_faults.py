@@ -15,8 +15,8 @@ import pytest
 import ray
 
 import coordinator
-from actors.reference_worker import ReferenceWorkerHost, SimModel, WorkerSettings
-from coordinator.naming import registry_actor, watcher_actor
+from reference_worker import ReferenceWorkerHost, SimModel, WorkerSettings
+from coordinator.core.naming import registry_actor, watcher_actor
 from tests.conftest import ROOT, free_port, wait_until
 
 pytestmark = pytest.mark.ray

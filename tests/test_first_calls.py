@@ -25,7 +25,7 @@ pytestmark = pytest.mark.ray
 def served(ray_session, tmp_path_factory):
     """A coordinator with one reference worker serving chat@llm and vec@text2vec."""
     cluster = coordinator.start({"registries": [SLOW_HEARTBEATS], **FAST}, name="first-calls", namespace="tests")
-    proc = subprocess.Popen([sys.executable, "-m", "actors.reference_worker", "--port", "0", "--controller",
+    proc = subprocess.Popen([sys.executable, "-m", "reference_worker", "--port", "0", "--controller",
                              cluster.registry_url(), "--model", "chat@llm", "--model", "vec@text2vec",
                              "--heartbeat-interval", "1"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:

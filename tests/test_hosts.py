@@ -9,8 +9,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from coordinator.hosts import host_problem, parse_endpoint, port_problem
-from coordinator.models import ModelInstance, WorkerStartupRequest
+from coordinator.core.hosts import host_problem, parse_endpoint, port_problem
+from coordinator.core.models import ModelInstance, WorkerStartupRequest
 
 BAD_HOSTS = [
     "evil.com/x?", "user@host", "host:1234", "http://host", "127.0.0.1#", "",

@@ -13,7 +13,7 @@ import yaml
 from actors.registry import EmbeddedRegistry
 from actors.sources import DbgptControllerSource, StaticFileSource
 from actors.watcher import RegistryWatcher
-from coordinator.config import BackoffSettings, DbgptSource, EmbeddedSource, StaticSource
+from coordinator.core.config import BackoffSettings, DbgptSource, EmbeddedSource, StaticSource
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.anyio

@@ -10,7 +10,7 @@ from collections import Counter
 from hypothesis import given
 from hypothesis import strategies as st
 
-from coordinator.inference import Candidate, ChunkReader, ModelOutput, choose
+from coordinator.core.inference import Candidate, ChunkReader, ModelOutput, choose
 
 # What DB-GPT 0.8.2's worker manager writes for one chunk (json.dumps(asdict(output))).
 DBGPT_CHUNK = {"content": {"type": "text", "object": {"data": "Hello", "format": "text"}}, "error_code": 0,

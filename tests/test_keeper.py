@@ -8,11 +8,11 @@ import asyncio
 import pytest
 
 from actors.registry_state import MemoryStateStore
-from coordinator.config import ReconcileSettings
-from coordinator.deployments import Deployment, Manager, Seen
-from coordinator.errors import NotDeployedError
-from coordinator.keeper import Keeper
-from coordinator.models import ApplyType, Endpoint, WorkerApplyOutput
+from coordinator.core.config import ReconcileSettings
+from coordinator.core.deployments import Deployment, Manager, Seen
+from coordinator.core.errors import NotDeployedError
+from coordinator.control.keeper import Keeper
+from coordinator.core.models import ApplyType, Endpoint, WorkerApplyOutput
 
 A, B = Endpoint("10.0.0.1", 1), Endpoint("10.0.0.2", 1)
 

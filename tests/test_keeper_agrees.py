@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 import coordinator
-from coordinator.deployments import Deployment
+from coordinator.core.deployments import Deployment
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.ray

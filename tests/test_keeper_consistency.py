@@ -12,10 +12,10 @@ import asyncio
 import pytest
 
 from actors.registry_state import MemoryStateStore
-from coordinator.config import ReconcileSettings
-from coordinator.deployments import Deployment, Manager, Seen
-from coordinator.keeper import Keeper
-from coordinator.models import Endpoint
+from coordinator.core.config import ReconcileSettings
+from coordinator.core.deployments import Deployment, Manager, Seen
+from coordinator.control.keeper import Keeper
+from coordinator.core.models import Endpoint
 from tests.test_keeper import FakeFleet
 
 pytestmark = pytest.mark.anyio

@@ -8,15 +8,15 @@ from datetime import datetime
 from hypothesis import given
 from hypothesis import strategies as st
 
-from coordinator.changes import ChangeLog, identity
-from coordinator.liveset import (
+from coordinator.core.changes import ChangeLog, identity
+from coordinator.core.liveset import (
     LiveSet,
     apply_targets,
     filter_instances,
     manager_endpoints,
     merge_sources,
 )
-from coordinator.models import Endpoint, ModelInstance
+from coordinator.core.models import Endpoint, ModelInstance
 
 
 def inst(key: str, port: int, healthy: bool = True, beat: int | None = None, host: str = "h") -> ModelInstance:

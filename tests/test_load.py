@@ -12,7 +12,7 @@ import pytest
 import ray
 
 import coordinator
-from actors.reference_worker import ReferenceWorkerHost, SimModel, WorkerSettings
+from reference_worker import ReferenceWorkerHost, SimModel, WorkerSettings
 
 pytestmark = pytest.mark.ray
 

@@ -12,7 +12,7 @@ import pytest
 import ray
 
 import coordinator
-from coordinator.router import FOLLOWER_THREAD
+from coordinator.driver.router import FOLLOWER_THREAD
 from tests.conftest import wait_until
 from tests.test_traffic import FAST, SLOW_HEARTBEATS, clusters, probed  # noqa: F401 - the fixture
 

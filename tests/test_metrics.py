@@ -9,7 +9,7 @@ import pytest
 import ray
 
 import coordinator
-from actors.reference_worker import ReferenceWorkerHost, SimModel, WorkerSettings
+from reference_worker import ReferenceWorkerHost, SimModel, WorkerSettings
 from tests.conftest import free_port, wait_until
 
 pytestmark = pytest.mark.ray
@@ -85,7 +85,7 @@ def test_operations_latency_live_instances_and_probe_failures_are_exported(ray_s
 def test_grafana_dashboard_plots_every_exported_metric():
     import json
 
-    from coordinator import metrics
+    from coordinator.plumbing import metrics
     from tests.conftest import ROOT
 
     dash = json.loads((ROOT / "examples" / "grafana_dashboard.json").read_text())

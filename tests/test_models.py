@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 import coordinator
-from coordinator.models import (
+from coordinator.core.models import (
     ApplyResult,
     ModelInstance,
     WorkerApplyOutput,
@@ -138,7 +138,7 @@ def test_public_names_are_exactly_the_documented_ones():
         "ModelBusyError", "ModelInstance", "NoInstancesError", "ProbeSettings", "RayWorkerManager", "StaticSource",
         "SupportedModel", "SupportsOutcome", "Timeouts", "UnknownEndpointError", "WaitTimeoutError",
         "WatcherStatus", "WorkerApplyOutput", "WorkerApplyRequest", "WorkerOperationError",
-        "WorkerStartupRequest", "WorkerSupportedModel", "WorkerType", "attach", "start",
+        "WorkerStartupRequest", "WorkerSupportedModel", "WorkerType", "attach", "start", "stop",
         "Deployment", "DeploymentEvent", "DeploymentNotReadyError", "DeploymentStatus", "NotDeployedError",
         "ReconcileSettings", "InferenceError", "ModelMetadata", "ModelOutput", "ParameterDescription",
     }
@@ -187,7 +187,7 @@ def test_an_actor_importing_one_module_does_not_load_the_driver_api():
     from tests.conftest import ROOT
 
     code = ("import sys, actors.proxy, actors.watcher, actors.registry; "
-            "print(sorted(m for m in ('coordinator.client', 'coordinator.cli', 'coordinator.worker_manager') "
+            "print(sorted(m for m in ('coordinator.driver.client', 'coordinator.driver.cli', 'coordinator.driver.worker_manager') "
             "if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from coordinator.ordering import OperationQueue, QueueFull
+from coordinator.core.ordering import OperationQueue, QueueFull
 
 pytestmark = pytest.mark.anyio
 

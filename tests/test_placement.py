@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from coordinator.placement import NodeInfo, proxy_node
+from coordinator.core.placement import NodeInfo, proxy_node
 from tests.conftest import ROOT
 
 NODES = [

@@ -7,8 +7,8 @@ import httpx
 import pytest
 
 from actors.proxy import WorkerProxy
-from coordinator.config import ProbeSettings, Timeouts
-from coordinator.models import WorkerApplyRequest, WorkerStartupRequest
+from coordinator.core.config import ProbeSettings, Timeouts
+from coordinator.core.models import WorkerApplyRequest, WorkerStartupRequest
 
 pytestmark = pytest.mark.anyio
 
@@ -157,7 +157,7 @@ async def test_unreachable_worker_fails_fast_without_sending():
 def test_idle_connections_expire_before_a_uvicorn_servers_keepalive_does():
     # uvicorn closes idle connections after 5 s; a request written onto a
     # connection it is closing fails in a way that must not be retried.
-    from actors.transport import client_limits
+    from coordinator.plumbing.transport import client_limits
 
     assert client_limits().keepalive_expiry < 5
 

@@ -9,9 +9,9 @@ import time
 import httpx
 import pytest
 
-from actors.reference_worker import ReferenceWorker, SimModel, WorkerSettings
+from reference_worker import ReferenceWorker, SimModel, WorkerSettings
 from actors.registry import EmbeddedRegistry
-from coordinator.config import EmbeddedSource
+from coordinator.core.config import EmbeddedSource
 
 pytestmark = pytest.mark.anyio
 
@@ -125,7 +125,7 @@ async def test_garbage_knob_answers_malformed(fleet, kind):
 
 
 def test_the_journal_keeps_only_the_latest_calls(monkeypatch):
-    import actors.reference_worker as rw
+    import reference_worker as rw
 
     monkeypatch.setattr(rw, "JOURNAL_LIMIT", 3)
     worker = rw.ReferenceWorker(rw.WorkerSettings(models=[rw.SimModel(name="m")]))

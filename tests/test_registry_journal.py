@@ -14,7 +14,7 @@ import pytest
 import actors.registry
 from actors.registry import EmbeddedRegistry
 from actors.registry_state import Journal, MemoryStateStore
-from coordinator.config import EmbeddedSource
+from coordinator.core.config import EmbeddedSource
 
 pytestmark = pytest.mark.anyio
 

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from actors.registry import EmbeddedRegistry
-from coordinator.config import EmbeddedSource
+from coordinator.core.config import EmbeddedSource
 
 TOKEN = "registry-token-4411"
 ROUTES = [

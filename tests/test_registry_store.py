@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from actors.registry_store import RegistryStore
 from tests.conftest import ROOT
-from coordinator.models import ModelInstance
+from coordinator.core.models import ModelInstance
 
 
 class Clock:

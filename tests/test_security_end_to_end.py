@@ -13,7 +13,7 @@ import pytest
 import ray
 
 import coordinator
-from actors.reference_worker import ReferenceWorkerHost, SimModel, WorkerSettings
+from reference_worker import ReferenceWorkerHost, SimModel, WorkerSettings
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.ray

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from coordinator.config import CoordinatorConfig
-from coordinator.errors import ModelBusyError, NoInstancesError, UnknownEndpointError, WaitTimeoutError
-from coordinator.liveset import Snapshot
-from coordinator.models import (
+from coordinator.core.config import CoordinatorConfig
+from coordinator.core.errors import ModelBusyError, NoInstancesError, UnknownEndpointError, WaitTimeoutError
+from coordinator.core.liveset import Snapshot
+from coordinator.core.models import (
     Endpoint,
     ModelInstance,
     SupportsOutcome,
@@ -20,9 +20,9 @@ from coordinator.models import (
     WorkerApplyRequest,
     WorkerStartupRequest,
 )
-from coordinator.rollout import ApplyOptions
-from coordinator.service import CoordinatorService, LinkError
-from coordinator.status import WatcherStatus
+from coordinator.core.rollout import ApplyOptions
+from coordinator.control.service import CoordinatorService, LinkError
+from coordinator.core.status import WatcherStatus
 
 pytestmark = pytest.mark.anyio
 
@@ -233,7 +233,7 @@ async def _until(cond) -> None:
 
 from pydantic import ValidationError  # noqa: E402
 
-from coordinator.rollout import ApplyPlan, plan_batches  # noqa: E402
+from coordinator.core.rollout import ApplyPlan, plan_batches  # noqa: E402
 
 
 def test_batches_are_all_at_once_by_default_and_at_most_k_otherwise():
@@ -318,7 +318,7 @@ class RecordingMetrics:
 
 
 async def test_a_change_recounts_the_gauges_of_the_models_it_touched_only(monkeypatch):
-    import coordinator.service as service_module
+    import coordinator.control.service as service_module
 
     monkeypatch.setattr(service_module, "GAUGE_INTERVAL", 0.01)
     metrics = RecordingMetrics()

@@ -15,13 +15,13 @@ from ray.experimental import internal_kv
 from ray.util.state import list_actors
 
 import coordinator
-from actors.reference_worker import ReferenceWorkerHost, SimModel, WorkerSettings
+from reference_worker import ReferenceWorkerHost, SimModel, WorkerSettings
 from actors.registry_state import GcsStateStore
-from coordinator.cli import cli
-from coordinator.naming import deployments_key
-from coordinator.client import stop as stop_by_name
-from coordinator.deployments import Deployment
-from coordinator.naming import registry_actor
+from coordinator.driver.cli import cli
+from coordinator.core.naming import deployments_key
+from coordinator.driver.install import stop as stop_by_name
+from coordinator.core.deployments import Deployment
+from coordinator.core.naming import registry_actor
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.ray

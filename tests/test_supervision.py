@@ -11,9 +11,9 @@ import pytest
 
 from actors.registry_state import MemoryStateStore
 
-from coordinator.config import CoordinatorConfig
-from coordinator.deployments import Deployment
-from coordinator.service import CoordinatorService
+from coordinator.core.config import CoordinatorConfig
+from coordinator.core.deployments import Deployment
+from coordinator.control.service import CoordinatorService
 from tests.test_service import FakeProxies, FakeWatchers, inst
 
 pytestmark = pytest.mark.anyio

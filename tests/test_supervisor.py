@@ -9,7 +9,7 @@ import asyncio
 
 import pytest
 
-from coordinator.supervisor import Supervisor, pause
+from coordinator.core.supervisor import Supervisor, pause
 
 pytestmark = pytest.mark.anyio
 

@@ -17,9 +17,9 @@ import trustme
 from pydantic import ValidationError
 
 from actors.proxy import WorkerProxy
-from actors.reference_worker import ReferenceWorker, SimModel, WorkerSettings
-from coordinator.config import CoordinatorConfig, ProbeSettings, ServeTls, WorkerAccess
-from coordinator.models import Endpoint, WorkerApplyRequest
+from reference_worker import ReferenceWorker, SimModel, WorkerSettings
+from coordinator.core.config import CoordinatorConfig, ProbeSettings, ServeTls, WorkerAccess
+from coordinator.core.models import Endpoint, WorkerApplyRequest
 
 TOKEN = "tok-9f3c1e77-secret"
 OTHER = "tok-override-55aa"

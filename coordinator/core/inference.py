@@ -138,7 +138,7 @@ class ChunkReader:
 class Route(NamedTuple):
     """An instance requests may go to: listed healthy, enabled, and not found
     unreachable by the probes. The coordinator keeps a table of them; callers
-    follow it (see coordinator.router)."""
+    follow it (see coordinator.driver.router)."""
 
     model_name: str  # the worker key
     host: str

@@ -39,7 +39,7 @@ import httpx
 import ray
 from ray.exceptions import RayError
 
-from actors.transport import (
+from coordinator.plumbing.transport import (
     WorkerCallError,
     WorkerUnreachable,
     client_limits,
@@ -48,10 +48,10 @@ from actors.transport import (
     read_json,
     ssl_context,
 )
-from coordinator.changes import ChangeLog
-from coordinator.config import CallerSettings, CoordinatorConfig, WorkerAccess
-from coordinator.inference import Candidate, ChunkReader, ModelOutput, Route, choose, route_identity
-from coordinator.models import Endpoint
+from coordinator.core.changes import ChangeLog
+from coordinator.core.config import CallerSettings, CoordinatorConfig, WorkerAccess
+from coordinator.core.inference import Candidate, ChunkReader, ModelOutput, Route, choose, route_identity
+from coordinator.core.models import Endpoint
 
 log = logging.getLogger(__name__)
 

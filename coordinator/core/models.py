@@ -16,7 +16,7 @@ from typing import Annotated, Any, NamedTuple
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
-from coordinator.hosts import host_problem, port_problem
+from coordinator.core.hosts import host_problem, port_problem
 
 #: The key under which every worker-manager process registers itself.
 WORKER_MANAGER_KEY = "WorkerManager@service"
@@ -41,7 +41,7 @@ def _not_bool(value: Any) -> Any:
     return value
 
 
-#: A bare hostname or IP literal (see coordinator.hosts): what may go in a URL.
+#: A bare hostname or IP literal (see coordinator.core.hosts): what may go in a URL.
 Host = Annotated[str, AfterValidator(_valid(host_problem))]
 #: A TCP port, 1-65535.
 Port = Annotated[int, BeforeValidator(_not_bool), AfterValidator(_valid(port_problem))]

@@ -1,5 +1,5 @@
 """The deployment keeper: the one place that carries out what
-:func:`coordinator.deployments.decide` decides, and keeps the desired state.
+:func:`coordinator.core.deployments.decide` decides, and keeps the desired state.
 
 Level-triggered: a round runs for every deployment on every change of the live
 set (the service pokes it), on every deploy, and every ``resync_interval``.
@@ -28,8 +28,8 @@ from typing import Protocol, TypeVar
 
 from pydantic import BaseModel, Field, TypeAdapter
 
-from coordinator.config import ReconcileSettings
-from coordinator.deployments import (
+from coordinator.core.config import ReconcileSettings
+from coordinator.core.deployments import (
     EVENTS_KEPT,
     Action,
     Backoff,
@@ -44,9 +44,9 @@ from coordinator.deployments import (
     check_distinct,
     decide,
 )
-from coordinator.errors import NotDeployedError
-from coordinator.metrics import Metrics, NoMetrics
-from coordinator.models import ApplyType, Endpoint, WorkerApplyOutput
+from coordinator.core.errors import NotDeployedError
+from coordinator.plumbing.metrics import Metrics, NoMetrics
+from coordinator.core.models import ApplyType, Endpoint, WorkerApplyOutput
 
 log = logging.getLogger(__name__)
 

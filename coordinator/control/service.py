@@ -1,18 +1,18 @@
 """The coordinator, as a plain asyncio object that holds its rooms.
 
-- :class:`~coordinator.fleet_view.FleetView` — what it knows: the live set,
+- :class:`~coordinator.control.fleet_view.FleetView` — what it knows: the live set,
   the probes' verdicts, the route table, what the registries were told;
-- :class:`~coordinator.operations.Operations` — what it does to workers:
+- :class:`~coordinator.control.operations.Operations` — what it does to workers:
   per-model turns, fan-out through the proxies, rollouts;
-- :class:`~coordinator.keeper.Keeper` — the deployments it keeps;
-- :class:`~coordinator.supervisor.Supervisor` — its background loops
+- :class:`~coordinator.control.keeper.Keeper` — the deployments it keeps;
+- :class:`~coordinator.core.supervisor.Supervisor` — its background loops
   (following each watcher, resync, gauges, the keeper), each restarted after
   an unexpected failure, and the process ended when one cannot be.
 
 This class wires them together and answers the calls of the RPC face
-(:class:`coordinator.actor.CoordinatorActor`). It talks to watchers, proxies
+(:class:`coordinator.control.actor.CoordinatorActor`). It talks to watchers, proxies
 and registries only through the links it is given (the Ray ones live in
-``coordinator.ray_links``; tests pass in-process fakes).
+``coordinator.control.ray_links``; tests pass in-process fakes).
 
 Its state is soft: after a restart it is rebuilt from the watchers.
 """
@@ -26,16 +26,16 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 from actors.registry_state import MemoryStateStore
-from coordinator.changes import Change
-from coordinator.config import CoordinatorConfig
-from coordinator.deployments import Decision, Deployment, DeploymentStatus, Manager, Seen
-from coordinator.errors import DeploymentNotReadyError, WaitTimeoutError
-from coordinator.fleet_view import FleetView, LinkError, ProxyLink, Reachability, RegistryLink
-from coordinator.keeper import Keeper, Store
-from coordinator.longpoll import ChangeFeed
-from coordinator.metrics import Metrics, NoMetrics
-from coordinator.naming import deployments_key
-from coordinator.models import (
+from coordinator.core.changes import Change
+from coordinator.core.config import CoordinatorConfig
+from coordinator.core.deployments import Decision, Deployment, DeploymentStatus, Manager, Seen
+from coordinator.core.errors import DeploymentNotReadyError, WaitTimeoutError
+from coordinator.control.fleet_view import FleetView, LinkError, ProxyLink, Reachability, RegistryLink
+from coordinator.control.keeper import Keeper, Store
+from coordinator.core.longpoll import ChangeFeed
+from coordinator.plumbing.metrics import Metrics, NoMetrics
+from coordinator.core.naming import deployments_key
+from coordinator.core.models import (
     ApplyResult,
     ApplyType,
     Endpoint,
@@ -46,10 +46,10 @@ from coordinator.models import (
     WorkerStartupRequest,
     worker_key,
 )
-from coordinator.operations import Operations
-from coordinator.rollout import ApplyOptions, ApplyPlan, plan_batches
-from coordinator.status import ClusterStatus, WatcherStatus
-from coordinator.supervisor import Supervisor
+from coordinator.control.operations import Operations
+from coordinator.core.rollout import ApplyOptions, ApplyPlan, plan_batches
+from coordinator.core.status import ClusterStatus, WatcherStatus
+from coordinator.core.supervisor import Supervisor
 
 __all__ = ["CoordinatorService", "LinkError", "ProxyLink", "RegistryLink", "WatcherLink"]
 
@@ -322,7 +322,7 @@ def _describe_status(st: DeploymentStatus) -> str:
 
 
 class _Fleet:
-    """The coordinator as the deployment keeper sees it (:class:`coordinator.keeper.Fleet`):
+    """The coordinator as the deployment keeper sees it (:class:`coordinator.control.keeper.Fleet`):
     its actions go through the same proxies, per-model turns and rolling path
     as a driver's, through the rooms' public methods."""
 

@@ -17,7 +17,7 @@ does — it becomes a ``WorkerApplyOutput(success=False)`` naming the worker.
 
 Bad input raises ``pydantic.ValidationError`` before anything is sent.
 The worker-call errors a proxy maps httpx exceptions to live in
-``actors.transport``; they never leave the proxy.
+``coordinator.plumbing.transport``; they never leave the proxy.
 """
 
 from __future__ import annotations

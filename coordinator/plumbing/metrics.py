@@ -15,6 +15,7 @@
 | coordinator_deployment_replicas | gauge | deployment (model@type), kind (desired / ready) |
 | coordinator_deployment_failing | gauge (0/1) | deployment (starts or a params update failing, backing off) |
 | coordinator_reconcile_actions_total | counter | action (start / stop / update_params), outcome (success / fallback / failure) |
+| coordinator_loop_restarts_total | counter | loop (follow SOURCE / resync / gauges / deployments; a watcher's or registry's loops) |
 
 The code that records them takes a :class:`Metrics`; :class:`NoMetrics` (the
 default) does nothing, so the logic stays testable without Ray, and

@@ -32,10 +32,10 @@ from pydantic import (
     model_validator,
 )
 
-from coordinator.deployments import Deployment, check_distinct
-from coordinator.hosts import parse_endpoint
-from coordinator.models import Endpoint, ModelInstance
-from coordinator.secrets import Secret
+from coordinator.core.deployments import Deployment, check_distinct
+from coordinator.core.hosts import parse_endpoint
+from coordinator.core.models import Endpoint, ModelInstance
+from coordinator.core.secrets import Secret
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 #: An HTTP header name (RFC 9110 token).

@@ -1,5 +1,5 @@
 """``RayWorkerManager``: DB-GPT's worker-manager interface over a
-:class:`~coordinator.client.Cluster`, so DB-GPT-style code — and DB-GPT's own
+:class:`~coordinator.driver.client.Cluster`, so DB-GPT-style code — and DB-GPT's own
 servers, which use a worker manager mostly for inference — can switch by
 changing one constructor.
 
@@ -9,7 +9,7 @@ Inference (``generate_stream``, ``generate``, ``embeddings``,
 ``sync_embeddings``, ``count_token``, ``get_model_metadata``,
 ``select_one_instance``, ``sync_select_one_instance``,
 ``parameter_descriptions``) goes from this process straight to a worker, chosen
-locally from the coordinator's route table (:mod:`coordinator.router`): only
+locally from the coordinator's route table (:mod:`coordinator.driver.router`): only
 instances listed healthy, enabled and found reachable by the probes; power of
 two choices on requests in flight, honouring ``weight``, among the instances
 below ``caller.max_connections_per_worker`` requests in flight from this
@@ -22,7 +22,7 @@ Every method works as the first call on a fresh :func:`~coordinator.attach`,
 from plain code, from a coroutine and from any thread (the ``sync_*`` ones
 too; they block their caller, so in async code await their twins). The route
 table is followed once per process and coordinator, however many managers
-there are (see :mod:`coordinator.router`); ``in_flight()`` counts the whole
+there are (see :mod:`coordinator.driver.router`); ``in_flight()`` counts the whole
 process's requests.
 
 Differences that are on purpose: ``worker_apply`` combines *every* instance's
@@ -41,10 +41,10 @@ import weakref
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from typing import Any, TypeVar
 
-from coordinator.client import Cluster
-from coordinator.errors import CoordinatorError, NoInstancesError
-from coordinator.inference import ModelMetadata, ModelOutput, ParameterDescription, Route
-from coordinator.models import (
+from coordinator.driver.client import Cluster
+from coordinator.core.errors import CoordinatorError, NoInstancesError
+from coordinator.core.inference import ModelMetadata, ModelOutput, ParameterDescription, Route
+from coordinator.core.models import (
     ModelInstance,
     WorkerApplyOutput,
     WorkerApplyRequest,
@@ -52,7 +52,7 @@ from coordinator.models import (
     WorkerSupportedModel,
     worker_key,
 )
-from coordinator.router import MAX_SENDS, MaybeReceived, NeverSent, Router, WorkerCaller
+from coordinator.driver.router import MAX_SENDS, MaybeReceived, NeverSent, Router, WorkerCaller
 
 T = TypeVar("T")
 

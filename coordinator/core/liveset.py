@@ -16,11 +16,11 @@ from typing import NamedTuple
 
 from pydantic import ValidationError
 
-from coordinator.changes import Change, ChangeLog, Delta, Snapshot, identity
-from coordinator.hosts import show
-from coordinator.models import WORKER_MANAGER_KEY, Endpoint, ModelInstance, worker_key
+from coordinator.core.changes import Change, ChangeLog, Delta, Snapshot, identity
+from coordinator.core.hosts import show
+from coordinator.core.models import WORKER_MANAGER_KEY, Endpoint, ModelInstance, worker_key
 
-__all__ = ["Snapshot", "Delta"]  # re-exported: the change types live in coordinator.changes
+__all__ = ["Snapshot", "Delta"]  # re-exported: the change types live in coordinator.core.changes
 
 Identity = tuple[str, str, int]
 

@@ -34,12 +34,12 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from coordinator.config import CoordinatorConfig, Timeouts
-from coordinator.deployments import Deployment, DeploymentStatus, check_distinct
-from coordinator.errors import CoordinatorError
-from coordinator.hosts import parse_endpoint
-from coordinator.models import Endpoint, WorkerApplyOutput
-from coordinator.naming import DEFAULT_NAME, DEFAULT_NAMESPACE
+from coordinator.core.config import CoordinatorConfig, Timeouts
+from coordinator.core.deployments import Deployment, DeploymentStatus, check_distinct
+from coordinator.core.errors import CoordinatorError
+from coordinator.core.hosts import parse_endpoint
+from coordinator.core.models import Endpoint, WorkerApplyOutput
+from coordinator.core.naming import DEFAULT_NAME, DEFAULT_NAMESPACE
 
 console = Console()
 errors = Console(stderr=True)
@@ -57,10 +57,10 @@ class Context:
                      logging_level=logging.WARNING, log_to_driver=False)
 
     def cluster(self):
-        import coordinator
+        from coordinator.driver.client import attach
 
         self.connect()
-        return coordinator.attach(self.name, namespace=self.namespace)
+        return attach(self.name, namespace=self.namespace)
 
 
 def _params(pairs: tuple[str, ...]) -> dict[str, Any]:
@@ -128,11 +128,11 @@ def cli(ctx: click.Context, address: str | None, namespace: str, name: str, verb
 @click.pass_obj
 def start(obj: Context, config_path: str) -> None:
     """Start the coordinator and its watchers, detached."""
-    import coordinator
+    from coordinator.driver.install import start as start_coordinator
 
     config = CoordinatorConfig.from_file(config_path)
     obj.connect()
-    cluster = coordinator.start(config, name=obj.name, namespace=obj.namespace, detached=True)
+    cluster = start_coordinator(config, name=obj.name, namespace=obj.namespace, detached=True)
     console.print(f"coordinator [bold]{obj.name}[/] running in namespace [bold]{obj.namespace}[/]")
     for w in cluster.status().watchers:
         console.print(f"  watching {w.kind} {w.target}: {w.instances} instances")
@@ -145,10 +145,10 @@ def stop(obj: Context, forget: bool) -> None:
     """Remove the coordinator, its watchers and its embedded registries, also
     when the coordinator no longer answers. Its deployments stay kept, and the
     next start of this name takes them up again, unless --forget."""
-    from coordinator import client
+    from coordinator.driver.install import stop as stop_coordinator
 
     obj.connect()
-    removed = client.stop(obj.name, namespace=obj.namespace, forget=forget)
+    removed = stop_coordinator(obj.name, namespace=obj.namespace, forget=forget)
     if obj.name in removed:
         console.print(f"coordinator {escape(obj.name)} stopped")
     elif removed:

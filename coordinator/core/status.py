@@ -7,8 +7,8 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
-from coordinator.rollout import RolloutProgress
-from coordinator.supervisor import LoopState
+from coordinator.core.rollout import RolloutProgress
+from coordinator.core.supervisor import LoopState
 
 
 class WatcherStatus(BaseModel):

@@ -40,8 +40,8 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, field_validator
 
-from coordinator.hosts import parse_endpoint
-from coordinator.models import Endpoint, Name, WorkerType, worker_key
+from coordinator.core.hosts import parse_endpoint
+from coordinator.core.models import Endpoint, Name, WorkerType, worker_key
 
 State = Literal["ready", "progressing", "degraded", "failing"]
 #: Events a deployment's status keeps (the newest).
@@ -198,7 +198,7 @@ class View:
     params_current: bool = True
     #: Instances an operation is running on, or that one restarted, started or
     #: reconfigured and that are not ready again yet: neither missing nor
-    #: replaced while that lasts (:meth:`coordinator.operations.Operations.operating`).
+    #: replaced while that lasts (:meth:`coordinator.control.operations.Operations.operating`).
     operating: frozenset[Endpoint] = frozenset()
     #: Seconds an unreachable instance whose death is not certain is waited
     #: for before it is replaced (``reconcile.replace_after``).

@@ -30,7 +30,7 @@ from typing import Any
 
 import httpx
 
-from coordinator.config import TlsSettings
+from coordinator.core.config import TlsSettings
 
 BODY_EXCERPT = 300
 

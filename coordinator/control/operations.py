@@ -25,13 +25,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from coordinator.config import CoordinatorConfig
-from coordinator.errors import ModelBusyError, NoInstancesError, UnknownEndpointError
-from coordinator.fleet_view import FleetView, LinkError, ProxyLink
-from coordinator.liveset import apply_targets, manager_endpoints
-from coordinator.longpoll import ChangeFeed
-from coordinator.metrics import Metrics
-from coordinator.models import (
+from coordinator.core.config import CoordinatorConfig
+from coordinator.core.errors import ModelBusyError, NoInstancesError, UnknownEndpointError
+from coordinator.control.fleet_view import FleetView, LinkError, ProxyLink
+from coordinator.core.liveset import apply_targets, manager_endpoints
+from coordinator.core.longpoll import ChangeFeed
+from coordinator.plumbing.metrics import Metrics
+from coordinator.core.models import (
     WORKER_MANAGER_KEY,
     ApplyResult,
     ApplyType,
@@ -41,8 +41,8 @@ from coordinator.models import (
     WorkerApplyRequest,
     WorkerStartupRequest,
 )
-from coordinator.ordering import OperationQueue, QueueFull
-from coordinator.rollout import ApplyOptions, ApplyPlan, RolloutProgress, not_attempted, plan_batches
+from coordinator.core.ordering import OperationQueue, QueueFull
+from coordinator.core.rollout import ApplyOptions, ApplyPlan, RolloutProgress, not_attempted, plan_batches
 
 T = TypeVar("T")
 

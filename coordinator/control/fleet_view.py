@@ -24,14 +24,14 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from coordinator.changes import Change, ChangeLog
-from coordinator.config import CoordinatorConfig, WorkerAccess
-from coordinator.deployments import Manager, Seen
-from coordinator.inference import Route, route_identity
-from coordinator.liveset import LiveSet, filter_instances
-from coordinator.metrics import Metrics, live_counts
-from coordinator.models import WORKER_MANAGER_KEY, Endpoint, ModelInstance, parse_worker_key, worker_key
-from coordinator.status import InstanceStatus
+from coordinator.core.changes import Change, ChangeLog
+from coordinator.core.config import CoordinatorConfig, WorkerAccess
+from coordinator.core.deployments import Manager, Seen
+from coordinator.core.inference import Route, route_identity
+from coordinator.core.liveset import LiveSet, filter_instances
+from coordinator.plumbing.metrics import Metrics, live_counts
+from coordinator.core.models import WORKER_MANAGER_KEY, Endpoint, ModelInstance, parse_worker_key, worker_key
+from coordinator.core.status import InstanceStatus
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class FleetView:
         on_change: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        from coordinator.metrics import NoMetrics
+        from coordinator.plumbing.metrics import NoMetrics
 
         self._config = config
         self._proxies = proxies

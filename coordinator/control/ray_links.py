@@ -1,6 +1,6 @@
 """The Ray side of the coordinator: the only module that calls ``.remote()`` on
 watchers and proxies, and that turns Ray's exceptions about them into
-:class:`~coordinator.service.LinkError` (in the manner of Ray Serve's
+:class:`~coordinator.control.service.LinkError` (in the manner of Ray Serve's
 ``ActorReplicaWrapper``)."""
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from ray.exceptions import ActorDiedError, RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.proxy import WorkerProxy
-from coordinator.config import CoordinatorConfig, WorkerAccess
-from coordinator.liveset import Snapshot
-from coordinator.models import Endpoint
-from coordinator.placement import NodeInfo, proxy_node
-from coordinator.service import LinkError
-from coordinator.status import WatcherStatus
+from coordinator.core.config import CoordinatorConfig, WorkerAccess
+from coordinator.core.liveset import Snapshot
+from coordinator.core.models import Endpoint
+from coordinator.core.placement import NodeInfo, proxy_node
+from coordinator.control.service import LinkError
+from coordinator.core.status import WatcherStatus
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The coordinator as a Ray actor: the RPC face.
 
-It *holds* a :class:`~coordinator.service.CoordinatorService` (with the Ray
+It *holds* a :class:`~coordinator.control.service.CoordinatorService` (with the Ray
 links plugged in) and exposes exactly the methods below as Ray methods; nothing
 of the service's inside is reachable over Ray.
 
@@ -20,13 +20,13 @@ from typing import Any
 
 import ray
 
-from actors.process import process_info
+from coordinator.plumbing.process import process_info
 from actors.registry_state import GcsStateStore
-from coordinator.changes import Change
-from coordinator.config import CoordinatorConfig, EmbeddedSource
-from coordinator.deployments import Decision, Deployment, DeploymentStatus
-from coordinator.metrics import RayMetrics
-from coordinator.models import (
+from coordinator.core.changes import Change
+from coordinator.core.config import CoordinatorConfig, EmbeddedSource
+from coordinator.core.deployments import Decision, Deployment, DeploymentStatus
+from coordinator.plumbing.metrics import RayMetrics
+from coordinator.core.models import (
     ApplyResult,
     Endpoint,
     ModelInstance,
@@ -35,12 +35,12 @@ from coordinator.models import (
     WorkerApplyRequest,
     WorkerStartupRequest,
 )
-from coordinator.naming import registry_actor, watcher_actor
-from coordinator.placement import NodeInfo
-from coordinator.ray_links import RayProxies, RayRegistries, RayWatchers
-from coordinator.rollout import ApplyOptions, ApplyPlan
-from coordinator.service import CoordinatorService
-from coordinator.status import ClusterStatus
+from coordinator.core.naming import registry_actor, watcher_actor
+from coordinator.core.placement import NodeInfo
+from coordinator.control.ray_links import RayProxies, RayRegistries, RayWatchers
+from coordinator.core.rollout import ApplyOptions, ApplyPlan
+from coordinator.control.service import CoordinatorService
+from coordinator.core.status import ClusterStatus
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ grow without bound.
 
 Run one as a process::
 
-    python -m actors.reference_worker --port 18001 \\
+    python -m reference_worker --port 18001 \\
         --controller http://127.0.0.1:8000 --model chatgpt-test@llm
 """
 
@@ -38,14 +38,13 @@ from typing import Any, Literal
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from actors.serving import HttpServer, read_body, replay, serve_until_signalled
-from actors.transport import client_limits
-from coordinator.config import ServeTls
-from coordinator.inference import DELIMITER, ModelMetadata, ModelOutput, ParameterDescription
-from coordinator.models import (
+from actors.serving import HttpServer, read_body, replay
+from coordinator.plumbing.transport import client_limits
+from coordinator.core.config import ServeTls
+from coordinator.core.inference import DELIMITER, ModelMetadata, ModelOutput, ParameterDescription
+from coordinator.core.models import (
     WORKER_MANAGER_KEY,
     ApplyType,
     ModelInstance,
@@ -55,77 +54,9 @@ from coordinator.models import (
     parse_worker_key,
     worker_key,
 )
+from reference_worker.sim import JOURNAL_LIMIT, KNOWN_PROVIDERS, Fault, Faults, SimModel, WorkerSettings, garbage, vector
 
 log = logging.getLogger(__name__)
-
-#: Providers the simulated worker accepts in a startup request.
-#: Worker calls a journal keeps (the oldest are dropped).
-JOURNAL_LIMIT = 10_000
-
-KNOWN_PROVIDERS = {"proxy/openai", "proxy/sim", "hf", "vllm", "llama.cpp"}
-
-
-class SimModel(BaseModel):
-    name: str
-    worker_type: str = "llm"
-    provider: str = "proxy/openai"
-    params: dict[str, Any] = Field(default_factory=dict)
-    running: bool = True
-
-    @property
-    def key(self) -> str:
-        return worker_key(self.name, self.worker_type)
-
-    @property
-    def label(self) -> str:
-        return f"{self.name}@{self.provider}"
-
-
-class Faults(BaseModel):
-    latency: float = Field(0.0, ge=0)
-    fail_next: int = Field(0, ge=0)
-    hang: bool = False
-    #: Answer every worker call with a malformed response of this kind.
-    garbage: Literal["html", "not_json", "wrong_shape", "truncated"] | None = None
-    #: Drop the connection of a generate_stream after this many chunks.
-    stream_cut_after: int | None = Field(None, ge=0)
-
-
-def _garbage(kind: str) -> Response:
-    match kind:
-        case "html":
-            return HTMLResponse("<html><body><h1>502 Bad Gateway</h1></body></html>", status_code=500)
-        case "not_json":
-            return PlainTextResponse("OK")
-        case "wrong_shape":
-            return JSONResponse({"unexpected": True})
-    # Promise more bytes than are sent: the connection closes mid-body.
-    return Response('{"message": "cut sh', media_type="application/json", headers={"content-length": "400"})
-
-
-class WorkerSettings(BaseModel):
-    host: str = "127.0.0.1"
-    port: int = 0
-    controller: str | None = None  # controller_addr; None: do not register
-    heartbeat_interval: float = 5.0
-    models: list[SimModel] = Field(default_factory=list)
-    start_delay: float = 0.0  # seconds a model takes to start
-    stop_delay: float = 0.0
-    #: Inference: chunks a streamed answer has, seconds between them, and the
-    #: size of an embedding.
-    chunks: int = Field(4, ge=1)
-    chunk_delay: float = Field(0.0, ge=0)
-    embedding_dim: int = Field(8, ge=1)
-    faults: Faults = Faults()
-    #: Serve https (and, with a client CA, require client certificates).
-    tls: ServeTls | None = None
-    #: Answer worker calls without ``Authorization: Bearer <this>`` with 401
-    #: (DB-GPT's workers check nothing; this stands for a protecting proxy).
-    require_token: str | None = None
-
-
-class _Fault(Exception):
-    pass
 
 
 class ReferenceWorker:
@@ -194,7 +125,7 @@ class ReferenceWorker:
         started = time.monotonic()
         model = self.models.get(req.key)
         if model is None:
-            raise _Fault(f"{req.key} is not served here")
+            raise Fault(f"{req.key} is not served here")
         where = f"model {model.label}({self.address})"
         match req.apply_type:
             case ApplyType.START:
@@ -222,10 +153,10 @@ class ReferenceWorker:
     async def startup(self, req: WorkerStartupRequest) -> None:
         held = self.models.get(req.key)
         if held is not None and held.running:
-            raise _Fault(f"{req.key} is already running")
+            raise Fault(f"{req.key} is already running")
         provider = req.params.get("provider", "proxy/openai")
         if provider not in KNOWN_PROVIDERS:
-            raise _Fault(f"unknown provider {provider!r}")
+            raise Fault(f"unknown provider {provider!r}")
         model = SimModel(
             name=req.model, worker_type=req.worker_type.value, provider=provider,
             params=dict(req.params), running=False,
@@ -236,7 +167,7 @@ class ReferenceWorker:
     async def shutdown(self, req: WorkerStartupRequest) -> None:
         model = self.models.pop(req.key, None)
         if model is None:
-            raise _Fault(f"{req.key} is not served here")
+            raise Fault(f"{req.key} is not served here")
         await self._stop(model)
         await self._deregister(model.key, remove=True)
 
@@ -321,12 +252,12 @@ class ReferenceWorker:
         worker_type = params.get("worker_type") or "text2vec"
         problem = self._serving(params.get("model"), worker_type)
         if problem:
-            raise _Fault(problem)
+            raise Fault(problem)
         texts = params.get("input") or []
         if worker_type == "reranker":  # a score per candidate: shared words with the query
             query = set(str(params.get("query", "")).split())
             return [float(len(query & set(str(t).split()))) for t in texts]
-        return [_vector(f"{params.get('model')}:{t}", self.settings.embedding_dim) for t in texts]
+        return [vector(f"{params.get('model')}:{t}", self.settings.embedding_dim) for t in texts]
 
     # ---- talking to the controller --------------------------------------
 
@@ -382,8 +313,8 @@ class ReferenceWorker:
     def _app(self) -> FastAPI:
         app = FastAPI(title="Reference worker manager", docs_url=None, redoc_url=None)
 
-        @app.exception_handler(_Fault)
-        async def handler_failed(request: Request, exc: _Fault) -> PlainTextResponse:
+        @app.exception_handler(Fault)
+        async def handler_failed(request: Request, exc: Fault) -> PlainTextResponse:
             # What DB-GPT answers when a handler raises: no detail.
             log.info("%s: %s", self.address, exc)
             return PlainTextResponse("Internal Server Error", status_code=500)
@@ -408,7 +339,7 @@ class ReferenceWorker:
         async def descriptions(model: str, worker_type: str = "llm") -> list[dict[str, Any]]:
             problem = self._serving(model, worker_type)
             if problem:
-                raise _Fault(problem)
+                raise Fault(problem)
             return [ParameterDescription(param_name=k, param_type=type(v).__name__, default_value=v).model_dump()
                     for k, v in sorted(self.models[worker_key(model, worker_type)].params.items())]
 
@@ -438,14 +369,14 @@ class ReferenceWorker:
         async def count_token(params: dict[str, Any]) -> int:
             problem = self._serving(params.get("model"), "llm")
             if problem:
-                raise _Fault(problem)
+                raise Fault(problem)
             return len(str(params.get("prompt", "")).split())
 
         @app.post("/api/worker/model_metadata")
         async def model_metadata(params: dict[str, Any]) -> dict[str, Any]:
             problem = self._serving(params.get("model"), "llm")
             if problem:
-                raise _Fault(problem)
+                raise Fault(problem)
             return ModelMetadata(model=params["model"], context_length=4096, max_output_length=1024,
                                  description=f"simulated by the reference worker at {self.address}").model_dump()
 
@@ -492,92 +423,10 @@ class ReferenceWorker:
             await asyncio.sleep(faults.latency)
         early = None
         if faults.garbage:
-            early = _garbage(faults.garbage)
+            early = garbage(faults.garbage)
         elif faults.fail_next > 0:
             faults.fail_next -= 1
             early = PlainTextResponse("Internal Server Error", status_code=500)
         if early is not None:
             return await early(scope, receive, send)
         await app(scope, replay(body, receive), send)
-
-
-class ReferenceWorkerHost:
-    """Runs reference workers inside a Ray actor (``ray.remote(ReferenceWorkerHost)``);
-    one actor may host many, so a benchmark fleet does not cost a process each."""
-
-    def __init__(self) -> None:
-        self._workers: dict[int, ReferenceWorker] = {}
-
-    async def add(self, settings: WorkerSettings) -> int:
-        worker = ReferenceWorker(settings)
-        port = await worker.start()
-        self._workers[port] = worker
-        return port
-
-    async def remove(self, port: int, deregister: bool = True) -> None:
-        worker = self._workers.pop(port)
-        await worker.stop(deregister=deregister)
-
-    async def set_faults(self, port: int, **changes: Any) -> Faults:
-        return self._workers[port].set_faults(**changes)
-
-    async def journal(self, port: int) -> list[dict[str, Any]]:
-        return list(self._workers[port].journal)
-
-    async def peaks(self, port: int) -> tuple[dict[str, int], int]:
-        """Most applies seen at once, per model key and in all."""
-        worker = self._workers[port]
-        return dict(worker.peak), worker.peak_total
-
-    async def models(self, port: int) -> dict[str, SimModel]:
-        return self._workers[port].models
-
-    async def ports(self) -> list[int]:
-        return sorted(self._workers)
-
-    async def stop_all(self) -> None:
-        for port in list(self._workers):
-            await self.remove(port)
-
-
-def _vector(text: str, dim: int) -> list[float]:
-    """A fixed pseudo-embedding of ``text``: the same text, the same vector."""
-    digest = hashlib.sha256(text.encode()).digest()
-    return [round(digest[i % len(digest)] / 255.0, 6) for i in range(dim)]
-
-
-def _parse_model(spec: str) -> SimModel:
-    name, wtype = parse_worker_key(spec) if "@" in spec else (spec, "llm")
-    return SimModel(name=name, worker_type=wtype)
-
-
-async def _serve(settings: WorkerSettings) -> None:
-    worker = ReferenceWorker(settings)
-    await worker.start()
-    await serve_until_signalled(worker.address, worker.stop)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m actors.reference_worker", description=__doc__.split("\n")[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--controller", help="controller URL to register with, e.g. http://127.0.0.1:8000")
-    parser.add_argument("--model", action="append", default=[], help="model[@worker_type]; repeatable")
-    parser.add_argument("--heartbeat-interval", type=float, default=5.0)
-    parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every worker call")
-    parser.add_argument("--start-delay", type=float, default=0.0, help="seconds a model takes to start")
-    parser.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between streamed chunks")
-    parser.add_argument("--chunks", type=int, default=4, help="chunks of a streamed answer")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = WorkerSettings(
-        host=args.host, port=args.port, controller=args.controller,
-        heartbeat_interval=args.heartbeat_interval, models=[_parse_model(m) for m in args.model],
-        faults=Faults(latency=args.latency), start_delay=args.start_delay,
-        chunk_delay=args.chunk_delay, chunks=args.chunks,
-    )
-    asyncio.run(_serve(settings))
-
-
-if __name__ == "__main__":
-    main()

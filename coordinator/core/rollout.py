@@ -7,7 +7,7 @@ from typing import Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from coordinator.models import ApplyType, Endpoint, WorkerApplyOutput
+from coordinator.core.models import ApplyType, Endpoint, WorkerApplyOutput
 
 #: Operations that take an instance down and bring it back, so they can roll.
 ROLLABLE = frozenset({ApplyType.RESTART, ApplyType.UPDATE_PARAMS})
