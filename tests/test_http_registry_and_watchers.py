@@ -11,9 +11,12 @@ import pytest
 import yaml
 
 from actors.registry import EmbeddedRegistry
-from actors.sources import DbgptControllerSource, StaticFileSource
+from actors.sources import DbgptControllerSource, SourceError, StaticFileSource
 from actors.watcher import RegistryWatcher
+from coordinator.changes import Snapshot
 from coordinator.config import BackoffSettings, DbgptSource, EmbeddedSource, StaticSource
+from coordinator.liveset import Screened
+from coordinator.models import ModelInstance
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.anyio
@@ -149,6 +152,80 @@ async def test_an_unreachable_source_keeps_the_last_snapshot_and_says_stale(regi
         status = await watcher.status()
         assert status.consecutive_failures >= 1 and "connection refused" in status.last_error
         assert watcher.snapshot() == before  # never emptied
+    finally:
+        await watcher.close()
+
+
+async def test_a_source_down_from_the_start_is_never_answered_as_empty():
+    """A watcher (re)started while its controller is down has nothing to say: a
+    listener gets no answer (it keeps what it holds) rather than an empty
+    snapshot that would retire every instance it had from this source. The
+    status says stale and why. Once the controller answers, so does the watcher."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    watcher = RegistryWatcher(DbgptSource(name="d", url=url, poll_interval=0.05), FAST_BACKOFF)
+    reg = None
+    try:
+        status = await watcher.ready(0.3)
+        while status.consecutive_failures < 2:  # failed more than once, at the back-off's pace
+            await asyncio.sleep(0.05)
+            status = await watcher.status()
+        assert await watcher.listen(None, 0.3) is None
+        assert not status.ready and status.stale and "connection refused" in status.last_error
+        held = asyncio.create_task(watcher.listen(("an earlier epoch", 7), 10))  # a coordinator's copy
+        await asyncio.sleep(0.2)
+        assert not held.done()
+
+        reg = EmbeddedRegistry(EmbeddedSource(port=port))  # the controller comes back, with an entry
+        await reg.register(ModelInstance(**instance()))
+        await reg.ready()
+        snap = await held
+        assert isinstance(snap, Snapshot) and [i.port for i in snap.instances] == [18001]
+        status = await watcher.ready(5)
+        assert status.ready and not status.stale and status.last_error is None
+    finally:
+        await watcher.close()
+        if reg is not None:
+            await reg.close()
+
+
+async def test_a_watcher_survives_ten_thousand_failures_in_a_row():
+    """The back-off is bounded arithmetic: 2 ** n overflowed a float after ~1,024
+    failures and killed the loop for good. Here the source fails 10,000 times
+    (the waits are recorded, not slept), then answers."""
+
+    class Flaky:
+        target = "flaky"
+
+        def __init__(self, failures: int) -> None:
+            self.failures = failures
+
+        async def next(self, first: bool) -> Screened | None:
+            if self.failures:
+                self.failures -= 1
+                raise SourceError("down")
+            if not first:
+                await asyncio.sleep(0.05)
+                return None
+            return Screened([ModelInstance(**instance(healthy=True))], [])
+
+        async def close(self) -> None:
+            pass
+
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        await asyncio.sleep(0)
+
+    backoff = BackoffSettings(initial=0.5, maximum=30)
+    watcher = RegistryWatcher(StaticSource(name="f", instances=[]), backoff, source=Flaky(10_000), sleep=sleep)
+    try:
+        status = await watcher.ready(30)
+        assert status.ready and not status.stale, status
+        assert len(waits) == 10_000 and waits[:3] == [0.5, 1.0, 2.0] and set(waits[7:]) == {30.0}
+        snap = await watcher.listen(None, 1)
+        assert [i.port for i in snap.instances] == [18001]
     finally:
         await watcher.close()
 
