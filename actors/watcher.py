@@ -126,7 +126,7 @@ class RegistryWatcher:
                 first = True
                 await self._sleep(self._backoff.delay(self._status.consecutive_failures))
                 continue
-            first = False
+            first = not self._ready.is_set() and instances is None  # "nothing new" to nothing held: ask again
             elapsed = time.monotonic() - started
             if elapsed > SLOW_FETCH_WARNING and instances is not None:
                 log.warning("%s: fetch took %.1f s", self._status.source, elapsed)
@@ -152,12 +152,13 @@ class RegistryWatcher:
             self._metrics.refused_entries(self._status.source, len(listing.rejected))
         elif result is not None:  # the source's own changes
             self._log.apply(result)
+        answered = result is not None or self._ready.is_set()
         self._status = self._status.model_copy(
             update={
                 "version": self._log.version,
                 "instances": len(self._log),
                 "fetches": self._status.fetches + 1,
-                "ready": True,
+                "ready": answered,
                 "stale": False,
                 "last_success": self._clock(),
                 "consecutive_failures": 0,
@@ -165,7 +166,8 @@ class RegistryWatcher:
                 **update,
             }
         )
-        self._ready.set()
+        if answered:
+            self._ready.set()
         self._feed.notify()
         self._metrics.watcher(self._status.source, stale=False, failed=False)
 

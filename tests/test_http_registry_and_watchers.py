@@ -10,7 +10,9 @@ import httpx
 import pytest
 import yaml
 
+from actors.controller_api import RegistryUnavailable
 from actors.registry import EmbeddedRegistry
+from actors.registry_state import Journal, MemoryStateStore
 from actors.sources import DbgptControllerSource, SourceError, StaticFileSource
 from actors.watcher import RegistryWatcher
 from coordinator.changes import Snapshot
@@ -187,6 +189,42 @@ async def test_a_source_down_from_the_start_is_never_answered_as_empty():
         await watcher.close()
         if reg is not None:
             await reg.close()
+
+
+async def test_a_restarting_registry_answers_no_watcher_before_its_saved_state_is_loaded():
+    """Right after a restart the registry's store is empty because nothing is
+    loaded yet: a watcher's first long poll waits for the saved entries (and is
+    refused, not answered empty, if they take longer than its timeout)."""
+
+    class SlowRestore(MemoryStateStore):
+        def __init__(self, data: dict[str, bytes]) -> None:
+            super().__init__()
+            self.data, self.gate = data, asyncio.Event()
+
+        async def get(self, key: str) -> bytes | None:
+            await self.gate.wait()
+            return await super().get(key)
+
+    saved = MemoryStateStore()
+    first = EmbeddedRegistry(EmbeddedSource(port=0), state=Journal(saved, "k"))
+    await first.ready()
+    await first.register(ModelInstance(**instance()))
+    await first.close()
+
+    store = SlowRestore(saved.data)
+    again = EmbeddedRegistry(EmbeddedSource(port=0), state=Journal(store, "k"))
+    try:
+        with pytest.raises(RegistryUnavailable, match="not restored"):
+            await again.wait_for_change(None, 0.1)
+        early = asyncio.create_task(again.wait_for_change(None, 10))
+        await asyncio.sleep(0.2)
+        assert not early.done()
+        store.gate.set()
+        snap = await early
+        assert [i.port for i in snap.instances] == [18001]
+    finally:
+        store.gate.set()
+        await again.close()
 
 
 async def test_a_watcher_survives_ten_thousand_failures_in_a_row():
