@@ -69,6 +69,8 @@ class RegistryWatcher:
         self._feed = ChangeFeed()
         #: Set by the first successful fetch: until then there is nothing to answer with.
         self._ready = asyncio.Event()
+        #: Set by the first fetch that finished, well or badly (for ready()).
+        self._tried = asyncio.Event()
         self._loop_task = asyncio.get_running_loop().create_task(self._run())
         self._loop_task.add_done_callback(self._loop_ended)
 
@@ -98,11 +100,12 @@ class RegistryWatcher:
         return process_info()
 
     async def ready(self, timeout: float) -> WatcherStatus:
-        """Wait (up to ``timeout``) until the source has answered once; the
-        status says whether it did (``ready``) and, if not, why (``stale``,
-        ``last_error``, ``consecutive_failures``)."""
+        """Wait (up to ``timeout``) until the first fetch has finished, well or
+        badly: the status says whether the source answered (``ready``) and, if
+        not, why (``stale``, ``last_error``) — so a caller can say at once that
+        a source is down instead of waiting out its timeout."""
         try:
-            await asyncio.wait_for(self._ready.wait(), timeout)
+            await asyncio.wait_for(self._tried.wait(), timeout)
         except TimeoutError:
             pass
         return self._status
@@ -168,6 +171,7 @@ class RegistryWatcher:
         )
         if answered:
             self._ready.set()
+        self._tried.set()
         self._feed.notify()
         self._metrics.watcher(self._status.source, stale=False, failed=False)
 
@@ -189,4 +193,5 @@ class RegistryWatcher:
                 "last_error": message,
             }
         )
+        self._tried.set()
         self._metrics.watcher(self._status.source, stale=True, failed=True)

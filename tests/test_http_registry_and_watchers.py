@@ -168,12 +168,14 @@ async def test_a_source_down_from_the_start_is_never_answered_as_empty():
     watcher = RegistryWatcher(DbgptSource(name="d", url=url, poll_interval=0.05), FAST_BACKOFF)
     reg = None
     try:
-        status = await watcher.ready(0.3)
-        while status.consecutive_failures < 2:  # failed more than once, at the back-off's pace
+        status = await watcher.ready(5)  # returns once the first fetch failed, saying so
+        assert await watcher.listen(None, 0.3) is None  # not an empty snapshot
+        assert not status.ready and status.stale and "connection refused" in status.last_error
+        while status.consecutive_failures < 3:  # failed again, at the back-off's pace
             await asyncio.sleep(0.05)
             status = await watcher.status()
-        assert await watcher.listen(None, 0.3) is None
-        assert not status.ready and status.stale and "connection refused" in status.last_error
+        assert await watcher.listen(None, 0.1) is None
+        assert not (await watcher.status()).ready
         held = asyncio.create_task(watcher.listen(("an earlier epoch", 7), 10))  # a coordinator's copy
         await asyncio.sleep(0.2)
         assert not held.done()
@@ -259,11 +261,11 @@ async def test_a_watcher_survives_ten_thousand_failures_in_a_row():
     backoff = BackoffSettings(initial=0.5, maximum=30)
     watcher = RegistryWatcher(StaticSource(name="f", instances=[]), backoff, source=Flaky(10_000), sleep=sleep)
     try:
-        status = await watcher.ready(30)
-        assert status.ready and not status.stale, status
-        assert len(waits) == 10_000 and waits[:3] == [0.5, 1.0, 2.0] and set(waits[7:]) == {30.0}
-        snap = await watcher.listen(None, 1)
+        snap = await watcher.listen(None, 30)  # the first answer, once the source answers
+        status = await watcher.status()
+        assert snap is not None and status.ready and not status.stale, status
         assert [i.port for i in snap.instances] == [18001]
+        assert len(waits) == 10_000 and waits[:3] == [0.5, 1.0, 2.0] and set(waits[7:]) == {30.0}
     finally:
         await watcher.close()
 
