@@ -99,6 +99,9 @@ def watcher_pid(cluster: coordinator.Cluster, source: str) -> int | None:
 
 
 def test_watcher_and_registry_killed_together_retire_nothing(clusters, worker_process):
+    """The restarted watcher's first fetch fails (the registry is down), and the
+    restarted registry's first answers come before or after it has loaded its
+    saved entries: neither may reach the coordinator as an empty registry."""
     cluster = clusters("outage-both", EMBEDDED)
     url = cluster.registry_url()
     ports = {worker_process("o1@llm", controller=url, heartbeat_interval=1).port for _ in range(2)}
