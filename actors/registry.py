@@ -56,6 +56,12 @@ class EmbeddedRegistry:
         self._feed = ChangeFeed()
         self._published = self._store.changes.position
         self._http: HttpServer | None = None
+        #: Set once the saved state is loaded (at once without a journal): until
+        #: then the store is empty because nothing is loaded yet, not because
+        #: nothing is registered, and no watcher is told otherwise.
+        self._restored = asyncio.Event()
+        if self._journal is None:
+            self._restored.set()
         loop = asyncio.get_running_loop()
         self._serving = loop.create_task(self._start())
         self._expiry = loop.create_task(self._expiry_loop())
@@ -78,6 +84,7 @@ class EmbeddedRegistry:
                 self._published = self._store.changes.position
                 port = port or saved.port
                 log.warning("registry restored %d entries; serving again on port %s", len(self._store), port)
+            self._restored.set()
         self._http = HttpServer(controller_app(self, self._settings), self._settings.host, port, self._settings.tls)
         await self._http.start()
         if self._journal is not None:
@@ -131,7 +138,14 @@ class EmbeddedRegistry:
         """What changed since ``since`` (an ``(epoch, version)`` from an earlier
         answer) as soon as anything did: a :class:`Delta`, or a :class:`Snapshot`
         for a listener that is new or too far behind; ``None`` when nothing
-        changed within ``timeout`` seconds."""
+        changed within ``timeout`` seconds. Right after a restart, waits for
+        the saved state: an empty answer then would say every entry is gone."""
+        if not self._restored.is_set():
+            try:
+                await asyncio.wait_for(self._restored.wait(), timeout)
+            except TimeoutError:
+                raise RegistryUnavailable(f"the registry has not restored its saved state within {timeout:g} s") \
+                    from None
         changes = self._store.changes
         if not await self._feed.wait_until(lambda: since != changes.position, timeout):
             return None

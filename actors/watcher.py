@@ -10,6 +10,12 @@ file) is compared entry by entry, and only entries that really changed — not
 their heartbeat times — make a new version. When the source fails, the watcher
 keeps the last good state, says it is stale, and backs off; a failing source
 never empties the set.
+
+A source that has never answered is not empty either: a watcher (re)started
+while its source is down answers no listener until its first fetch succeeds
+(a consumer keeps what it holds — after a restart, the coordinator's live set
+is the memory of what this watcher last said), and its status says stale,
+with the error, meanwhile.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from coordinator.plumbing.process import process_info
 from actors.sources import Source, SourceError, build_source
@@ -49,18 +55,24 @@ class RegistryWatcher:
         source: Source | None = None,
         clock: Callable[[], float] = time.time,
         export_metrics: bool = False,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
     ) -> None:
         self._metrics = RayMetrics() if export_metrics else NoMetrics()
         self._source = source or build_source(settings, registry_actor, namespace, long_poll, pace)
         self._backoff = backoff or BackoffSettings()
         self._clock = clock
+        self._sleep = sleep  # the back-off's waits (tests pass one that does not wait)
         self._log: ChangeLog[tuple[str, str, int], ModelInstance] = ChangeLog(identity)
         self._status = WatcherStatus(
             source=settings.name or settings.kind, kind=settings.kind, target=self._source.target
         )
         self._feed = ChangeFeed()
+        #: Set by the first successful fetch: until then there is nothing to answer with.
         self._ready = asyncio.Event()
+        #: Set by the first fetch that finished, well or badly (for ready()).
+        self._tried = asyncio.Event()
         self._loop_task = asyncio.get_running_loop().create_task(self._run())
+        self._loop_task.add_done_callback(self._loop_ended)
 
     # ---- for consumers --------------------------------------------------
 
@@ -68,8 +80,9 @@ class RegistryWatcher:
         """What changed since ``since`` as soon as anything did (a delta, or a
         snapshot for a listener that is new, from another epoch — this watcher
         restarted — or too far behind); ``None`` if nothing changed within
-        ``timeout``."""
-        # Until the first fetch has finished there is nothing worth answering with.
+        ``timeout``, and until the source has answered once: an empty snapshot
+        from a watcher that never heard its source would tell the listener
+        that every instance it holds from this source is gone."""
         changed = await self._feed.wait_until(
             lambda: self._ready.is_set() and since != self._log.position, timeout
         )
@@ -87,9 +100,12 @@ class RegistryWatcher:
         return process_info()
 
     async def ready(self, timeout: float) -> WatcherStatus:
-        """Wait until the first fetch has finished, well or badly."""
+        """Wait (up to ``timeout``) until the first fetch has finished, well or
+        badly: the status says whether the source answered (``ready``) and, if
+        not, why (``stale``, ``last_error``) — so a caller can say at once that
+        a source is down instead of waiting out its timeout."""
         try:
-            await asyncio.wait_for(self._ready.wait(), timeout)
+            await asyncio.wait_for(self._tried.wait(), timeout)
         except TimeoutError:
             pass
         return self._status
@@ -111,13 +127,20 @@ class RegistryWatcher:
             except Exception as exc:  # the loop survives any one failure
                 self._record_failure(exc)
                 first = True
-                await asyncio.sleep(self._backoff.delay(self._status.consecutive_failures))
+                await self._sleep(self._backoff.delay(self._status.consecutive_failures))
                 continue
-            first = False
+            first = not self._ready.is_set() and instances is None  # "nothing new" to nothing held: ask again
             elapsed = time.monotonic() - started
             if elapsed > SLOW_FETCH_WARNING and instances is not None:
                 log.warning("%s: fetch took %.1f s", self._status.source, elapsed)
             self._record_success(instances)
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        """The loop only ends when closed; anything else is a bug, said loudly
+        (the watcher would go on answering with an ever older snapshot)."""
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: the watcher's loop died; the source is no longer followed",
+                      self._status.source, exc_info=task.exception())
 
     def _record_success(self, result: Screened | Change | None) -> None:
         update: dict[str, object] = {}
@@ -132,12 +155,13 @@ class RegistryWatcher:
             self._metrics.refused_entries(self._status.source, len(listing.rejected))
         elif result is not None:  # the source's own changes
             self._log.apply(result)
+        answered = result is not None or self._ready.is_set()
         self._status = self._status.model_copy(
             update={
                 "version": self._log.version,
                 "instances": len(self._log),
                 "fetches": self._status.fetches + 1,
-                "ready": True,
+                "ready": answered,
                 "stale": False,
                 "last_success": self._clock(),
                 "consecutive_failures": 0,
@@ -145,23 +169,29 @@ class RegistryWatcher:
                 **update,
             }
         )
-        self._ready.set()
+        if answered:
+            self._ready.set()
+        self._tried.set()
         self._feed.notify()
         self._metrics.watcher(self._status.source, stale=False, failed=False)
 
     def _record_failure(self, exc: Exception) -> None:
+        """Stale, with the error; still not ready if the source never answered
+        (listeners get nothing rather than an empty set)."""
         failures = self._status.consecutive_failures + 1
         message = str(exc) if isinstance(exc, SourceError) else f"{type(exc).__name__}: {exc}"
         if failures == 1:
-            log.warning("%s: source failed, keeping the last snapshot: %s", self._status.source, message)
+            if self._ready.is_set():
+                log.warning("%s: source failed, keeping the last snapshot: %s", self._status.source, message)
+            else:
+                log.warning("%s: source has not answered yet; listeners keep what they hold: %s",
+                            self._status.source, message)
         self._status = self._status.model_copy(
             update={
-                "ready": True,
                 "stale": True,
                 "consecutive_failures": failures,
                 "last_error": message,
             }
         )
-        self._ready.set()
-        self._feed.notify()
+        self._tried.set()
         self._metrics.watcher(self._status.source, stale=True, failed=True)

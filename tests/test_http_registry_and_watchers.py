@@ -10,10 +10,15 @@ import httpx
 import pytest
 import yaml
 
+from actors.controller_api import RegistryUnavailable
 from actors.registry import EmbeddedRegistry
-from actors.sources import DbgptControllerSource, StaticFileSource
+from actors.registry_state import Journal, MemoryStateStore
+from actors.sources import DbgptControllerSource, SourceError, StaticFileSource
 from actors.watcher import RegistryWatcher
+from coordinator.core.changes import Snapshot
 from coordinator.core.config import BackoffSettings, DbgptSource, EmbeddedSource, StaticSource
+from coordinator.core.liveset import Screened
+from coordinator.core.models import ModelInstance
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.anyio
@@ -149,6 +154,118 @@ async def test_an_unreachable_source_keeps_the_last_snapshot_and_says_stale(regi
         status = await watcher.status()
         assert status.consecutive_failures >= 1 and "connection refused" in status.last_error
         assert watcher.snapshot() == before  # never emptied
+    finally:
+        await watcher.close()
+
+
+async def test_a_source_down_from_the_start_is_never_answered_as_empty():
+    """A watcher (re)started while its controller is down has nothing to say: a
+    listener gets no answer (it keeps what it holds) rather than an empty
+    snapshot that would retire every instance it had from this source. The
+    status says stale and why. Once the controller answers, so does the watcher."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    watcher = RegistryWatcher(DbgptSource(name="d", url=url, poll_interval=0.05), FAST_BACKOFF)
+    reg = None
+    try:
+        status = await watcher.ready(5)  # returns once the first fetch failed, saying so
+        assert await watcher.listen(None, 0.3) is None  # not an empty snapshot
+        assert not status.ready and status.stale and "connection refused" in status.last_error
+        while status.consecutive_failures < 3:  # failed again, at the back-off's pace
+            await asyncio.sleep(0.05)
+            status = await watcher.status()
+        assert await watcher.listen(None, 0.1) is None
+        assert not (await watcher.status()).ready
+        held = asyncio.create_task(watcher.listen(("an earlier epoch", 7), 10))  # a coordinator's copy
+        await asyncio.sleep(0.2)
+        assert not held.done()
+
+        reg = EmbeddedRegistry(EmbeddedSource(port=port))  # the controller comes back, with an entry
+        await reg.register(ModelInstance(**instance()))
+        await reg.ready()
+        snap = await held
+        assert isinstance(snap, Snapshot) and [i.port for i in snap.instances] == [18001]
+        status = await watcher.ready(5)
+        assert status.ready and not status.stale and status.last_error is None
+    finally:
+        await watcher.close()
+        if reg is not None:
+            await reg.close()
+
+
+async def test_a_restarting_registry_answers_no_watcher_before_its_saved_state_is_loaded():
+    """Right after a restart the registry's store is empty because nothing is
+    loaded yet: a watcher's first long poll waits for the saved entries (and is
+    refused, not answered empty, if they take longer than its timeout)."""
+
+    class SlowRestore(MemoryStateStore):
+        def __init__(self, data: dict[str, bytes]) -> None:
+            super().__init__()
+            self.data, self.gate = data, asyncio.Event()
+
+        async def get(self, key: str) -> bytes | None:
+            await self.gate.wait()
+            return await super().get(key)
+
+    saved = MemoryStateStore()
+    first = EmbeddedRegistry(EmbeddedSource(port=0), state=Journal(saved, "k"))
+    await first.ready()
+    await first.register(ModelInstance(**instance()))
+    await first.close()
+
+    store = SlowRestore(saved.data)
+    again = EmbeddedRegistry(EmbeddedSource(port=0), state=Journal(store, "k"))
+    try:
+        with pytest.raises(RegistryUnavailable, match="not restored"):
+            await again.wait_for_change(None, 0.1)
+        early = asyncio.create_task(again.wait_for_change(None, 10))
+        await asyncio.sleep(0.2)
+        assert not early.done()
+        store.gate.set()
+        snap = await early
+        assert [i.port for i in snap.instances] == [18001]
+    finally:
+        store.gate.set()
+        await again.close()
+
+
+async def test_a_watcher_survives_ten_thousand_failures_in_a_row():
+    """The back-off is bounded arithmetic: 2 ** n overflowed a float after ~1,024
+    failures and killed the loop for good. Here the source fails 10,000 times
+    (the waits are recorded, not slept), then answers."""
+
+    class Flaky:
+        target = "flaky"
+
+        def __init__(self, failures: int) -> None:
+            self.failures = failures
+
+        async def next(self, first: bool) -> Screened | None:
+            if self.failures:
+                self.failures -= 1
+                raise SourceError("down")
+            if not first:
+                await asyncio.sleep(0.05)
+                return None
+            return Screened([ModelInstance(**instance(healthy=True))], [])
+
+        async def close(self) -> None:
+            pass
+
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        await asyncio.sleep(0)
+
+    backoff = BackoffSettings(initial=0.5, maximum=30)
+    watcher = RegistryWatcher(StaticSource(name="f", instances=[]), backoff, source=Flaky(10_000), sleep=sleep)
+    try:
+        snap = await watcher.listen(None, 30)  # the first answer, once the source answers
+        status = await watcher.status()
+        assert snap is not None and status.ready and not status.stale, status
+        assert [i.port for i in snap.instances] == [18001]
+        assert len(waits) == 10_000 and waits[:3] == [0.5, 1.0, 2.0] and set(waits[7:]) == {30.0}
     finally:
         await watcher.close()
 

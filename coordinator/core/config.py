@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Literal, Self
+from typing import Annotated, ClassVar, Literal, Self
 
 import yaml
 from pydantic import (
@@ -158,9 +158,16 @@ class BackoffSettings(_Strict):
             raise ValueError("backoff.maximum must be >= backoff.initial")
         return self
 
+    #: The doubling stops at this power of two: past it any sane delay is
+    #: beyond ``maximum`` already, and ``2 ** n`` itself overflows a float
+    #: after ~1,024 failures in a row (a source down for a long weekend).
+    MAX_DOUBLINGS: ClassVar[int] = 64
+
     def delay(self, failures: int) -> float:
-        """Seconds to wait after the ``failures``-th failure in a row."""
-        return min(self.maximum, self.initial * 2 ** max(0, failures - 1))
+        """Seconds to wait after the ``failures``-th failure in a row:
+        ``initial`` doubling up to ``maximum``, for any count of failures."""
+        doublings = min(max(0, failures - 1), self.MAX_DOUBLINGS)
+        return min(self.maximum, self.initial * 2.0**doublings)
 
 
 class ReconcileSettings(_Strict):

@@ -177,9 +177,11 @@ class Backoff:
 
 
 def backed_off(prev: Backoff | None, now: float, error: str, initial: float = 1.0, maximum: float = 300.0) -> Backoff:
-    """The backoff after one more failure: ``initial`` doubling up to ``maximum``."""
+    """The backoff after one more failure: ``initial`` doubling up to ``maximum``,
+    for any count of failures (the doubling stops at 2**64: beyond it ``2 ** n``
+    would overflow a float after ~1,024 failures in a row and kill the keeper)."""
     failures = (prev.failures if prev else 0) + 1
-    return Backoff(failures, now + min(maximum, initial * 2 ** (failures - 1)), error)
+    return Backoff(failures, now + min(maximum, initial * 2.0 ** min(failures - 1, 64)), error)
 
 
 @dataclass(frozen=True)

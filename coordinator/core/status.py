@@ -17,7 +17,7 @@ class WatcherStatus(BaseModel):
     target: str  # controller URL(s), registry actor, or file
     version: int = 0
     instances: int = 0
-    ready: bool = False  # the first fetch has finished, well or badly
+    ready: bool = False  # the source has answered once (until then listeners get nothing, not an empty set)
     stale: bool = False  # the last fetch failed; the snapshot is the last good one
     last_success: float | None = None  # wall-clock seconds
     fetches: int = 0  # answers from the source (polls answered, changes received, "nothing new")
