@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from coordinator.plumbing.process import process_info
+from coordinator.plumbing.process import exit_for_restart, process_info
 from actors.registry_state import GcsStateStore, Journal
 from actors.registry_store import RegistryStore
 from coordinator.core.changes import Change
@@ -26,6 +26,8 @@ from actors.controller_api import RegistryUnavailable, controller_app
 from actors.serving import HttpServer, serve_until_signalled
 from coordinator.core.config import EmbeddedSource
 from coordinator.core.models import ModelInstance
+from coordinator.core.supervisor import Supervisor
+from coordinator.plumbing.metrics import NoMetrics, RayMetrics
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,10 @@ class EmbeddedRegistry:
         settings: EmbeddedSource,
         state: Journal | str | None = None,
         clock: Callable[[], float] = time.time,
+        exit_on_fatal: bool = False,
+        export_metrics: bool = False,
     ) -> None:
+        self._metrics = RayMetrics() if export_metrics else NoMetrics()
         self._settings = settings
         self._journal = Journal(GcsStateStore(), state) if isinstance(state, str) else state
         self._store = RegistryStore(settings.heartbeat_timeout, clock, max_entries=settings.max_instances)
@@ -64,8 +69,16 @@ class EmbeddedRegistry:
             self._restored.set()
         loop = asyncio.get_running_loop()
         self._serving = loop.create_task(self._start())
-        self._expiry = loop.create_task(self._expiry_loop())
-        self._saving: asyncio.Task[None] | None = None
+        self._journal_started = asyncio.Event()
+        # Its loops under a supervisor: restarted (counted) after an unexpected
+        # failure; one that cannot be kept running ends the actor for Ray to restart.
+        self._supervisor = Supervisor(
+            on_restart=lambda name: self._metrics.loop_restart(f"registry {name}"),
+            on_fatal=exit_for_restart if exit_on_fatal else None)
+        self._supervisor.add("expiry", self._expiry_loop)
+        if self._journal is not None:
+            self._supervisor.add("save", self._save_loop)
+        self._loops = loop.create_task(self._supervisor.run())
         # Writes waiting for the journal: (version, future), oldest first.
         self._unsaved: deque[tuple[int, asyncio.Future[None]]] = deque()
 
@@ -90,7 +103,7 @@ class EmbeddedRegistry:
         if self._journal is not None:
             await self._journal.start(self._http.port, self._store.changes)
             self._acknowledge_saved()  # a write that arrived while the base was written
-            self._saving = asyncio.get_running_loop().create_task(self._save_loop())
+            self._journal_started.set()
 
     async def process_info(self) -> dict[str, str | int | None]:
         return process_info()
@@ -152,9 +165,7 @@ class EmbeddedRegistry:
         return changes.since(since)
 
     async def close(self) -> None:
-        self._expiry.cancel()
-        if self._saving is not None:
-            self._saving.cancel()
+        self._loops.cancel()
         if self._http is not None:
             await self._http.stop()
 
@@ -201,6 +212,7 @@ class EmbeddedRegistry:
         """Save what changed, one journal segment per pass: a burst of writes
         shares one KV write (group commit)."""
         assert self._journal is not None
+        await self._journal_started.wait()
         journal, changes = self._journal, self._store.changes
         while True:
             await self._feed.wait_until(lambda: journal.position != changes.position, timeout=3600)

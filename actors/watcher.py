@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from coordinator.plumbing.process import process_info
+from coordinator.plumbing.process import exit_for_restart, process_info
 from actors.sources import Source, SourceError, build_source
 from coordinator.core.changes import Change, ChangeLog, Snapshot, identity
 from coordinator.core.config import BackoffSettings, RegistrySource
@@ -34,6 +34,7 @@ from coordinator.core.longpoll import ChangeFeed
 from coordinator.plumbing.metrics import NoMetrics, RayMetrics
 from coordinator.core.models import ModelInstance
 from coordinator.core.status import WatcherStatus
+from coordinator.core.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class RegistryWatcher:
         source: Source | None = None,
         clock: Callable[[], float] = time.time,
         export_metrics: bool = False,
+        exit_on_fatal: bool = False,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
     ) -> None:
         self._metrics = RayMetrics() if export_metrics else NoMetrics()
@@ -71,8 +73,14 @@ class RegistryWatcher:
         self._ready = asyncio.Event()
         #: Set by the first fetch that finished, well or badly (for ready()).
         self._tried = asyncio.Event()
-        self._loop_task = asyncio.get_running_loop().create_task(self._run())
-        self._loop_task.add_done_callback(self._loop_ended)
+        # The fetch loop survives any one failure by itself; anything that
+        # escapes it is restarted by the supervisor (counted), and a loop that
+        # cannot be kept running ends the actor's process for Ray to restart.
+        self._supervisor = Supervisor(
+            on_restart=lambda name: self._metrics.loop_restart(f"watcher {self._status.source} {name}"),
+            on_fatal=exit_for_restart if exit_on_fatal else None)
+        self._supervisor.add("fetch", self._run)
+        self._loop_task = asyncio.get_running_loop().create_task(self._supervisor.run())
 
     # ---- for consumers --------------------------------------------------
 
@@ -134,13 +142,6 @@ class RegistryWatcher:
             if elapsed > SLOW_FETCH_WARNING and instances is not None:
                 log.warning("%s: fetch took %.1f s", self._status.source, elapsed)
             self._record_success(instances)
-
-    def _loop_ended(self, task: asyncio.Task[None]) -> None:
-        """The loop only ends when closed; anything else is a bug, said loudly
-        (the watcher would go on answering with an ever older snapshot)."""
-        if not task.cancelled() and task.exception() is not None:
-            log.error("%s: the watcher's loop died; the source is no longer followed",
-                      self._status.source, exc_info=task.exception())
 
     def _record_success(self, result: Screened | Change | None) -> None:
         update: dict[str, object] = {}

@@ -22,6 +22,11 @@ Run one as a process::
 
     python -m reference_worker --port 18001 \\
         --controller http://127.0.0.1:8000 --model chatgpt-test@llm
+
+Why this module is long: it is one simulated server — DB-GPT's control and
+inference routes, the registration and heartbeats, the journal and the fault
+knobs act on the same state; its settings, the Ray host and the command line
+live in their own modules.
 """
 
 from __future__ import annotations

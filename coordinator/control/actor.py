@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from typing import Any
 
 import ray
 
-from coordinator.plumbing.process import process_info
+from coordinator.plumbing.process import exit_for_restart, process_info
 from actors.registry_state import GcsStateStore
 from coordinator.core.changes import Change
 from coordinator.core.config import CoordinatorConfig, EmbeddedSource
@@ -45,14 +44,6 @@ from coordinator.core.status import ClusterStatus
 log = logging.getLogger(__name__)
 
 
-def _exit_for_restart(loop: str, error: BaseException) -> None:
-    """A loop that cannot be restarted in place: end the process (Ray restarts
-    the actor, which rebuilds everything from the watchers and the GCS)."""
-    log.critical("coordinator loop %r cannot be restarted (%s); exiting so that Ray restarts the actor", loop, error)
-    logging.shutdown()
-    os._exit(1)
-
-
 class CoordinatorActor:
     def __init__(
         self, config: CoordinatorConfig, name: str, namespace: str, nodes: list[NodeInfo] | None = None
@@ -65,7 +56,7 @@ class CoordinatorActor:
             store=GcsStateStore(),
             registries=RayRegistries([registry_actor(name, s.name) for s in config.registries
                                       if isinstance(s, EmbeddedSource)], namespace),
-            on_fatal=_exit_for_restart,
+            on_fatal=exit_for_restart,
         )
         self._main = asyncio.get_running_loop().create_task(self._service.run())
 

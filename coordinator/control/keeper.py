@@ -15,6 +15,12 @@ Backoffs and events are soft: a restarted coordinator tries once more.
 
 It reaches the fleet only through :class:`Fleet` (the service implements it),
 so tests can hand it a fake one.
+
+Why this module is long: the keeper is one state machine. Its bookkeeping
+(what is committed to the store and when), its loop and its actions share the
+records and the lock that orders their changes; split apart they would reach
+into each other's state. The decisions themselves are elsewhere (pure, in
+:mod:`coordinator.core.deployments`).
 """
 
 from __future__ import annotations

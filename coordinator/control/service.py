@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
@@ -91,6 +90,7 @@ class CoordinatorService:
         self._watchers = watchers
         self._proxies = proxies
         self._feed = ChangeFeed()
+        self._rebuild_by: float | None = None  # loop time until which reads wait for the first answers
         self.view = FleetView(config, proxies, registries, self._metrics, on_change=self._changed)
         self.operations = Operations(config, self.view, proxies, self._metrics, self._feed)
         probe = config.probe
@@ -184,8 +184,15 @@ class CoordinatorService:
         """Before an answer that reads the live set: right after a (re)start it
         is empty until the watchers have answered, and "no registry lists it"
         would be false. Waits (bounded) for every watcher's first answer."""
-        if not self.view.ready():
-            await self.ready(REBUILD_WAIT)
+        if self.view.ready():
+            return
+        # Once per (re)start, shared by every call: a source that stays down
+        # must not make each read wait again.
+        loop = asyncio.get_running_loop()
+        if self._rebuild_by is None:
+            self._rebuild_by = loop.time() + REBUILD_WAIT
+        if (left := self._rebuild_by - loop.time()) > 0:
+            await self.ready(left)
 
     # ---- what proxies tell ----------------------------------------------
 

@@ -15,6 +15,11 @@ Every command takes ``--address`` (a Ray cluster; default: the one this machine
 is part of), ``--namespace`` and ``--name``. Operations print one row per
 instance and exit 1 when any instance failed; a mistake is one line on stderr
 (exit 2), with ``--verbose`` for the traceback.
+
+Why this module is long: one click command per function, each a few lines of
+argument handling and a rich table; they share the connection context and the
+table helpers, and reading them side by side is how the command line is kept
+consistent.
 """
 
 from __future__ import annotations

@@ -6,6 +6,11 @@ Every call validates its input with pydantic *before* anything is sent, and exis
 twice: ``cluster.apply(...)`` blocks (for plain scripts), ``await
 cluster.aio.apply(...)`` does not (for async code). Both are built from one
 description of the call (:class:`_Call`), so they cannot drift apart.
+
+Why this module is long: ``Cluster`` and ``cluster.aio`` are two faces of the
+same calls, described once (:class:`_Call`) and written out per method so each
+has its own signature and docstring for users; keeping both faces beside the
+one description is what stops them drifting apart.
 """
 
 from __future__ import annotations

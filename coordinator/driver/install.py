@@ -93,7 +93,7 @@ def start(
             if isinstance(source, EmbeddedSource):
                 reg = ray.remote(EmbeddedRegistry).options(
                     **_options(registry_actor(name, source.name), namespace, detached, on_head)
-                ).remote(source, state=registry_actor(name, source.name))
+                ).remote(source, state=registry_actor(name, source.name), exit_on_fatal=True, export_metrics=True)
                 created.append(reg)
                 registries.append((source, reg))
         for source, reg in registries:
@@ -104,8 +104,9 @@ def start(
                     f"embedded registry {source.name!r} could not serve on "
                     f"{source.host}:{source.port}: {exc.cause}"
                 ) from None
+        watchers = []
         for source in config.registries:
-            created.append(
+            watchers.append(
                 ray.remote(RegistryWatcher).options(
                     **_options(watcher_actor(name, source.name), namespace, detached, on_head)
                 ).remote(
@@ -116,15 +117,25 @@ def start(
                     long_poll=config.long_poll_timeout,
                     pace=config.change_pace,
                     export_metrics=True,
+                    exit_on_fatal=True,
                 )
             )
+        created += watchers
         nodes = [NodeInfo.from_ray(n) for n in ray.nodes()]
         handle = ray.remote(CoordinatorActor).options(
             **_options(name, namespace, detached, on_head, COORDINATOR_MAX_CONCURRENCY)).remote(
             config, name, namespace, nodes
         )
         created.append(handle)
-        if not ray.get(handle.ready.remote(ready_timeout), timeout=ready_timeout + READ_TIMEOUT):
+        # Each watcher's first fetch, well or badly: a source that is down is
+        # said at once (and followed from then on), not waited out.
+        firsts = ray.get([w.ready.remote(ready_timeout) for w in watchers], timeout=ready_timeout + READ_TIMEOUT)
+        down = [st for st in firsts if not st.ready]
+        for st in down:
+            log.warning("coordinator %r: source %r (%s) did not answer: %s; following it until it does",
+                        name, st.source, st.target, st.last_error or "no answer yet")
+        wait = min(5.0, ready_timeout) if down else ready_timeout
+        if not ray.get(handle.ready.remote(wait), timeout=wait + READ_TIMEOUT) and not down:
             log.warning("coordinator %r started, but not every watcher answered within %ss", name, ready_timeout)
     except BaseException:
         for actor in created:
