@@ -13,7 +13,9 @@ coordinator) and as a plain object in unit tests, where an
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -95,9 +97,10 @@ class WorkerProxy:
         # the reason, rather than the proxy failing to start again and again.
         self._tls_error: str | None = None
         verify: ssl.SSLContext | bool = True
+        self._probe_tls: ssl.SSLContext | None = None
         if access.tls is not None:
             try:
-                verify = ssl_context(access.tls)
+                verify = self._probe_tls = ssl_context(access.tls)
             except (OSError, ssl.SSLError) as exc:
                 self._tls_error = f"TLS setup failed: {type(exc).__name__}: {exc}"
                 log.error("%s: %s", self.endpoint, self._tls_error)
@@ -290,7 +293,12 @@ class WorkerProxy:
         except ConnectionRefusedError as exc:
             error, refused = exc.strerror or "connection refused", True
         except OSError as exc:
-            error = exc.strerror or type(exc).__name__
+            error = exc.strerror or str(exc) or type(exc).__name__
+            # A name with several addresses fails with one OSError holding every
+            # attempt's error: refused only if each attempt was.
+            errnos = re.findall(r"\[Errno (\d+)\]", str(exc))
+            refused = exc.errno == errno.ECONNREFUSED or (bool(errnos) and all(
+                int(n) == errno.ECONNREFUSED for n in errnos))
         else:
             try:
                 error = await asyncio.wait_for(self._answers(reader, writer), max(0.01, ends - loop.time()))
@@ -304,9 +312,9 @@ class WorkerProxy:
         """None if the server answered on this connection, else why not."""
         try:
             if self._access.tls is not None:
-                if self._tls_error is None:  # the handshake itself is the answer; its verdict is not ours
+                if self._probe_tls is not None:  # the handshake itself is the answer; its verdict is not ours
                     try:
-                        await writer.start_tls(ssl_context(self._access.tls), server_hostname=self.endpoint.host)
+                        await writer.start_tls(self._probe_tls, server_hostname=self.endpoint.host)
                     except ssl.SSLError:
                         pass
                 return None

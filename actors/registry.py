@@ -68,7 +68,9 @@ class EmbeddedRegistry:
         if self._journal is None:
             self._restored.set()
         loop = asyncio.get_running_loop()
+        self._fatal = exit_for_restart if exit_on_fatal else None
         self._serving = loop.create_task(self._start())
+        self._serving.add_done_callback(self._start_ended)
         self._journal_started = asyncio.Event()
         # Its loops under a supervisor: restarted (counted) after an unexpected
         # failure; one that cannot be kept running ends the actor for Ray to restart.
@@ -104,6 +106,16 @@ class EmbeddedRegistry:
             await self._journal.start(self._http.port, self._store.changes)
             self._acknowledge_saved()  # a write that arrived while the base was written
             self._journal_started.set()
+
+    def _start_ended(self, task: asyncio.Task[None]) -> None:
+        """A registry that could not restore or serve must not look alive:
+        as an actor it ends its process (Ray starts it again, and the restore
+        is tried afresh); ``ready()`` raises the cause meanwhile."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("the registry could not start: %s", task.exception(), exc_info=task.exception())
+        if self._fatal is not None:
+            self._fatal("start", task.exception())
 
     async def process_info(self) -> dict[str, str | int | None]:
         return process_info()

@@ -171,14 +171,14 @@ class FleetView:
         self._probes[ep] = state
         self._probed_at[ep] = asyncio.get_running_loop().time() if at is None else at
         now = self._clock()
+        for old in [e for e, since in self._revived.items() if now - since > self._config.reconcile.replace_after]:
+            del self._revived[old]  # long enough ago: that outage is over
         if state.reachable is False:
             # Down again soon after it came back: the same outage goes on.
             since = self._revived.pop(ep, None)
             self._down.setdefault(ep, since if since is not None else now)
         elif ep in self._down:
             self._revived[ep] = self._down.pop(ep)
-        for old in [e for e, since in self._revived.items() if now - since > self._config.reconcile.replace_after]:
-            del self._revived[old]
 
     # ---- the route table -------------------------------------------------
 

@@ -147,6 +147,8 @@ class Keeper:
         self._wake = asyncio.Event()
         self._loaded = asyncio.Event()
         self._save_lock = asyncio.Lock()
+        self._forgotten = False  # forget() ran: nothing is kept any more
+        self._shown: dict[str, tuple[str, bool, int]] = {}  # key -> (state, stuck, observed) last told
 
     # ---- the desired state ----------------------------------------------
 
@@ -186,7 +188,7 @@ class Keeper:
                     intents=dict(held.intents) if held else {},
                 )
                 generations.append(changed[spec.key].generation)
-            return changed
+            return changed or None
 
         # Kept first, then in memory: a refused save changes nothing. A round
         # running meanwhile books its actions on the record by key, and the
@@ -211,13 +213,17 @@ class Keeper:
             await self._fleet.in_turn(key, lambda: self._round(key), ("reconcile", key))
         last = self.status(key)
         await self._commit(lambda records: {key: None})
-        self._backoff.pop(key, None)
+        for soft in (self._backoff, self._last_error, self._events, self._stopped, self._recheck, self._shown):
+            soft.pop(key, None)
         self._metrics.deployment(key, 0, 0, False, present=False)
         return last
 
     async def forget(self) -> None:
-        """Remove the kept state (when the coordinator is stopped on purpose)."""
-        await self._store.delete(self._state_key)
+        """Remove the kept state (when the coordinator is stopped on purpose);
+        no change is kept after it (a round still finishing books nothing)."""
+        async with self._save_lock:
+            self._forgotten = True
+            await self._store.delete(self._state_key)
 
     async def _commit(self, change: Callable[[dict[str, Record]], dict[str, Record | None] | None]) -> bool:
         """Change the records: ``change`` sees them as they are (under the lock,
@@ -225,6 +231,8 @@ class Keeper:
         remove), or None for nothing. The store takes the result first; memory
         changes only once it did — a refused save raises and changes nothing."""
         async with self._save_lock:
+            if self._forgotten:
+                return False
             changes = change(self._records)
             if changes is None:
                 return False
@@ -243,6 +251,10 @@ class Keeper:
         by then (a deploy during a round replaced it: the outcome of an action
         still lands on the live record, never an orphan)."""
         return await self._commit(lambda records: {key: update(records[key])} if key in records else None)
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded.is_set()
 
     # ---- status ---------------------------------------------------------
 
@@ -310,12 +322,7 @@ class Keeper:
 
     def _decide(self, key: str, held: Record) -> tuple[Decision, View]:
         view = self._view(key, held)
-        decision = decide(held.spec, view)
-        if decision.recheck_at is not None:
-            self._recheck[key] = decision.recheck_at
-        else:
-            self._recheck.pop(key, None)
-        return decision, view
+        return decide(held.spec, view), view
 
     # ---- the loop -------------------------------------------------------
 
@@ -329,16 +336,21 @@ class Keeper:
         await self._loaded.wait()
         await self._fleet.rebuilt()
         await asyncio.sleep(self._settle)
-        while True:
-            self._wake.clear()
-            for key in sorted(self._dirty):
-                if key not in self._rounds and key in self._records:
-                    self._rounds[key] = asyncio.get_running_loop().create_task(self._rounds_of(key))
-            try:
-                timeout = self._next_wake()
-                await asyncio.wait_for(self._wake.wait(), timeout)
-            except TimeoutError:
-                self.poke()
+        try:
+            while True:
+                self._wake.clear()
+                for key in sorted(self._dirty):
+                    if key not in self._rounds and key in self._records:
+                        self._rounds[key] = asyncio.get_running_loop().create_task(self._rounds_of(key))
+                try:
+                    timeout = self._next_wake()
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                except TimeoutError:
+                    self.poke()
+        finally:  # rounds do not outlive the loop (a restart of it starts them again)
+            for task in list(self._rounds.values()):
+                task.cancel()
+            self._rounds.clear()
 
     def _next_wake(self) -> float:
         """Seconds until the resync, or until a backoff ends if sooner."""
@@ -384,22 +396,42 @@ class Keeper:
         if not outcome:
             return
         held, decision, view = outcome[0]
+        if decision.recheck_at != self._recheck.get(key):  # the loop's next wake may move earlier
+            if decision.recheck_at is None:
+                self._recheck.pop(key, None)
+            else:
+                self._recheck[key] = decision.recheck_at
+            self._wake.set()
         if decision.state == "ready":
             self._last_error[key] = None
         self._report(key, held, view, decision)
+        shown = (decision.state, decision.stuck, held.observed_generation)
+        if self._shown.get(key) != shown:  # a deploy(wait=True) is waiting for this
+            self._shown[key] = shown
+            self._fleet.changed()
         if not decision.actions:
             return
         self._acting.add(key)
         try:
             async with asyncio.TaskGroup() as tg:
                 for action in decision.actions:
-                    tg.create_task(self._carry_out(key, held.spec, action, view))
+                    tg.create_task(self._isolated(key, held.spec, action, view))
         finally:
             self._acting.discard(key)
             now = self._records.get(key)
             if now is not None:
                 self._report(key, now, self._view(key, now))
             self._fleet.changed()
+
+    async def _isolated(self, key: str, spec: Deployment, action: Action, view: View) -> None:
+        """One action; its unexpected failure is its own (logged, an event),
+        never its siblings' (a task group would cancel them mid-call)."""
+        try:
+            await self._carry_out(key, spec, action, view)
+        except Exception as exc:
+            log.exception("deployment %s: %s %s failed unexpectedly", key, action.kind, action.endpoint)
+            self._event(key, action.kind, action.endpoint, action.reason, False, f"{type(exc).__name__}: {exc}")
+            self._last_error[key] = f"{action.kind} {action.endpoint}: {type(exc).__name__}: {exc}"
 
     async def _carry_out(self, key: str, spec: Deployment, action: Action, view: View) -> None:
         """Carry out one action of ``spec`` (the spec the round decided on);

@@ -115,7 +115,7 @@ class CoordinatorService:
 
     async def _keep(self) -> None:
         failures = 0
-        while True:
+        while not self.keeper.loaded:  # once: a restart of this loop must not reload the records
             try:
                 await self.keeper.load(self.config.deployments)
                 break

@@ -10,9 +10,11 @@ move one step closer, and the state to report:
 - an instance counts as **ready** when the registry lists it healthy and the
   probes do not find its worker unreachable; one that is listed but not ready
   counts as missing, and a replacement starts elsewhere — at once when its
-  death is certain (connection refused, or unlisted/unhealthy in the
-  registry), after ``replace_after`` seconds when it merely stopped answering
-  (a blip is not a death; the route table has dropped it meanwhile);
+  death is certain (connection refused, or gone from the registry) or nothing
+  is known of an outage (registry-unhealthy while the probes never failed),
+  after ``replace_after`` seconds from the start of an outage the probes saw
+  without proof of death (a blip is not a death; the route table has dropped
+  it meanwhile);
 - an instance a driver's **operation** is restarting, starting or
   reconfiguring is neither missing nor replaced while that lasts;
 - **placement** is on worker managers (``WorkerManager@service``) that are

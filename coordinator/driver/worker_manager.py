@@ -245,7 +245,12 @@ class RayWorkerManager:
                 self._caller = WorkerCaller(config, self._read_timeout)
         router = self._router
         if not router.ready:
-            await asyncio.to_thread(router.wait_ready, ROUTES_WAIT)
+            # Polled, not waited for in a thread: a burst of first calls must
+            # not hold the default thread pool while the coordinator is silent.
+            router.start()
+            deadline = time.monotonic() + ROUTES_WAIT
+            while not router.ready and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
         updates, at = self._pruned
         if router.updates != updates and time.monotonic() - at >= PRUNE_EVERY:
             self._pruned = (router.updates, time.monotonic())

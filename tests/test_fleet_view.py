@@ -1,0 +1,75 @@
+"""The fleet's view on its own (no Ray, no HTTP): what the keeper is shown of
+an instance's outages — one outage, one start time, however it flaps; a new
+outage, a new start; a refused connection passed on as a certain death."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from coordinator.control.fleet_view import FleetView
+from coordinator.core.config import CoordinatorConfig
+from coordinator.core.liveset import Snapshot
+from coordinator.core.models import Endpoint, ModelInstance
+
+pytestmark = pytest.mark.anyio
+
+EP = Endpoint("h", 1)
+
+
+class Proxies:
+    def __init__(self) -> None:
+        self.live: set[Endpoint] = set()
+
+    def endpoints(self):
+        return set(self.live)
+
+    def ensure(self, ep, access):
+        self.live.add(ep)
+
+    def retire(self, ep):
+        self.live.discard(ep)
+
+
+def probe(reachable: bool, refused: bool = False):
+    return SimpleNamespace(reachable=reachable, last_error=None if reachable else "x", refused=refused,
+                           consecutive_failures=0 if reachable else 2)
+
+
+@pytest.fixture
+def view():
+    now = [1000.0]
+    config = CoordinatorConfig.model_validate({"registries": [{"kind": "static", "name": "a", "instances": []}],
+                                               "reconcile": {"replace_after": 15}})
+    v = FleetView(config, Proxies(), clock=lambda: now[0])
+    v.absorb("a", Snapshot("e", 1, (ModelInstance(model_name="m@llm", host="h", port=1, healthy=True),)))
+    return v, now
+
+
+def seen(v: FleetView):
+    [s] = v.observe("m@llm")[0]
+    return s
+
+
+async def test_a_flapping_instance_keeps_its_outage_start_and_a_new_outage_gets_a_new_one(view):
+    v, now = view
+    v.report_probe(EP, probe(False))
+    assert seen(v).down_since == 1000.0 and seen(v).held(now[0], 15)
+    now[0] = 1003
+    v.report_probe(EP, probe(True))  # answers again; the registry may still list it unhealthy
+    assert seen(v).down_since == 1000.0
+    now[0] = 1005
+    v.report_probe(EP, probe(False))  # down again at once: the same outage
+    assert seen(v).down_since == 1000.0
+    now[0] = 1006
+    v.report_probe(EP, probe(True))
+    now[0] = 4600  # an hour of quiet, then a new blip: a new outage, waited for afresh
+    v.report_probe(EP, probe(False))
+    assert seen(v).down_since == 4600 and seen(v).held(now[0], 15)
+
+
+async def test_a_refused_connection_is_shown_as_a_certain_death(view):
+    v, now = view
+    v.report_probe(EP, probe(False, refused=True))
+    assert seen(v).refused and not seen(v).held(now[0], 15)
