@@ -120,9 +120,9 @@ _REQUEST = ConfigDict(extra="ignore", strict=True, frozen=True)
 
 def _check_model(value: str, info: ValidationInfo) -> str:
     if not value:
-        raise ValueError("model must not be empty")
+        raise ValueError("must not be empty")
     if len(value) > _limits(info).max_model_chars:
-        raise ValueError(f"model name longer than {_limits(info).max_model_chars} characters")
+        raise ValueError(f"must be at most {_limits(info).max_model_chars} characters")
     return value
 
 
@@ -130,15 +130,15 @@ def _check_max_tokens(value: int | None, info: ValidationInfo) -> int | None:
     if value is None:
         return None
     if value < 1:
-        raise ValueError(f"{info.field_name} must be at least 1 (got {value})")
+        raise ValueError(f"must be at least 1 (got {value})")
     if value > _limits(info).max_tokens:
-        raise ValueError(f"{info.field_name} must be at most {_limits(info).max_tokens} (got {value})")
+        raise ValueError(f"must be at most {_limits(info).max_tokens} (got {value})")
     return value
 
 
 def _check_n(value: int | None) -> int | None:
     if value is not None and value < 1:
-        raise ValueError(f"n must be at least 1 (got {value})")
+        raise ValueError(f"must be at least 1 (got {value})")
     if value is not None and value > 1:
         raise ValueError(f"only n=1 is supported: one choice per request (got {value})")
     return value
@@ -146,7 +146,7 @@ def _check_n(value: int | None) -> int | None:
 
 def _check_top_k(value: int | None) -> int | None:
     if value is not None and value != -1 and value < 1:
-        raise ValueError(f"top_k must be -1 or at least 1 (got {value})")
+        raise ValueError(f"must be -1 or at least 1 (got {value})")
     return value
 
 
@@ -157,7 +157,7 @@ def _normalize_stop(value: Any, info: ValidationInfo) -> Any:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list):
-        raise ValueError("stop must be a string or a list of strings")
+        raise ValueError("must be a string or a list of strings")
     limits = _limits(info)
     if len(value) > limits.max_stop:
         raise ValueError(f"at most {limits.max_stop} stop sequences (got {len(value)})")
@@ -231,7 +231,7 @@ class ChatMessage(BaseModel):
             raise ValueError(f"role '{value}' is not supported: DB-GPT workers take system, user and "
                              "assistant messages")
         if value not in ROLES:
-            raise ValueError(f"role must be one of {', '.join(ROLES)} (got {value[:40]!r})")
+            raise ValueError(f"must be one of {', '.join(ROLES)} (got {value[:40]!r})")
         return value
 
     @field_validator("content", mode="before")
@@ -240,7 +240,7 @@ class ChatMessage(BaseModel):
         if value is None:
             if info.data.get("role") == "assistant":
                 return ""
-            raise ValueError("content is required (null only for an assistant message)")
+            raise ValueError("is required (null only in an assistant message)")
         if isinstance(value, list):
             texts = []
             for i, part in enumerate(value):
@@ -256,7 +256,7 @@ class ChatMessage(BaseModel):
             value = "\n".join(texts)
         if isinstance(value, str):
             return _check_text(value, info, "content")
-        raise ValueError("content must be a string or a list of text parts")
+        raise ValueError("must be a string or a list of text parts")
 
     @field_validator("tool_calls")
     @classmethod
@@ -305,7 +305,7 @@ class _Sampling(BaseModel):
     @classmethod
     def _stream_options(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
         if value is not None and info.data.get("stream") is not True:
-            raise ValueError("stream_options is only allowed when stream is true")
+            raise ValueError("is only allowed when stream is true")
         return value
 
     @property
@@ -338,7 +338,7 @@ class ChatCompletionRequest(_Sampling):
     def _messages_count(cls, value: Any, info: ValidationInfo) -> Any:
         if isinstance(value, list):
             if not value:
-                raise ValueError("messages must not be empty")
+                raise ValueError("must not be empty")
             if len(value) > _limits(info).max_messages:
                 raise ValueError(f"at most {_limits(info).max_messages} messages (got {len(value)})")
         return value
@@ -364,13 +364,15 @@ class CompletionRequest(_Sampling):
     @classmethod
     def _prompt(cls, value: Any, info: ValidationInfo) -> Any:
         if isinstance(value, list):
+            if value and all(type(v) is int for v in value):
+                raise ValueError("token-id prompts are not supported: send text")
             if len(value) != 1:
                 raise ValueError(f"one prompt per request: a string or a list of one string (got {len(value)})")
             value = value[0]
             if isinstance(value, int) or (isinstance(value, list) and value and isinstance(value[0], int)):
                 raise ValueError("token-id prompts are not supported: send text")
             if not isinstance(value, str):
-                raise ValueError("prompt must be a string or a list of one string")
+                raise ValueError("must be a string or a list of one string")
         if isinstance(value, str):
             return _check_text(value, info, "prompt")
         return value
@@ -400,10 +402,10 @@ class EmbeddingRequest(BaseModel):
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list):
-            raise ValueError("input must be a string or a list of strings")
+            raise ValueError("must be a string or a list of strings")
         limits = _limits(info)
         if not value:
-            raise ValueError("input must not be empty")
+            raise ValueError("must not be empty")
         if len(value) > limits.max_embedding_inputs:
             raise ValueError(f"at most {limits.max_embedding_inputs} inputs (got {len(value)})")
         for i, item in enumerate(value):
