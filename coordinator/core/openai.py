@@ -184,7 +184,6 @@ _UNSUPPORTED: dict[str, tuple[Any, str]] = {
     "tool_choice": (lambda v: v is None or v in ("none", "auto"), "tool calls are not supported by DB-GPT workers"),
     "function_call": (lambda v: v is None or v in ("none", "auto"),
                       "function calls are not supported by DB-GPT workers"),
-    "parallel_tool_calls": (lambda v: True, ""),
     "response_format": (lambda v: v is None or (isinstance(v, Mapping) and v.get("type") == "text"),
                         "only response_format {\"type\": \"text\"} is supported"),
     "logprobs": (lambda v: v is None or v is False or (type(v) is int and v == 0),
@@ -248,7 +247,7 @@ class ChatMessage(BaseModel):
                     raise ValueError(f"part {i} must be an object {{\"type\": \"text\", \"text\": ...}}")
                 kind = part.get("type")
                 if kind != "text":
-                    shown = kind[:40] if isinstance(kind, str) else kind if kind is None else type(kind).__name__
+                    shown = kind[:40] if isinstance(kind, str) else type(kind).__name__
                     raise ValueError(f"part {i}: only text parts are supported (got type {shown!r})")
                 if not isinstance(part.get("text"), str):
                     raise ValueError(f"part {i}: text must be a string")
@@ -323,7 +322,7 @@ class ChatCompletionRequest(_Sampling):
     functions: Any = None
     tool_choice: Any = None
     function_call: Any = None
-    parallel_tool_calls: Any = None
+    parallel_tool_calls: Any = None  # meaningless without tools: accepted whatever it says
     response_format: Any = None
     top_logprobs: Any = None
     audio: Any = None
