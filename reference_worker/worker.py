@@ -9,7 +9,11 @@ a bare ``500 Internal Server Error`` and bad bodies with FastAPI's 422.
 
 It also answers DB-GPT's inference routes with simulated output: a
 deterministic reply naming the model and the worker, streamed in ``chunks``
-``chunk_delay`` seconds apart; embeddings of ``embedding_dim`` numbers.
+``chunk_delay`` seconds apart; embeddings of ``embedding_dim`` numbers. With
+``WorkerSettings.engine`` set, generate requests also go through a cost model of
+an LLM engine (reference_worker/engine.py: request slots, a prefix cache,
+prefill and decode costs), whose vLLM-style load figures are on ``GET /metrics``
+and whose per-request figures go in the journal entry's ``engine``.
 
 Fault knobs (``/api/_reference/faults`` or :meth:`ReferenceWorker.set_faults`):
 ``latency`` added to every worker call, ``fail_next`` N calls answered 500,
