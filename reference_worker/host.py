@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from reference_worker.engine import EngineFigures
 from reference_worker.sim import Faults, SimModel, WorkerSettings
 from reference_worker.worker import ReferenceWorker
 
@@ -35,6 +36,10 @@ class ReferenceWorkerHost:
         """Most applies seen at once, per model key and in all."""
         worker = self._workers[port]
         return dict(worker.peak), worker.peak_total
+
+    async def engine_figures(self, port: int) -> dict[str, EngineFigures]:
+        """The cost-model engine's load figures per model (empty when it is off)."""
+        return self._workers[port].engine_figures()
 
     async def models(self, port: int) -> dict[str, SimModel]:
         return self._workers[port].models

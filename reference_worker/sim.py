@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 
 from coordinator.core.config import ServeTls
 from coordinator.core.models import worker_key
+from reference_worker.engine import EngineSettings
 
 #: Providers the simulated worker accepts in a startup request.
 #: Worker calls a journal keeps (the oldest are dropped).
@@ -76,6 +77,9 @@ class WorkerSettings(BaseModel):
     #: Answer worker calls without ``Authorization: Bearer <this>`` with 401
     #: (DB-GPT's workers check nothing; this stands for a protecting proxy).
     require_token: str | None = None
+    #: A cost model of an LLM engine (slots, prefix cache, prefill and decode
+    #: costs, vLLM's figures on ``GET /metrics``); None: off, as before.
+    engine: EngineSettings | None = None
 
 
 class Fault(Exception):

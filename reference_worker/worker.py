@@ -9,7 +9,11 @@ a bare ``500 Internal Server Error`` and bad bodies with FastAPI's 422.
 
 It also answers DB-GPT's inference routes with simulated output: a
 deterministic reply naming the model and the worker, streamed in ``chunks``
-``chunk_delay`` seconds apart; embeddings of ``embedding_dim`` numbers.
+``chunk_delay`` seconds apart; embeddings of ``embedding_dim`` numbers. With
+``WorkerSettings.engine`` set, generate requests also go through a cost model of
+an LLM engine (reference_worker/engine.py: request slots, a prefix cache,
+prefill and decode costs), whose vLLM-style load figures are on ``GET /metrics``
+and whose per-request figures go in the journal entry's ``engine``.
 
 Fault knobs (``/api/_reference/faults`` or :meth:`ReferenceWorker.set_faults`):
 ``latency`` added to every worker call, ``fail_next`` N calls answered 500,
@@ -39,11 +43,12 @@ import json
 import logging
 import time
 from collections import deque
+from contextlib import aclosing
 from typing import Any, Literal
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from actors.serving import HttpServer, read_body, replay
 from coordinator.plumbing.transport import client_limits
@@ -59,9 +64,13 @@ from coordinator.core.models import (
     parse_worker_key,
     worker_key,
 )
+from reference_worker.engine import Engine, EngineFigures, prometheus_text, render_prompt
 from reference_worker.sim import JOURNAL_LIMIT, KNOWN_PROVIDERS, Fault, Faults, SimModel, WorkerSettings, garbage, vector
 
 log = logging.getLogger(__name__)
+
+#: Where a worker call's journal entry travels in its ASGI scope (the engine's figures go in it).
+JOURNAL_ENTRY = "reference_worker.journal_entry"
 
 
 class ReferenceWorker:
@@ -79,6 +88,8 @@ class ReferenceWorker:
         self._controller_lock = asyncio.Lock()
         self._heartbeats: asyncio.Task[None] | None = None
         self._hung = asyncio.Event()  # set on stop, to release hung calls
+        #: The cost-model engine of each LLM served (with ``settings.engine``).
+        self._engines: dict[str, Engine] = {}
 
     @property
     def port(self) -> int:
@@ -228,18 +239,63 @@ class ReferenceWorker:
         return {"prompt_tokens": prompt, "completion_tokens": len(text.split()),
                 "total_tokens": prompt + len(text.split())}
 
-    async def generate_stream(self, params: dict[str, Any]):
-        """DB-GPT's chunks: the text so far, then a last one with finish_reason."""
+    def engine(self, model: str) -> Engine | None:
+        """``model``'s cost-model engine (made on first use), or None when the engine is off."""
+        if self.settings.engine is None:
+            return None
+        if model not in self._engines:
+            self._engines[model] = Engine(self.settings.engine)
+        return self._engines[model]
+
+    def engine_figures(self) -> dict[str, EngineFigures]:
+        """The engines' load figures per model name (every LLM served; empty when off)."""
+        if self.settings.engine is None:
+            return {}
+        for m in list(self.models.values()):
+            if m.worker_type == "llm":
+                self.engine(m.name)
+        return {name: engine.figures() for name, engine in sorted(self._engines.items())}
+
+    def metrics_text(self) -> str:
+        """``GET /metrics``: vLLM's load figures in Prometheus' text format."""
+        self.engine_figures()  # every LLM served is listed, used or not
+        return prometheus_text(self._engines)
+
+    async def generate_stream(self, params: dict[str, Any], record: dict[str, Any] | None = None):
+        """DB-GPT's chunks: the text so far, then a last one with finish_reason.
+        With the engine on, the request first waits for a slot and pays its
+        prefill, then each chunk's decode; what it cost goes in ``record["engine"]``."""
         problem = self._serving(params.get("model"), "llm")
         if problem:
             yield ModelOutput.error(problem)
             return
+        engine = self.engine(params["model"])
+        if engine is None:
+            async with aclosing(self._chunks(params, None)) as chunks:
+                async for output in chunks:
+                    yield output
+            return
+        admit = engine.admit(render_prompt(params))
+        try:
+            async with admit as admission:
+                if record is not None:
+                    record["engine"] = admission.as_dict()
+                async with aclosing(self._chunks(params, lambda: engine.decode(admission))) as chunks:
+                    async for output in chunks:
+                        yield output
+        finally:
+            if record is not None:
+                record["engine"] = admit.admission.as_dict()
+
+    async def _chunks(self, params: dict[str, Any], decode):
         text = self.answer(params)
         words = text.split(" ")
         n = len(words)
         # `chunks` chunks (fewer only for a reply of fewer words), each the text so far.
         ends = sorted({max(1, round(n * i / self.settings.chunks)) for i in range(1, self.settings.chunks + 1)})
         for end in ends:
+            if decode is not None:
+                await decode()
             if self.settings.chunk_delay:
                 await asyncio.sleep(self.settings.chunk_delay)
             so_far = " ".join(words[:end])
@@ -247,10 +303,11 @@ class ReferenceWorker:
             yield ModelOutput(text=so_far, finish_reason="stop" if last else None,
                               usage=self._usage(params, so_far) if last else None)
 
-    async def generate(self, params: dict[str, Any]) -> ModelOutput:
+    async def generate(self, params: dict[str, Any], record: dict[str, Any] | None = None) -> ModelOutput:
         last = ModelOutput.error("no output")
-        async for last in self.generate_stream(params):
-            pass
+        async with aclosing(self.generate_stream(params, record)) as outputs:
+            async for last in outputs:
+                pass
         return last
 
     def embeddings(self, params: dict[str, Any]) -> list[Any]:
@@ -349,22 +406,24 @@ class ReferenceWorker:
                     for k, v in sorted(self.models[worker_key(model, worker_type)].params.items())]
 
         @app.post("/api/worker/generate_stream")
-        async def generate_stream(params: dict[str, Any]) -> StreamingResponse:
+        async def generate_stream(params: dict[str, Any], request: Request) -> StreamingResponse:
             cut = self.faults.stream_cut_after
+            record = request.scope.get(JOURNAL_ENTRY)
 
             async def chunks():
                 sent = 0
-                async for output in self.generate_stream(params):
-                    if cut is not None and sent >= cut:
-                        raise ConnectionAbortedError("stream cut (fault knob)")
-                    yield json.dumps(output.to_wire()).encode() + DELIMITER
-                    sent += 1
+                async with aclosing(self.generate_stream(params, record)) as outputs:
+                    async for output in outputs:
+                        if cut is not None and sent >= cut:
+                            raise ConnectionAbortedError("stream cut (fault knob)")
+                        yield json.dumps(output.to_wire()).encode() + DELIMITER
+                        sent += 1
 
             return StreamingResponse(chunks())
 
         @app.post("/api/worker/generate")
-        async def generate(params: dict[str, Any]) -> dict[str, Any]:
-            return (await self.generate(params)).to_wire()
+        async def generate(params: dict[str, Any], request: Request) -> dict[str, Any]:
+            return (await self.generate(params, request.scope.get(JOURNAL_ENTRY))).to_wire()
 
         @app.post("/api/worker/embeddings")
         async def embeddings(params: dict[str, Any]) -> list[Any]:
@@ -393,6 +452,12 @@ class ReferenceWorker:
         async def journal() -> list[dict[str, Any]]:
             return list(self.journal)
 
+        if self.settings.engine is not None:  # without the engine there is no /metrics (404)
+
+            @app.get("/metrics")
+            async def metrics() -> PlainTextResponse:
+                return PlainTextResponse(self.metrics_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
         return self._with_faults(app)
 
     def _with_faults(self, app: FastAPI):
@@ -410,7 +475,7 @@ class ReferenceWorker:
                      "authorization": authorization}
             self.journal.append(entry)
             try:
-                await self._answer(app, entry, scope, receive, send, body)
+                await self._answer(app, entry, {**scope, JOURNAL_ENTRY: entry}, receive, send, body)
             finally:
                 entry["t_end"] = time.time()  # when this call stopped running here
 
