@@ -1,5 +1,7 @@
 """DB-GPT's inference wire models, and the pure parts of serving a request:
-reading a NUL-delimited stream, and choosing an instance. No I/O.
+reading a NUL-delimited stream, and the route table's rows. No I/O. (The
+choice of an instance is in :mod:`coordinator.core.routing`; ``Candidate`` and
+``choose`` are re-exported here.)
 
 On the wire (docs/protocol.md, "Inference routes") DB-GPT 0.8.2 writes a
 ``ModelOutput`` as its dataclass: the text inside ``content`` (``{"type":
@@ -11,11 +13,18 @@ thinking first). It reads either ``text`` or ``content`` back (never both).
 from __future__ import annotations
 
 import json
-import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Candidate and the power-of-two choice live with the other routing policies
+# (coordinator.core.routing); re-exported here for existing callers.
+from coordinator.core.routing.base import Candidate
+from coordinator.core.routing.power_of_two import choose
+
+__all__ = ["DELIMITER", "Candidate", "ChunkReader", "ModelMetadata", "ModelOutput", "ParameterDescription", "Route",
+           "choose", "route_identity"]
 
 #: What DB-GPT's worker manager writes after each streamed ModelOutput.
 DELIMITER = b"\0"
@@ -132,7 +141,7 @@ class ChunkReader:
         return self._buffer
 
 
-# ---- choosing an instance -------------------------------------------------
+# ---- the instances requests may go to ---------------------------------------
 
 
 class Route(NamedTuple):
@@ -158,32 +167,3 @@ class Route(NamedTuple):
 def route_identity(route: Route) -> tuple[str, str, int]:
     return route.identity
 
-
-class Candidate(NamedTuple):
-    endpoint: tuple[str, int]
-    weight: float
-    in_flight: int
-
-
-def choose(candidates: Sequence[Candidate], rng: random.Random | None = None) -> int | None:
-    """Power of two choices on requests in flight, honouring weight: two
-    candidates drawn at random in proportion to their weight; the one with
-    fewer requests in flight per unit of weight wins (the first drawn on a tie).
-    The index chosen, or None when there is nothing to choose from. Local and
-    linear in the model's instances, whatever the fleet's size."""
-    rng = rng or random
-    usable = [i for i, c in enumerate(candidates) if c.weight > 0]
-    if not usable:
-        return None
-    if len(usable) == 1:
-        return usable[0]
-    weights = [candidates[i].weight for i in usable]
-    a, b = rng.choices(usable, weights=weights, k=2)
-    if a == b:  # drew the same one twice: draw its rival among the others
-        others = [i for i in usable if i != a]
-        b = rng.choices(others, weights=[candidates[i].weight for i in others], k=1)[0]
-
-    def load(i: int) -> float:
-        return candidates[i].in_flight / candidates[i].weight
-
-    return a if load(a) <= load(b) else b
