@@ -126,8 +126,9 @@ async def test_garbage_knob_answers_malformed(fleet, kind):
 
 def test_the_journal_keeps_only_the_latest_calls(monkeypatch):
     import reference_worker as rw
+    import reference_worker.worker
 
-    monkeypatch.setattr(rw, "JOURNAL_LIMIT", 3)
+    monkeypatch.setattr(reference_worker.worker, "JOURNAL_LIMIT", 3)
     worker = rw.ReferenceWorker(rw.WorkerSettings(models=[rw.SimModel(name="m")]))
     for i in range(5):
         worker.journal.append({"n": i})
