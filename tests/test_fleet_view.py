@@ -64,6 +64,8 @@ async def test_a_flapping_instance_keeps_its_outage_start_and_a_new_outage_gets_
     assert seen(v).down_since == 1000.0
     now[0] = 1006
     v.report_probe(EP, probe(True))
+    now[0] = 1012  # answering for 6 s: an unhealthy listing now is the registry's own word, not an echo
+    assert seen(v).down_since is None
     now[0] = 4600  # an hour of quiet, then a new blip: a new outage, waited for afresh
     v.report_probe(EP, probe(False))
     assert seen(v).down_since == 4600 and seen(v).held(now[0], 15)

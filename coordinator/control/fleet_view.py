@@ -35,6 +35,13 @@ from coordinator.core.status import InstanceStatus
 
 log = logging.getLogger(__name__)
 
+#: Seconds after an endpoint answers again during which the registry's
+#: "unhealthy" is taken for the echo of the probes' own verdict (the embedded
+#: registry lists it healthy again a moment after it is told): its instances
+#: are still shown as within their outage. Past this, an unhealthy listing is
+#: the registry's own word (a model that did not come back with its worker).
+ECHO_WINDOW = 5.0
+
 
 class LinkError(Exception):
     """A watcher or proxy could not be reached (dead, restarting, too slow)."""
@@ -95,9 +102,10 @@ class FleetView:
         self._probes: dict[Endpoint, Reachability] = {}
         self._probed_at: dict[Endpoint, float] = {}  # when that word arrived (loop time)
         self._down: dict[Endpoint, float] = {}  # unreachable endpoints -> since when (unix time)
-        #: Endpoints that answer again after an outage -> when it began (kept
-        #: for reconcile.replace_after: the registry's word lags the probes').
-        self._revived: dict[Endpoint, float] = {}
+        #: Endpoints that answer again after an outage -> (when it began, when
+        #: it ended), kept for reconcile.replace_after: down again within that
+        #: time is the same outage (flapping never restarts the wait).
+        self._revived: dict[Endpoint, tuple[float, float]] = {}
         #: Where requests may go, for callers to follow.
         self.routes: ChangeLog[tuple[str, str, int], Route] = ChangeLog(route_identity)
 
@@ -171,14 +179,14 @@ class FleetView:
         self._probes[ep] = state
         self._probed_at[ep] = asyncio.get_running_loop().time() if at is None else at
         now = self._clock()
-        for old in [e for e, since in self._revived.items() if now - since > self._config.reconcile.replace_after]:
+        for old in [e for e, (_, back) in self._revived.items() if now - back > self._config.reconcile.replace_after]:
             del self._revived[old]  # long enough ago: that outage is over
         if state.reachable is False:
             # Down again soon after it came back: the same outage goes on.
-            since = self._revived.pop(ep, None)
-            self._down.setdefault(ep, since if since is not None else now)
+            revived = self._revived.pop(ep, None)
+            self._down.setdefault(ep, revived[0] if revived is not None else now)
         elif ep in self._down:
-            self._revived[ep] = self._down.pop(ep)
+            self._revived[ep] = (self._down.pop(ep), now)
 
     # ---- the route table -------------------------------------------------
 
@@ -239,7 +247,10 @@ class FleetView:
 
         def seen(i: ModelInstance) -> Seen:
             state = self._probes.get(i.endpoint)
-            since = self._down.get(i.endpoint, self._revived.get(i.endpoint))
+            since = self._down.get(i.endpoint)
+            revived = self._revived.get(i.endpoint)
+            if since is None and revived is not None and self._clock() - revived[1] < ECHO_WINDOW:
+                since = revived[0]  # answers again; the registry may not have caught up yet
             return Seen(i.endpoint, bool(i.healthy), reach(i.endpoint), down_since=since,
                         refused=bool(getattr(state, "refused", False)))
 

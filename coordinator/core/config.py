@@ -12,10 +12,15 @@ before anything starts::
       - kind: static              # a fixed list, re-read when the file changes
         path: instances.yaml
     timeouts: {apply: 300, startup: 900}
+
+Why this module is long: it is the one configuration model — every section a
+user can write, with its validation and its documentation, in the one place a
+reader looks for a setting.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -35,6 +40,8 @@ from pydantic import (
 from coordinator.core.deployments import Deployment, check_distinct
 from coordinator.core.hosts import parse_endpoint
 from coordinator.core.models import Endpoint, ModelInstance
+from coordinator.core.openai import OpenAILimits
+from coordinator.core.routing.factory import RoutingSettings
 from coordinator.core.secrets import Secret
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
@@ -304,6 +311,52 @@ class StaticSource(_Source):
 RegistrySource = Annotated[DbgptSource | EmbeddedSource | StaticSource, Field(discriminator="kind")]
 
 
+class GatewaySettings(_Strict):
+    """The OpenAI-compatible gateway: where it serves, how many replicas, who
+    may call it. Without ``api_keys`` it serves only on a loopback address
+    unless ``allow_open`` says otherwise (then it warns at every start)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8100, ge=0, le=65535)
+    #: Gateway actors; with more than one they spread over the Ray nodes and
+    #: share the port (each node serves it): put a load balancer in front.
+    replicas: int = Field(1, ge=1, le=64)
+    #: Keys callers send as ``Authorization: Bearer <key>``: each secret is a
+    #: file or environment variable holding one key per line.
+    api_keys: list[Secret] = Field(default_factory=list)
+    #: Serve without keys on a non-loopback address (not recommended).
+    allow_open: bool = False
+    tls: ServeTls | None = None
+    #: Request limits (body size, messages, characters, stop sequences, ...).
+    limits: OpenAILimits = OpenAILimits()
+    #: A request not answered (non-streamed) or not finished (streamed) within
+    #: this many seconds ends with 504.
+    request_timeout: float = Field(600.0, gt=0)
+    #: Requests one gateway replica holds at once; more are answered 429 with
+    #: Retry-After (a bound against overload, not fairness).
+    max_in_flight: int = Field(4096, ge=1)
+
+    def keys(self) -> list[str]:
+        """Every configured key, revealed (for the gateway's comparison only)."""
+        return [k.strip() for s in self.api_keys for k in s.reveal().splitlines() if k.strip()]
+
+    @model_validator(mode="after")
+    def _safe_by_default(self) -> Self:
+        if not self.api_keys and not self.allow_open and not _is_loopback(self.host):
+            raise ValueError(f"gateway.host {self.host!r} is not a loopback address: set gateway.api_keys "
+                             "(or gateway.allow_open: true to serve it open anyway)")
+        return self
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class CoordinatorConfig(_Strict):
     registries: list[RegistrySource] = Field(min_length=1)
     timeouts: Timeouts = Timeouts()
@@ -311,8 +364,13 @@ class CoordinatorConfig(_Strict):
     backoff: BackoffSettings = BackoffSettings()
     placement: PlacementSettings = PlacementSettings()
     reconcile: ReconcileSettings = ReconcileSettings()
-    #: How inference callers (RayWorkerManager) connect to the workers.
+    #: How inference callers (RayWorkerManager, the gateway) connect to the workers.
     caller: CallerSettings = CallerSettings()
+    #: How they choose an instance: policy per model (random / power_of_two /
+    #: cache_aware) and the cache-aware policy's settings.
+    routing: RoutingSettings = RoutingSettings()
+    #: The OpenAI-compatible gateway, started with the coordinator when given.
+    gateway: GatewaySettings | None = None
     #: Deployed when the coordinator starts, unless a deployment of the same
     #: model@type is already kept (from an earlier deploy, in Ray's GCS).
     deployments: list[Deployment] = Field(default_factory=list)

@@ -50,7 +50,8 @@ from coordinator.plumbing.transport import (
 )
 from coordinator.core.changes import ChangeLog
 from coordinator.core.config import CallerSettings, CoordinatorConfig, WorkerAccess
-from coordinator.core.inference import Candidate, ChunkReader, ModelOutput, Route, choose, route_identity
+from coordinator.core.inference import Candidate, ChunkReader, ModelOutput, Route, route_identity
+from coordinator.core.routing import ModelPolicies, Reason, RoutingSettings
 from coordinator.core.models import Endpoint
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,15 @@ class Router:
         self._poll: Any = None  # the long poll parked at the coordinator now
         self._leases = 0
         self.updates = 0  # route-table changes received (for tests and stats)
+        #: How instances are chosen (config ``routing``): per model, and what
+        #: the cache-aware policy has learned of where prompts went.
+        self._policy = ModelPolicies(rng=self._rng)
+
+    def configure(self, settings: RoutingSettings) -> None:
+        """Route by ``settings`` (what is learned is kept while they stay the same)."""
+        with self._lock:
+            if settings != self._policy.settings:
+                self._policy = ModelPolicies(settings, rng=self._rng)
 
     # ---- one per process and coordinator ----------------------------------
 
@@ -223,6 +233,9 @@ class Router:
         with self._lock:
             for key in keys:
                 routes = self._index[key]
+                gone = {r.endpoint for r in self._by_key.get(key, ())} - {r.endpoint for r in routes.values()}
+                for endpoint in gone:  # what the policy learned of an instance that left
+                    self._policy.forget(endpoint, key)
                 self._by_key[key] = tuple(sorted(routes.values()))
                 if not routes:
                     del self._index[key]
@@ -236,11 +249,20 @@ class Router:
         return self._by_key.get(key, ())
 
     def pick(self, key: str, exclude: set[tuple[str, int]] = frozenset(),  # type: ignore[assignment]
-             limit: int | None = None, rng: random.Random | None = None, claim: bool = False) -> Route | None:
-        """An instance of ``key`` for one request, none of ``exclude`` nor any
-        with ``limit`` requests in flight from this process; suspects only when
-        nothing else is left. ``claim=True`` also counts the request in flight
-        (in the same step, so concurrent picks cannot overshoot ``limit``)."""
+             limit: int | None = None, claim: bool = False, prompt: str | None = None) -> Route | None:
+        """An instance of ``key`` for one request (see :meth:`choice`)."""
+        chosen = self.choice(key, exclude, limit, claim, prompt)
+        return None if chosen is None else chosen[0]
+
+    def choice(self, key: str, exclude: set[tuple[str, int]] = frozenset(),  # type: ignore[assignment]
+               limit: int | None = None, claim: bool = False,
+               prompt: str | None = None) -> tuple[Route, Reason] | None:
+        """An instance of ``key`` for one request, by the model's routing policy
+        (``prompt``: the rendered prompt, for the cache-aware one), and why it
+        was chosen; none of ``exclude`` nor any with ``limit`` requests in flight
+        from this process; suspects only when nothing else is left.
+        ``claim=True`` also counts the request in flight (in the same step, so
+        concurrent picks cannot overshoot ``limit``)."""
         routes = [r for r in self._by_key.get(key, ()) if r.endpoint not in exclude]
         now = time.monotonic()
         with self._lock:
@@ -248,13 +270,20 @@ class Router:
                 routes = [r for r in routes if self._in_flight[r.endpoint] < limit]
             trusted = [r for r in routes if self._suspect.get(r.endpoint, 0.0) <= now]
             pool = trusted or routes
-            i = choose([Candidate(r.endpoint, r.weight, self._in_flight[r.endpoint]) for r in pool],
-                       rng or self._rng)
-            if i is None:
+            chosen = self._policy.choose(
+                key, [Candidate(r.endpoint, r.weight, self._in_flight[r.endpoint]) for r in pool], prompt)
+            if chosen is None:
                 return None
             if claim:
-                self._in_flight[pool[i].endpoint] += 1
-            return pool[i]
+                self._in_flight[pool[chosen.index].endpoint] += 1
+            return pool[chosen.index], chosen.reason
+
+    def record(self, key: str, endpoint: tuple[str, int], prompt: str | None) -> None:
+        """A request with ``prompt`` went to ``endpoint`` (the cache-aware
+        policy learns that its prefix is cached there)."""
+        if prompt:
+            with self._lock:
+                self._policy.record(key, endpoint, prompt)
 
     def at_limit(self, key: str, limit: int) -> list[tuple[str, int]]:
         """The instances of ``key`` with ``limit`` requests in flight from this process."""

@@ -52,6 +52,7 @@ from coordinator.core.models import (
     WorkerSupportedModel,
     worker_key,
 )
+from coordinator.core.routing import prompt_text
 from coordinator.driver.router import MAX_SENDS, MaybeReceived, NeverSent, Router, WorkerCaller
 
 T = TypeVar("T")
@@ -134,7 +135,7 @@ class RayWorkerManager:
             yield ModelOutput.error("Model name count not be empty")
             return
         caller = await self._ready()
-        sends = self._sends(key, caller)
+        sends = self._sends(key, caller, params)
         for route in sends:
             try:
                 async for output in caller.stream(route, "/generate_stream", params):
@@ -197,9 +198,9 @@ class RayWorkerManager:
             listed = await self.get_model_instances(worker_type, model_name, healthy_only=False)
             if not listed:
                 raise NoInstancesError(key)
-            return random.choice(listed)
+            return (self._rng or random).choice(listed)
         caller = await self._ready()
-        route = self._router.pick(key, limit=caller.settings.max_connections_per_worker, rng=self._rng)
+        route = self._router.pick(key, limit=caller.settings.max_connections_per_worker)
         if route is None:
             raise NoInstancesError(key)
         return _instance(route)
@@ -243,6 +244,7 @@ class RayWorkerManager:
             config = await self.cluster.aio.config()
             if self._caller is None:  # another call may have built it meanwhile
                 self._caller = WorkerCaller(config, self._read_timeout)
+                self._router.configure(config.routing)
         router = self._router
         if not router.ready:
             # Polled, not waited for in a thread: a burst of first calls must
@@ -257,13 +259,14 @@ class RayWorkerManager:
             await self._caller.retain(router.endpoints())
         return self._caller
 
-    def _sends(self, key: str, caller: WorkerCaller) -> _Sends:
-        return _Sends(self._router, key, caller.settings.max_connections_per_worker, self._rng)
+    def _sends(self, key: str, caller: WorkerCaller, params: dict[str, Any] | None = None) -> _Sends:
+        return _Sends(self._router, key, caller.settings.max_connections_per_worker,
+                      prompt_text(params) if params else None)
 
     async def _call(self, key: str, method: str, path: str, **kwargs: Any) -> Any:
         """One non-streamed call, sent again elsewhere only if it never reached a worker."""
         caller = await self._ready()
-        sends = self._sends(key, caller)
+        sends = self._sends(key, caller, kwargs.get("json") if path == "/generate" else None)
         for route in sends:
             try:
                 return await caller.call(route, method, path, **kwargs)
@@ -304,20 +307,27 @@ class _Sends:
     flight while the loop body runs — the generator's ``finally`` ends the
     count however the loop is left."""
 
-    def __init__(self, router: Router, key: str, limit: int, rng: random.Random | None = None) -> None:
-        self._router, self._key, self._limit, self._rng = router, key, limit, rng
+    def __init__(self, router: Router, key: str, limit: int, prompt: str | None = None) -> None:
+        self._router, self._key, self._limit, self._prompt = router, key, limit, prompt
         self._tried: dict[tuple[str, int], str] = {}  # endpoint -> why it failed ("" while in flight)
+        #: Why each instance tried was chosen (the policy's reason), in order.
+        self.reasons: list[str] = []
 
     def __iter__(self) -> Iterator[Route]:
         for _ in range(MAX_SENDS):
-            route = self._router.pick(self._key, set(self._tried), limit=self._limit, rng=self._rng, claim=True)
-            if route is None:
+            chosen = self._router.choice(self._key, set(self._tried), limit=self._limit, claim=True,
+                                         prompt=self._prompt)
+            if chosen is None:
                 return
+            route, reason = chosen
+            self.reasons.append(reason)
             self._tried[route.endpoint] = ""
             try:
                 yield route
             finally:
                 self._router.end(route.endpoint)
+                if not self._tried[route.endpoint]:  # it reached the worker: its prefix is cached there now
+                    self._router.record(self._key, route.endpoint, self._prompt)
 
     def never_sent(self, route: Route, exc: Exception) -> None:
         """It never reached the worker: suspect until the route table re-lists it."""

@@ -9,6 +9,7 @@ ray, no httpx, no I/O, no clock — and small plug-ins over one shape
                       unless it is a hot spot; else by load
     prefix.py         the approximate prefix index cache_aware learns
     factory.py        RoutingSettings, make_policy, ModelPolicies (per-model choice)
+    prompt.py         the text of a DB-GPT request that prefix routing hashes
 """
 
 from coordinator.core.routing.base import REASONS, Candidate, Choice, Endpoint, Policy, Reason
@@ -16,6 +17,7 @@ from coordinator.core.routing.cache_aware import CacheAware
 from coordinator.core.routing.factory import POLICY_NAMES, ModelPolicies, PolicyName, RoutingSettings, make_policy
 from coordinator.core.routing.power_of_two import PowerOfTwo, choose
 from coordinator.core.routing.prefix import PrefixIndex, chain_hashes
+from coordinator.core.routing.prompt import prompt_text
 from coordinator.core.routing.random_policy import WeightedRandom
 
 __all__ = [
@@ -36,4 +38,5 @@ __all__ = [
     "chain_hashes",
     "choose",
     "make_policy",
+    "prompt_text",
 ]

@@ -65,8 +65,9 @@ class RoutingSettings(BaseModel):
         return models
 
     def policy_for(self, model: str) -> PolicyName:
-        """The name of the policy routing ``model``'s requests."""
-        return self.models.get(model, self.policy)
+        """The name of the policy routing ``model``'s requests (a model name,
+        or a ``model@worker_type`` key: either may be configured)."""
+        return self.models.get(model) or self.models.get(model.split("@", 1)[0], self.policy)
 
     def policy_settings(self) -> dict[str, Any]:
         """The keyword arguments :func:`make_policy` takes."""
