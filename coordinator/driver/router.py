@@ -386,7 +386,8 @@ class WorkerCaller:
         except WorkerCallError as exc:
             raise MaybeReceived(str(exc)) from exc
 
-    async def stream(self, route: Route, path: str, body: dict[str, Any]) -> AsyncIterator[ModelOutput]:
+    async def stream(self, route: Route, path: str, body: dict[str, Any],
+                     headers: dict[str, str] | None = None) -> AsyncIterator[ModelOutput]:
         """The ModelOutputs of one streamed call, as they arrive. Raises
         :class:`NeverSent` before the first, :class:`MaybeReceived` at any point."""
         access = self._access(route)
@@ -394,7 +395,8 @@ class WorkerCaller:
         got = 0
         try:
             with self._errors():
-                async with self._client(route, access).stream("POST", self._url(route, access, path), json=body) as resp:
+                async with self._client(route, access).stream("POST", self._url(route, access, path), json=body,
+                                                               headers=headers) as resp:
                     if not resp.is_success:
                         text = (await resp.aread()).decode(errors="replace")
                         raise MaybeReceived(f"HTTP {resp.status_code}: {excerpt(text, 200)}")

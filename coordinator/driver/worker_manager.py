@@ -38,6 +38,7 @@ import random
 import threading
 import time
 import weakref
+from contextlib import aclosing
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from typing import Any, TypeVar
 
@@ -73,10 +74,43 @@ class WorkerOperationError(CoordinatorError):
         self.output, self._args = output, (output,)
 
 
+class Routed:
+    """Where a routed request went, and why (filled as it is sent)."""
+
+    route: Route | None = None
+    reason: str | None = None  # the routing policy's reason for the last instance tried
+    reasons: list[str] = []
+
+
 class InferenceError(CoordinatorError):
     """An embeddings, count_token, metadata or descriptions call that failed,
     naming the worker and the cause (DB-GPT raises on these too; generate and
-    generate_stream never raise: they answer a ModelOutput with the error)."""
+    generate_stream never raise: they answer a ModelOutput with the error).
+
+    Its kinds, for callers that answer each differently (the gateway)::
+
+        InferenceError
+        ├── NoInstanceError    nothing to send to: none listed healthy, enabled
+        │                      and reachable, or every one at its connection limit (busy)
+        ├── NotReachedError    every instance tried provably never got the request
+        └── WorkerFailedError  a worker that may have received it failed (never resent)
+    """
+
+
+class NoInstanceError(InferenceError):
+    def __init__(self, message: str, busy: bool = False) -> None:
+        super().__init__(message)
+        self.busy = busy
+
+
+class NotReachedError(InferenceError):
+    pass
+
+
+class WorkerFailedError(InferenceError):
+    def __init__(self, message: str, worker: str) -> None:
+        super().__init__(message)
+        self.worker = worker
 
 
 class RayWorkerManager:
@@ -130,23 +164,17 @@ class RayWorkerManager:
         """The model's output as it streams (each chunk as the worker sends it).
         Never raises: no instance, or a stream that broke, ends with a
         ModelOutput whose ``error_code`` is 1 and whose text says why."""
-        key = _key(params, "llm")
-        if key is None:
+        if not params.get("model"):
             yield ModelOutput.error("Model name count not be empty")
             return
-        caller = await self._ready()
-        sends = self._sends(key, caller, params)
-        for route in sends:
-            try:
-                async for output in caller.stream(route, "/generate_stream", params):
+        try:
+            # Closed with this generator (a caller that stops reading ends the
+            # worker call and its count in flight at once, not at collection).
+            async with aclosing(self.routed_stream(params)) as outputs:
+                async for output in outputs:
                     yield output
-                return
-            except NeverSent as exc:
-                sends.never_sent(route, exc)
-            except MaybeReceived as exc:
-                yield ModelOutput.error(f"{key} at {route.host}:{route.port}: {exc}")
-                return
-        yield ModelOutput.error(sends.none_left())
+        except InferenceError as exc:
+            yield ModelOutput.error(str(exc))
 
     async def generate(self, params: dict[str, Any]) -> ModelOutput:
         """The model's whole answer. Never raises (see :meth:`generate_stream`)."""
@@ -157,6 +185,35 @@ class RayWorkerManager:
             return ModelOutput.model_validate(await self._call(key, "POST", "/generate", json=params))
         except InferenceError as exc:
             return ModelOutput.error(str(exc))
+
+    async def routed_stream(self, params: dict[str, Any], worker_type: str = "llm", route: Routed | None = None,
+                            headers: dict[str, str] | None = None) -> AsyncIterator[ModelOutput]:
+        """``generate_stream`` for callers that tell failures apart (the
+        gateway): raises :class:`NoInstanceError` (nothing to send to: none
+        listed, or all at their connection limit — ``busy``),
+        :class:`NotReachedError` (every instance tried provably never got it)
+        or :class:`WorkerFailedError` (a worker that may have received it
+        failed, or its stream broke: never resent). ``route``, if given, is
+        filled with where the request went and why (the policy's reason)."""
+        key = _key(params, worker_type)
+        if key is None:
+            raise InferenceError("Model name count not be empty")
+        caller = await self._ready()
+        sends = self._sends(key, caller, params)
+        for chosen in sends:
+            if route is not None:
+                route.route, route.reason, route.reasons = chosen, sends.reasons[-1], sends.reasons
+            try:
+                async with aclosing(caller.stream(chosen, "/generate_stream", params, headers)) as outputs:
+                    async for output in outputs:
+                        yield output
+                return
+            except NeverSent as exc:
+                sends.never_sent(chosen, exc)
+            except MaybeReceived as exc:
+                raise WorkerFailedError(f"{key} at {chosen.host}:{chosen.port}: {exc}",
+                                        worker=f"{chosen.host}:{chosen.port}") from None
+        raise sends.failure()
 
     async def embeddings(self, params: dict[str, Any]) -> list[list[float]]:
         """Vectors of ``params["input"]`` (scores, for a ``reranker``)."""
@@ -263,18 +320,26 @@ class RayWorkerManager:
         return _Sends(self._router, key, caller.settings.max_connections_per_worker,
                       prompt_text(params) if params else None)
 
-    async def _call(self, key: str, method: str, path: str, **kwargs: Any) -> Any:
-        """One non-streamed call, sent again elsewhere only if it never reached a worker."""
+    async def routed_call(self, key: str, method: str, path: str, route: Routed | None = None,
+                          **kwargs: Any) -> Any:
+        """One non-streamed call (see :meth:`routed_stream` for what it raises
+        and what ``route`` is filled with), sent again elsewhere only if it
+        never reached a worker."""
         caller = await self._ready()
         sends = self._sends(key, caller, kwargs.get("json") if path == "/generate" else None)
-        for route in sends:
+        for chosen in sends:
+            if route is not None:
+                route.route, route.reason, route.reasons = chosen, sends.reasons[-1], sends.reasons
             try:
-                return await caller.call(route, method, path, **kwargs)
+                return await caller.call(chosen, method, path, **kwargs)
             except NeverSent as exc:
-                sends.never_sent(route, exc)
+                sends.never_sent(chosen, exc)
             except MaybeReceived as exc:
-                raise InferenceError(f"{key} at {route.host}:{route.port}: {path.lstrip('/')} failed: {exc}") from None
-        raise InferenceError(sends.none_left())
+                raise WorkerFailedError(f"{key} at {chosen.host}:{chosen.port}: {path.lstrip('/')} failed: {exc}",
+                                        worker=f"{chosen.host}:{chosen.port}") from None
+        raise sends.failure()
+
+    _call = routed_call
 
     def _blocking(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` to the end from synchronous code, on a private loop
@@ -333,6 +398,13 @@ class _Sends:
         """It never reached the worker: suspect until the route table re-lists it."""
         self._router.suspect(route.endpoint)
         self._tried[route.endpoint] = str(exc)
+
+    def failure(self) -> InferenceError:
+        """Why the request went nowhere, as the error to raise."""
+        message = self.none_left()
+        if self._tried:
+            return NotReachedError(message)
+        return NoInstanceError(message, busy=bool(self._router.at_limit(self._key, self._limit)))
 
     def none_left(self) -> str:
         full = [f"{h}:{p}" for h, p in self._router.at_limit(self._key, self._limit) if (h, p) not in self._tried]
