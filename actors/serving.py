@@ -16,8 +16,11 @@ from coordinator.core.config import ServeTls
 
 
 class HttpServer:
-    def __init__(self, app, host: str, port: int, tls: ServeTls | None = None) -> None:
+    def __init__(self, app, host: str, port: int, tls: ServeTls | None = None, reuse_port: bool = False) -> None:
         self.host = host
+        #: Several servers (a gateway's replicas on one node) share the port;
+        #: the kernel spreads the connections between them.
+        self._reuse_port = reuse_port
         self._tls = tls
         self._requested_port = port
         self.port: int | None = None
@@ -39,6 +42,8 @@ class HttpServer:
         # response's second write until the client's delayed ACK: ~40 ms a call.
         sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self._reuse_port and hasattr(socket, "SO_REUSEPORT"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             sock.bind((self.host, self._requested_port))

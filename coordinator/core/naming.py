@@ -15,6 +15,10 @@ def registry_actor(coordinator: str, source: str) -> str:
     return f"{coordinator}/registry/{source}"
 
 
+def gateway_actor(coordinator: str, replica: int | str) -> str:
+    return f"{coordinator}/gateway/{replica}"
+
+
 def deployments_key(coordinator: str, namespace: str) -> str:
     """Where a coordinator keeps its deployments in the GCS key-value store."""
     return f"deployments/{namespace}/{coordinator}"

@@ -34,7 +34,7 @@ from ray.exceptions import (
     RayTaskError,
 )
 
-from coordinator.core.config import CoordinatorConfig, EmbeddedSource
+from coordinator.core.config import CoordinatorConfig, EmbeddedSource, GatewaySettings
 from coordinator.core.deployments import Decision, Deployment, DeploymentStatus, check_distinct
 from coordinator.core.errors import (
     CoordinatorError,
@@ -367,6 +367,18 @@ class Cluster:
                 f"the embedded registry {chosen[0].name!r} of coordinator {self.name!r} is not running") from None
 
     @_blocks
+    def serve(self, port: int = 8100, host: str = "127.0.0.1", replicas: int = 1,
+              settings: GatewaySettings | dict[str, Any] | None = None) -> str:
+        """Start the OpenAI-compatible gateway (or find it running); its base
+        URL. ``settings`` (the config's ``gateway:`` section: API keys, TLS,
+        limits) override ``port``/``host``/``replicas`` when given."""
+        from coordinator.driver.install import serve
+
+        chosen = GatewaySettings.model_validate(
+            settings if settings is not None else {"port": port, "host": host, "replicas": replicas})
+        return serve(self, chosen)
+
+    @_blocks
     def stop(self, forget: bool = False) -> None:
         """Remove the coordinator, its watchers and its embedded registries —
         also when the coordinator no longer answers. The deployments stay kept
@@ -468,6 +480,11 @@ class AsyncCluster:
 
     async def plan(self, *deployments: Deployment | dict[str, Any]) -> list[tuple[str, Decision]]:
         return await self._run(self._calls.plan(deployments=list(deployments)))
+
+    async def serve(self, port: int = 8100, host: str = "127.0.0.1", replicas: int = 1,
+                    settings: GatewaySettings | dict[str, Any] | None = None) -> str:
+        """See :meth:`Cluster.serve`."""
+        return await asyncio.to_thread(self._cluster.serve, port, host, replicas, settings)
 
     async def registry_url(self, source: str | None = None) -> str:
         """The controller URL of an embedded registry (the first one by default)."""

@@ -13,7 +13,15 @@ from ray.exceptions import RayError, RayTaskError
 
 from coordinator.core.config import CoordinatorConfig, EmbeddedSource
 from coordinator.core.errors import CoordinatorError
-from coordinator.core.naming import DEFAULT_NAME, DEFAULT_NAMESPACE, deployments_key, registry_actor, watcher_actor
+from coordinator.core.config import GatewaySettings
+from coordinator.core.naming import (
+    DEFAULT_NAME,
+    DEFAULT_NAMESPACE,
+    deployments_key,
+    gateway_actor,
+    registry_actor,
+    watcher_actor,
+)
 from coordinator.core.placement import HEAD_NODE_RESOURCE, NodeInfo
 from coordinator.driver.client import READ_TIMEOUT, Cluster
 
@@ -143,7 +151,55 @@ def start(
         raise
     # A named actor that is not detached lives while its creator holds a handle:
     # the Cluster keeps them.
-    return Cluster(name, namespace, handle, owned=created)
+    cluster = Cluster(name, namespace, handle, owned=created)
+    if config.gateway is not None:
+        serve(cluster, config.gateway, detached=detached, ready_timeout=ready_timeout)
+    return cluster
+
+
+def serve(cluster: Cluster, settings: GatewaySettings, detached: bool | None = None,
+          ready_timeout: float = 60.0) -> str:
+    """Start the gateway of ``cluster``'s coordinator (``settings.replicas``
+    actors, spread over the Ray nodes, sharing the port), or return the
+    running one's URL. Its actors belong to the coordinator: named after it,
+    restarted by Ray, removed by its ``stop``; detached when the coordinator
+    is (by default: when this driver did not start it itself)."""
+    from coordinator.driver.gateway import Gateway
+
+    if detached is None:
+        detached = not cluster._owned
+    on_head = False
+    urls, created = [], []
+    try:
+        for replica in range(settings.replicas):
+            actor_name = gateway_actor(cluster.name, replica)
+            try:
+                handle = ray.get_actor(actor_name, namespace=cluster.namespace)
+                running = ray.get(handle.get_settings.remote(), timeout=READ_TIMEOUT)
+                if running != settings:
+                    raise CoordinatorError(
+                        f"the gateway of coordinator {cluster.name!r} already serves with other settings "
+                        f"({running.host}:{running.port}, {running.replicas} replicas): stop the coordinator "
+                        "to change them")
+            except ValueError:
+                options = _options(actor_name, cluster.namespace, detached, on_head)
+                options["scheduling_strategy"] = "SPREAD"
+                handle = ray.remote(Gateway).options(**options).remote(
+                    cluster.name, cluster.namespace, settings, replica)
+                created.append(handle)
+            urls.append(ray.get(handle.ready.remote(), timeout=ready_timeout))
+    except RayTaskError as exc:
+        for actor in created:
+            ray.kill(actor, no_restart=True)
+        raise CoordinatorError(f"the gateway could not serve on {settings.host}:{settings.port}: {exc.cause}") \
+            from None
+    except BaseException:
+        for actor in created:
+            ray.kill(actor, no_restart=True)
+        raise
+    if not detached:
+        cluster._owned.extend(created)  # held while the driver holds the Cluster
+    return urls[0]
 
 
 def stop(name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE, forget: bool = False) -> list[str]:
@@ -163,9 +219,9 @@ def stop(name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE, forget: b
 def _parts(name: str, namespace: str) -> list[str]:
     """The named actors of coordinator ``name`` that are still registered:
     its watchers and embedded registries (coordinator/core/naming.py)."""
-    watchers, registries = watcher_actor(name, ""), registry_actor(name, "")
+    prefixes = (watcher_actor(name, ""), registry_actor(name, ""), gateway_actor(name, ""))
     return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                  if a["namespace"] == namespace and a["name"].startswith((watchers, registries)))
+                  if a["namespace"] == namespace and a["name"].startswith(prefixes))
 
 
 def _kv_delete(key: str, prefix: bool = False) -> None:

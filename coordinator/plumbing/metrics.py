@@ -16,6 +16,11 @@
 | coordinator_deployment_failing | gauge (0/1) | deployment (starts or a params update failing, backing off) |
 | coordinator_reconcile_actions_total | counter | action (start / stop / update_params), outcome (success / fallback / failure) |
 | coordinator_loop_restarts_total | counter | loop (follow SOURCE / resync / gauges / deployments; a watcher's or registry's loops) |
+| coordinator_gateway_requests_total | counter | model, outcome (success / http_4xx / http_5xx / broken / worker_error / deadline / cancelled) |
+| coordinator_gateway_time_to_first_token_seconds | histogram | model, instance |
+| coordinator_gateway_request_seconds | histogram | model, instance |
+| coordinator_gateway_in_flight | gauge | replica |
+| coordinator_gateway_routing_decisions_total | counter | model, reason (prefix_hit / load / hot_spot / random) |
 
 The code that records them takes a :class:`Metrics`; :class:`NoMetrics` (the
 default) does nothing, so the logic stays testable without Ray, and
@@ -179,3 +184,56 @@ class RayMetrics:
 
 def live_counts(models_and_health: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
     return dict(Counter(models_and_health))
+
+
+#: Seconds, for the gateway's time to first token and request duration.
+GATEWAY_BOUNDARIES = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300]
+
+
+class NoGatewayMetrics:
+    def request(self, model: str, instance: str, outcome: str, seconds: float) -> None:
+        pass
+
+    def first_token(self, model: str, instance: str, seconds: float) -> None:
+        pass
+
+    def in_flight(self, count: int) -> None:
+        pass
+
+    def decision(self, model: str, reason: str) -> None:
+        pass
+
+
+class GatewayMetrics(NoGatewayMetrics):
+    """The gateway's metrics (the estimated prefix hit rate is
+    ``prefix_hit`` decisions over all decisions of a model)."""
+
+    def __init__(self, replica: int) -> None:
+        from ray.util import metrics
+
+        self._replica = str(replica)
+        self._requests = metrics.Counter("coordinator_gateway_requests_total", "Gateway requests by outcome",
+                                         tag_keys=("model", "outcome"))
+        self._ttft = metrics.Histogram("coordinator_gateway_time_to_first_token_seconds",
+                                       "Gateway: request arrival to the worker's first output",
+                                       boundaries=GATEWAY_BOUNDARIES, tag_keys=("model", "instance"))
+        self._duration = metrics.Histogram("coordinator_gateway_request_seconds", "Gateway request duration",
+                                           boundaries=GATEWAY_BOUNDARIES, tag_keys=("model", "instance"))
+        self._in_flight = metrics.Gauge("coordinator_gateway_in_flight", "Requests a gateway replica holds",
+                                        tag_keys=("replica",))
+        self._decisions = metrics.Counter("coordinator_gateway_routing_decisions_total",
+                                          "Routing decisions by reason", tag_keys=("model", "reason"))
+
+    def request(self, model: str, instance: str, outcome: str, seconds: float) -> None:
+        self._requests.inc(1, {"model": model, "outcome": outcome})
+        if instance:
+            self._duration.observe(seconds, {"model": model, "instance": instance})
+
+    def first_token(self, model: str, instance: str, seconds: float) -> None:
+        self._ttft.observe(seconds, {"model": model, "instance": instance})
+
+    def in_flight(self, count: int) -> None:
+        self._in_flight.set(count, {"replica": self._replica})
+
+    def decision(self, model: str, reason: str) -> None:
+        self._decisions.inc(1, {"model": model, "reason": reason})

@@ -1,0 +1,449 @@
+"""The gateway: OpenAI's API over the fleet, for every client that is not a
+Python driver — OpenAI SDKs, LangChain, DB-GPT's own webserver, curl.
+
+:class:`GatewayApp` is the ASGI application: ``POST /v1/chat/completions``
+(SSE streaming and not), ``POST /v1/completions``, ``POST /v1/embeddings``,
+``GET /v1/models``, and the same under ``/api/v1/`` as DB-GPT's API server
+serves them. It checks the caller's key, bounds the body and the requests it
+holds, parses and translates with :mod:`coordinator.core.openai`, and sends
+through a :class:`~coordinator.driver.worker_manager.RayWorkerManager` — the
+same router as every Python caller: the route table followed from the
+coordinator (which is never on a request's path), the model's routing policy
+(cache- and load-aware by default), per-worker connection limits, and
+failover of what provably never reached a worker.
+
+:class:`Gateway` is the Ray actor that serves it (started by
+:func:`coordinator.driver.install.serve`; one per replica, restarted by Ray).
+
+What answers what: a bad body 400 naming the field, a bad or missing key 401,
+an unknown model 404, a body over the limit 413, too many requests held (or
+every instance at its connection limit) 429 with ``Retry-After``, a worker
+that failed 502, no instance to send to (none healthy, or none reachable)
+503, past ``gateway.request_timeout`` 504 — all in OpenAI's error shape. A
+stream that breaks after its first chunk ends with an OpenAI error event
+naming the worker; it is never resent. A client that goes away cancels the
+worker call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import secrets
+import time
+from collections import Counter
+from contextlib import aclosing
+from typing import Any, Literal
+
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route, Router
+
+from actors.serving import BodyTooLarge, HttpServer
+from coordinator.core.config import GatewaySettings
+from coordinator.core.inference import ModelOutput
+from coordinator.core.models import worker_key
+from coordinator.core.openai import (
+    SSE_DONE,
+    OpenAILimits,
+    StreamTranslator,
+    WorkerAnswerError,
+    chat_completion_response,
+    completion_response,
+    embeddings_response,
+    error_response,
+    make_id,
+    models_response,
+    parse_chat,
+    parse_completion,
+    parse_embeddings,
+    sse,
+    to_dbgpt_chat,
+    to_dbgpt_completion,
+    to_dbgpt_embeddings,
+    validation_error_body,
+    worker_error,
+)
+from coordinator.plumbing.metrics import GatewayMetrics, NoGatewayMetrics
+from coordinator.plumbing.process import process_info
+
+log = logging.getLogger(__name__)
+
+#: Seconds a 429 asks the client to wait before trying again.
+RETRY_AFTER = 1
+#: Trace context headers passed on to the worker (W3C Trace Context).
+TRACE_HEADERS = ("traceparent", "tracestate")
+#: Worker types whose models ``GET /v1/models`` lists.
+LISTED_TYPES = ("llm", "text2vec")
+
+
+class _Failed(Exception):
+    """A request answered with an error before any of its body was sent."""
+
+    def __init__(self, status: int, body: dict[str, Any], retry_after: int | None = None) -> None:
+        super().__init__(body["error"]["message"])
+        self.status, self.body, self.retry_after = status, body, retry_after
+
+
+def _error(situation: str, message: str, param: str | None = None, retry_after: int | None = None) -> _Failed:
+    status, body = error_response(situation, message, param)
+    return _Failed(status, body, retry_after)
+
+
+class GatewayApp:
+    """The ASGI application. ``manager`` is a RayWorkerManager (or anything
+    with its ``routed_stream`` / ``routed_call`` / ``cluster.aio.instances``)."""
+
+    def __init__(self, manager: Any, settings: GatewaySettings, metrics: GatewayMetrics | None = None) -> None:
+        self._manager = manager
+        self._settings = settings
+        self._limits: OpenAILimits = settings.limits
+        self._keys = [k.encode() for k in settings.keys()]
+        self._metrics = metrics or NoGatewayMetrics()
+        self.in_flight = 0
+        #: Counts for tests and the benchmark: routing decisions by reason, outcomes.
+        self.reasons: Counter[str] = Counter()
+        self.outcomes: Counter[str] = Counter()
+        routes = []
+        for prefix in ("/v1", "/api/v1"):
+            routes += [
+                Route(f"{prefix}/chat/completions", self._chat, methods=["POST"]),
+                Route(f"{prefix}/completions", self._completion, methods=["POST"]),
+                Route(f"{prefix}/embeddings", self._embeddings, methods=["POST"]),
+                Route(f"{prefix}/models", self._models, methods=["GET"]),
+            ]
+        self._router = Router(routes, default=self._not_found)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            if scope["path"].rstrip("/") == "/health":
+                await JSONResponse({"status": "ok", "in_flight": self.in_flight})(scope, receive, send)
+                return
+            request = Request(scope, receive)
+            if not self._authorized(request):
+                await self._answer(_error("bad_key", "Incorrect API key provided (send it as "
+                                          "'Authorization: Bearer <key>')"))(scope, receive, send)
+                return
+        await self._router(scope, receive, send)
+
+    # ---- checks ---------------------------------------------------------
+
+    def _authorized(self, request: Request) -> bool:
+        if not self._keys:
+            return True
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        given = key.strip().encode()
+        # Every key compared, in constant time: how long it takes says nothing.
+        found = False
+        for expected in self._keys:
+            found |= hmac.compare_digest(given, expected)
+        return scheme.lower() == "bearer" and found
+
+    async def _body(self, request: Request) -> bytes:
+        limit = self._limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise _error("body_too_large", f"the request body is {declared} bytes; the limit is {limit}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _error("body_too_large", f"the request body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _answer(self, failed: _Failed) -> Response:
+        headers = {"Retry-After": str(failed.retry_after)} if failed.retry_after is not None else None
+        return JSONResponse(failed.body, status_code=failed.status, headers=headers)
+
+    async def _not_found(self, scope, receive, send) -> None:
+        await self._answer(_error("not_found", f"no route {scope['method']} {scope['path']} here"))(
+            scope, receive, send)
+
+    async def _unavailable(self, model: str, worker_type: str, why: str) -> _Failed:
+        """No instance to send to: an unknown model (404) or one whose
+        instances are all down (503)."""
+        listed = await self._manager.cluster.aio.instances(model, worker_type, healthy_only=False)
+        if not listed:
+            return _error("unknown_model", f"The model '{model}' does not exist (no registry lists "
+                                           f"{worker_key(model, worker_type)})", "model")
+        return _error("no_instance", why)
+
+    # ---- the routes -----------------------------------------------------
+
+    async def _chat(self, request: Request) -> Response:
+        return await self._generate(request, "chat")
+
+    async def _completion(self, request: Request) -> Response:
+        return await self._generate(request, "completion")
+
+    async def _generate(self, request: Request, kind: Literal["chat", "completion"]) -> Response:
+        arrived = time.monotonic()
+        model = "?"
+        held = False
+        try:
+            held = self._hold()
+            body = await self._body(request)
+            try:
+                req = parse_chat(body, self._limits) if kind == "chat" else parse_completion(body, self._limits)
+            except ValidationError as exc:
+                raise _Failed(400, validation_error_body(exc)) from None
+            model = req.model
+            params = to_dbgpt_chat(req, self._limits) if kind == "chat" else to_dbgpt_completion(req)
+            headers = {h: request.headers[h] for h in TRACE_HEADERS if h in request.headers}
+            answer_id = make_id(kind, secrets.token_hex(12))
+            created = int(time.time())
+            deadline = arrived + self._settings.request_timeout
+            if req.stream:
+                return await self._stream(kind, req, params, headers, answer_id, created, arrived, deadline)
+            output = await self._whole(params, headers, arrived, deadline)
+            body_out = (chat_completion_response if kind == "chat" else completion_response)(
+                output, req.model, answer_id, created)
+            self._done(model, "success", arrived)
+            return JSONResponse(body_out)
+        except _Failed as failed:
+            self._done(model, f"http_{failed.status}", arrived)
+            return self._answer(failed)
+        finally:
+            if held:
+                self._release()
+
+    def _hold(self) -> bool:
+        """Count one request held; 429 past ``gateway.max_in_flight``."""
+        if self.in_flight >= self._settings.max_in_flight:
+            raise _error("overloaded", f"this gateway holds {self.in_flight} requests, its limit "
+                                       "(gateway.max_in_flight); try again shortly", retry_after=RETRY_AFTER)
+        self.in_flight += 1
+        self._metrics.in_flight(self.in_flight)
+        return True
+
+    def _release(self) -> None:
+        self.in_flight -= 1
+        self._metrics.in_flight(self.in_flight)
+
+    def _done(self, model: str, outcome: str, arrived: float, instance: str = "") -> None:
+        self.outcomes[outcome] += 1
+        self._metrics.request(model, instance, outcome, time.monotonic() - arrived)
+
+    def _routed(self, model: str, routed: Any) -> str:
+        """Record the routing decision; the instance it went to."""
+        if routed.route is None:
+            return ""
+        self.reasons[routed.reason] += 1
+        self._metrics.decision(model, routed.reason)
+        return f"{routed.route.host}:{routed.route.port}"
+
+    async def _map(self, exc: Exception, model: str, worker_type: str) -> _Failed:
+        """A routed call's failure as the answer it gets."""
+        from coordinator.driver.worker_manager import NoInstanceError, NotReachedError, WorkerFailedError
+
+        if isinstance(exc, NoInstanceError):
+            if exc.busy:
+                return _error("overloaded", str(exc), retry_after=RETRY_AFTER)
+            return await self._unavailable(model, worker_type, str(exc))
+        if isinstance(exc, NotReachedError):
+            return _error("no_instance", str(exc))
+        if isinstance(exc, WorkerFailedError):
+            status, body = worker_error(str(exc), exc.worker)
+            return _Failed(status, body)
+        if isinstance(exc, TimeoutError):
+            return _error("deadline", f"no answer within gateway.request_timeout "
+                                      f"({self._settings.request_timeout:g} s)")
+        raise exc
+
+    async def _whole(self, params: dict[str, Any], headers: dict[str, str], arrived: float,
+                     deadline: float) -> ModelOutput:
+        from coordinator.driver.worker_manager import InferenceError, Routed
+
+        model = params["model"]
+        routed = Routed()
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                answer = await self._manager.routed_call(worker_key(model, "llm"), "POST", "/generate",
+                                                         route=routed, json=params, headers=headers)
+        except (InferenceError, TimeoutError) as exc:
+            self._routed(model, routed)
+            raise await self._map(exc, model, "llm") from None
+        instance = self._routed(model, routed)
+        self._metrics.first_token(model, instance, time.monotonic() - arrived)
+        try:
+            output = ModelOutput.model_validate(answer)
+        except ValidationError:
+            status, body = worker_error(f"{model} at {instance}: an answer that is not a ModelOutput", instance)
+            raise _Failed(status, body) from None
+        if not output.success:
+            status, body = worker_error(f"{model} at {instance}: {output.text}", instance)
+            raise _Failed(status, body)
+        return output
+
+    async def _stream(self, kind: Literal["chat", "completion"], req: Any, params: dict[str, Any],
+                      headers: dict[str, str], answer_id: str, created: int, arrived: float,
+                      deadline: float) -> Response:
+        from coordinator.driver.worker_manager import InferenceError, Routed, WorkerFailedError
+
+        model = req.model
+        routed = Routed()
+        outputs = self._manager.routed_stream(params, route=routed, headers=headers)
+        try:
+            # The first output decides the status: before it, a failure is an
+            # HTTP error (404, 429, 502, 503, 504); after it, an error event.
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                first = await anext(outputs)
+        except (InferenceError, TimeoutError, StopAsyncIteration) as exc:
+            await outputs.aclose()
+            self._routed(model, routed)
+            if isinstance(exc, StopAsyncIteration):
+                raise _error("worker_failed", f"{model}: the stream ended without output") from None
+            raise await self._map(exc, model, "llm") from None
+        instance = self._routed(model, routed)
+        self._metrics.first_token(model, instance, time.monotonic() - arrived)
+        if not first.success:
+            await outputs.aclose()
+            status, body = worker_error(f"{model} at {instance}: {first.text}", instance)
+            raise _Failed(status, body)
+        translator = StreamTranslator(kind, id=answer_id, model=model, created=created,
+                                      include_usage=req.include_usage, worker=instance)
+        self.in_flight += 1  # held by the response body from here (the handler's hold ends when it returns)
+
+        async def body():
+            outcome = "success"
+            try:
+                async with aclosing(outputs):
+                    for chunk in translator.feed(first):
+                        yield sse(chunk)
+                    try:
+                        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                            async for output in outputs:
+                                if not output.success:
+                                    outcome = "worker_error"
+                                    yield sse(translator.error(output.text, instance))
+                                    break
+                                for chunk in translator.feed(output):
+                                    yield sse(chunk)
+                    except WorkerFailedError as exc:
+                        outcome = "broken"
+                        yield sse(translator.error(str(exc), exc.worker))
+                    except TimeoutError:
+                        outcome = "deadline"
+                        yield sse(translator.error(
+                            f"no end within gateway.request_timeout ({self._settings.request_timeout:g} s)",
+                            instance))
+                    if outcome == "success":
+                        for chunk in translator.finish():
+                            yield sse(chunk)
+                    yield SSE_DONE
+            except asyncio.CancelledError:  # the client went away: the worker call is closed with it
+                outcome = "cancelled"
+                raise
+            finally:
+                self.in_flight -= 1
+                self._done(model, outcome, arrived, instance)
+
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _embeddings(self, request: Request) -> Response:
+        from coordinator.driver.worker_manager import InferenceError, Routed
+
+        arrived = time.monotonic()
+        model = "?"
+        held = False
+        try:
+            held = self._hold()
+            body = await self._body(request)
+            try:
+                req = parse_embeddings(body, self._limits)
+            except ValidationError as exc:
+                raise _Failed(400, validation_error_body(exc)) from None
+            model = req.model
+            params = to_dbgpt_embeddings(req)
+            routed = Routed()
+            try:
+                async with asyncio.timeout(self._settings.request_timeout):
+                    vectors = await self._manager.routed_call(worker_key(model, "text2vec"), "POST", "/embeddings",
+                                                              route=routed, json=params)
+            except (InferenceError, TimeoutError) as exc:
+                self._routed(model, routed)
+                raise await self._map(exc, model, "text2vec") from None
+            instance = self._routed(model, routed)
+            try:
+                answer = embeddings_response(vectors, model, req.encoding_format, expected=len(req.input))
+            except WorkerAnswerError as exc:
+                status, body_out = worker_error(f"{model} at {instance}: {exc}", instance)
+                raise _Failed(status, body_out) from None
+            self._done(model, "success", arrived, instance)
+            return JSONResponse(answer)
+        except _Failed as failed:
+            self._done(model, f"http_{failed.status}", arrived)
+            return self._answer(failed)
+        finally:
+            if held:
+                self._release()
+
+    async def _models(self, request: Request) -> Response:
+        instances = await self._manager.cluster.aio.instances(None, None, True)
+        names = sorted({i.model_name.split("@", 1)[0] for i in instances
+                        if i.model_name.rpartition("@")[2] in LISTED_TYPES})
+        return JSONResponse(models_response(names))
+
+
+class Gateway:
+    """One gateway replica, as a Ray actor: serves :class:`GatewayApp` on
+    ``gateway.host:port`` and follows the coordinator's route table."""
+
+    def __init__(self, coordinator: str, namespace: str, settings: GatewaySettings, replica: int = 0,
+                 export_metrics: bool = True) -> None:
+        self._coordinator, self._namespace = coordinator, namespace
+        self.settings = settings
+        self._replica = replica
+        self._metrics = GatewayMetrics(replica) if export_metrics else NoGatewayMetrics()
+        self._app: GatewayApp | None = None
+        self._http: HttpServer | None = None
+        self._serving = asyncio.get_running_loop().create_task(self._start())
+
+    async def _start(self) -> None:
+        import ray
+
+        from coordinator.driver.client import Cluster
+        from coordinator.driver.worker_manager import RayWorkerManager
+
+        # Looking the coordinator up asks the GCS, blocking: off the loop.
+        handle = await asyncio.to_thread(ray.get_actor, self._coordinator, namespace=self._namespace)
+        self._manager = RayWorkerManager(Cluster(self._coordinator, self._namespace, handle))
+        self._app = GatewayApp(self._manager, self.settings, self._metrics)
+        if self.settings.host not in ("127.0.0.1", "localhost", "::1") and not self.settings.api_keys:
+            log.warning("the gateway serves %s:%s with no API key (gateway.allow_open)", self.settings.host,
+                        self.settings.port)
+        self._http = HttpServer(self._app, self.settings.host, self.settings.port, self.settings.tls,
+                                reuse_port=True)
+        await self._http.start()
+
+    async def ready(self) -> str:
+        """The gateway's base URL once it serves (raises why it could not)."""
+        await asyncio.shield(self._serving)
+        assert self._http is not None
+        return self._http.url
+
+    async def get_settings(self) -> GatewaySettings:
+        return self.settings
+
+    async def stats(self) -> dict[str, Any]:
+        """Routing decisions by reason, outcomes, requests held now."""
+        app = self._app
+        if app is None:
+            return {}
+        return {"reasons": dict(app.reasons), "outcomes": dict(app.outcomes), "in_flight": app.in_flight,
+                "replica": self._replica}
+
+    async def process_info(self) -> dict[str, str | int | None]:
+        return process_info()
+
+    async def close(self) -> None:
+        self._serving.cancel()
+        if self._http is not None:
+            await self._http.stop()
+        manager = getattr(self, "_manager", None)
+        if manager is not None:
+            await manager.aclose()
