@@ -9,6 +9,7 @@
     coordinator deploy fleet.yaml [--dry-run] [--wait]   # the desired state, kept from then on
     coordinator deployments [--json]
     coordinator undeploy MODEL [--worker-type llm] [--shutdown]
+    coordinator serve [--port 8100] [--host H] [--replicas N]   # OpenAI's API over the fleet
     coordinator stop [--forget]                          # deployments kept unless --forget
 
 Every command takes ``--address`` (a Ray cluster; default: the one this machine
@@ -39,7 +40,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from coordinator.core.config import CoordinatorConfig, Timeouts
+from coordinator.core.config import CoordinatorConfig, GatewaySettings, Timeouts
 from coordinator.core.deployments import Deployment, DeploymentStatus, check_distinct
 from coordinator.core.errors import CoordinatorError
 from coordinator.core.hosts import parse_endpoint
@@ -141,6 +142,29 @@ def start(obj: Context, config_path: str) -> None:
     console.print(f"coordinator [bold]{obj.name}[/] running in namespace [bold]{obj.namespace}[/]")
     for w in cluster.status().watchers:
         console.print(f"  watching {w.kind} {w.target}: {w.instances} instances")
+
+
+@cli.command()
+@click.option("--port", type=click.IntRange(0, 65535), default=8100, show_default=True,
+              help="port to serve OpenAI's API on (0: any free port)")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to serve on (a non-loopback one needs --config with gateway.api_keys)")
+@click.option("--replicas", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="gateway actors, spread over the Ray nodes")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="a coordinator config file whose gateway: section to use (API keys, TLS, limits)")
+@click.pass_obj
+def serve(obj: Context, port: int, host: str, replicas: int, config_path: str | None) -> None:
+    """Serve OpenAI's API over the fleet (the gateway), kept with the coordinator."""
+    settings: dict | GatewaySettings = {"port": port, "host": host, "replicas": replicas}
+    if config_path is not None:
+        section = CoordinatorConfig.from_file(config_path).gateway
+        if section is None:
+            raise click.UsageError(f"{config_path} has no gateway: section")
+        settings = section
+    url = obj.cluster().serve(settings=settings)
+    console.print(f"gateway serving OpenAI's API at [bold]{escape(url)}/v1[/] "
+                  f"(and {escape(url)}/api/v1); point an OpenAI client's base_url there")
 
 
 @cli.command()
