@@ -97,3 +97,14 @@ def test_batch_inference_example_spreads_and_survives_a_killed_worker(ray_sessio
     assert answered + failed == 300
     assert failed <= 16  # at most the requests in flight on the worker when it died
     assert len(re.findall(r"│ 127\.0\.0\.1:\d+ │\s+\d+ │", out)) == 3
+
+
+def test_openai_client_example_talks_to_the_fleet_through_the_gateway(ray_session):
+    done = run_example("examples/openai_client.py", "--requests", "12")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "gateway at http://127.0.0.1:" in out and "models: chat, embed" in out
+    assert "embeddings: 2 vectors of" in out and "stopped cleanly" in out
+    # A shared system prompt: after the first, the cache-aware router keeps them where it is cached.
+    hits = int(re.search(r"prefix_hit (\d+)", out).group(1))
+    assert hits >= 10, out
