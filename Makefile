@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast setup bench detection scale proxies transport chaos healing traffic clean
+.PHONY: demo test test-fast setup bench detection scale proxies transport chaos healing traffic gateway clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or: make PYTHON=python3 ...)"; exit 1; }
@@ -68,6 +68,13 @@ healing: $(STAMP)
 # what the route adds to a stream's first token and chunks.
 traffic: $(STAMP)
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-token} $(PY) -m bench.traffic
+
+# The gateway beside DB-GPT's API server (about 8 minutes; builds DB-GPT's
+# environment the first time): routing by cache and load under shared-prefix
+# and Zipf loads, the gateway's own cost and ceiling.
+gateway: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-token} $(PY) -m bench.gateway
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis  # .venv-dbgpt is kept: rebuilding it takes a while
