@@ -305,9 +305,12 @@ class GatewayApp:
             raise _Failed(status, body)
         translator = StreamTranslator(kind, id=answer_id, model=model, created=created,
                                       include_usage=req.include_usage, worker=instance)
-        self.in_flight += 1  # held by the response body from here (the handler's hold ends when it returns)
-
         async def body():
+            # Held by the response body while it runs (the handler's hold ended
+            # when it returned). A client gone before the body started never
+            # runs it: nothing is counted, and the worker call is closed when
+            # the stream is collected (asyncio finalises a started generator).
+            self.in_flight += 1
             outcome = "success"
             try:
                 async with aclosing(outputs):
