@@ -195,3 +195,60 @@ def test_fuzzed_bodies_never_make_a_5xx_nor_reach_a_worker_invalid(path, body, r
                 assert r.json()["error"]["type"] == "invalid_request_error"
             # (the fake fleet validated every request that reached it)
     asyncio.run(run())
+
+
+async def test_the_trace_context_is_passed_on_to_the_worker():
+    fleet = FakeFleet()
+    seen: list[dict] = []
+    real = fleet.routed_stream
+
+    def spy(params, worker_type="llm", route=None, headers=None):
+        seen.append(headers or {})
+        return real(params, worker_type, route, headers)
+
+    fleet.routed_stream = spy
+    trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    async with app(fleet) as c:
+        r = await c.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers={"traceparent": trace})
+    assert r.status_code == 200 and seen == [{"traceparent": trace}]
+
+
+async def test_a_client_that_goes_away_ends_the_worker_call():
+    fleet = FakeFleet()
+    gateway = GatewayApp(fleet, GatewaySettings())
+    body = json.dumps({**CHAT, "stream": True}).encode()
+    first_chunk = asyncio.Event()
+    sent: list[dict] = []
+    requested = False
+
+    async def stalls(params, worker_type="llm", route=None, headers=None):
+        fleet._route(route)
+        try:
+            yield ModelOutput(text="ab")
+            await asyncio.Event().wait()  # the worker has nothing more to say for now
+        finally:
+            fleet.closed += 1
+
+    fleet.routed_stream = stalls
+
+    async def receive():
+        nonlocal requested
+        if not requested:
+            requested = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await first_chunk.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+        if message["type"] == "http.response.body" and message.get("body"):
+            first_chunk.set()
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "query_string": b"", "headers": [(b"content-type", b"application/json")], "http_version": "1.1",
+             "scheme": "http", "server": ("gw", 80), "client": ("c", 1), "root_path": ""}
+    call = asyncio.create_task(gateway(scope, receive, send))
+    await asyncio.wait_for(first_chunk.wait(), 5)  # then the client hangs up
+    await asyncio.wait_for(call, 5)
+    assert fleet.closed == 1  # the worker call was closed with the client, not left running
+    assert gateway.in_flight == 0 and gateway.outcomes["cancelled"] == 1, gateway.outcomes

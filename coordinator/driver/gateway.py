@@ -311,7 +311,7 @@ class GatewayApp:
             # runs it: nothing is counted, and the worker call is closed when
             # the stream is collected (asyncio finalises a started generator).
             self.in_flight += 1
-            outcome = "success"
+            outcome, ended = "success", False
             try:
                 async with aclosing(outputs):
                     for chunk in translator.feed(first):
@@ -337,10 +337,10 @@ class GatewayApp:
                         for chunk in translator.finish():
                             yield sse(chunk)
                     yield SSE_DONE
-            except asyncio.CancelledError:  # the client went away: the worker call is closed with it
-                outcome = "cancelled"
-                raise
+                    ended = True
             finally:
+                if not ended:  # the client went away (cancelled, or closed mid-stream): the worker call with it
+                    outcome = "cancelled"
                 self.in_flight -= 1
                 self._done(model, outcome, arrived, instance)
 
