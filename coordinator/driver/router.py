@@ -198,7 +198,10 @@ class Router:
                 if self._stopped.is_set():  # stopped while sending: stop() may have missed this one
                     ray.cancel(ref)
                     return
-                change = ray.get(ref, timeout=self._poll_timeout + 30)
+                # Waited for as a future, not with ray.get: in an async actor's
+                # process (the gateway) ray.get warns of blocking the event loop,
+                # although this thread is not the loop's.
+                change = ref.future().result(timeout=self._poll_timeout + 30)
             except (RayError, TimeoutError) as exc:  # restarting, replaced, or slow: keep the table, ask again
                 if self._stopped.is_set():
                     return
