@@ -59,6 +59,7 @@ def arguments(name: str, port: int, mode: str) -> dict[str, tuple[tuple, dict]]:
         "deployments": ((), {}),
         "plan": ((kept,), {}),
         "registry_url": ((), {}),
+        "serve": ((), {"port": 0}),
     }
     manager_args = {
         "supported_models": ((), {}),
@@ -71,6 +72,8 @@ def arguments(name: str, port: int, mode: str) -> dict[str, tuple[tuple, dict]]:
         "sync_get_model_instances": (("llm", "chat"), {}),
         "generate_stream": ((chat,), {}),
         "generate": ((chat,), {}),
+        "routed_stream": ((chat,), {}),
+        "routed_call": (("chat@llm", "POST", "/generate"), {"json": chat}),
         "embeddings": (({"model": "vec", "input": ["a"]},), {}),
         "sync_embeddings": (({"model": "vec", "input": ["a"]},), {}),
         "count_token": (({"model": "chat", "prompt": "one two"},), {}),

@@ -239,13 +239,31 @@ def test_the_longest_prefix_wins_and_less_load_breaks_a_tie():
     assert policy.choose(M, cands(0, 3, 2, 0), text("s", "t", "u")) == Choice(2, "prefix_hit", 1.0)
 
 
-def test_a_partial_prefix_below_min_match_goes_by_load():
+def test_a_partial_prefix_below_min_match_goes_where_there_is_most_room_unless_it_is_hot():
     policy = cache_aware(min_match=0.5)
     policy.record(M, A, text("s", "x", "y", "z"))
-    choice = policy.choose(M, cands(0, 3), text("s", "t", "u", "v"))  # A holds 1 of 4 blocks
-    assert choice.reason == "load" and choice.index == 0 and choice.matched == 0.25
+    # A holds 1 of the 4 blocks (4 blocks in all), B nothing: a miss spreads to B's empty cache ...
+    choice = policy.choose(M, cands(0, 3), text("s", "t", "u", "v"))
+    assert choice.reason == "load" and choice.index == 1 and choice.matched == 0.0
+    # ... unless B is a hot spot (10 in flight against 0: beyond both thresholds): then by room among the rest.
+    hot = policy.choose(M, cands(0, 10), text("s", "t", "u", "v"))
+    assert hot.reason == "load" and hot.index == 0 and hot.matched == 0.25
     policy.record(M, A, text("s", "t", "y", "z"))
     assert policy.choose(M, cands(0, 3), text("s", "t", "u", "v")).reason == "prefix_hit"  # 2 of 4
+
+
+def test_new_prefixes_spread_evenly_over_the_caches():
+    """Sixteen tenants' first requests on four idle instances: four each (a
+    miss goes to the instance holding least), not where chance puts them."""
+    policy = cache_aware(min_match=0.5)
+    endpoints = [("h", i) for i in range(4)]
+    placed = Counter()
+    for t in range(16):
+        prompt = text(*(f"tenant{t}-{k}" for k in range(8)))
+        choice = policy.choose(M, [Candidate(ep, 1.0, 0) for ep in endpoints], prompt)
+        policy.record(M, endpoints[choice.index], prompt)
+        placed[choice.index] += 1
+    assert sorted(placed.values()) == [4, 4, 4, 4]
 
 
 def test_without_a_prompt_or_a_match_cache_aware_goes_by_load():

@@ -13,8 +13,12 @@ from where requests went). Then:
    ties) — ``hot_spot``. Since :meth:`~CacheAware.record` then teaches the index
    that it holds the prefix too, a hot prefix spreads to a second instance, and
    its traffic is shared between them from then on;
-3. otherwise (no prompt, or no instance holding enough of it): power of two
-   choices on load, exactly as the ``power_of_two`` policy — ``load``.
+3. a prompt no instance holds enough of: the instance believed to hold the
+   least (most room in its cache, as SGLang's router sends a miss to its
+   smallest tree) among those that are not hot spots, the less loaded on a
+   tie — ``load``; so new prefixes spread evenly over the fleet's caches;
+4. no prompt, or nothing learned yet: power of two choices on load, exactly
+   as the ``power_of_two`` policy — ``load``.
 
 The hot-spot guard is what keeps pure affinity from piling a hot prefix's
 traffic on one worker (SGLang router users' "death spiral", vllm-router #238).
@@ -64,14 +68,14 @@ class CacheAware:
         if not usable:
             return None
         blocks = self.index.blocks(prompt_key) if prompt_key else []
-        found = self.index.match(model, blocks) if blocks else {}
-        if not found:
+        if not blocks:
             return self._by_load(candidates, {}, 1)
+        found = self.index.match(model, blocks)
         total = len(blocks)
         matched = {i: found.get(candidates[i].endpoint, 0) for i in usable}
         holding = [i for i in usable if matched[i] >= self.min_match * total]
         if not holding:
-            return self._by_load(candidates, matched, total)
+            return self._miss(model, candidates, usable, matched, total)
         loads = {i: candidates[i].load for i in usable}
         floor = min(loads.values())
         cool = [i for i in holding if not self.is_hot(loads[i], floor)]
@@ -92,6 +96,22 @@ class CacheAware:
 
     def forget(self, endpoint: Endpoint, model: str | None = None) -> None:
         self.index.remove(endpoint, model)
+
+    def _miss(self, model: str, candidates: Sequence[Candidate], usable: list[int], matched: dict[int, int],
+              total: int) -> Choice:
+        """No instance holds enough of the prompt: the one believed to hold the
+        least (the most room for it: SGLang's router sends a miss to the
+        smallest tree) among those that are not hot spots, the less loaded on a
+        tie — so new prefixes spread evenly over the fleet's caches instead of
+        where chance puts them. Before anything is learned: by load."""
+        held = {i: self.index.held(model, candidates[i].endpoint) for i in usable}
+        if not any(held.values()):
+            return self._by_load(candidates, matched, total)
+        loads = {i: candidates[i].load for i in usable}
+        floor = min(loads.values())
+        cool = [i for i in usable if not self.is_hot(loads[i], floor)]
+        i = self._pick(cool, first=lambda j: -held[j], then=lambda j: -loads[j])
+        return Choice(i, "load", matched.get(i, 0) / total)
 
     def _by_load(self, candidates: Sequence[Candidate], matched: dict[int, int], total: int) -> Choice:
         i = power_of_two.choose(candidates, self._rng)
