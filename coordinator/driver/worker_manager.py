@@ -387,12 +387,14 @@ class _Sends:
             route, reason = chosen
             self.reasons.append(reason)
             self._tried[route.endpoint] = ""
+            # Learned as it is sent, not when it ends: the worker computes the
+            # prefix at once, and the next request of the same prefix (often
+            # before this one's answer is over) must find it there.
+            self._router.record(self._key, route.endpoint, self._prompt)
             try:
                 yield route
             finally:
                 self._router.end(route.endpoint)
-                if not self._tried[route.endpoint]:  # it reached the worker: its prefix is cached there now
-                    self._router.record(self._key, route.endpoint, self._prompt)
 
     def never_sent(self, route: Route, exc: Exception) -> None:
         """It never reached the worker: suspect until the route table re-lists it."""
