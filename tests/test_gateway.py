@@ -164,3 +164,35 @@ def test_a_killed_worker_under_streamed_load_loses_only_what_was_in_flight(fleet
     failed = [o for o in early if o != "ok"]
     # What failed had reached the victim (a stream broken midway); never a request that was never sent.
     assert all("Connect" not in o for o in failed), failed
+
+
+def test_a_crashed_gateway_is_restarted_by_ray_on_its_port(ray_session, worker_process):
+    """The gateway's actors are Ray's to restart: killed, one serves again on
+    the same address, and the fleet answers through it."""
+    import ray
+
+    from tests.conftest import free_port
+
+    cluster = coordinator.start({"registries": [SLOW_HEARTBEATS], **FAST}, name="gateway-restart",
+                                namespace="tests")
+    try:
+        worker_process("solo@llm", controller=cluster.registry_url(), heartbeat_interval=1)
+        probed(cluster, "solo", 1)
+        base = cluster.serve(port=free_port())
+        assert cluster.serve(port=int(base.rsplit(":", 1)[1])) == base  # idempotent
+        c = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=10)
+        assert c.chat.completions.create(model="solo", messages=[{"role": "user", "content": "a"}]).choices
+        actor = ray.get_actor("gateway-restart/gateway/0", namespace="tests")
+        pid = ray.get(actor.process_info.remote())["pid"]
+        ray.kill(actor, no_restart=False)
+
+        def answers() -> bool:
+            try:
+                return bool(c.chat.completions.create(model="solo", messages=[{"role": "user", "content": "b"}]).choices)
+            except openai.APIError:
+                return False
+
+        wait_until(answers, timeout=60, what="the restarted gateway answering on its port")
+        assert ray.get(actor.process_info.remote())["pid"] != pid
+    finally:
+        cluster.stop(forget=True)
