@@ -42,7 +42,7 @@ class FakeFleet:
 
     def _route(self, route) -> None:
         if route is not None:
-            route.route, route.reason, route.reasons = Route("chat@llm", "h", 1, 1.0, ("a",)), "load", ["load"]
+            route.went(Route("chat@llm", "h", 1, 1.0, ("a",)), ["load"])
 
     async def routed_stream(self, params, worker_type="llm", route=None, headers=None):
         PromptRequestBody.model_validate(params)  # never an invalid request to a worker

@@ -154,6 +154,14 @@ class GatewayApp:
             chunks.append(chunk)
         return b"".join(chunks)
 
+    async def _parsed(self, request: Request, parse: Any) -> Any:
+        """The request's body (bounded), parsed: a 400 naming the field if it is wrong."""
+        body = await self._body(request)
+        try:
+            return parse(body, self._limits)
+        except ValidationError as exc:
+            raise _Failed(400, validation_error_body(exc)) from None
+
     def _answer(self, failed: _Failed) -> Response:
         headers = {"Retry-After": str(failed.retry_after)} if failed.retry_after is not None else None
         return JSONResponse(failed.body, status_code=failed.status, headers=headers)
@@ -185,11 +193,7 @@ class GatewayApp:
         held = False
         try:
             held = self._hold()
-            body = await self._body(request)
-            try:
-                req = parse_chat(body, self._limits) if kind == "chat" else parse_completion(body, self._limits)
-            except ValidationError as exc:
-                raise _Failed(400, validation_error_body(exc)) from None
+            req = await self._parsed(request, parse_chat if kind == "chat" else parse_completion)
             model = req.model
             params = to_dbgpt_chat(req, self._limits) if kind == "chat" else to_dbgpt_completion(req)
             headers = {h: request.headers[h] for h in TRACE_HEADERS if h in request.headers}
@@ -355,11 +359,7 @@ class GatewayApp:
         held = False
         try:
             held = self._hold()
-            body = await self._body(request)
-            try:
-                req = parse_embeddings(body, self._limits)
-            except ValidationError as exc:
-                raise _Failed(400, validation_error_body(exc)) from None
+            req = await self._parsed(request, parse_embeddings)
             model = req.model
             params = to_dbgpt_embeddings(req)
             routed = Routed()

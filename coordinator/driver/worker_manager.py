@@ -77,9 +77,13 @@ class WorkerOperationError(CoordinatorError):
 class Routed:
     """Where a routed request went, and why (filled as it is sent)."""
 
-    route: Route | None = None
-    reason: str | None = None  # the routing policy's reason for the last instance tried
-    reasons: list[str] = []
+    def __init__(self) -> None:
+        self.route: Route | None = None
+        self.reason: str | None = None  # the routing policy's reason for the last instance tried
+        self.reasons: list[str] = []  # for every instance tried, in order
+
+    def went(self, route: Route, reasons: list[str]) -> None:
+        self.route, self.reason, self.reasons = route, reasons[-1], reasons
 
 
 class InferenceError(CoordinatorError):
@@ -202,7 +206,7 @@ class RayWorkerManager:
         sends = self._sends(key, caller, params)
         for chosen in sends:
             if route is not None:
-                route.route, route.reason, route.reasons = chosen, sends.reasons[-1], sends.reasons
+                route.went(chosen, sends.reasons)
             try:
                 async with aclosing(caller.stream(chosen, "/generate_stream", params, headers)) as outputs:
                     async for output in outputs:
@@ -329,7 +333,7 @@ class RayWorkerManager:
         sends = self._sends(key, caller, kwargs.get("json") if path == "/generate" else None)
         for chosen in sends:
             if route is not None:
-                route.route, route.reason, route.reasons = chosen, sends.reasons[-1], sends.reasons
+                route.went(chosen, sends.reasons)
             try:
                 return await caller.call(chosen, method, path, **kwargs)
             except NeverSent as exc:
