@@ -114,7 +114,10 @@ class EmbeddedRegistry:
         if task.cancelled() or task.exception() is None:
             return
         log.error("the registry could not start: %s", task.exception(), exc_info=task.exception())
-        if self._fatal is not None:
+        # A first start reports its failure to whoever started it (ready()
+        # raises the cause; the installer removes what it created). A restart
+        # by Ray has nobody waiting: it ends the process, for Ray to try again.
+        if self._fatal is not None and _restarted():
             self._fatal("start", task.exception())
 
     async def process_info(self) -> dict[str, str | int | None]:
@@ -259,6 +262,16 @@ class EmbeddedRegistry:
                     inst.model_name, inst.host, inst.port, self._settings.heartbeat_timeout,
                 )
             self._publish()
+
+
+def _restarted() -> bool:
+    """Whether this process is a Ray actor started again after a crash."""
+    try:
+        import ray
+
+        return ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
+    except Exception:  # not an actor
+        return False
 
 
 async def _serve(settings: EmbeddedSource) -> None:

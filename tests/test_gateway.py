@@ -193,6 +193,13 @@ def test_a_crashed_gateway_is_restarted_by_ray_on_its_port(ray_session, worker_p
                 return False
 
         wait_until(answers, timeout=60, what="the restarted gateway answering on its port")
-        assert ray.get(actor.process_info.remote())["pid"] != pid
+
+        def new_pid() -> bool:
+            try:
+                return ray.get(actor.process_info.remote(), timeout=10)["pid"] != pid
+            except ray.exceptions.RayError:  # the handle catching up with the restart
+                return False
+
+        wait_until(new_pid, timeout=30, what="a new gateway process")
     finally:
         cluster.stop(forget=True)

@@ -15,6 +15,10 @@ failover of what provably never reached a worker.
 :class:`Gateway` is the Ray actor that serves it (started by
 :func:`coordinator.driver.install.serve`; one per replica, restarted by Ray).
 
+Why this module is long: the ASGI app and the actor that serves it are one
+face of the fleet; each route is short, and they share the checks, the
+failure mapping and the accounting that make them answer alike.
+
 What answers what: a bad body 400 naming the field, a bad or missing key 401,
 an unknown model 404, a body over the limit 413, too many requests held (or
 every instance at its connection limit) 429 with ``Retry-After``, a worker

@@ -19,6 +19,10 @@ refused, connect timeout, no pooled connection free within
 ``caller.pool_timeout``: safe to send elsewhere, and the instance is suspect
 until the probes say it answers) or **maybe received** (read timeout,
 connection lost, a stream broken midway, an error status: never resent).
+
+Why this module is long: the caller's side of a request is these two
+classes — the table it chooses from and the HTTP that carries the choice —
+and what one decides (suspects, limits, what was learned) the other acts on.
 """
 
 from __future__ import annotations

@@ -29,6 +29,10 @@ Differences that are on purpose: ``worker_apply`` combines *every* instance's
 output (DB-GPT returns only the first); the instance getters and
 ``select_one_instance`` return ``ModelInstance`` (DB-GPT's ``WorkerRunData`` is
 its in-process bookkeeping); failures name the worker.
+
+Why this module is long: it is DB-GPT's whole ``WorkerManager`` interface —
+a dozen methods callers expect by name, each a few lines — over the routed
+calls that carry them, which the gateway uses too.
 """
 
 from __future__ import annotations
