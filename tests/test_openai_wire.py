@@ -603,7 +603,8 @@ def test_the_bodies_parse_with_dbgpt_0_8_2s_own_models():
         "print('ok')\n")
     done = subprocess.run([str(python), "-c", script], input=json.dumps({"prompts": bodies, "embeddings": embeddings}),
                           capture_output=True, text=True, timeout=120)
-    assert done.stdout.strip() == "ok", done.stderr[-2000:]
+    # DB-GPT may print its own start-up lines first (a fresh environment says "Setting random seed to 42").
+    assert done.stdout.strip().splitlines()[-1:] == ["ok"], (done.stdout[-500:], done.stderr[-2000:])
 
 
 @pytest.mark.skipif(not HAS_OPENAI, reason="the openai package is not installed in this environment")
