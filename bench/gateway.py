@@ -52,7 +52,6 @@ import random
 import re
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from datetime import datetime
@@ -68,6 +67,7 @@ from rich.progress import Progress  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 import coordinator  # noqa: E402
+from bench.detection import spawn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -85,15 +85,6 @@ def tenant_prompt(t: int) -> str:
     words = ["fleet", "model", "worker", "cache", "tenant", "query", "table", "report", "metric", "schema"]
     text = f"Tenant {t} system prompt. " + " ".join(rng.choice(words) for _ in range(PROMPT_TOKENS))
     return text[: PROMPT_TOKENS * 4]
-
-
-def spawn(args: list[str]) -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    if not line.startswith("listening on"):
-        proc.kill()
-        raise RuntimeError(f"{args[0]} did not start: {line!r}")
-    return proc, int(line.strip().rsplit(":", 1)[1])
 
 
 class Fleet:
@@ -283,6 +274,7 @@ def main() -> None:
                         help="requests/s: about 60 %% of what DB-GPT's API server (random routing) sustains here "
                              "(it completes ~13/s, its own CPU the limit)")
     args = parser.parse_args()
+    from tests.conftest import free_port
     from tests.dbgpt_env import ensure_venv, start_apiserver
 
     bin_dir = ensure_venv()
@@ -311,7 +303,7 @@ def main() -> None:
         return {policy: c.serve(port=0) for policy, c in clusters.items()}
 
     try:
-        api = start_apiserver(bin_dir, _free_port(), registry, workdir)
+        api = start_apiserver(bin_dir, free_port(), registry, workdir)
         extra.append(api)
         zipf = [1 / (k + 1) ** 1.5 for k in range(TENANTS)]
         loads = {
@@ -361,14 +353,6 @@ def main() -> None:
         ray.shutdown()
 
     _report(results, args)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _report(results: dict, args: argparse.Namespace) -> None:
