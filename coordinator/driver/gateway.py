@@ -37,7 +37,9 @@ import logging
 import secrets
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import ValidationError
@@ -94,6 +96,14 @@ class _Failed(Exception):
 def _error(situation: str, message: str, param: str | None = None, retry_after: int | None = None) -> _Failed:
     status, body = error_response(situation, message, param)
     return _Failed(status, body, retry_after)
+
+
+@dataclass
+class _Seen:
+    """What is known of a request so far, for its accounting."""
+
+    arrived: float  # monotonic
+    model: str = "?"
 
 
 class GatewayApp:
@@ -186,49 +196,57 @@ class GatewayApp:
     # ---- the routes -----------------------------------------------------
 
     async def _chat(self, request: Request) -> Response:
-        return await self._generate(request, "chat")
+        return await self._held(request, lambda seen: self._generate(request, seen, "chat"))
 
     async def _completion(self, request: Request) -> Response:
-        return await self._generate(request, "completion")
+        return await self._held(request, lambda seen: self._generate(request, seen, "completion"))
 
-    async def _generate(self, request: Request, kind: Literal["chat", "completion"]) -> Response:
-        arrived = time.monotonic()
-        model = "?"
+    async def _embeddings(self, request: Request) -> Response:
+        return await self._held(request, lambda seen: self._embed(request, seen))
+
+    async def _held(self, request: Request, work: Callable[[_Seen], Awaitable[Response]]) -> Response:
+        """Run one route's ``work`` holding a request (429 past
+        ``gateway.max_in_flight``); a failure before any of the answer was sent
+        becomes its error response, and is counted with its model."""
+        seen = _Seen(time.monotonic())
         held = False
         try:
-            held = self._hold()
-            req = await self._parsed(request, parse_chat if kind == "chat" else parse_completion)
-            model = req.model
-            params = to_dbgpt_chat(req, self._limits) if kind == "chat" else to_dbgpt_completion(req)
-            headers = {h: request.headers[h] for h in TRACE_HEADERS if h in request.headers}
-            answer_id = make_id(kind, secrets.token_hex(12))
-            created = int(time.time())
-            deadline = arrived + self._settings.request_timeout
-            if req.stream:
-                return await self._stream(kind, req, params, headers, answer_id, created, arrived, deadline)
-            output = await self._whole(params, headers, arrived, deadline)
-            body_out = (chat_completion_response if kind == "chat" else completion_response)(
-                output, req.model, answer_id, created)
-            self._done(model, "success", arrived)
-            return JSONResponse(body_out)
+            self._hold()
+            held = True
+            return await work(seen)
         except _Failed as failed:
-            self._done(model, f"http_{failed.status}", arrived)
+            self._done(seen.model, f"http_{failed.status}", seen.arrived)
             return self._answer(failed)
         finally:
             if held:
-                self._release()
+                self._count(-1)
 
-    def _hold(self) -> bool:
+    async def _generate(self, request: Request, seen: _Seen, kind: Literal["chat", "completion"]) -> Response:
+        arrived = seen.arrived
+        req = await self._parsed(request, parse_chat if kind == "chat" else parse_completion)
+        model = seen.model = req.model
+        params = to_dbgpt_chat(req, self._limits) if kind == "chat" else to_dbgpt_completion(req)
+        headers = {h: request.headers[h] for h in TRACE_HEADERS if h in request.headers}
+        answer_id = make_id(kind, secrets.token_hex(12))
+        created = int(time.time())
+        deadline = arrived + self._settings.request_timeout
+        if req.stream:
+            return await self._stream(kind, req, params, headers, answer_id, created, arrived, deadline)
+        output = await self._whole(params, headers, arrived, deadline)
+        body_out = (chat_completion_response if kind == "chat" else completion_response)(
+            output, req.model, answer_id, created)
+        self._done(model, "success", arrived)
+        return JSONResponse(body_out)
+
+    def _hold(self) -> None:
         """Count one request held; 429 past ``gateway.max_in_flight``."""
         if self.in_flight >= self._settings.max_in_flight:
             raise _error("overloaded", f"this gateway holds {self.in_flight} requests, its limit "
                                        "(gateway.max_in_flight); try again shortly", retry_after=RETRY_AFTER)
-        self.in_flight += 1
-        self._metrics.in_flight(self.in_flight)
-        return True
+        self._count(1)
 
-    def _release(self) -> None:
-        self.in_flight -= 1
+    def _count(self, change: int) -> None:
+        self.in_flight += change
         self._metrics.in_flight(self.in_flight)
 
     def _done(self, model: str, outcome: str, arrived: float, instance: str = "") -> None:
@@ -318,7 +336,7 @@ class GatewayApp:
             # when it returned). A client gone before the body started never
             # runs it: nothing is counted, and the worker call is closed when
             # the stream is collected (asyncio finalises a started generator).
-            self.in_flight += 1
+            self._count(1)
             outcome, ended = "success", False
             try:
                 async with aclosing(outputs):
@@ -349,45 +367,35 @@ class GatewayApp:
             finally:
                 if not ended:  # the client went away (cancelled, or closed mid-stream): the worker call with it
                     outcome = "cancelled"
-                self.in_flight -= 1
+                self._count(-1)
                 self._done(model, outcome, arrived, instance)
 
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def _embeddings(self, request: Request) -> Response:
+    async def _embed(self, request: Request, seen: _Seen) -> Response:
         from coordinator.driver.worker_manager import InferenceError, Routed
 
-        arrived = time.monotonic()
-        model = "?"
-        held = False
+        arrived = seen.arrived
+        req = await self._parsed(request, parse_embeddings)
+        model = seen.model = req.model
+        params = to_dbgpt_embeddings(req)
+        routed = Routed()
         try:
-            held = self._hold()
-            req = await self._parsed(request, parse_embeddings)
-            model = req.model
-            params = to_dbgpt_embeddings(req)
-            routed = Routed()
-            try:
-                async with asyncio.timeout(self._settings.request_timeout):
-                    vectors = await self._manager.routed_call(worker_key(model, "text2vec"), "POST", "/embeddings",
-                                                              route=routed, json=params)
-            except (InferenceError, TimeoutError) as exc:
-                self._routed(model, routed)
-                raise await self._map(exc, model, "text2vec") from None
-            instance = self._routed(model, routed)
-            try:
-                answer = embeddings_response(vectors, model, req.encoding_format, expected=len(req.input))
-            except WorkerAnswerError as exc:
-                status, body_out = worker_error(f"{model} at {instance}: {exc}", instance)
-                raise _Failed(status, body_out) from None
-            self._done(model, "success", arrived, instance)
-            return JSONResponse(answer)
-        except _Failed as failed:
-            self._done(model, f"http_{failed.status}", arrived)
-            return self._answer(failed)
-        finally:
-            if held:
-                self._release()
+            async with asyncio.timeout(self._settings.request_timeout):
+                vectors = await self._manager.routed_call(worker_key(model, "text2vec"), "POST", "/embeddings",
+                                                          route=routed, json=params)
+        except (InferenceError, TimeoutError) as exc:
+            self._routed(model, routed)
+            raise await self._map(exc, model, "text2vec") from None
+        instance = self._routed(model, routed)
+        try:
+            answer = embeddings_response(vectors, model, req.encoding_format, expected=len(req.input))
+        except WorkerAnswerError as exc:
+            status, body_out = worker_error(f"{model} at {instance}: {exc}", instance)
+            raise _Failed(status, body_out) from None
+        self._done(model, "success", arrived, instance)
+        return JSONResponse(answer)
 
     async def _models(self, request: Request) -> Response:
         instances = await self._manager.cluster.aio.instances(None, None, True)
