@@ -17,14 +17,10 @@ import ray
 import coordinator
 from coordinator.core.naming import registry_actor, watcher_actor
 from tests.conftest import ROOT, free_port, wait_until
+from tests.test_traffic import FAST
 
 pytestmark = pytest.mark.ray
 
-FAST = {
-    "timeouts": {"apply": 10, "connect": 1, "startup": 10, "shutdown": 10, "supports": 5},
-    "backoff": {"initial": 0.1, "maximum": 0.5},
-    "long_poll_timeout": 2,
-}
 EMBEDDED = {"kind": "embedded", "name": "reg", "port": 0, "heartbeat_interval": 1, "heartbeat_timeout": 30}
 CHAT = {"messages": [{"role": "human", "content": "hello"}]}
 
