@@ -184,12 +184,16 @@ def test_dbgpt_style_facade(fleet):
     async def drive():
         out = await manager.worker_apply(coordinator.WorkerApplyRequest(model=MODEL, apply_type="restart"))
         models = await manager.supported_models()
+        # The restart takes each instance out of healthy_only for a moment: compare the two getters once
+        # every instance is back, not while one of them may be changing between the two reads.
+        await cluster.aio.wait_for(MODEL, count=len(ports), timeout=30)
         insts = await manager.get_model_instances("llm", MODEL)
         return out, models, insts
 
     out, models, insts = asyncio.run(drive())
     assert out.message.count("\n;") == 3  # every instance, not just the first
     assert {m.port for m in models} == set(ports)
+    assert sorted(i.port for i in insts) == sorted(ports)
     assert sorted(i.port for i in manager.sync_get_model_instances("llm", MODEL)) == sorted(i.port for i in insts)
 
 
