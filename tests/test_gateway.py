@@ -138,14 +138,17 @@ def test_a_killed_worker_under_streamed_load_loses_only_what_was_in_flight(fleet
             results.append((started, f"{type(exc).__name__}: {exc}"))
 
     async def load() -> None:
-        c = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=30)
-        tasks = set()
-        while not stop.is_set():
-            t = asyncio.create_task(one(c))
-            tasks.add(t)
-            t.add_done_callback(tasks.discard)
-            await asyncio.sleep(0.05)
-        await asyncio.gather(*tasks)
+        # Closed here, on its own loop: left to the garbage collector, the
+        # client's pool would be closed later on whatever loop runs then (a
+        # later test's), and fail there with "Event loop is closed".
+        async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=30) as c:
+            tasks = set()
+            while not stop.is_set():
+                t = asyncio.create_task(one(c))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+                await asyncio.sleep(0.05)
+            await asyncio.gather(*tasks)
 
     runner = threading.Thread(target=lambda: asyncio.run(load()), daemon=True)
     runner.start()
