@@ -75,3 +75,24 @@ async def test_a_refused_connection_is_shown_as_a_certain_death(view):
     v, now = view
     v.report_probe(EP, probe(False, refused=True))
     assert seen(v).refused and not seen(v).held(now[0], 15)
+
+
+async def test_the_in_flight_gauge_follows_the_reports_and_reads_zero_once_they_expire():
+    now = [1000.0]
+    recorded: list[dict[str, int]] = []
+    metrics = SimpleNamespace(in_flight=recorded.append, live_instances=lambda *a: None)
+    config = CoordinatorConfig.model_validate({"registries": [{"kind": "static", "name": "a", "instances": []}],
+                                               "caller": {"report_every": 1, "report_ttl": 3}})
+    v = FleetView(config, Proxies(), metrics=metrics, clock=lambda: now[0])
+    others = v.report_load("gw-1", 1, {("m@llm", "h", 1): 2})
+    assert others == {}
+    assert v.report_load("gw-2", 1, {("m@llm", "h", 1): 1}) == {("m@llm", "h", 1): 2}
+    assert v.in_flight(("m@llm", "h", 1)) == 3
+    v.record_gauges(everything=False)
+    v.record_gauges(everything=False)  # unchanged: not re-recorded until the refresh
+    assert recorded == [{"m@llm": 3}]
+    now[0] += 3  # both silent for the ttl: their processes died
+    v.record_gauges(everything=False)
+    v.record_gauges(everything=True)
+    assert recorded[1:] == [{"m@llm": 0}]  # once, then left to age out
+    assert v.load.reporters(now[0]) == 0

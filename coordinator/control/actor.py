@@ -115,6 +115,14 @@ class CoordinatorActor:
     async def deployed(self, key: str) -> Deployment | None:
         return self._service.deployed(key)
 
+    # ---- from callers --------------------------------------------------
+
+    async def report_load(self, reporter: str, seq: int, counts: dict[tuple[str, str, int], int],
+                          gone: bool = False) -> dict[tuple[str, str, int], int]:
+        """A router's requests in flight per instance; the other routers' (see
+        :meth:`CoordinatorService.report_load`)."""
+        return self._service.report_load(reporter, seq, counts, gone)
+
     # ---- from proxies ---------------------------------------------------
 
     async def report_probe(self, endpoint: Endpoint, state: Any) -> None:

@@ -8,6 +8,8 @@ Synchronous, no I/O of its own. It holds
   (connection refused: the host answers, nothing listens);
 - the **route table** — where requests may go, for callers to follow;
 - what the **embedded registries** were last told about unreachable endpoints;
+- the **load** — requests in flight per instance, as the callers' routers
+  report them (:class:`LoadBook`);
 - which live-instance gauges are out of date.
 
 Every change goes through one of its methods, which keeps these consistent
@@ -29,6 +31,7 @@ from coordinator.core.config import CoordinatorConfig, WorkerAccess
 from coordinator.core.deployments import Manager, Seen
 from coordinator.core.inference import Route, route_identity
 from coordinator.core.liveset import LiveSet, filter_instances
+from coordinator.core.load import Instance, LoadBook
 from coordinator.plumbing.metrics import Metrics, live_counts
 from coordinator.core.models import WORKER_MANAGER_KEY, Endpoint, ModelInstance, parse_worker_key, worker_key
 from coordinator.core.status import InstanceStatus
@@ -108,6 +111,9 @@ class FleetView:
         self._revived: dict[Endpoint, tuple[float, float]] = {}
         #: Where requests may go, for callers to follow.
         self.routes: ChangeLog[tuple[str, str, int], Route] = ChangeLog(route_identity)
+        #: Requests in flight per instance, summed over the callers that report.
+        self.load = LoadBook(config.caller.report_ttl)
+        self._loaded: dict[str, int] = {}  # the in-flight gauge's last values, per model
 
     # ---- changes --------------------------------------------------------
 
@@ -140,6 +146,24 @@ class FleetView:
 
     def changed(self) -> None:
         self._on_change()
+
+    def report_load(self, reporter: str, seq: int, counts: dict[Instance, int]) -> dict[Instance, int]:
+        """A caller's whole count of its requests in flight; what every other
+        caller has in flight, per instance (for its choices)."""
+        now = self._clock()
+        self.load.report(reporter, seq, counts, now)
+        return self.load.others(reporter, now)
+
+    def now(self) -> float:
+        return self._clock()
+
+    def forget_reporter(self, reporter: str) -> None:
+        """A caller stopped: its requests count for nothing any more."""
+        self.load.forget(reporter)
+
+    def in_flight(self, instance: Instance) -> int:
+        """Requests in flight on ``instance`` over every caller that reports."""
+        return self.load.on(instance, self._clock())
 
     def repair(self) -> None:
         """Repair drift between the live set and the proxies: a proxy for every
@@ -263,6 +287,7 @@ class FleetView:
 
     def instance_rows(self) -> list[InstanceStatus]:
         rows = []
+        load = self.load.in_flight(self._clock())
         for inst in self.live.instances():
             name, wtype = parse_worker_key(inst.model_name)
             probe = self._probes.get(inst.endpoint)
@@ -272,6 +297,7 @@ class FleetView:
                 reachable=probe.reachable if probe else None,
                 probe_error=probe.last_error if probe and probe.reachable is False else None,
                 last_heartbeat=inst.last_heartbeat,
+                in_flight=load.get((inst.model_name, inst.host, inst.port), 0),
             ))
         return rows
 
@@ -281,6 +307,7 @@ class FleetView:
         """The live-instance gauges of the models that changed since the last
         call (of every model with ``everything``), counted from those models'
         instances only."""
+        self._record_load(everything)
         if everything:
             keys: set[str] | None = None
             self._gauge_keys = set()
@@ -294,3 +321,16 @@ class FleetView:
             (i.model_name, "unreachable" if i.endpoint in unreachable else "healthy" if i.healthy else "unhealthy")
             for i in live
         ]), keys)
+
+    def _record_load(self, everything: bool) -> None:
+        """The in-flight gauge per model (a model whose load fell to nothing
+        reads 0 once, then is left to age out); silent reporters dropped."""
+        now = self._clock()
+        self.load.expire(now)
+        by_model = self.load.by_model(now)
+        report = dict(by_model) if everything else {k: n for k, n in by_model.items()
+                                                   if self._loaded.get(k) != n}
+        report.update({k: 0 for k in self._loaded.keys() - by_model.keys()})
+        if report:
+            self._metrics.in_flight(report)
+        self._loaded = by_model

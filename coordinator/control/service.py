@@ -253,7 +253,20 @@ class CoordinatorService:
             watchers=[t.result() for t in tasks], proxies=len(self._proxies.endpoints()),
             busy_keys=self.operations.busy_keys(), queued=self.operations.depths(),
             rollouts=list(self.operations.rollouts.values()), loops=self.supervisor.states(),
+            load_reporters=self.view.load.reporters(self.view.now()),
         )
+
+    # ---- load -----------------------------------------------------------
+
+    def report_load(self, reporter: str, seq: int, counts: dict[tuple[str, str, int], int],
+                    gone: bool = False) -> dict[tuple[str, str, int], int]:
+        """A caller's requests in flight per instance (its whole count); what
+        the other callers have in flight, for its choices. ``gone``: it
+        stopped, and counts for nothing any more."""
+        if gone:
+            self.view.forget_reporter(reporter)
+            return {}
+        return self.view.report_load(reporter, seq, counts)
 
     # ---- operations -----------------------------------------------------
 

@@ -226,6 +226,20 @@ class CallerSettings(_Strict):
     #: Seconds a request may wait for a free connection to its worker; after
     #: that it was never sent, and goes to another instance (at most twice).
     pool_timeout: float = Field(1.0, gt=0)
+    #: Seconds between a caller's reports of its requests in flight per
+    #: instance to the coordinator while it has any (it also reports each
+    #: change at once, coalesced). The fleet's load is the sum of them.
+    report_every: float = Field(1.0, gt=0)
+    #: Seconds after its last report that a caller's in-flight count stops
+    #: counting (its process died): nothing waits on a caller that is gone.
+    report_ttl: float = Field(5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _reports_outlive_their_interval(self) -> Self:
+        if self.report_ttl < 2 * self.report_every:
+            raise ValueError(f"caller.report_ttl ({self.report_ttl}) must be at least twice caller.report_every "
+                             f"({self.report_every}), or a live caller's count would expire between its reports")
+        return self
 
 
 class _Source(_Strict):

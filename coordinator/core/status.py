@@ -39,6 +39,9 @@ class InstanceStatus(BaseModel):
     reachable: bool | None
     probe_error: str | None = None
     last_heartbeat: datetime | None = None
+    #: Requests in flight on it, summed over the callers (routers, gateway
+    #: replicas) that report to the coordinator.
+    in_flight: int = 0
 
     @property
     def healthy(self) -> bool:
@@ -65,3 +68,5 @@ class ClusterStatus(BaseModel):
     rollouts: list[RolloutProgress] = Field(default_factory=list)
     #: The coordinator's background loops (following, resync, gauges, keeper).
     loops: list[LoopState] = Field(default_factory=list)
+    #: Callers (routers, gateway replicas) whose in-flight reports count now.
+    load_reporters: int = 0

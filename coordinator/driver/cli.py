@@ -201,15 +201,16 @@ def status(obj: Context, as_json: bool) -> None:
     if as_json:
         click.echo(st.model_dump_json(indent=2))
         return
-    table = Table(title=f"instances ({st.name})")
-    for col in ("model", "type", "worker", "registry", "probe", "last heartbeat"):
+    reporting = f", in flight as {st.load_reporters} caller(s) report" if st.load_reporters else ""
+    table = Table(title=f"instances ({st.name}{reporting})")
+    for col in ("model", "type", "worker", "registry", "probe", "in flight", "last heartbeat"):
         table.add_column(col)
     for r in sorted(st.instances, key=lambda r: (r.model, r.worker_type, r.host, r.port)):
         probe = {True: "[green]reachable[/]", False: f"[red]unreachable[/] {escape(r.probe_error or '')}",
                  None: "-"}[r.reachable]
         # Names come from registries: printed as text, never read as markup.
         table.add_row(escape(r.model), escape(r.worker_type), f"{r.host}:{r.port}",
-                      "[green]healthy[/]" if r.registry_healthy else "[red]unhealthy[/]", probe,
+                      "[green]healthy[/]" if r.registry_healthy else "[red]unhealthy[/]", probe, str(r.in_flight),
                       r.last_heartbeat.strftime("%H:%M:%S") if r.last_heartbeat else "-")
     console.print(table)
     table = Table(title="watchers")

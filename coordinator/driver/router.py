@@ -8,9 +8,18 @@ follow their replica sets. One router per process and coordinator
 (:meth:`Router.acquire`), shared by every ``RayWorkerManager`` of that
 coordinator: one follower thread and one long poll parked at the coordinator
 per process, and one count of the requests in flight from the process to each
-worker. Choosing an instance is then local: power of two choices on requests
-in flight, honouring ``weight`` (:func:`choose`), among the instances below
-the per-worker connection limit (``caller.max_connections_per_worker``).
+worker. Choosing an instance is then local, by the model's routing policy,
+among the instances below the per-worker connection limit
+(``caller.max_connections_per_worker``).
+
+The router also reports its requests in flight per instance to the
+coordinator (a second daemon thread): at once when they change, coalesced,
+and every ``caller.report_every`` seconds while there are any. The
+coordinator sums the reports of every caller (see
+:mod:`coordinator.core.load`) — what a drain waits on — and answers each with
+what the *other* callers have in flight, which the policies add to the
+router's own count: gateway replicas and driver processes share one figure of
+the load.
 
 :class:`WorkerCaller` makes the HTTP calls over kept-open httpx clients (one
 per event loop and worker, each holding at most that many connections) and
@@ -30,9 +39,12 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
+import os
 import random
+import socket
 import ssl
 import threading
+import uuid
 import time
 import weakref
 from collections import Counter
@@ -68,6 +80,10 @@ SUSPECT_FOR = 5.0
 #: Sends of one request at most: the first, and two to other instances when
 #: the earlier ones provably never reached a worker.
 MAX_SENDS = 3
+#: Seconds between two load reports at least: changes within it go in one.
+REPORT_GAP = 0.05
+#: What the reporting threads are called.
+REPORTER_THREAD = "load-report"
 
 
 #: The routers of this process, by coordinator (name, namespace).
@@ -107,7 +123,17 @@ class Router:
         self._table: ChangeLog[tuple[str, str, int], Route] = ChangeLog(route_identity)
         self._index: dict[str, dict[tuple[str, str, int], Route]] = {}  # the table by model (follower thread's)
         self._by_key: dict[str, tuple[Route, ...]] = {}  # what choices read: swapped whole per model
-        self._in_flight: Counter[tuple[str, int]] = Counter()
+        self._in_flight: Counter[tuple[str, int]] = Counter()  # per worker: the connection limit's count
+        self._by_instance: Counter[tuple[str, str, int]] = Counter()  # per (model@type, host, port): reported
+        #: What the other callers have in flight, per instance (the coordinator's last answer).
+        self._others: dict[tuple[str, str, int], int] = {}
+        self._load_changed = threading.Event()
+        self._report_every = 1.0
+        self._reporter_thread: threading.Thread | None = None
+        #: This router's life, as the coordinator counts its reports: a new one
+        #: per router, so a restarted process starts from zero.
+        self.reporter = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.reports = 0  # load reports the coordinator took (for tests and stats)
         self._suspect: dict[tuple[str, int], float] = {}
         self._ready = threading.Event()
         self._stopped = threading.Event()
@@ -119,11 +145,14 @@ class Router:
         #: the cache-aware policy has learned of where prompts went.
         self._policy = ModelPolicies(rng=self._rng)
 
-    def configure(self, settings: RoutingSettings) -> None:
-        """Route by ``settings`` (what is learned is kept while they stay the same)."""
+    def configure(self, settings: RoutingSettings, report_every: float | None = None) -> None:
+        """Route by ``settings`` (what is learned is kept while they stay the
+        same); report the load every ``report_every`` seconds while any."""
         with self._lock:
             if settings != self._policy.settings:
                 self._policy = ModelPolicies(settings, rng=self._rng)
+            if report_every is not None:
+                self._report_every = report_every
 
     # ---- one per process and coordinator ----------------------------------
 
@@ -157,6 +186,8 @@ class Router:
             if self._thread is None and not self._stopped.is_set():
                 name = f"{FOLLOWER_THREAD} {self._cluster.namespace}/{self._cluster.name}"
                 self._thread = threading.Thread(target=self._follow, name=name, daemon=True)
+                self._reporter_thread = threading.Thread(target=self._report, name=f"{REPORTER_THREAD} {name}",
+                                                         daemon=True)
                 with _SHARED_LOCK:
                     if not _FOLLOWING:
                         # Registered after ray.init (nothing follows before it), so run before Ray's own exit hook;
@@ -165,11 +196,13 @@ class Router:
                         atexit.register(_stop_all)
                     _FOLLOWING.add(self)
                 self._thread.start()
+                self._reporter_thread.start()
 
     def stop(self) -> None:
         """Stop following: the parked long poll is cancelled, so the thread
         ends at once instead of at the poll's timeout."""
         self._stopped.set()
+        self._load_changed.set()  # the reporter says goodbye and ends
         poll = self._poll
         if poll is not None:
             try:
@@ -178,11 +211,12 @@ class Router:
                 log.debug("route table: cancelling the long poll: %s", exc)
 
     def join(self, timeout: float) -> bool:
-        """Wait (bounded) for the follower thread to end; whether it has."""
-        thread = self._thread
-        if thread is not None:
-            thread.join(timeout)
-        return thread is None or not thread.is_alive()
+        """Wait (bounded) for the follower and reporter threads to end; whether they have."""
+        deadline = time.monotonic() + timeout
+        threads = [t for t in (self._thread, self._reporter_thread) if t is not None]
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in threads)
 
     @property
     def ready(self) -> bool:
@@ -250,6 +284,52 @@ class Router:
                     self._suspect.pop(r.endpoint, None)
             self.updates += 1
 
+    # ---- reporting the load -------------------------------------------------
+
+    def _report(self) -> None:
+        """Send this router's requests in flight per instance to the coordinator
+        when they change (at most one report per REPORT_GAP) and every
+        ``report_every`` seconds while there are any; take back the others'.
+        One report at a time: each waits for the last one's answer, so a slow
+        coordinator gets fewer, never a pile."""
+        seq = 0
+        sent: dict[tuple[str, str, int], int] | None = {}  # None: the last one failed, send again
+        sent_at = 0.0
+        failures = 0
+        while True:
+            self._load_changed.wait(self._report_every)
+            self._load_changed.clear()
+            if self._stopped.is_set():
+                break
+            with self._lock:
+                counts = dict(self._by_instance)
+            now = time.monotonic()
+            if counts == sent and (not counts or now - sent_at < self._report_every):
+                continue  # nothing new, and not yet due (or nothing to keep alive)
+            seq += 1
+            try:
+                others = self._cluster._handle.report_load.remote(self.reporter, seq, counts).future().result(
+                    timeout=max(5.0, 3 * self._report_every))
+            except Exception as exc:  # restarting or slow: send the count again on the next round
+                failures += 1
+                if failures == 1:
+                    log.warning("load report: the coordinator did not take it (%s); sending again", exc)
+                sent = None
+                if isinstance(exc, RayError):
+                    self._cluster._reresolve()
+                time.sleep(min(self._report_every, 0.1 * 2 ** min(failures, 6)))
+                continue
+            failures = 0
+            sent, sent_at = counts, now
+            with self._lock:
+                self._others = others
+                self.reports += 1
+            time.sleep(REPORT_GAP)
+        try:  # stopped: this router's requests count for nothing any more (else they expire)
+            self._cluster._handle.report_load.remote(self.reporter, seq + 1, {}, True)
+        except Exception as exc:  # Ray shutting down: the coordinator lets the count expire
+            log.debug("load report: goodbye not sent: %s", exc)
+
     # ---- choosing ---------------------------------------------------------
 
     def routes(self, key: str) -> tuple[Route, ...]:
@@ -277,13 +357,17 @@ class Router:
                 routes = [r for r in routes if self._in_flight[r.endpoint] < limit]
             trusted = [r for r in routes if self._suspect.get(r.endpoint, 0.0) <= now]
             pool = trusted or routes
-            chosen = self._policy.choose(
-                key, [Candidate(r.endpoint, r.weight, self._in_flight[r.endpoint]) for r in pool], prompt)
+            others = self._others
+            chosen = self._policy.choose(key, [
+                Candidate(r.endpoint, r.weight, self._by_instance[(key, *r.endpoint)],
+                          others.get((key, *r.endpoint), 0))
+                for r in pool], prompt)
             if chosen is None:
                 return None
+            route = pool[chosen.index]
             if claim:
-                self._in_flight[pool[chosen.index].endpoint] += 1
-            return pool[chosen.index], chosen.reason
+                self._claim(key, route.endpoint)
+            return route, chosen.reason
 
     def record(self, key: str, endpoint: tuple[str, int], prompt: str | None) -> None:
         """A request with ``prompt`` went to ``endpoint`` (the cache-aware
@@ -302,15 +386,22 @@ class Router:
         with self._lock:
             return {r.endpoint for routes in self._by_key.values() for r in routes} | set(self._in_flight)
 
-    def begin(self, endpoint: tuple[str, int]) -> None:
-        with self._lock:
-            self._in_flight[endpoint] += 1
+    def _claim(self, key: str, endpoint: tuple[str, int]) -> None:  # under the lock
+        self._in_flight[endpoint] += 1
+        self._by_instance[(key, *endpoint)] += 1
+        self._load_changed.set()
 
-    def end(self, endpoint: tuple[str, int]) -> None:
+    def begin(self, key: str, endpoint: tuple[str, int]) -> None:
         with self._lock:
-            self._in_flight[endpoint] -= 1
-            if self._in_flight[endpoint] <= 0:
-                del self._in_flight[endpoint]
+            self._claim(key, endpoint)
+
+    def end(self, key: str, endpoint: tuple[str, int]) -> None:
+        with self._lock:
+            for counter, item in ((self._in_flight, endpoint), (self._by_instance, (key, *endpoint))):
+                counter[item] -= 1
+                if counter[item] <= 0:
+                    del counter[item]
+            self._load_changed.set()
 
     def suspect(self, endpoint: tuple[str, int]) -> None:
         """A connection to it failed: skip it until the table says it answers."""
@@ -318,8 +409,15 @@ class Router:
             self._suspect[endpoint] = time.monotonic() + self._suspect_for
 
     def in_flight(self) -> dict[tuple[str, int], int]:
+        """This process's requests in flight, per worker."""
         with self._lock:
             return dict(self._in_flight)
+
+    def others_in_flight(self) -> dict[tuple[str, str, int], int]:
+        """What the other callers had in flight per (model@type, host, port), as
+        the coordinator last answered this router's report."""
+        with self._lock:
+            return dict(self._others)
 
 
 class NeverSent(Exception):

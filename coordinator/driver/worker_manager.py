@@ -309,7 +309,7 @@ class RayWorkerManager:
             config = await self.cluster.aio.config()
             if self._caller is None:  # another call may have built it meanwhile
                 self._caller = WorkerCaller(config, self._read_timeout)
-                self._router.configure(config.routing)
+                self._router.configure(config.routing, config.caller.report_every)
         router = self._router
         if not router.ready:
             # Polled, not waited for in a thread: a burst of first calls must
@@ -402,7 +402,7 @@ class _Sends:
             try:
                 yield route
             finally:
-                self._router.end(route.endpoint)
+                self._router.end(self._key, route.endpoint)
 
     def never_sent(self, route: Route, exc: Exception) -> None:
         """It never reached the worker: suspect until the route table re-lists it."""

@@ -15,6 +15,7 @@
 | coordinator_deployment_replicas | gauge | deployment (model@type), kind (desired / ready) |
 | coordinator_deployment_failing | gauge (0/1) | deployment (starts or a params update failing, backing off) |
 | coordinator_reconcile_actions_total | counter | action (start / stop / update_params), outcome (success / fallback / failure) |
+| coordinator_in_flight | gauge | model (requests in flight, summed over the callers that report) |
 | coordinator_loop_restarts_total | counter | loop (follow SOURCE / resync / gauges / deployments; a watcher's or registry's loops) |
 | coordinator_gateway_requests_total | counter | model, outcome (success / http_4xx / http_5xx / broken / worker_error / deadline / cancelled) |
 | coordinator_gateway_time_to_first_token_seconds | histogram | model, instance |
@@ -63,6 +64,10 @@ class Metrics(Protocol):
 
     def loop_restart(self, loop: str) -> None: ...
 
+    def in_flight(self, by_model: dict[str, int]) -> None:
+        """Requests in flight per model@type, over the callers that report."""
+        ...
+
 
 class NoMetrics:
     def operation(self, operation: str, outcome: str) -> None:
@@ -93,6 +98,9 @@ class NoMetrics:
         pass
 
     def loop_restart(self, loop: str) -> None:
+        pass
+
+    def in_flight(self, by_model: dict[str, int]) -> None:
         pass
 
 
@@ -134,6 +142,9 @@ class RayMetrics:
         self._restarts = metrics.Counter(
             "coordinator_loop_restarts_total", "Background loops restarted after an unexpected failure",
             tag_keys=("loop",))
+        self._in_flight = metrics.Gauge(
+            "coordinator_in_flight", "Requests in flight per model, summed over the callers that report",
+            tag_keys=("model",))
         self._live_labels: dict[str, set[str]] = {}  # health labels recorded non-zero, by model
 
     def operation(self, operation: str, outcome: str) -> None:
@@ -180,6 +191,10 @@ class RayMetrics:
 
     def loop_restart(self, loop: str) -> None:
         self._restarts.inc(1, {"loop": loop})
+
+    def in_flight(self, by_model: dict[str, int]) -> None:
+        for model, n in by_model.items():
+            self._in_flight.set(n, {"model": model})
 
 
 def live_counts(models_and_health: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
