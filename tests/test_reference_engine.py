@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from reference_worker import EngineSettings, ReferenceWorker, SimModel, WorkerSettings
 from reference_worker.engine import Engine, PrefixCache, block_hashes, render_prompt, tokens
-from tests.conftest import ROOT
+from tests.conftest import ROOT, poll
 
 # ---- pure: tokens, rendering, blocks, the LRU -------------------------------
 
@@ -206,14 +206,6 @@ async def scrape(client: httpx.AsyncClient) -> dict[str, float]:
             if sample.labels == {"model_name": "m"}:
                 out[sample.name] = sample.value
     return out
-
-
-async def poll(condition, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while not (value := await condition()):
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
-    return value
 
 
 def engine_entries(worker: ReferenceWorker) -> list[dict]:
