@@ -15,12 +15,16 @@ an LLM engine (reference_worker/engine.py: request slots, a prefix cache,
 prefill and decode costs), whose vLLM-style load figures are on ``GET /metrics``
 and whose per-request figures go in the journal entry's ``engine``.
 
-Its models behave as the engines behind a real worker do. A model that stops
-(``stop``, ``shutdown``, a restart, a reloading ``update_params``) aborts every
-request in flight on it, and on no other model, as an engine does when it
-begins to unload: a ``generate_stream`` ends broken, its connection dropped
-mid-body (as the ``stream_cut_after`` knob drops it), a ``generate`` is answered
-with the bare 500, and each aborted call's journal entry says ``"aborted": true``
+Its models behave as the engines behind a real worker do. A model takes
+``load_s`` seconds to load in every start (a start, a startup, the start half of
+a restart or of an ``update_params`` that reloads); until then it is not
+registered healthy, and inference on it is refused in DB-GPT's words ("Cound
+not found worker instances ..."). A model that stops (``stop``, ``shutdown``, a
+restart, a reloading ``update_params``) aborts every request in flight on it,
+and on no other model, as an engine does when it begins to unload: a
+``generate_stream`` ends broken, its connection dropped mid-body (as the
+``stream_cut_after`` knob drops it), a ``generate`` is answered with the bare
+500, and each aborted call's journal entry says ``"aborted": true``
 (``ReferenceWorker.requests_in_flight`` holds them: reference_worker/inflight.py).
 
 Fault knobs (``/api/_reference/faults`` or :meth:`ReferenceWorker.set_faults`):
@@ -225,7 +229,7 @@ class ReferenceWorker:
     async def _start(self, model: SimModel) -> None:
         if model.running:
             return
-        await asyncio.sleep(self.settings.start_delay)
+        await asyncio.sleep(self.settings.load_s)  # loading: held here, neither running nor registered
         model.running = True
         await self._register(model.key)
 

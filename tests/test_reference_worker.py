@@ -235,3 +235,26 @@ async def test_a_model_stopped_and_started_again_serves_new_requests(two_models)
     await stop_model(client, worker, "a", "restart")
     a = Stream(client, "a")
     assert await a.ended == "complete" and aborted(worker) == []
+
+
+@pytest.mark.parametrize("how", ["restart", "update_params"])
+async def test_a_reloaded_model_is_registered_and_served_only_after_load_s(start_worker, how):
+    reg, worker, client = await start_worker(models=[SimModel(name="a")], load_s=0.5)
+    started = time.monotonic()
+    reload = asyncio.get_running_loop().create_task(stop_model(client, worker, "a", how))
+
+    async def loading() -> bool:  # stopped, listed unhealthy, not started yet
+        return await health(reg, "a@llm") == {(worker.port, False)}
+
+    await poll(loading, what="a loading")
+    loading = ModelOutput.model_validate((await client.post("/generate", json=chat("a"))).json())
+    assert loading.error_code != 0 and "Cound not found worker instances for model name a" in loading.text
+    await reload
+    assert time.monotonic() - started >= 0.5
+    assert await health(reg, "a@llm") == {(worker.port, True)}  # registered before the apply answers
+    served = ModelOutput.model_validate((await client.post("/generate", json=chat("a"))).json())
+    assert served.error_code == 0
+
+
+def test_start_delay_is_the_older_name_of_load_s():
+    assert WorkerSettings(start_delay=1.5).load_s == WorkerSettings(load_s=1.5).load_s == 1.5
