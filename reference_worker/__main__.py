@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", action="append", default=[], help="model[@worker_type]; repeatable")
     parser.add_argument("--heartbeat-interval", type=float, default=5.0)
     parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every worker call")
-    parser.add_argument("--start-delay", type=float, default=0.0, help="seconds a model takes to start")
+    parser.add_argument("--load-s", "--start-delay", dest="load_s", type=float, default=0.0, metavar="SECONDS",
+                        help="seconds a model takes to load, in every start, restart or reload "
+                             "(--start-delay: its older name)")
     parser.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between streamed chunks")
     parser.add_argument("--chunks", type=int, default=4, help="chunks of a streamed answer")
     engine = parser.add_argument_group(
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = WorkerSettings(
         host=args.host, port=args.port, controller=args.controller,
         heartbeat_interval=args.heartbeat_interval, models=[_parse_model(m) for m in args.model],
-        faults=Faults(latency=args.latency), start_delay=args.start_delay,
+        faults=Faults(latency=args.latency), load_s=args.load_s,
         chunk_delay=args.chunk_delay, chunks=args.chunks, engine=engine_settings,
     )
     asyncio.run(_serve(settings))

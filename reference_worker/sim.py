@@ -7,7 +7,7 @@ import hashlib
 from typing import Any, Literal
 
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import AliasChoices, BaseModel, Field
 
 from coordinator.core.config import ServeTls
 from coordinator.core.models import worker_key
@@ -64,7 +64,12 @@ class WorkerSettings(BaseModel):
     controller: str | None = None  # controller_addr; None: do not register
     heartbeat_interval: float = 5.0
     models: list[SimModel] = Field(default_factory=list)
-    start_delay: float = 0.0  # seconds a model takes to start
+    #: Seconds a model takes to load, in every start (start, startup, and the
+    #: start half of a restart or of an update_params that reloads): meanwhile
+    #: it is listed but not running, so inference is refused. ``start_delay``,
+    #: its older name, is still accepted.
+    load_s: float = Field(0.0, ge=0, validation_alias=AliasChoices("load_s", "start_delay"))
+    #: Seconds a model takes to unload, after its requests in flight are aborted.
     stop_delay: float = 0.0
     #: Inference: chunks a streamed answer has, seconds between them, and the
     #: size of an embedding.

@@ -15,6 +15,18 @@ an LLM engine (reference_worker/engine.py: request slots, a prefix cache,
 prefill and decode costs), whose vLLM-style load figures are on ``GET /metrics``
 and whose per-request figures go in the journal entry's ``engine``.
 
+Its models behave as the engines behind a real worker do. A model takes
+``load_s`` seconds to load in every start (a start, a startup, the start half of
+a restart or of an ``update_params`` that reloads); until then it is not
+registered healthy, and inference on it is refused in DB-GPT's words ("Cound
+not found worker instances ..."). A model that stops (``stop``, ``shutdown``, a
+restart, a reloading ``update_params``) aborts every request in flight on it,
+and on no other model, as an engine does when it begins to unload: a
+``generate_stream`` ends broken, its connection dropped mid-body (as the
+``stream_cut_after`` knob drops it), a ``generate`` is answered with the bare
+500, and each aborted call's journal entry says ``"aborted": true``
+(``ReferenceWorker.requests_in_flight`` holds them: reference_worker/inflight.py).
+
 Fault knobs (``/api/_reference/faults`` or :meth:`ReferenceWorker.set_faults`):
 ``latency`` added to every worker call, ``fail_next`` N calls answered 500,
 ``hang`` (accept and never answer), ``stream_cut_after`` N chunks. Every worker call is appended to a journal
@@ -44,7 +56,7 @@ import logging
 import time
 from collections import deque
 from contextlib import aclosing
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import httpx
 from fastapi import FastAPI, Request
@@ -65,12 +77,21 @@ from coordinator.core.models import (
     worker_key,
 )
 from reference_worker.engine import Engine, EngineFigures, prometheus_text, render_prompt
+from reference_worker.inflight import InFlightRequests, ModelStopped
 from reference_worker.sim import JOURNAL_LIMIT, KNOWN_PROVIDERS, Fault, Faults, SimModel, WorkerSettings, garbage, vector
 
 log = logging.getLogger(__name__)
 
 #: Where a worker call's journal entry travels in its ASGI scope (the engine's figures go in it).
 JOURNAL_ENTRY = "reference_worker.journal_entry"
+
+
+def cut_stream(why: str) -> NoReturn:
+    """End a streamed answer broken. Raised out of a StreamingResponse's body
+    (its headers already sent), it makes uvicorn drop the connection mid-body,
+    with no last chunk and no clean end: how a lost connection, or an engine's
+    abort, reaches a DB-GPT caller."""
+    raise ConnectionAbortedError(f"stream cut ({why})")
 
 
 class ReferenceWorker:
@@ -83,6 +104,8 @@ class ReferenceWorker:
         self.inflight: dict[str, int] = {}
         self.peak: dict[str, int] = {}
         self.peak_total = 0
+        #: Generate requests in flight per model key: a model that stops aborts its own.
+        self.requests_in_flight = InFlightRequests()
         self._http = HttpServer(self._app(), settings.host, settings.port, tls=settings.tls)
         self._controller: httpx.AsyncClient | None = None
         self._controller_lock = asyncio.Lock()
@@ -206,13 +229,16 @@ class ReferenceWorker:
     async def _start(self, model: SimModel) -> None:
         if model.running:
             return
-        await asyncio.sleep(self.settings.start_delay)
+        await asyncio.sleep(self.settings.load_s)  # loading: held here, neither running nor registered
         model.running = True
         await self._register(model.key)
 
     async def _stop(self, model: SimModel) -> None:
-        await asyncio.sleep(self.settings.stop_delay)
+        # An engine that begins to unload serves nothing more and aborts every
+        # request it is running; only then does the unloading take its time.
         model.running = False
+        self.requests_in_flight.abort(model.key)
+        await asyncio.sleep(self.settings.stop_delay)
         await self._deregister(model.key, remove=False)
 
     # ---- simulated inference ----------------------------------------------
@@ -264,11 +290,20 @@ class ReferenceWorker:
     async def generate_stream(self, params: dict[str, Any], record: dict[str, Any] | None = None):
         """DB-GPT's chunks: the text so far, then a last one with finish_reason.
         With the engine on, the request first waits for a slot and pays its
-        prefill, then each chunk's decode; what it cost goes in ``record["engine"]``."""
+        prefill, then each chunk's decode; what it cost goes in ``record["engine"]``.
+        Raises :class:`ModelStopped` when the model stops before its last chunk."""
         problem = self._serving(params.get("model"), "llm")
         if problem:
             yield ModelOutput.error(problem)
             return
+        in_flight = self.requests_in_flight.run(worker_key(params["model"], "llm"), self._generate(params, record),
+                                                record)
+        async with aclosing(in_flight) as outputs:
+            async for output in outputs:
+                yield output
+
+    async def _generate(self, params: dict[str, Any], record: dict[str, Any] | None):
+        """The model's work on one request it serves (see :meth:`generate_stream`)."""
         engine = self.engine(params["model"])
         if engine is None:
             async with aclosing(self._chunks(params, None)) as chunks:
@@ -304,6 +339,7 @@ class ReferenceWorker:
                               usage=self._usage(params, so_far) if last else None)
 
     async def generate(self, params: dict[str, Any], record: dict[str, Any] | None = None) -> ModelOutput:
+        """The last chunk of :meth:`generate_stream` (raises :class:`ModelStopped` as it does)."""
         last = ModelOutput.error("no output")
         async with aclosing(self.generate_stream(params, record)) as outputs:
             async for last in outputs:
@@ -412,12 +448,15 @@ class ReferenceWorker:
 
             async def chunks():
                 sent = 0
-                async with aclosing(self.generate_stream(params, record)) as outputs:
-                    async for output in outputs:
-                        if cut is not None and sent >= cut:
-                            raise ConnectionAbortedError("stream cut (fault knob)")
-                        yield json.dumps(output.to_wire()).encode() + DELIMITER
-                        sent += 1
+                try:
+                    async with aclosing(self.generate_stream(params, record)) as outputs:
+                        async for output in outputs:
+                            if cut is not None and sent >= cut:
+                                cut_stream("fault knob")
+                            yield json.dumps(output.to_wire()).encode() + DELIMITER
+                            sent += 1
+                except ModelStopped as stopped:
+                    cut_stream(str(stopped))
 
             return StreamingResponse(chunks())
 

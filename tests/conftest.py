@@ -3,6 +3,8 @@ reference workers as real subprocesses that are always cleaned up."""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 import socket
 import subprocess
@@ -36,6 +38,19 @@ def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"not true within {timeout} s: {what or condition}")
         time.sleep(interval)
+
+
+async def poll(condition: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
+    """``wait_until`` for async tests: ``condition`` may return an awaitable."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"not true within {timeout} s: {what or condition}"
+        await asyncio.sleep(0.01)
 
 
 def free_port() -> int:

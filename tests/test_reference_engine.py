@@ -18,9 +18,10 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
+from coordinator.core.models import ApplyType, WorkerApplyRequest
 from reference_worker import EngineSettings, ReferenceWorker, SimModel, WorkerSettings
 from reference_worker.engine import Engine, PrefixCache, block_hashes, render_prompt, tokens
-from tests.conftest import ROOT
+from tests.conftest import ROOT, poll
 
 # ---- pure: tokens, rendering, blocks, the LRU -------------------------------
 
@@ -208,14 +209,6 @@ async def scrape(client: httpx.AsyncClient) -> dict[str, float]:
     return out
 
 
-async def poll(condition, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while not (value := await condition()):
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
-    return value
-
-
 def engine_entries(worker: ReferenceWorker) -> list[dict]:
     return [e["engine"] for e in worker.journal if e["path"].startswith("/api/worker/generate")]
 
@@ -348,6 +341,29 @@ async def test_a_client_gone_midstream_gives_its_slot_back(start_worker):
 
     await poll(free)
     assert engine_entries(worker)[0]["t_done"] is not None
+
+
+@pytest.mark.anyio
+async def test_a_model_that_stops_aborts_the_requests_it_runs_and_those_waiting_and_frees_their_slots(
+        start_worker):
+    worker, client = await start_worker(EngineSettings(slots=1, prefill_ms_per_token=0, decode_ms_per_chunk=300))
+    loop = asyncio.get_running_loop()
+    answers = [loop.create_task(client.post("/api/worker/generate", json=chat(f"tenant {i}"))) for i in range(2)]
+
+    async def one_running_one_waiting():
+        f = worker.engine_figures()["m"]
+        return (f.running, f.waiting) == (1, 1)
+
+    await poll(one_running_one_waiting)
+    stop = WorkerApplyRequest(model="m", apply_type=ApplyType.STOP)
+    await worker.apply(stop)
+    assert [(r.status_code, r.text) for r in await asyncio.gather(*answers)] == [(500, "Internal Server Error")] * 2
+    assert [e.get("aborted") for e in worker.journal if e["path"] == "/api/worker/generate"] == [True, True]
+    f = worker.engine_figures()["m"]
+    assert (f.running, f.waiting) == (0, 0)
+    await worker.apply(stop.model_copy(update={"apply_type": ApplyType.START}))
+    r = await client.post("/api/worker/generate", json=chat("again"))
+    assert r.json()["finish_reason"] == "stop"  # the slot was given back
 
 
 @pytest.mark.anyio

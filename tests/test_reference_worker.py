@@ -4,7 +4,9 @@ does, and registers with a controller over the controller protocol."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from contextlib import AsyncExitStack
 
 import httpx
 import pytest
@@ -12,21 +14,34 @@ import pytest
 from reference_worker import ReferenceWorker, SimModel, WorkerSettings
 from actors.registry import EmbeddedRegistry
 from coordinator.core.config import EmbeddedSource
+from coordinator.core.inference import ModelOutput
+from tests.conftest import poll
 
 pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-async def fleet():
+async def start_worker():
+    """``start(**settings)``: a reference worker registered with an embedded
+    registry, as (registry, worker, client of its /api/worker); all stopped after."""
     reg = EmbeddedRegistry(EmbeddedSource(port=0))
     url = await reg.ready()
-    worker = ReferenceWorker(WorkerSettings(controller=url, heartbeat_interval=0.1,
-                                            models=[SimModel(name="chatgpt-test")]))
-    await worker.start()
-    async with httpx.AsyncClient(base_url=f"http://{worker.address}/api/worker") as client:
-        yield reg, worker, client
-    await worker.stop()
+    async with AsyncExitStack() as stack:
+
+        async def start(**settings):
+            worker = ReferenceWorker(WorkerSettings(controller=url, heartbeat_interval=0.1, **settings))
+            await worker.start()
+            stack.push_async_callback(worker.stop)
+            client = httpx.AsyncClient(base_url=f"http://{worker.address}/api/worker", timeout=10)
+            return reg, worker, await stack.enter_async_context(client)
+
+        yield start
     await reg.close()
+
+
+@pytest.fixture
+async def fleet(start_worker):
+    return await start_worker(models=[SimModel(name="chatgpt-test")])
 
 
 async def health(reg, key):
@@ -133,3 +148,113 @@ def test_the_journal_keeps_only_the_latest_calls(monkeypatch):
     for i in range(5):
         worker.journal.append({"n": i})
     assert [e["n"] for e in worker.journal] == [2, 3, 4]
+
+
+# ---- a model that stops aborts its requests in flight, as a real engine does ----
+
+
+@pytest.fixture
+async def two_models(start_worker):
+    """Models a and b on one worker, a streamed answer taking 5 chunks 0.3 s apart."""
+    return await start_worker(models=[SimModel(name="a"), SimModel(name="b")], chunks=5, chunk_delay=0.3)
+
+
+def chat(model: str) -> dict:
+    return {"model": model, "messages": [{"role": "human", "content": "tell me a long story"}]}
+
+
+def apply(model: str, apply_type: str, params: dict | None = None) -> dict:
+    return {"model": model, "apply_type": apply_type, "worker_type": "llm", "params": params or {}}
+
+
+class Stream:
+    """A generate_stream read in the background: the chunks so far, and
+    ``ended``, "complete" or "cut" (the connection dropped mid-body)."""
+
+    def __init__(self, client: httpx.AsyncClient, model: str) -> None:
+        self.chunks: list[dict] = []
+        self.ended = asyncio.get_running_loop().create_task(self._read(client, model))
+
+    async def _read(self, client: httpx.AsyncClient, model: str) -> str:
+        try:
+            async with client.stream("POST", "/generate_stream", json=chat(model)) as r:
+                assert r.status_code == 200
+                buffer = b""
+                async for data in r.aiter_bytes():
+                    *done, buffer = (buffer + data).split(b"\0")  # DB-GPT ends each chunk with a NUL
+                    self.chunks += [json.loads(c) for c in done if c.strip()]
+        except httpx.RemoteProtocolError:
+            return "cut"
+        return "complete"
+
+
+def aborted(worker: ReferenceWorker) -> list[tuple[str, str]]:
+    """(path, model) of each journalled call marked aborted."""
+    return [(e["path"].rsplit("/", 1)[1], json.loads(e["body"])["model"]) for e in worker.journal if e.get("aborted")]
+
+
+async def stop_model(client: httpx.AsyncClient, worker: ReferenceWorker, model: str, how: str) -> None:
+    match how:
+        case "shutdown":
+            req = {"host": "127.0.0.1", "port": worker.port, "model": model, "worker_type": "llm", "params": {}}
+            r = await client.post("/models/shutdown", json=req)
+        case "update_params":  # a changed parameter: DB-GPT reloads the model
+            r = await client.post("/apply", json=apply(model, how, {"temperature": 0.1}))
+            assert r.json()["message"] == "Update worker params and restart successfully"
+        case _:
+            r = await client.post("/apply", json=apply(model, how))
+    assert r.status_code == 200
+
+
+@pytest.mark.parametrize("how", ["shutdown", "restart", "update_params", "stop"])
+async def test_a_model_that_stops_cuts_its_streams_and_no_other_models(two_models, how):
+    _, worker, client = two_models
+    a, b = Stream(client, "a"), Stream(client, "b")
+    await poll(lambda: a.chunks and b.chunks, what="both streams under way")
+    await stop_model(client, worker, "a", how)
+    assert await a.ended == "cut"
+    assert a.chunks[-1]["finish_reason"] is None  # dropped mid-body, no last chunk
+    assert await b.ended == "complete"
+    assert len(b.chunks) == 5 and b.chunks[-1]["finish_reason"] == "stop"
+    assert aborted(worker) == [("generate_stream", "a")]
+    assert worker.requests_in_flight.count("a@llm") == worker.requests_in_flight.count("b@llm") == 0
+
+
+async def test_a_model_that_stops_answers_its_generate_in_flight_with_a_bare_500(two_models):
+    _, worker, client = two_models
+    answer = asyncio.get_running_loop().create_task(client.post("/generate", json=chat("a")))
+    await poll(lambda: worker.requests_in_flight.count("a@llm") == 1, what="the generate in flight")
+    await stop_model(client, worker, "a", "stop")
+    r = await answer
+    assert (r.status_code, r.text) == (500, "Internal Server Error")
+    assert aborted(worker) == [("generate", "a")]
+
+
+async def test_a_model_stopped_and_started_again_serves_new_requests(two_models):
+    _, worker, client = two_models
+    await stop_model(client, worker, "a", "restart")
+    a = Stream(client, "a")
+    assert await a.ended == "complete" and aborted(worker) == []
+
+
+@pytest.mark.parametrize("how", ["restart", "update_params"])
+async def test_a_reloaded_model_is_registered_and_served_only_after_load_s(start_worker, how):
+    reg, worker, client = await start_worker(models=[SimModel(name="a")], load_s=0.5)
+    started = time.monotonic()
+    reload = asyncio.get_running_loop().create_task(stop_model(client, worker, "a", how))
+
+    async def loading() -> bool:  # stopped, listed unhealthy, not started yet
+        return await health(reg, "a@llm") == {(worker.port, False)}
+
+    await poll(loading, what="a loading")
+    loading = ModelOutput.model_validate((await client.post("/generate", json=chat("a"))).json())
+    assert loading.error_code != 0 and "Cound not found worker instances for model name a" in loading.text
+    await reload
+    assert time.monotonic() - started >= 0.5
+    assert await health(reg, "a@llm") == {(worker.port, True)}  # registered before the apply answers
+    served = ModelOutput.model_validate((await client.post("/generate", json=chat("a"))).json())
+    assert served.error_code == 0
+
+
+def test_start_delay_is_the_older_name_of_load_s():
+    assert WorkerSettings(start_delay=1.5).load_s == WorkerSettings(load_s=1.5).load_s == 1.5
