@@ -150,15 +150,22 @@ class EmbeddedRegistry:
 
     # ---- the coordinator's word ------------------------------------------
 
-    async def set_unreachable(self, endpoints: list[tuple[str, int]]) -> int:
-        """The endpoints the coordinator's probes find unreachable (the whole
-        set, replacing the last): their entries are listed unhealthy until the
-        probes find them answering (see RegistryStore.set_unreachable). Not
-        saved: a restarted registry hears it again from the coordinator."""
-        changed = self._store.set_unreachable(endpoints)
+    async def set_unreachable(self, endpoints: list[tuple[str, int]],
+                              draining: list[tuple[str, str, int]] | None = None) -> int:
+        """The endpoints the coordinator's probes find unreachable, and the
+        instances it is draining (each the whole set, replacing the last):
+        their entries are listed unhealthy until that word is lifted (see
+        RegistryStore.set_unreachable). Not saved: a restarted registry hears
+        it again from the coordinator."""
+        changed = self._store.set_unreachable(endpoints, draining or ())
         if changed:
             self._publish()
         return changed
+
+    async def quiet_for(self, instances: list[tuple[str, str, int]]) -> float | None:
+        """Seconds since any of ``instances`` was last listed healthy to a
+        reader (None: never since this registry started)."""
+        return self._store.quiet_for(instances)
 
     # ---- for watchers ---------------------------------------------------
 

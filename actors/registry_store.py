@@ -24,6 +24,14 @@ unreachable (:meth:`set_unreachable`). Every entry at such an endpoint is
 change log the watchers follow — whatever its heartbeats say, until the probes
 find it answering again. The entry's own state (what heartbeats and
 registrations set) is kept underneath, so the verdict lifting restores it.
+The same holds for the instances the coordinator is *draining* before it
+stops, restarts or reconfigures them (``draining`` of :meth:`set_unreachable`):
+listed unhealthy, so DB-GPT's servers stop choosing them.
+
+And the store remembers when it last handed each entry out as healthy in a
+listing (:meth:`quiet_for`): a drain waits until readers that report nothing
+(DB-GPT's API server, its webserver) have had time to finish what they sent
+to an instance they were last shown.
 """
 
 from __future__ import annotations
@@ -65,6 +73,10 @@ class RegistryStore:
         #: Endpoints the coordinator's probes find unreachable, and the entries at each endpoint.
         self._down: frozenset[tuple[str, int]] = frozenset()
         self._at: dict[tuple[str, int], set[Identity]] = {}
+        #: Instances the coordinator is draining: listed unhealthy as well.
+        self._draining: frozenset[Identity] = frozenset()
+        #: When each entry was last listed healthy to a reader (store clock).
+        self._handed_out: dict[Identity, float] = {}
 
     @property
     def version(self) -> int:
@@ -112,6 +124,7 @@ class RegistryStore:
         if remove:
             del self._entries[ident]
             del self._beats[ident]
+            self._handed_out.pop(ident, None)
             self._due.pop(ident, None)
             at = self._at.get(ident[1:])
             if at is not None:
@@ -137,32 +150,44 @@ class RegistryStore:
             expired.append(inst)
         return expired
 
-    def set_unreachable(self, endpoints: Iterable[tuple[str, int]]) -> int:
-        """The endpoints the probes now find unreachable (all of them: it
-        replaces the last word). Entries there are listed unhealthy; entries at
-        endpoints that answer again are listed as their own state says. Returns
-        how many listed entries changed. Costs what the verdicts changed."""
+    def set_unreachable(self, endpoints: Iterable[tuple[str, int]],
+                        draining: Iterable[tuple[str, str, int]] = ()) -> int:
+        """The endpoints the probes now find unreachable, and the instances
+        being drained (all of them: it replaces the last word). Entries there
+        are listed unhealthy; the others as their own state says. Returns how
+        many listed entries changed. Costs what the verdicts changed."""
         down = frozenset((h, int(p)) for h, p in endpoints)
-        flipped = down ^ self._down
-        self._down = down
-        changed = 0
-        for ep in flipped:
-            for ident in self._at.get(ep, ()):
-                changed += self.changes.put(self._listed(self._entries[ident]))
-        return changed
+        drained = frozenset((m, h, int(p)) for m, h, p in draining)
+        touched = {i for ep in down ^ self._down for i in self._at.get(ep, ())}
+        touched |= {i for i in drained ^ self._draining if i in self._entries}
+        self._down, self._draining = down, drained
+        return sum(self.changes.put(self._listed(self._entries[ident])) for ident in sorted(touched))
+
+    def quiet_for(self, idents: Iterable[tuple[str, str, int]]) -> float | None:
+        """Seconds since any of ``idents`` was last listed healthy to a reader
+        (None: never, since this store started)."""
+        last = [self._handed_out[i] for i in ((m, h, int(p)) for m, h, p in idents) if i in self._handed_out]
+        return self._clock() - max(last) if last else None
 
     def unreachable(self) -> frozenset[tuple[str, int]]:
         return self._down
+
+    def draining(self) -> frozenset[tuple[str, str, int]]:
+        return self._draining
 
     # ---- reads ----------------------------------------------------------
 
     def query(self, model_name: str | None = None, healthy_only: bool = False) -> list[ModelInstance]:
         """Entries as DB-GPT's controller lists them, with their last heartbeat
         (and the probes' verdict: see :meth:`set_unreachable`)."""
-        listed = (
+        listed = [
             (ident, self._listed(inst)) for ident, inst in sorted(self._entries.items())
             if model_name is None or ident[0] == model_name
-        )
+        ]
+        now = self._clock()
+        for ident, inst in listed:
+            if inst.healthy:
+                self._handed_out[ident] = now
         return [
             inst.model_copy(update={"last_heartbeat": _stamp(self._beats[ident])})
             for ident, inst in listed if inst.healthy or not healthy_only
@@ -205,8 +230,9 @@ class RegistryStore:
         self.changes.put(self._listed(inst))
 
     def _listed(self, inst: ModelInstance) -> ModelInstance:
-        """How an entry is listed: unhealthy while its endpoint is found unreachable."""
-        if inst.healthy and (inst.host, inst.port) in self._down:
+        """How an entry is listed: unhealthy while its endpoint is found
+        unreachable, or while it is being drained."""
+        if inst.healthy and ((inst.host, inst.port) in self._down or identity(inst) in self._draining):
             return inst.model_copy(update={"healthy": False})
         return inst
 

@@ -99,6 +99,24 @@ class FakeProxies:
         return WorkerApplyOutput(message=f"{ep} {method} ok", success=True, host=ep.host, port=ep.port)
 
 
+class FakeRegistries:
+    """Embedded registries: what they were told, and when they last listed an instance."""
+
+    present = True
+
+    def __init__(self, told: list | None = None, quiet: float | None = None) -> None:
+        self.told = told if told is not None else []
+        self.drained: list[frozenset] = []
+        self.quiet = quiet
+
+    def tell(self, unreachable, draining=frozenset()):
+        self.told.append(unreachable)
+        self.drained.append(draining)
+
+    async def quiet_for(self, instances):
+        return self.quiet
+
+
 @pytest.fixture
 async def service():
     config = CoordinatorConfig.model_validate(
@@ -517,7 +535,7 @@ async def test_the_route_table_holds_healthy_enabled_reachable_instances_and_tel
     told = []
     config = CoordinatorConfig.model_validate(
         {"registries": [{"kind": "static", "name": "a", "instances": []}], "long_poll_timeout": 0.2})
-    svc = CoordinatorService(config, watchers, proxies, registries=SimpleNamespace(tell=told.append))
+    svc = CoordinatorService(config, watchers, proxies, registries=FakeRegistries(told))
     run = asyncio.create_task(svc.run())
     watchers.publish("a", inst("m@llm", 1), inst("m@llm", 2, healthy=False), inst("WorkerManager@service", 1),
                      ModelInstance(model_name="m@llm", host="h", port=3, healthy=True, enabled=False),
@@ -535,4 +553,87 @@ async def test_the_route_table_holds_healthy_enabled_reachable_instances_and_tel
     back = await svc.routes_since((delta.epoch, delta.version), timeout=1)
     assert [u.port for u in back.upserts] == [4] and told[-1] == frozenset()
     assert await svc.routes_since((back.epoch, back.version), timeout=0.1) is None  # long poll: nothing new
+    run.cancel()
+
+
+async def test_a_restart_drains_first_it_leaves_the_routes_and_waits_for_what_callers_have_in_flight():
+    config = CoordinatorConfig.model_validate(
+        {"registries": [{"kind": "static", "name": "a", "instances": []}], "long_poll_timeout": 0.2,
+         "drain": {"timeout": 10, "grace": 0}})
+    watchers, proxies, registries = FakeWatchers(), FakeProxies(), FakeRegistries()
+    svc = CoordinatorService(config, watchers, proxies, registries=registries)
+    run = asyncio.create_task(svc.run())
+    watchers.publish("a", inst("m@llm", 1), inst("m@llm", 2))
+    await settle(svc, 2)
+    routes = await svc.routes_since(None, timeout=1)
+    svc.report_load("gw-1", 1, {("m@llm", "h", 1): 2, ("m@llm", "h", 2): 1})
+    svc.report_load("driver", 1, {("m@llm", "h", 1): 1})
+
+    req = WorkerApplyRequest(model="m", apply_type="restart")
+    rolling = asyncio.create_task(svc.apply(req, ApplyOptions(apply_type="restart", max_unavailable=1)))
+    delta = await svc.routes_since((routes.epoch, routes.version), timeout=2)
+    assert [tuple(k) for k in delta.removed] == [("m@llm", "h", 1)]  # out of every router's table first
+    assert registries.drained[-1] == frozenset({("m@llm", "h", 1)})  # and listed unhealthy
+    assert [r.port for r in (await svc.status()).instances if r.draining] == [1]
+    await asyncio.sleep(0.3)
+    assert not any(m == "apply" for _, m, _ in proxies.calls)  # 3 in flight there: not restarted yet
+    svc.report_load("gw-1", 2, {("m@llm", "h", 2): 1})  # gw-1's requests there ended
+    await asyncio.sleep(0.3)
+    assert not any(m == "apply" for _, m, _ in proxies.calls)  # the driver's one is still going
+    svc.report_load("driver", 2, {})
+    result = await asyncio.wait_for(rolling, 10)
+    assert [o.port for o in result.outputs] == [1, 2]
+    assert all("drained in" in o.message and "0 in flight" in o.message for o in result.outputs)
+    # Port 2 waited for gw-1's request there too; both back in the table afterwards.
+    assert registries.drained[-1] == frozenset()
+    assert not any(r.draining for r in (await svc.status()).instances)
+    run.cancel()
+
+
+async def test_a_drain_that_times_out_goes_on_and_says_how_many_were_left_and_a_dead_caller_does_not_hold_it():
+    config = CoordinatorConfig.model_validate(
+        {"registries": [{"kind": "static", "name": "a", "instances": []}], "long_poll_timeout": 0.2,
+         "drain": {"timeout": 30, "grace": 0}, "caller": {"report_every": 0.2, "report_ttl": 1.0}})
+    watchers, proxies = FakeWatchers(), FakeProxies()
+    svc = CoordinatorService(config, watchers, proxies, registries=FakeRegistries())
+    run = asyncio.create_task(svc.run())
+    watchers.publish("a", inst("m@llm", 1))
+    await settle(svc, 1)
+    svc.report_load("stuck", 1, {("m@llm", "h", 1): 2})
+
+    stop = WorkerApplyRequest(model="m", apply_type="stop")
+    [out] = (await svc.apply(stop, ApplyOptions(apply_type="stop", drain_timeout=0.5))).outputs
+    assert out.success and "drain timed out after" in out.message and "2 request(s) still in flight" in out.message
+
+    svc.report_load("dies", 1, {("m@llm", "h", 1): 1})  # ... and never reports again
+    started = asyncio.get_running_loop().time()
+    [out] = (await svc.apply(stop, ApplyOptions(apply_type="stop"))).outputs
+    assert "0 in flight" in out.message  # its count expired after report_ttl: not the 30 s timeout
+    assert asyncio.get_running_loop().time() - started < 10
+    run.cancel()
+
+
+async def test_the_grace_waits_for_readers_that_report_nothing_and_costs_nothing_when_none_read():
+    config = CoordinatorConfig.model_validate(
+        {"registries": [{"kind": "static", "name": "a", "instances": []}], "long_poll_timeout": 0.2,
+         "drain": {"timeout": 30, "grace": 1.0}})
+    watchers, proxies = FakeWatchers(), FakeProxies()
+    registries = FakeRegistries(quiet=None)  # no reader ever listed it
+    svc = CoordinatorService(config, watchers, proxies, registries=registries)
+    run = asyncio.create_task(svc.run())
+    watchers.publish("a", inst("m@llm", 1))
+    await settle(svc, 1)
+    loop = asyncio.get_running_loop()
+    stop = WorkerApplyRequest(model="m", apply_type="stop")
+    started = loop.time()
+    await svc.apply(stop, ApplyOptions(apply_type="stop"))
+    assert loop.time() - started < 0.8
+    registries.quiet = 0.2  # DB-GPT's API server was shown it 0.2 s ago
+    started = loop.time()
+    [out] = (await svc.apply(stop, ApplyOptions(apply_type="stop"))).outputs
+    assert 0.7 <= loop.time() - started < 5 and "drained in" in out.message
+    # Operations that take nothing out of service are not drained.
+    start = WorkerApplyRequest(model="m", apply_type="start")
+    [out] = (await svc.apply(start, ApplyOptions(apply_type="start"))).outputs
+    assert "drain" not in out.message
     run.cancel()

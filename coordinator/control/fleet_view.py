@@ -10,6 +10,9 @@ Synchronous, no I/O of its own. It holds
 - what the **embedded registries** were last told about unreachable endpoints;
 - the **load** — requests in flight per instance, as the callers' routers
   report them (:class:`LoadBook`);
+- which instances are **draining** — out of the route table and listed
+  unhealthy by the embedded registries while an operation waits for their
+  requests to end;
 - which live-instance gauges are out of date.
 
 Every change goes through one of its methods, which keeps these consistent
@@ -64,14 +67,30 @@ class ProxyLink(Protocol):
 
 
 class RegistryLink(Protocol):
-    def tell(self, unreachable: frozenset[Endpoint]) -> None:
-        """Tell the embedded registries which endpoints the probes find unreachable."""
+    def tell(self, unreachable: frozenset[Endpoint], draining: frozenset[Instance] = frozenset()) -> None:
+        """Tell the embedded registries which endpoints the probes find
+        unreachable and which instances are draining (listed unhealthy)."""
+        ...
+
+    async def quiet_for(self, instances: list[Instance]) -> float | None:
+        """Seconds since a registry last listed any of ``instances`` healthy to
+        a reader (None: none did; 0.0 when a registry cannot say)."""
+        ...
+
+    @property
+    def present(self) -> bool:
+        """Whether there are embedded registries (readers that report nothing)."""
         ...
 
 
 class NoRegistries:
-    def tell(self, unreachable: frozenset[Endpoint]) -> None:
+    present = False
+
+    def tell(self, unreachable: frozenset[Endpoint], draining: frozenset[Instance] = frozenset()) -> None:
         pass
+
+    async def quiet_for(self, instances: list[Instance]) -> float | None:
+        return None
 
 
 class Reachability(Protocol):
@@ -100,7 +119,9 @@ class FleetView:
         self.sources = [s.name for s in config.registries]
         self.heard: set[str] = set()  # sources whose watcher has answered once
         self.live = LiveSet(self.sources)
-        self._told: frozenset[Endpoint] = frozenset()  # what the registries were last told
+        self._told: tuple[frozenset[Endpoint], frozenset[Instance]] = (frozenset(), frozenset())
+        #: Instances being drained -> how many operations drain them now.
+        self._draining: dict[Instance, int] = {}
         self._gauge_keys: set[str] = set()  # worker keys whose gauges are out of date
         self._probes: dict[Endpoint, Reachability] = {}
         self._probed_at: dict[Endpoint, float] = {}  # when that word arrived (loop time)
@@ -114,6 +135,7 @@ class FleetView:
         #: Requests in flight per instance, summed over the callers that report.
         self.load = LoadBook(config.caller.report_ttl)
         self._loaded: dict[str, int] = {}  # the in-flight gauge's last values, per model
+        self._drained_gauge: dict[str, int] = {}  # the draining gauge's last values, per model
 
     # ---- changes --------------------------------------------------------
 
@@ -180,12 +202,47 @@ class FleetView:
             self._retire_proxy(ep)
 
     def tell_registries(self, always: bool = False) -> None:
-        """The embedded registries list instances at unreachable endpoints as
-        unhealthy: tell them when the set changes (and at every resync)."""
-        unreachable = self.unreachable()
-        if always or unreachable != self._told:
-            self._told = unreachable
-            self._registries.tell(unreachable)
+        """The embedded registries list instances at unreachable endpoints, and
+        draining ones, as unhealthy: tell them when either set changes (and at
+        every resync)."""
+        word = (self.unreachable(), frozenset(self._draining))
+        if always or word != self._told:
+            self._told = word
+            self._registries.tell(*word)
+
+    # ---- draining -------------------------------------------------------
+
+    def drain(self, instances: Iterable[Instance]) -> None:
+        """Take ``instances`` out of the route table and have the registries
+        list them unhealthy, until :meth:`undrain` (counted: two operations
+        draining one instance keep it drained until both are done)."""
+        instances = list(instances)
+        for i in instances:
+            self._draining[i] = self._draining.get(i, 0) + 1
+        self._reroute(instances)
+        self._gauge_keys |= {i[0] for i in instances}
+        self.tell_registries()
+        self._on_change()
+
+    def undrain(self, instances: Iterable[Instance]) -> None:
+        instances = list(instances)
+        for i in instances:
+            left = self._draining.get(i, 0) - 1
+            if left > 0:
+                self._draining[i] = left
+            else:
+                self._draining.pop(i, None)
+        self._reroute(instances)
+        self._gauge_keys |= {i[0] for i in instances}
+        self.tell_registries()
+        self._on_change()
+
+    def draining(self) -> frozenset[Instance]:
+        return frozenset(self._draining)
+
+    @property
+    def registries(self) -> RegistryLink:
+        return self._registries
 
     def _ensure_proxy(self, ep: Endpoint) -> None:
         self._proxies.ensure(ep, self._config.access_for(ep, self.live.listed_by(ep)))
@@ -221,7 +278,7 @@ class FleetView:
         for ident in identities:
             inst = self.live.merged.get(ident)
             if (inst is None or not inst.healthy or inst.enabled is False or inst.endpoint in self._down
-                    or inst.model_name == WORKER_MANAGER_KEY):
+                    or inst.model_name == WORKER_MANAGER_KEY or ident in self._draining):
                 self.routes.remove(ident)
             else:
                 self.routes.put(Route(inst.model_name, inst.host, inst.port, float(inst.weight or 0.0),
@@ -298,6 +355,7 @@ class FleetView:
                 probe_error=probe.last_error if probe and probe.reachable is False else None,
                 last_heartbeat=inst.last_heartbeat,
                 in_flight=load.get((inst.model_name, inst.host, inst.port), 0),
+                draining=(inst.model_name, inst.host, inst.port) in self._draining,
             ))
         return rows
 
@@ -334,3 +392,9 @@ class FleetView:
         if report:
             self._metrics.in_flight(report)
         self._loaded = by_model
+        draining: dict[str, int] = {}
+        for key, _, _ in self._draining:
+            draining[key] = draining.get(key, 0) + 1
+        if everything or draining != self._drained_gauge:
+            self._metrics.draining({**{k: 0 for k in self._drained_gauge}, **draining})
+            self._drained_gauge = draining

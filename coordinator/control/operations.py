@@ -13,6 +13,12 @@
   operation, or restarted, started or reconfigured by one and not ready
   again yet, is not missing — the keeper neither replaces it nor starts a
   copy beside it (:meth:`Operations.operating`).
+- **Draining.** Before an instance is stopped, restarted or reconfigured, it
+  leaves the route table and the embedded registries list it unhealthy; the
+  operation then waits until the requests in flight on it, summed over every
+  caller that reports, have ended — and, where DB-GPT's own servers read an
+  embedded registry, until ``drain.grace`` after it last showed them the
+  instance — or ``drain.timeout`` passes (:meth:`Operations.fan_out`).
 
 It reads and updates the fleet's view (:class:`FleetView`) and calls proxies
 through the :class:`ProxyLink`; it owns no other state.
@@ -23,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from coordinator.core.config import CoordinatorConfig
 from coordinator.core.errors import ModelBusyError, NoInstancesError, UnknownEndpointError
@@ -53,6 +59,18 @@ PROXY_MARGIN = 5.0
 ANSWER_MARGIN = 1.0
 #: Operations after which an instance is expected back (not gone for good).
 _COMES_BACK = {"startup", ApplyType.START.value, ApplyType.RESTART.value, ApplyType.UPDATE_PARAMS.value}
+#: Operations that take an instance out of service: drained first.
+DRAINS = {"shutdown", ApplyType.STOP.value, ApplyType.RESTART.value, ApplyType.UPDATE_PARAMS.value}
+#: Seconds between looks at the in-flight count while draining (a count also
+#: falls when a caller's reports expire, which wakes no one).
+DRAIN_LOOK = 0.5
+
+
+class Drain(NamedTuple):
+    """Drain ``key``'s instances at the targets for at most ``timeout`` seconds first."""
+
+    key: str
+    timeout: float
 
 
 def ends_at(timeout: float | None) -> float | None:
@@ -115,6 +133,41 @@ class Operations:
             del returning[ep]
         return frozenset(self._running.get(key, {})) | frozenset(returning)
 
+    def drain_for(self, key: str, kind: str, timeout: float | None = None) -> Drain | None:
+        """The drain an operation of ``kind`` on ``key`` needs (None: it takes
+        nothing out of service, or draining is off); ``timeout`` overrides
+        the config's ``drain.timeout``."""
+        timeout = self._config.drain.timeout if timeout is None else timeout
+        return Drain(key, timeout) if kind in DRAINS and timeout > 0 else None
+
+    async def _drain(self, drain: Drain, targets: list[Endpoint], ends: float | None) -> str:
+        """Wait (bounded) until nothing is in flight on the drained instances
+        and readers that report nothing have had ``drain.grace``; what it took,
+        for the operation's output."""
+        instances = [(drain.key, ep.host, ep.port) for ep in targets]
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        until = started + drain.timeout
+        if ends is not None:  # half of what is left of the caller's time at most: the operation needs the rest
+            until = min(until, started + (ends - started) / 2)
+
+        def in_flight() -> int:
+            return sum(self._view.in_flight(i) for i in instances)
+
+        while in_flight() and loop.time() < until:
+            await self._feed.wait_until(lambda: not in_flight(), min(DRAIN_LOOK, until - loop.time()))
+        grace = self._config.drain.grace
+        registries = self._view.registries
+        if grace > 0 and registries.present and loop.time() < until:
+            quiet = await registries.quiet_for(instances)
+            if quiet is not None and quiet < grace:
+                await asyncio.sleep(max(0.0, min(grace - quiet, until - loop.time())))
+        left = in_flight()
+        took = loop.time() - started
+        if left:
+            return f"drain timed out after {took:.1f} s with {left} request(s) still in flight"
+        return f"drained in {took:.1f} s, 0 in flight"
+
     def _begin(self, key: str, targets: list[Endpoint]) -> None:
         running = self._running.setdefault(key, {})
         for ep in targets:
@@ -156,10 +209,11 @@ class Operations:
         wire = req.model_dump_json()  # serialised once per apply, not once per proxy
         if len(batches) == 1:
             what = f"apply {req.apply_type.value} {req.key}"
-            return ApplyResult.of(await self.fan_out(batches[0], "apply", wire, what, ends, req.key,
-                                                     req.apply_type.value))
+            return ApplyResult.of(await self.fan_out(
+                batches[0], "apply", wire, what, ends, req.key, req.apply_type.value,
+                drain=self.drain_for(req.key, req.apply_type.value, options.drain_timeout)))
         health_timeout = options.health_timeout or self._config.timeouts.rollout_health
-        return ApplyResult.of(await self.roll(req, wire, batches, health_timeout, ends))
+        return ApplyResult.of(await self.roll(req, wire, batches, health_timeout, ends, options.drain_timeout))
 
     async def lifecycle(self, op: str, req: WorkerStartupRequest, timeout: float | None) -> WorkerApplyOutput:
         """A startup or shutdown of one model on one worker manager."""
@@ -168,7 +222,8 @@ class Operations:
             if not self._view.live.has_endpoint(req.endpoint):
                 self._metrics.operation(op, "error")
                 raise UnknownEndpointError(req.host, req.port)
-            [output] = await self.fan_out([req.endpoint], op, req, f"{op} {req.key}", ends, req.key)
+            [output] = await self.fan_out([req.endpoint], op, req, f"{op} {req.key}", ends, req.key,
+                                          drain=self.drain_for(req.key, op))
             if op == "shutdown" and not output.success and not self._runs_there(req):
                 # DB-GPT answers a bare 500 for a model it does not run: say so.
                 output = output.model_copy(update={"message": (
@@ -196,10 +251,11 @@ class Operations:
 
     async def roll(
         self, req: WorkerApplyRequest, wire: str, batches: list[list[Endpoint]], health_timeout: float,
-        ends: float | None = None,
+        ends: float | None = None, drain_timeout: float | None = None,
     ) -> list[WorkerApplyOutput]:
         progress = RolloutProgress(key=req.key, batches=len(batches))
         self.rollouts[req.key] = progress
+        drain = self.drain_for(req.key, req.apply_type.value, drain_timeout)
         outputs: list[WorkerApplyOutput] = []
         loop = asyncio.get_running_loop()
         try:
@@ -208,9 +264,10 @@ class Operations:
                     outputs += not_attempted([ep for b in batches[i - 1:] for ep in b], "the caller's deadline passed")
                     progress.phase = "stopped"
                     break
-                progress.current, progress.phase = batch, "applying"
+                progress.current, progress.phase = batch, "draining" if drain else "applying"
                 what = f"apply {req.apply_type.value} {req.key} (batch {i}/{len(batches)})"
-                done = await self.fan_out(batch, "apply", wire, what, ends, req.key, req.apply_type.value)
+                done = await self.fan_out(batch, "apply", wire, what, ends, req.key, req.apply_type.value,
+                                          drain=drain, on_drained=lambda: setattr(progress, "phase", "applying"))
                 outputs += done
                 rest = [ep for later in batches[i:] for ep in later]
                 if not all(o.success for o in done):
@@ -256,25 +313,35 @@ class Operations:
 
     async def fan_out(
         self, targets: list[Endpoint], op: str, req: Any, what: str, ends: float | None = None,
-        key: str | None = None, kind: str | None = None,
+        key: str | None = None, kind: str | None = None, drain: Drain | None = None,
+        on_drained: Callable[[], None] = lambda: None,
     ) -> list[WorkerApplyOutput]:
         """Run proxy operation ``op`` on every target: one output per target, in
         target order; a proxy failure is that target's failed output. With
         ``ends`` (the caller's deadline, loop time), every worker call ends by
         then, and none starts after it. With ``key``, the targets count as
         operated on (:meth:`operating`) while it runs, and after it as ``kind``
-        (``op`` unless given) says."""
+        (``op`` unless given) says. With ``drain``, the targets are drained
+        first (see :meth:`_drain`), and back in the route table once it ends;
+        each output says what the drain took."""
         budget = None if ends is None else ends - asyncio.get_running_loop().time()
         if budget is not None and budget <= 0:
             return [WorkerApplyOutput(message=f"{ep}: {what} not sent: the caller's deadline passed before its turn",
                                       success=False, timecost=0, host=ep.host, port=ep.port) for ep in targets]
-        # To the proxies as a wall-clock time: it counts the time a call takes
-        # to reach its proxy (one that is still starting, say).
-        deadline_at = None if budget is None else time.time() + budget
         if key is not None:
             self._begin(key, targets)
         outputs: list[WorkerApplyOutput] = []
+        drained = "" if drain is None else None
         try:
+            if drain is not None:
+                self._view.drain((drain.key, ep.host, ep.port) for ep in targets)
+                drained = await self._drain(drain, targets, ends)
+                on_drained()
+                if ends is not None:
+                    budget = ends - asyncio.get_running_loop().time()
+            # To the proxies as a wall-clock time: it counts the time a call
+            # takes to reach its proxy (one that is still starting, say).
+            deadline_at = None if budget is None else time.time() + budget
             outputs = await self.each(
                 targets, op, (req, deadline_at), budget,
                 lambda ep, exc: WorkerApplyOutput(
@@ -282,8 +349,12 @@ class Operations:
                 ),
             )
         finally:
+            if drain is not None:
+                self._view.undrain((drain.key, ep.host, ep.port) for ep in targets)
             if key is not None:
                 self._end(key, kind or op, outputs, targets)
+        if drained:
+            outputs = [o.model_copy(update={"message": f"{o.message} ({drained})"}) for o in outputs]
         for o in outputs:
             if o.timecost is not None and o.timecost >= 0:
                 self._metrics.instance_latency(op, o.timecost)

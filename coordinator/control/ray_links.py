@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 LISTEN_GRACE = 10.0
 #: Seconds between refreshes of the table of Ray nodes used to place proxies.
 NODE_REFRESH = 30.0
+#: Seconds a drain waits for a registry to say when it last listed an instance.
+QUIET_WAIT = 5.0
 #: A proxy that lived this long before dying was not crash-looping: its
 #: replacement starts at once. One that died sooner is replaced after a
 #: back-off that doubles with each quick death (the config's ``backoff``).
@@ -73,13 +75,18 @@ class RayRegistries:
         self._handles: dict[str, Any] = {}
         self._pending: set[Any] = set()
 
-    def tell(self, unreachable: frozenset[Endpoint]) -> None:
+    @property
+    def present(self) -> bool:
+        return bool(self._names)
+
+    def tell(self, unreachable: frozenset[Endpoint], draining: frozenset[tuple[str, str, int]] = frozenset()) -> None:
         endpoints = sorted(tuple(ep) for ep in unreachable)
+        drained = sorted(draining)
         for name in self._names:
             try:
                 if name not in self._handles:
                     self._handles[name] = ray.get_actor(name, namespace=self._namespace)
-                ref = self._handles[name].set_unreachable.remote(endpoints)
+                ref = self._handles[name].set_unreachable.remote(endpoints, drained)
             except (RayError, ValueError) as exc:
                 self._handles.pop(name, None)
                 log.info("registry %r not told of unreachable endpoints: %s", name, exc)
@@ -87,6 +94,23 @@ class RayRegistries:
             task = asyncio.ensure_future(self._settle(name, ref))
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
+
+    async def quiet_for(self, instances: list[tuple[str, str, int]]) -> float | None:
+        """The least time since any registry listed one of ``instances``
+        healthy to a reader; 0.0 when a registry cannot say (assume it just did)."""
+        quiet: list[float] = []
+        for name in self._names:
+            try:
+                if name not in self._handles:
+                    self._handles[name] = ray.get_actor(name, namespace=self._namespace)
+                answer = await asyncio.wait_for(self._handles[name].quiet_for.remote(instances), QUIET_WAIT)
+            except (RayError, ValueError, TimeoutError) as exc:
+                self._handles.pop(name, None)
+                log.info("registry %r did not say when it last listed %s: %s", name, instances, exc)
+                answer = 0.0
+            if answer is not None:
+                quiet.append(answer)
+        return min(quiet) if quiet else None
 
     async def _settle(self, name: str, ref: Any) -> None:
         try:

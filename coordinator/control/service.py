@@ -45,7 +45,7 @@ from coordinator.core.models import (
     WorkerStartupRequest,
     worker_key,
 )
-from coordinator.control.operations import Operations
+from coordinator.control.operations import Drain, Operations
 from coordinator.core.rollout import ApplyOptions, ApplyPlan, plan_batches
 from coordinator.core.status import ClusterStatus, WatcherStatus
 from coordinator.core.supervisor import Supervisor
@@ -265,8 +265,12 @@ class CoordinatorService:
         stopped, and counts for nothing any more."""
         if gone:
             self.view.forget_reporter(reporter)
-            return {}
-        return self.view.report_load(reporter, seq, counts)
+            others: dict[tuple[str, str, int], int] = {}
+        else:
+            others = self.view.report_load(reporter, seq, counts)
+        if self.view.draining():  # a drain waits on these counts
+            self._feed.notify()
+        return others
 
     # ---- operations -----------------------------------------------------
 
@@ -364,11 +368,11 @@ class _Fleet:
     def changed(self) -> None:
         self._s._feed.notify()
 
-    async def _one(self, ep: Endpoint, op: str, req: Any, what: str) -> WorkerApplyOutput:
+    async def _one(self, ep: Endpoint, op: str, req: Any, what: str, drain: Drain | None = None) -> WorkerApplyOutput:
         if not self._s.view.live.has_endpoint(ep):  # left the registries meanwhile: no proxy to ask
             return WorkerApplyOutput(message=f"{ep}: {what} not sent: no registry lists it any more",
                                      success=False, timecost=0, host=ep.host, port=ep.port)
-        [output] = await self._s.operations.fan_out([ep], op, req, what)
+        [output] = await self._s.operations.fan_out([ep], op, req, what, drain=drain)
         return output
 
     async def start(self, ep: Endpoint, spec: Deployment) -> WorkerApplyOutput:
@@ -379,11 +383,13 @@ class _Fleet:
 
     async def stop(self, ep: Endpoint, spec: Deployment) -> WorkerApplyOutput:
         req = WorkerStartupRequest(host=ep.host, port=ep.port, model=spec.model, worker_type=spec.worker_type)
-        return await self._one(ep, "shutdown", req, f"shutdown {spec.key}")
+        return await self._one(ep, "shutdown", req, f"shutdown {spec.key}",
+                               self._s.operations.drain_for(spec.key, "shutdown"))
 
     async def apply_one(self, ep: Endpoint, spec: Deployment, apply_type: ApplyType) -> WorkerApplyOutput:
         req = WorkerApplyRequest(model=spec.model, worker_type=spec.worker_type, apply_type=apply_type)
-        return await self._one(ep, "apply", req.model_dump_json(), f"apply {apply_type.value} {spec.key}")
+        return await self._one(ep, "apply", req.model_dump_json(), f"apply {apply_type.value} {spec.key}",
+                               self._s.operations.drain_for(spec.key, apply_type.value))
 
     async def roll(self, spec: Deployment) -> list[WorkerApplyOutput]:
         req = WorkerApplyRequest(model=spec.model, worker_type=spec.worker_type,

@@ -202,6 +202,24 @@ class ReconcileSettings(_Strict):
         return self
 
 
+class DrainSettings(_Strict):
+    """How an instance is drained before the coordinator stops, restarts or
+    reconfigures it (an apply stop/restart/update_params, a shutdown, and the
+    keeper's scale-downs, params rolls and replacements): it leaves the route
+    table and the embedded registries list it unhealthy, then the operation
+    waits for the requests in flight on it to end."""
+
+    #: Seconds a drain waits at most for the requests in flight on an instance
+    #: (summed over every caller that reports) to end; then the operation goes
+    #: on and says how many were still in flight. 0: no drain.
+    timeout: float = Field(60.0, ge=0)
+    #: Seconds a drain lasts at least after an embedded registry last listed
+    #: the instance as healthy to a reader — DB-GPT's own API server and
+    #: webserver, which report nothing and may still be streaming from it.
+    #: Costs nothing when no one read the registry that recently. 0: off.
+    grace: float = Field(10.0, ge=0)
+
+
 class PlacementSettings(_Strict):
     """Where the actors run on a multi-node Ray cluster."""
 
@@ -378,6 +396,7 @@ class CoordinatorConfig(_Strict):
     backoff: BackoffSettings = BackoffSettings()
     placement: PlacementSettings = PlacementSettings()
     reconcile: ReconcileSettings = ReconcileSettings()
+    drain: DrainSettings = DrainSettings()
     #: How inference callers (RayWorkerManager, the gateway) connect to the workers.
     caller: CallerSettings = CallerSettings()
     #: How they choose an instance: policy per model (random / power_of_two /

@@ -39,6 +39,9 @@ class ApplyOptions(BaseModel):
     #: The caller's timeout (seconds): every worker call of the operation ends
     #: within it, so the operation ends about when the caller stops waiting.
     timeout: float | None = Field(None, gt=0)
+    #: Seconds each instance is drained at most before it is stopped,
+    #: restarted or reconfigured (None: the config's ``drain.timeout``; 0: no drain).
+    drain_timeout: float | None = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _rollable(self) -> Self:
@@ -51,7 +54,7 @@ class RolloutProgress(BaseModel):
     batches: int
     done: int = 0  # batches finished (applied and through the health gate)
     current: list[tuple[str, int]] = Field(default_factory=list)
-    phase: str = "applying"  # applying | waiting for health | finished | stopped
+    phase: str = "applying"  # draining | applying | waiting for health | finished | stopped
 
 
 def plan_batches(targets: list[Endpoint], max_unavailable: int | None) -> list[list[Endpoint]]:

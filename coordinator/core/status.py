@@ -42,6 +42,8 @@ class InstanceStatus(BaseModel):
     #: Requests in flight on it, summed over the callers (routers, gateway
     #: replicas) that report to the coordinator.
     in_flight: int = 0
+    #: Out of the route table while an operation waits for its requests to end.
+    draining: bool = False
 
     @property
     def healthy(self) -> bool:

@@ -210,6 +210,7 @@ def status(obj: Context, as_json: bool) -> None:
                  None: "-"}[r.reachable]
         # Names come from registries: printed as text, never read as markup.
         table.add_row(escape(r.model), escape(r.worker_type), f"{r.host}:{r.port}",
+                      "[yellow]draining[/]" if r.draining else
                       "[green]healthy[/]" if r.registry_healthy else "[red]unhealthy[/]", probe, str(r.in_flight),
                       r.last_heartbeat.strftime("%H:%M:%S") if r.last_heartbeat else "-")
     console.print(table)

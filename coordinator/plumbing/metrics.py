@@ -16,6 +16,7 @@
 | coordinator_deployment_failing | gauge (0/1) | deployment (starts or a params update failing, backing off) |
 | coordinator_reconcile_actions_total | counter | action (start / stop / update_params), outcome (success / fallback / failure) |
 | coordinator_in_flight | gauge | model (requests in flight, summed over the callers that report) |
+| coordinator_draining | gauge | model (instances being drained before an operation) |
 | coordinator_loop_restarts_total | counter | loop (follow SOURCE / resync / gauges / deployments; a watcher's or registry's loops) |
 | coordinator_gateway_requests_total | counter | model, outcome (success / http_4xx / http_5xx / broken / worker_error / deadline / cancelled) |
 | coordinator_gateway_time_to_first_token_seconds | histogram | model, instance |
@@ -68,6 +69,10 @@ class Metrics(Protocol):
         """Requests in flight per model@type, over the callers that report."""
         ...
 
+    def draining(self, by_model: dict[str, int]) -> None:
+        """Instances being drained per model@type."""
+        ...
+
 
 class NoMetrics:
     def operation(self, operation: str, outcome: str) -> None:
@@ -101,6 +106,9 @@ class NoMetrics:
         pass
 
     def in_flight(self, by_model: dict[str, int]) -> None:
+        pass
+
+    def draining(self, by_model: dict[str, int]) -> None:
         pass
 
 
@@ -145,6 +153,8 @@ class RayMetrics:
         self._in_flight = metrics.Gauge(
             "coordinator_in_flight", "Requests in flight per model, summed over the callers that report",
             tag_keys=("model",))
+        self._draining = metrics.Gauge(
+            "coordinator_draining", "Instances being drained before an operation, per model", tag_keys=("model",))
         self._live_labels: dict[str, set[str]] = {}  # health labels recorded non-zero, by model
 
     def operation(self, operation: str, outcome: str) -> None:
@@ -195,6 +205,10 @@ class RayMetrics:
     def in_flight(self, by_model: dict[str, int]) -> None:
         for model, n in by_model.items():
             self._in_flight.set(n, {"model": model})
+
+    def draining(self, by_model: dict[str, int]) -> None:
+        for model, n in by_model.items():
+            self._draining.set(n, {"model": model})
 
 
 def live_counts(models_and_health: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
