@@ -92,3 +92,15 @@ def test_the_sum_is_the_sum_of_each_live_reporters_newest_report(stream, now):
     assert dict(book.in_flight(now)) == expected
     for inst in (A, B, E):
         assert book.on(inst, now) == expected.get(inst, 0)
+
+
+def test_a_reporter_is_behind_until_it_says_it_applied_the_table_at_the_mark():
+    book = LoadBook(ttl=3)
+    book.report("gw-1", 1, {A: 1}, now=0, applied=("e", 7))
+    book.report("gw-2", 1, {}, now=0, applied=("e", 9))
+    book.report("old-coordinator", 1, {}, now=0, applied=("other", 99))  # a table of another epoch
+    book.report("silent", 1, {}, now=0)
+    assert sorted(book.behind(("e", 8), 0)) == ["gw-1", "old-coordinator", "silent"]
+    book.report("gw-1", 2, {A: 1}, now=1, applied=("e", 8))
+    assert "gw-1" not in book.behind(("e", 8), 1)
+    assert book.behind(("e", 8), 3.5) == []  # the others fell silent: nothing to wait for

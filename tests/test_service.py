@@ -559,33 +559,52 @@ async def test_the_route_table_holds_healthy_enabled_reachable_instances_and_tel
 async def test_a_restart_drains_first_it_leaves_the_routes_and_waits_for_what_callers_have_in_flight():
     config = CoordinatorConfig.model_validate(
         {"registries": [{"kind": "static", "name": "a", "instances": []}], "long_poll_timeout": 0.2,
-         "drain": {"timeout": 10, "grace": 0}})
+         "drain": {"timeout": 20, "grace": 0}, "caller": {"report_ttl": 60}})  # no report expires here
     watchers, proxies, registries = FakeWatchers(), FakeProxies(), FakeRegistries()
     svc = CoordinatorService(config, watchers, proxies, registries=registries)
     run = asyncio.create_task(svc.run())
     watchers.publish("a", inst("m@llm", 1), inst("m@llm", 2))
     await settle(svc, 2)
     routes = await svc.routes_since(None, timeout=1)
-    svc.report_load("gw-1", 1, {("m@llm", "h", 1): 2, ("m@llm", "h", 2): 1})
-    svc.report_load("driver", 1, {("m@llm", "h", 1): 1})
+    at = (routes.epoch, routes.version)
+    svc.report_load("gw-1", 1, {("m@llm", "h", 1): 2, ("m@llm", "h", 2): 1}, applied=at)
+    svc.report_load("driver", 1, {("m@llm", "h", 1): 1}, applied=at)
+
+    async def draining(port: int) -> tuple[str, int]:
+        """Until port's instance is draining; the route table's position then."""
+        while svc.view.draining() != {("m@llm", "h", port)}:
+            await asyncio.sleep(0.01)
+        return svc.view.routes.position
+
+    def applied() -> bool:
+        return any(m == "apply" for _, m, _ in proxies.calls)
 
     req = WorkerApplyRequest(model="m", apply_type="restart")
+    started = asyncio.get_running_loop().time()
     rolling = asyncio.create_task(svc.apply(req, ApplyOptions(apply_type="restart", max_unavailable=1)))
-    delta = await svc.routes_since((routes.epoch, routes.version), timeout=2)
+    mark = await asyncio.wait_for(draining(1), 5)
+    delta = await svc.routes_since(at, timeout=2)
     assert [tuple(k) for k in delta.removed] == [("m@llm", "h", 1)]  # out of every router's table first
     assert registries.drained[-1] == frozenset({("m@llm", "h", 1)})  # and listed unhealthy
     assert [r.port for r in (await svc.status()).instances if r.draining] == [1]
+    svc.report_load("gw-1", 2, {("m@llm", "h", 2): 1}, applied=mark)  # its requests on port 1 ended
     await asyncio.sleep(0.3)
-    assert not any(m == "apply" for _, m, _ in proxies.calls)  # 3 in flight there: not restarted yet
-    svc.report_load("gw-1", 2, {("m@llm", "h", 2): 1})  # gw-1's requests there ended
+    assert not applied()  # the driver's one is still going
+    svc.report_load("driver", 2, {}, applied=at)  # ended, but it has not taken the new table yet:
+    await asyncio.sleep(0.3)  # it may have chosen port 1 just now, and that report be on its way
+    assert not applied()
+    svc.report_load("driver", 3, {}, applied=mark)
+    mark2 = await asyncio.wait_for(draining(2), 5)  # port 1 restarted and healthy: now port 2
+    assert [ep.port for ep, m, _ in proxies.calls if m == "apply"] == [1]
     await asyncio.sleep(0.3)
-    assert not any(m == "apply" for _, m, _ in proxies.calls)  # the driver's one is still going
-    svc.report_load("driver", 2, {})
+    assert [ep.port for ep, m, _ in proxies.calls if m == "apply"] == [1]  # gw-1's request on port 2
+    svc.report_load("gw-1", 3, {}, applied=mark2)
+    svc.report_load("driver", 4, {}, applied=mark2)
     result = await asyncio.wait_for(rolling, 10)
+    assert asyncio.get_running_loop().time() - started < 10  # settled by the reports, not a timeout
     assert [o.port for o in result.outputs] == [1, 2]
     assert all("drained in" in o.message and "0 in flight" in o.message for o in result.outputs)
-    # Port 2 waited for gw-1's request there too; both back in the table afterwards.
-    assert registries.drained[-1] == frozenset()
+    assert registries.drained[-1] == frozenset()  # both back
     assert not any(r.draining for r in (await svc.status()).instances)
     run.cancel()
 
@@ -599,13 +618,13 @@ async def test_a_drain_that_times_out_goes_on_and_says_how_many_were_left_and_a_
     run = asyncio.create_task(svc.run())
     watchers.publish("a", inst("m@llm", 1))
     await settle(svc, 1)
-    svc.report_load("stuck", 1, {("m@llm", "h", 1): 2})
+    svc.report_load("stuck", 1, {("m@llm", "h", 1): 2}, applied=svc.view.routes.position)
 
     stop = WorkerApplyRequest(model="m", apply_type="stop")
     [out] = (await svc.apply(stop, ApplyOptions(apply_type="stop", drain_timeout=0.5))).outputs
     assert out.success and "drain timed out after" in out.message and "2 request(s) still in flight" in out.message
 
-    svc.report_load("dies", 1, {("m@llm", "h", 1): 1})  # ... and never reports again
+    svc.report_load("dies", 1, {("m@llm", "h", 1): 1}, applied=svc.view.routes.position)  # ... never again
     started = asyncio.get_running_loop().time()
     [out] = (await svc.apply(stop, ApplyOptions(apply_type="stop"))).outputs
     assert "0 in flight" in out.message  # its count expired after report_ttl: not the 30 s timeout

@@ -118,10 +118,12 @@ class CoordinatorActor:
     # ---- from callers --------------------------------------------------
 
     async def report_load(self, reporter: str, seq: int, counts: dict[tuple[str, str, int], int],
-                          gone: bool = False) -> dict[tuple[str, str, int], int]:
-        """A router's requests in flight per instance; the other routers' (see
+                          gone: bool = False, applied: tuple[str, int] | None = None,
+                          ) -> dict[tuple[str, str, int], int]:
+        """A router's requests in flight per instance and the route table it
+        has applied; the other routers' counts (see
         :meth:`CoordinatorService.report_load`)."""
-        return self._service.report_load(reporter, seq, counts, gone)
+        return self._service.report_load(reporter, seq, counts, gone, applied)
 
     # ---- from proxies ---------------------------------------------------
 

@@ -169,11 +169,13 @@ class FleetView:
     def changed(self) -> None:
         self._on_change()
 
-    def report_load(self, reporter: str, seq: int, counts: dict[Instance, int]) -> dict[Instance, int]:
-        """A caller's whole count of its requests in flight; what every other
-        caller has in flight, per instance (for its choices)."""
+    def report_load(self, reporter: str, seq: int, counts: dict[Instance, int],
+                    applied: tuple[str, int] | None = None) -> dict[Instance, int]:
+        """A caller's whole count of its requests in flight, and the route
+        table it has applied; what every other caller has in flight, per
+        instance (for its choices)."""
         now = self._clock()
-        self.load.report(reporter, seq, counts, now)
+        self.load.report(reporter, seq, counts, now, applied)
         return self.load.others(reporter, now)
 
     def now(self) -> float:
@@ -239,6 +241,12 @@ class FleetView:
 
     def draining(self) -> frozenset[Instance]:
         return frozenset(self._draining)
+
+    def settled(self, instances: Iterable[Instance], mark: tuple[str, int]) -> tuple[int, int]:
+        """(requests in flight on ``instances``, callers that have not applied
+        the route table at ``mark`` yet) — a drain is over when both are 0."""
+        now = self._clock()
+        return sum(self.load.on(i, now) for i in instances), len(self.load.behind(mark, now))
 
     @property
     def registries(self) -> RegistryLink:

@@ -141,31 +141,34 @@ class Operations:
         return Drain(key, timeout) if kind in DRAINS and timeout > 0 else None
 
     async def _drain(self, drain: Drain, targets: list[Endpoint], ends: float | None) -> str:
-        """Wait (bounded) until nothing is in flight on the drained instances
-        and readers that report nothing have had ``drain.grace``; what it took,
-        for the operation's output."""
+        """Wait (bounded) until every reporting caller has applied the route
+        table without the drained instances and has nothing in flight on
+        them, and readers that report nothing have had ``drain.grace``; what
+        it took, for the operation's output."""
         instances = [(drain.key, ep.host, ep.port) for ep in targets]
+        mark = self._view.routes.position
         loop = asyncio.get_running_loop()
         started = loop.time()
         until = started + drain.timeout
         if ends is not None:  # half of what is left of the caller's time at most: the operation needs the rest
             until = min(until, started + (ends - started) / 2)
 
-        def in_flight() -> int:
-            return sum(self._view.in_flight(i) for i in instances)
+        def busy() -> bool:
+            return any(self._view.settled(instances, mark))
 
-        while in_flight() and loop.time() < until:
-            await self._feed.wait_until(lambda: not in_flight(), min(DRAIN_LOOK, until - loop.time()))
+        while busy() and loop.time() < until:
+            await self._feed.wait_until(lambda: not busy(), min(DRAIN_LOOK, until - loop.time()))
         grace = self._config.drain.grace
         registries = self._view.registries
         if grace > 0 and registries.present and loop.time() < until:
             quiet = await registries.quiet_for(instances)
             if quiet is not None and quiet < grace:
                 await asyncio.sleep(max(0.0, min(grace - quiet, until - loop.time())))
-        left = in_flight()
+        left, behind = self._view.settled(instances, mark)
         took = loop.time() - started
-        if left:
-            return f"drain timed out after {took:.1f} s with {left} request(s) still in flight"
+        if left or behind:
+            unheard = f", {behind} caller(s) not yet past the route change" if behind else ""
+            return f"drain timed out after {took:.1f} s with {left} request(s) still in flight{unheard}"
         return f"drained in {took:.1f} s, 0 in flight"
 
     def _begin(self, key: str, targets: list[Endpoint]) -> None:

@@ -259,15 +259,15 @@ class CoordinatorService:
     # ---- load -----------------------------------------------------------
 
     def report_load(self, reporter: str, seq: int, counts: dict[tuple[str, str, int], int],
-                    gone: bool = False) -> dict[tuple[str, str, int], int]:
-        """A caller's requests in flight per instance (its whole count); what
-        the other callers have in flight, for its choices. ``gone``: it
-        stopped, and counts for nothing any more."""
+                    gone: bool = False, applied: tuple[str, int] | None = None) -> dict[tuple[str, str, int], int]:
+        """A caller's requests in flight per instance (its whole count) and the
+        route table it has applied; what the other callers have in flight,
+        for its choices. ``gone``: it stopped, and counts for nothing any more."""
         if gone:
             self.view.forget_reporter(reporter)
             others: dict[tuple[str, str, int], int] = {}
         else:
-            others = self.view.report_load(reporter, seq, counts)
+            others = self.view.report_load(reporter, seq, counts, applied)
         if self.view.draining():  # a drain waits on these counts
             self._feed.notify()
         return others

@@ -13,6 +13,13 @@ its process died, its node is gone — stops counting once its last report is
 ``ttl`` old: a drain or an autoscaler never waits on a caller that is gone.
 A router that stops cleanly says so (:meth:`LoadBook.forget`).
 
+Each report also says which route table the router has applied (``applied``:
+the table's epoch and version; routers report every table change they take).
+A drain takes an instance out of the table at some version, then waits until
+every live reporter has applied it (:meth:`LoadBook.behind`) *and* nothing
+is in flight there: a request a router chose just before it heard of the
+drain is then in its count, never missed between the two.
+
 Pure: the clock is passed in.
 """
 
@@ -26,11 +33,16 @@ from dataclasses import dataclass, field
 Instance = tuple[str, str, int]
 
 
+#: A route table's position: (epoch, version).
+Position = tuple[str, int]
+
+
 @dataclass
 class _Report:
     seq: int
     at: float
     counts: dict[Instance, int] = field(default_factory=dict)
+    applied: Position | None = None
 
 
 class LoadBook:
@@ -42,18 +54,27 @@ class LoadBook:
         self.ttl = ttl
         self._reports: dict[str, _Report] = {}
 
-    def report(self, reporter: str, seq: int, counts: Mapping[Instance, int], now: float) -> bool:
+    def report(self, reporter: str, seq: int, counts: Mapping[Instance, int], now: float,
+               applied: Position | None = None) -> bool:
         """Take ``reporter``'s count of its requests in flight (its whole count:
-        instances it leaves out have none). Whether it was taken (False: an
-        older report than one already taken)."""
+        instances it leaves out have none), and the route table it has
+        applied. Whether it was taken (False: an older report than one
+        already taken)."""
         last = self._reports.get(reporter)
         if last is not None and seq <= last.seq:
             return False
         bad = {i: n for i, n in counts.items() if n < 0}
         if bad:
             raise ValueError(f"in-flight counts cannot be negative: {bad}")
-        self._reports[reporter] = _Report(seq, now, {i: n for i, n in counts.items() if n})
+        self._reports[reporter] = _Report(seq, now, {i: n for i, n in counts.items() if n}, applied)
         return True
+
+    def behind(self, mark: Position, now: float) -> list[str]:
+        """The live reporters that have not said they applied the route table
+        at ``mark`` (or later, of the same epoch)."""
+        epoch, version = mark
+        return [r for r, rep in self._live(now)
+                if rep.applied is None or rep.applied[0] != epoch or rep.applied[1] < version]
 
     def forget(self, reporter: str) -> None:
         """``reporter`` stopped cleanly: it counts for nothing from now."""

@@ -239,15 +239,19 @@ def status(obj: Context, as_json: bool) -> None:
 @click.option("--param", "params", multiple=True, help="key=value, repeatable (update_params)")
 @click.option("--max-unavailable", type=int, help="roll through batches of at most this many instances")
 @click.option("--health-timeout", type=float, help="seconds a batch has to come back healthy")
+@click.option("--drain-timeout", type=click.FloatRange(min=0),
+              help="seconds each instance is drained at most before a stop, restart or update_params "
+                   "(default: the config's drain.timeout; 0: no drain)")
 @click.option("--dry-run", is_flag=True, help="print the plan; send nothing")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def apply(obj: Context, model: str, apply_type: str, worker_type: str, params: tuple[str, ...],
-          max_unavailable: int | None, health_timeout: float | None, dry_run: bool, as_json: bool) -> None:
+          max_unavailable: int | None, health_timeout: float | None, drain_timeout: float | None, dry_run: bool,
+          as_json: bool) -> None:
     """Apply an operation to every instance of MODEL (all at once, or rolling)."""
     cluster = obj.cluster()
     kwargs = dict(worker_type=worker_type, params=_params(params) or None, max_unavailable=max_unavailable,
-                  health_timeout=health_timeout)
+                  health_timeout=health_timeout, drain_timeout=drain_timeout)
     if dry_run:
         plan = cluster.apply(model, apply_type, dry_run=True, **kwargs)
         if as_json:

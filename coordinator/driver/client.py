@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, TypeVar
 
 import ray
-from pydantic import Field, NonNegativeInt, PositiveInt, validate_call
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt, validate_call
 from ray.exceptions import (
     ActorDiedError,
     ActorUnavailableError,
@@ -120,14 +120,14 @@ class _Calls:
     def apply(
         self, *, model: Name, apply_type: ApplyType, worker_type: WorkerType, params: dict[str, Any] | None,
         timeout: Seconds | None, max_unavailable: PositiveInt | None = None, dry_run: bool = False,
-        health_timeout: Seconds | None = None,
+        health_timeout: Seconds | None = None, drain_timeout: NonNegativeFloat | None = None,
     ) -> _Call:
         req = WorkerApplyRequest(
             model=model, apply_type=apply_type, worker_type=worker_type, params={} if params is None else params
         )
         options = ApplyOptions(
             apply_type=req.apply_type, max_unavailable=max_unavailable, dry_run=dry_run,
-            health_timeout=health_timeout, timeout=None if dry_run else timeout,
+            health_timeout=health_timeout, timeout=None if dry_run else timeout, drain_timeout=drain_timeout,
         )
         if dry_run:
             return _Call("apply", (req, options))
@@ -289,6 +289,7 @@ class Cluster:
         self, model: str, apply_type: ApplyType | str, worker_type: WorkerType | str = "llm",
         params: dict[str, Any] | None = None, timeout: float | None = None, *,
         max_unavailable: int | None = None, dry_run: bool = False, health_timeout: float | None = None,
+        drain_timeout: float | None = None,
     ) -> ApplyResult | ApplyPlan:
         """Apply to every registered instance of ``model@worker_type``.
 
@@ -296,11 +297,15 @@ class Cluster:
         most k, waiting after each until its instances are healthy again (up to
         ``health_timeout``) and stopping at the first failed batch; the rest are
         reported as not attempted. ``dry_run=True`` returns the plan
-        (:class:`ApplyPlan`) and sends nothing.
+        (:class:`ApplyPlan`) and sends nothing. A stop, restart or
+        update_params drains each instance first, for at most
+        ``drain_timeout`` seconds (default: the config's ``drain.timeout``; 0:
+        no drain): see README, "Changing a live fleet".
         """
         return self._run(self._calls.apply(
             model=model, apply_type=apply_type, worker_type=worker_type, params=params, timeout=timeout,
-            max_unavailable=max_unavailable, dry_run=dry_run, health_timeout=health_timeout))
+            max_unavailable=max_unavailable, dry_run=dry_run, health_timeout=health_timeout,
+            drain_timeout=drain_timeout))
 
     @_blocks
     def startup(self, req: WorkerStartupRequest | dict[str, Any], timeout: float | None = None) -> WorkerApplyOutput:
@@ -441,11 +446,13 @@ class AsyncCluster:
         self, model: str, apply_type: ApplyType | str, worker_type: WorkerType | str = "llm",
         params: dict[str, Any] | None = None, timeout: float | None = None, *,
         max_unavailable: int | None = None, dry_run: bool = False, health_timeout: float | None = None,
+        drain_timeout: float | None = None,
     ) -> ApplyResult | ApplyPlan:
         await self.config()
         return await self._run(self._calls.apply(
             model=model, apply_type=apply_type, worker_type=worker_type, params=params, timeout=timeout,
-            max_unavailable=max_unavailable, dry_run=dry_run, health_timeout=health_timeout))
+            max_unavailable=max_unavailable, dry_run=dry_run, health_timeout=health_timeout,
+            drain_timeout=drain_timeout))
 
     async def startup(self, req: WorkerStartupRequest | dict[str, Any], timeout: float | None = None) -> WorkerApplyOutput:
         await self.config()

@@ -14,7 +14,9 @@ among the instances below the per-worker connection limit
 
 The router also reports its requests in flight per instance to the
 coordinator (a second daemon thread): at once when they change, coalesced,
-and every ``caller.report_every`` seconds while there are any. The
+every ``caller.report_every`` seconds while there are any, and after each
+route-table change it takes, saying which table it has applied (a drain waits
+until every caller has: see :mod:`coordinator.core.load`). The
 coordinator sums the reports of every caller (see
 :mod:`coordinator.core.load`) — what a drain waits on — and answers each with
 what the *other* callers have in flight, which the policies add to the
@@ -128,6 +130,7 @@ class Router:
         #: What the other callers have in flight, per instance (the coordinator's last answer).
         self._others: dict[tuple[str, str, int], int] = {}
         self._load_changed = threading.Event()
+        self._applied: tuple[str, int] | None = None  # the route table's position, as last taken
         self._report_every = 1.0
         self._reporter_thread: threading.Thread | None = None
         #: This router's life, as the coordinator counts its reports: a new one
@@ -256,7 +259,8 @@ class Router:
             failures = 0
             if change is not None:
                 self._take(change)
-                since = (change.epoch, change.version)
+                since = self._applied = (change.epoch, change.version)
+                self._load_changed.set()  # tell the coordinator this table is applied (a drain waits on it)
             self._ready.set()
 
     def _take(self, change: Any) -> None:
@@ -294,6 +298,7 @@ class Router:
         coordinator gets fewer, never a pile."""
         seq = 0
         sent: dict[tuple[str, str, int], int] | None = {}  # None: the last one failed, send again
+        sent_applied: tuple[str, int] | None = None
         sent_at = 0.0
         failures = 0
         while True:
@@ -303,12 +308,14 @@ class Router:
                 break
             with self._lock:
                 counts = dict(self._by_instance)
+            applied = self._applied
             now = time.monotonic()
-            if counts == sent and (not counts or now - sent_at < self._report_every):
+            if counts == sent and applied == sent_applied and (not counts or now - sent_at < self._report_every):
                 continue  # nothing new, and not yet due (or nothing to keep alive)
             seq += 1
             try:
-                others = self._cluster._handle.report_load.remote(self.reporter, seq, counts).future().result(
+                others = self._cluster._handle.report_load.remote(
+                    self.reporter, seq, counts, False, applied).future().result(
                     timeout=max(5.0, 3 * self._report_every))
             except Exception as exc:  # restarting or slow: send the count again on the next round
                 failures += 1
@@ -320,7 +327,7 @@ class Router:
                 time.sleep(min(self._report_every, 0.1 * 2 ** min(failures, 6)))
                 continue
             failures = 0
-            sent, sent_at = counts, now
+            sent, sent_applied, sent_at = counts, applied, now
             with self._lock:
                 self._others = others
                 self.reports += 1
