@@ -170,3 +170,49 @@ def test_a_stopped_instance_the_registry_still_lists_is_not_stopped_twice():
     # A's stop succeeded; the registry has not caught up and still lists it healthy.
     view = View(instances=[up(A), up(B)], managers=[mgr(A, 1), mgr(B, 1)], stopping=frozenset({A}))
     assert decide(spec(1), view)[:3] == ([], "ready", None)
+
+
+def kinds(decision) -> list[tuple[str, Endpoint | None]]:
+    return [(a.kind, a.endpoint) for a in decision.actions]
+
+
+def test_a_surge_roll_of_one_replica_starts_the_new_one_first_then_stops_the_old_then_adopts():
+    managers = [mgr(A, 1), mgr(B)]
+    surge = spec(1, max_surge=1)
+    # Params changed: the new instance starts beside the old one, on another manager.
+    step = decide(surge, View(instances=[up(A)], managers=managers, params_current=False))
+    assert kinds(step) == [("start", B)] and "starting 1 with the new params" in step.why
+    # While it starts, the old one keeps serving: nothing is stopped.
+    step = decide(surge, View(instances=[up(A)], managers=managers, params_current=False, starting=frozenset({B}),
+                              fresh=frozenset({B})))
+    assert step.actions == [] and step.state == "progressing"
+    # Ready: the old one goes (drained by the stop).
+    both = View(instances=[up(A), up(B)], managers=[mgr(A, 1), mgr(B, 1)], params_current=False,
+                fresh=frozenset({B}))
+    assert kinds(decide(surge, both)) == [("stop", A)]
+    # Only fresh ones are left: the params are adopted, nothing is sent.
+    done = View(instances=[up(B)], managers=[mgr(A), mgr(B, 1)], params_current=False, fresh=frozenset({B}))
+    assert kinds(decide(surge, done)) == [("adopt", None)]
+
+
+def test_a_surge_never_stops_a_fresh_instance_and_starts_at_most_max_surge_at_once():
+    managers = [mgr(A, 1), mgr(B, 1), mgr(C), mgr(D)]
+    s = spec(2, max_surge=1)
+    step = decide(s, View(instances=[up(A), up(B)], managers=managers, params_current=False))
+    assert [k for k, _ in kinds(step)] == ["start"] and len(step.actions) == 1
+    # Three ready (one fresh) for two wanted: an old one is stopped, never the fresh one.
+    step = decide(s, View(instances=[up(A), up(B), up(C)], managers=managers, params_current=False,
+                          fresh=frozenset({C})))
+    assert kinds(step) == [("stop", A)]
+
+
+def test_a_surge_with_no_free_manager_updates_in_place():
+    step = decide(spec(1, max_surge=1), View(instances=[up(A)], managers=[mgr(A, 1)], params_current=False))
+    assert kinds(step) == [("update_params", None)]
+
+
+def test_max_surge_defaults_to_in_place_updates_and_cannot_be_negative():
+    assert kinds(decide(spec(1), View(instances=[up(A)], managers=[mgr(A, 1), mgr(B)], params_current=False))) == [
+        ("update_params", None)]
+    with pytest.raises(ValidationError):
+        spec(1, max_surge=-1)

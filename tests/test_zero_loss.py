@@ -49,6 +49,7 @@ class Load:
                         break
                 if last is None or last.error_code:
                     self.outcomes.append(f"error: {last.text if last else 'no output'}")
+                    await asyncio.sleep(0.05)  # no instance (after an undeploy): do not spin
                 elif last.finish_reason != "stop":
                     self.outcomes.append(f"truncated: {last.text[-40:]!r}")
                 else:
@@ -129,3 +130,47 @@ def test_a_shutdown_under_load_drains_first(fleet):
         wait_until(lambda: len(load.outcomes) > 12, timeout=30, what="more streams after the shutdown")
     assert load.lost() == [], load.lost()[:5]
     assert aborted(ports) == 0
+
+
+SIM = {"provider": "proxy/sim"}
+
+
+def test_the_keepers_changes_under_load_lose_nothing(ray_session, worker_process):
+    """A deployment's params rolled with max_surge (one replica: no outage),
+    scaled 4 → 1, and undeployed, under streamed load: the keeper drains
+    every instance it stops or reconfigures."""
+    cluster = coordinator.start({"registries": [SLOW_HEARTBEATS], **FAST, "drain": {"timeout": 30},
+                                 "caller": {"report_every": 0.5, "report_ttl": 2}},
+                                name="zero-loss-keeper", namespace="tests")
+    try:
+        url = cluster.registry_url()
+        ports = [worker_process(controller=url, heartbeat_interval=1, load_s=LOAD_S, chunks=30,
+                                chunk_delay=0.08).port for _ in range(4)]
+        wait_until(lambda: sum(1 for r in cluster.status().instances if r.worker_type == "service") == 4,
+                   timeout=30, what="4 worker managers")
+        cluster.deploy(coordinator.Deployment(model=MODEL, replicas=1, params=SIM, max_surge=1), wait=True,
+                       timeout=60)
+        with Load(cluster, streams=3) as load:
+            # One replica, new params: the new one is ready before the old one is drained and stopped.
+            cluster.deploy(coordinator.Deployment(model=MODEL, replicas=1, params={**SIM, "temperature": 0.2},
+                                                  max_surge=1), wait=True, timeout=90)
+            [status] = [d for d in cluster.deployments() if d.key == f"{MODEL}@llm"]
+            events = [e.action for e in status.events]
+            assert "adopt" in events and "update_params" not in events, events
+            cluster.deploy(coordinator.Deployment(model=MODEL, replicas=4, params={**SIM, "temperature": 0.2}),
+                           wait=True, timeout=90)
+            cluster.deploy(coordinator.Deployment(model=MODEL, replicas=1, params={**SIM, "temperature": 0.2}),
+                           wait=True, timeout=90)
+            during = len(load.outcomes)
+        assert load.lost() == [], load.lost()[:5]
+        assert during > 10
+        with Load(cluster, streams=3) as load:
+            cluster.undeploy(f"{MODEL}@llm", shutdown=True)
+            wait_until(lambda: load.lost(), timeout=60, what="requests finding no instance after the undeploy")
+        # What was in flight when the undeploy began finished (none cut or
+        # aborted); only requests sent after it found no instance.
+        assert all("Cound not found worker instances" in o or "no instance" in o.lower()
+                   for o in load.lost()), load.lost()[:3]
+        assert aborted(ports) == 0
+    finally:
+        cluster.stop(forget=True)

@@ -76,6 +76,9 @@ class Record(BaseModel):
     #: Starts in flight: "host:port" -> unix time after which, if its instance
     #: is still not ready, it counts as missing again.
     intents: dict[str, float] = Field(default_factory=dict)
+    #: "host:port" of the instances started with ``spec``'s params while
+    #: others still run ``applied`` ones (a surge roll replaces those).
+    fresh: list[str] = Field(default_factory=list)
 
 
 _RECORDS = TypeAdapter(dict[str, Record])
@@ -186,6 +189,8 @@ class Keeper:
                     # redeploy keeps what they run, so new params roll out.
                     applied=held.applied if held else spec.params_digest,
                     intents=dict(held.intents) if held else {},
+                    # Started with these params already, if they are unchanged.
+                    fresh=list(held.fresh) if held and held.spec.params_digest == spec.params_digest else [],
                 )
                 generations.append(changed[spec.key].generation)
             return changed or None
@@ -318,6 +323,7 @@ class Keeper:
         return View(instances=instances, managers=managers, starting=starting, stopping=frozenset(stopped),
                     backoff=self._backoff.get(key, {}), now=now,
                     params_current=held.applied == held.spec.params_digest,
+                    fresh=frozenset(_endpoint(t) for t in held.fresh),
                     operating=self._fleet.operating(key), replace_after=self._settings.replace_after)
 
     def _decide(self, key: str, held: Record) -> tuple[Decision, View]:
@@ -448,6 +454,10 @@ class Keeper:
                     then = ("apply stop", await self._fleet.apply_one(action.endpoint, spec, ApplyType.STOP))
                 if self._done(key, action, "stop", out, then):
                     self._stopped.setdefault(key, {})[action.endpoint] = self._clock() + self._settings.appear_within
+            case "adopt":
+                self._event(key, "adopt", None, action.reason, True, "every instance runs the new params")
+                await self._book(key, lambda held: held.model_copy(update={"applied": spec.params_digest, "fresh": []})
+                                 if held.spec.params_digest == spec.params_digest else held)
             case "update_params":
                 outs = await self._fleet.roll(spec)
                 ok = bool(outs) and all(o.success for o in outs)
@@ -459,7 +469,8 @@ class Keeper:
                 if ok:
                     per.pop(None, None)
                     # what the instances run now, whatever was deployed meanwhile
-                    await self._book(key, lambda held: held.model_copy(update={"applied": spec.params_digest}))
+                    await self._book(key, lambda held: held.model_copy(update={"applied": spec.params_digest,
+                                                                               "fresh": []}))
                 else:
                     per[None] = backed_off(per.get(None), self._clock(), failed, self._settings.backoff_initial,
                                            self._settings.backoff_max)
@@ -485,11 +496,14 @@ class Keeper:
 
         def outcome(held: Record) -> Record:
             intents = dict(held.intents)
+            fresh = list(held.fresh)
             if ok:
                 intents[str(ep)] = until  # now it has a while to appear
+                if held.applied != spec.params_digest == held.spec.params_digest and str(ep) not in fresh:
+                    fresh.append(str(ep))  # started with params the others do not run yet
             else:
                 intents.pop(str(ep), None)
-            return held.model_copy(update={"intents": intents})
+            return held.model_copy(update={"intents": intents, "fresh": fresh})
 
         await self._book(key, outcome)
 

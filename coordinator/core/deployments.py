@@ -36,7 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
@@ -65,6 +65,12 @@ class Deployment(BaseModel):
     hosts: list[str] | None = None
     #: Instances a params change may take down at once.
     max_unavailable: PositiveInt = 1
+    #: Instances a params change may start beside the old ones: with it, each
+    #: old instance is replaced by a new one started with the new params on
+    #: another worker manager (ready first, then the old one is drained and
+    #: stopped), so even one replica rolls without an outage. 0: the params
+    #: are updated in place, ``max_unavailable`` at a time (drained first).
+    max_surge: NonNegativeInt = 0
 
     @field_validator("hosts", mode="after")
     @classmethod
@@ -207,11 +213,16 @@ class View:
     #: Seconds an unreachable instance whose death is not certain is waited
     #: for before it is replaced (``reconcile.replace_after``).
     replace_after: float = 15.0
+    #: Instances started with the deployment's params since they changed (a
+    #: surge roll replaces the others).
+    fresh: frozenset[Endpoint] = frozenset()
 
 
 class Action(NamedTuple):
-    kind: Literal["start", "stop", "update_params"]
-    endpoint: Endpoint | None  # None for update_params: every instance, rolling
+    #: ``adopt``: every instance runs the deployment's params now (a surge
+    #: roll is over): record it, send nothing.
+    kind: Literal["start", "stop", "update_params", "adopt"]
+    endpoint: Endpoint | None  # None for update_params (every instance, rolling) and adopt
     reason: str
 
 
@@ -242,14 +253,15 @@ def decide(spec: Deployment, view: View) -> Decision:
     models_on = {m.endpoint: m.models for m in view.managers}
     not_ready = sorted(s.endpoint for s in view.instances if not s.ready)  # stopping ones are wanted stopped
 
-    if have < spec.replicas:
-        need = spec.replicas - have
-        taken = set(ready) | starting
-        allowed = spec.allowed
-        eligible = [m for m in view.managers
-                    if m.eligible and m.endpoint not in taken and (allowed is None or m.endpoint in allowed)]
+    allowed = spec.allowed
+    eligible = [m for m in view.managers
+                if m.eligible and m.endpoint not in set(ready) | starting
+                and (allowed is None or m.endpoint in allowed)]
+
+    def pick(need: int) -> list[Endpoint]:
+        """Up to ``need`` eligible managers not backing off, spread over hosts."""
         free = [m for m in eligible if m.endpoint not in backoff or backoff[m.endpoint].retry_at <= view.now]
-        picks = []
+        picks: list[Endpoint] = []
         while free and len(picks) < need:  # one at a time: each pick changes its host's count
             best = min(free, key=lambda m: (replicas_on_host[m.endpoint.host], m.models,
                                             backoff[m.endpoint].failures if m.endpoint in backoff else 0,
@@ -257,6 +269,10 @@ def decide(spec: Deployment, view: View) -> Decision:
             free.remove(best)
             picks.append(best.endpoint)
             replicas_on_host[best.endpoint.host] += 1
+        return picks
+
+    if have < spec.replicas:
+        picks = pick(spec.replicas - have)
         missing = f"{len(ready)} of {spec.replicas} ready"
         if not_ready:
             missing += f"; not ready: {', '.join(map(str, not_ready))}"
@@ -269,6 +285,11 @@ def decide(spec: Deployment, view: View) -> Decision:
             return Decision([], "failing", f"{missing}; starts failing, backing off: {last.last_error}")
         where = "" if allowed is None else f" among hosts {', '.join(sorted(map(str, allowed)))}"
         return Decision([], "degraded", f"{missing}; no other eligible worker manager{where}", stuck=True)
+
+    if not view.params_current and spec.max_surge and ready:
+        surge = _surge(spec, view, ready, starting, have, pick)
+        if surge is not None:
+            return surge
 
     if have > spec.replicas:
         if starting:
@@ -291,3 +312,29 @@ def decide(spec: Deployment, view: View) -> Decision:
             return Decision([], "failing", f"params update failed, backing off: {roll.last_error}")
         return Decision([Action("update_params", None, "params changed")], "progressing", "params changed")
     return Decision([], "ready", None)
+
+
+def _surge(spec: Deployment, view: View, ready: list[Endpoint], starting: set[Endpoint], have: int,
+           pick: Callable[[int], list[Endpoint]]) -> Decision | None:
+    """One step of a surge roll: start up to ``max_surge`` instances with the
+    new params beside the old ones; once they are ready, stop (drained) as
+    many old ones; when none is left, adopt the params. None: no manager is
+    free for a surge — the caller updates in place instead."""
+    stale = sorted(ep for ep in ready if ep not in view.fresh)
+    if not stale:
+        if starting:
+            return Decision([], "progressing", f"params changed: {len(starting)} starting with the new params")
+        return Decision([Action("adopt", None, "every instance runs the new params")], "progressing",
+                        "params changed")
+    if starting:
+        return Decision([], "progressing", f"params changed: {len(starting)} starting with the new params, "
+                        f"{len(stale)} to replace")
+    if have > spec.replicas:
+        why = f"params changed: {len(stale)} to replace; {have} ready, {spec.replicas} wanted"
+        return Decision([Action("stop", ep, "replaced by an instance with the new params")
+                         for ep in stale[: have - spec.replicas]], "progressing", why)
+    picks = pick(min(spec.max_surge, len(stale)))
+    if not picks:
+        return None
+    why = f"params changed: starting {len(picks)} with the new params beside {len(stale)} to replace"
+    return Decision([Action("start", ep, why) for ep in picks], "progressing", why)
