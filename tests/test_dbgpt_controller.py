@@ -82,9 +82,12 @@ def test_apply_gives_one_output_per_dbgpt_worker_in_dbgpts_words(dbgpt_fleet, ap
     wait_until(lambda: len(cluster.instances(MODEL, healthy_only=False)) == 2, 10, what="coordinator sees both")
     result = cluster.apply(MODEL, apply_type, params=params)
     assert sorted(o.port for o in result.outputs) == ports
+    drains = apply_type != "start"  # what takes an instance out of service is drained first, and says so
     for out in result.outputs:
         assert out.success, out.message
-        assert out.message == expected(out.port)
+        words, _, drained = out.message.partition(" (drained in ")
+        assert words == expected(out.port)
+        assert drained.endswith(" s, 0 in flight)") if drains else not drained
     assert result.output.success
 
 
