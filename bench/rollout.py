@@ -45,8 +45,10 @@ Per operation and contender:
 
 The load generator is ``RayWorkerManager.generate_stream`` in one thread of
 this process (its own event loop), sharing the machine's cores with the
-workers and the coordinator; a caller whose stream failed waits 0.2 s before
-the next (tests/streamed_load.py).
+workers and the coordinator; the callers' first streams start spread over a
+stream's length (started together, equal streams would stay in step and end
+all at once, every time), and a caller whose stream failed waits 0.2 s
+before the next (tests/streamed_load.py).
 
     python -m bench.rollout [--callers 8] [--cycles 3] [--settle 6] [--quick]   # or: make rollout
 
@@ -97,6 +99,9 @@ MODEL = "roll"
 WORKERS = 4
 LOAD_S = 2.0
 CHUNKS, CHUNK_DELAY = 30, 0.08
+#: A stream's length (the answer is 30 words: a chunk each); the callers'
+#: starts are spread over it, so that streams end at any moment, not in step.
+STREAM_S = CHUNKS * CHUNK_DELAY
 FLEET = Deployment(model=MODEL, replicas=WORKERS, params={"provider": "proxy/sim"}, max_unavailable=1)
 #: A changed parameter: the workers reload the model (DB-GPT restarts only then).
 NEW_PARAMS = {"temperature": 0.3}
@@ -251,7 +256,8 @@ def run_contender(contender: Contender, cycle: int, registry_port: int, worker_p
         cluster.deploy(FLEET, wait=True, timeout=120)
         wait_until(lambda: shape(cluster) == (WORKERS, 0), timeout=60, interval=0.1, what="every replica serving")
         with CapacitySampler(cluster) as sampler, \
-                StreamedLoad(cluster, MODEL, callers, pause_after_failure=PAUSE_AFTER_FAILURE) as load:
+                StreamedLoad(cluster, MODEL, callers, pause_after_failure=PAUSE_AFTER_FAILURE,
+                             spread=STREAM_S) as load:
             for op in OPERATIONS:
                 time.sleep(settle)
                 console.print(f"  cycle {cycle + 1}, {contender.name}: {op.name}…")
@@ -392,9 +398,9 @@ def main() -> None:
     _report(results, runs, args, time.monotonic() - started)
 
 
-def _report(results: dict, runs: list[ContenderRun], args: argparse.Namespace, took: float) -> None:
-    table = Table(title=f"{WORKERS} instances under {args.callers} streaming callers (~2.5 s streams), "
-                        f"{args.cycles} cycle(s){' — quick smoke run' if args.quick else ''}")
+def print_table(results: dict, title: str) -> None:
+    """The figures per operation and contender (``results`` as in rollout.json)."""
+    table = Table(title=title)
     for col in ("operation", "contender", "call s", "changed s", "streams", "failed", "truncated", "lost/10k",
                 "aborted", "refused", "serving min", "mean", "drain s"):
         table.add_column(col)
@@ -404,7 +410,13 @@ def _report(results: dict, runs: list[ContenderRun], args: argparse.Namespace, t
                 "—" if r[k] is None else str(r[k]) for k in (
                     "duration_s_median", "changed_in_s_median", "streams", "failed", "truncated", "lost_per_10k",
                     "aborted", "refused", "min_serving", "mean_serving", "drain_s_mean")))
-    console.print(table, width=max(console.width, 150))  # its 13 columns, unwrapped even when piped
+    # Its 13 columns, unwrapped also when the output is piped (rich then assumes 80 columns).
+    Console(width=max(console.width, 150)).print(table)
+
+
+def _report(results: dict, runs: list[ContenderRun], args: argparse.Namespace, took: float) -> None:
+    print_table(results, f"{WORKERS} instances under {args.callers} streaming callers (~2.5 s streams), "
+                         f"{args.cycles} cycle(s){' — quick smoke run' if args.quick else ''}")
     checks = [(r.contender.name, r.cycle + 1, outside(r)) for r in runs]
     for name, cycle, o in checks:
         console.print(f"cycle {cycle}, {name}: {o['lost_outside_operations']} of {o['streams_outside_operations']} "
@@ -419,8 +431,8 @@ def _report(results: dict, runs: list[ContenderRun], args: argparse.Namespace, t
                     "python": platform.python_version()},
         "quick": args.quick, "took_s": round(took),
         "load_generator": (f"RayWorkerManager.generate_stream, {args.callers} callers back to back in one thread "
-                           f"of the benchmark's process (its own event loop); a caller pauses "
-                           f"{PAUSE_AFTER_FAILURE} s after a failed stream"),
+                           f"of the benchmark's process (its own event loop), their first streams spread over "
+                           f"{STREAM_S:g} s; a caller pauses {PAUSE_AFTER_FAILURE} s after a failed stream"),
         "settings": {"workers": WORKERS, "load_s": LOAD_S, "chunks": CHUNKS, "chunk_delay_s": CHUNK_DELAY,
                      "callers": args.callers, "cycles": args.cycles, "settle_s": args.settle,
                      "registry": "embedded", "sample_every_s": SAMPLE_EVERY,

@@ -1,7 +1,8 @@
 """Long streams through RayWorkerManager, back to back, each stream's outcome
 and times recorded; and the reference workers' journals, where a worker says
-which calls it aborted or refused. Shared by tests/test_zero_loss.py and
-bench/rollout.py.
+which calls it aborted or refused. Used by bench/rollout.py; the ``Load`` of
+tests/test_zero_loss.py is its string-outcome ancestor (to be switched to
+this one once both lines of work are merged).
 
 With reference workers run as ``--chunks 30 --chunk-delay 0.08``, a stream of
 :data:`PROMPT` gets a ~30-word answer, a chunk per word: it lasts ~2.5 s."""
@@ -58,14 +59,18 @@ class StreamedLoad:
     this process (its own event loop and RayWorkerManager), every stream
     recorded in :attr:`streams`. A caller whose stream failed waits
     ``pause_after_failure`` before its next one (a model with no instance left
-    would otherwise be asked in a tight loop). Used as a context manager: on
-    entry, until every caller has finished a stream; on exit, the callers
-    finish the stream they are in and stop."""
+    would otherwise be asked in a tight loop). Caller i starts ``i * spread /
+    callers`` seconds in: streams of one length, started together, would stay
+    in step — all ending at once, every time — where steady traffic ends
+    streams at any moment; a ``spread`` of a stream's length staggers them
+    evenly. Used as a context manager: on entry, until every caller has
+    finished a stream; on exit, the callers finish the stream they are in and
+    stop."""
 
     def __init__(self, cluster: coordinator.Cluster, model: str, callers: int,
-                 pause_after_failure: float = 0.0) -> None:
+                 pause_after_failure: float = 0.0, spread: float = 0.0) -> None:
         self._cluster, self._model, self._callers = cluster, model, callers
-        self._pause_after_failure = pause_after_failure
+        self._pause_after_failure, self._spread = pause_after_failure, spread
         self.streams: list[Stream] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
@@ -74,6 +79,7 @@ class StreamedLoad:
         manager = coordinator.RayWorkerManager(self._cluster)
 
         async def caller(i: int) -> None:
+            await asyncio.sleep(i * self._spread / self._callers)
             while not self._stop.is_set():
                 params = {"model": self._model, "messages": [{"role": "human", "content": f"{i} {PROMPT}"}]}
                 began, chunks, last = time.time(), 0, None
