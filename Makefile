@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast setup bench detection scale proxies transport chaos healing traffic gateway clean
+.PHONY: demo test test-fast setup bench detection scale proxies transport chaos healing traffic gateway rollout clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or: make PYTHON=python3 ...)"; exit 1; }
@@ -75,6 +75,15 @@ traffic: $(STAMP)
 gateway: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-token} $(PY) -m bench.gateway
+
+# Rollouts under streamed load (about 12 minutes, estimated; half of it waits
+# out a scale-down's deploy(wait=True): see bench/README.md): a rolling
+# restart, a rolling update_params, a scale-down 4 -> 1 and an undeploy, each
+# without and with draining. A smoke run (about 3½ minutes, results kept
+# apart): .venv/bin/python -m bench.rollout --quick
+rollout: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-token} $(PY) -m bench.rollout
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis  # .venv-dbgpt is kept: rebuilding it takes a while

@@ -28,6 +28,7 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import IO
 
 import httpx
 import ray
@@ -41,8 +42,11 @@ RESULTS = ROOT / "bench" / "results"
 console = Console()
 
 
-def spawn(args: list[str]) -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+def spawn(args: list[str], stderr: IO[str] | None = None) -> tuple[subprocess.Popen, int]:
+    """``python -m <args>`` that prints ``listening on host:port`` once it serves;
+    the process and its port. ``stderr``: where its logs go (default: ours)."""
+    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr,
+                            text=True)
     line = proc.stdout.readline()
     if not line.startswith("listening on"):
         proc.kill()

@@ -25,7 +25,9 @@ and on no other model, as an engine does when it begins to unload: a
 ``generate_stream`` ends broken, its connection dropped mid-body (as the
 ``stream_cut_after`` knob drops it), a ``generate`` is answered with the bare
 500, and each aborted call's journal entry says ``"aborted": true``
-(``ReferenceWorker.requests_in_flight`` holds them: reference_worker/inflight.py).
+(``ReferenceWorker.requests_in_flight`` holds them: reference_worker/inflight.py);
+a generate call refused because its model is not running (loading, stopped,
+not served here) says ``"refused": "<DB-GPT's words>"``.
 
 Fault knobs (``/api/_reference/faults`` or :meth:`ReferenceWorker.set_faults`):
 ``latency`` added to every worker call, ``fail_next`` N calls answered 500,
@@ -294,6 +296,8 @@ class ReferenceWorker:
         Raises :class:`ModelStopped` when the model stops before its last chunk."""
         problem = self._serving(params.get("model"), "llm")
         if problem:
+            if record is not None:  # what the journal's readers count as refused (a model loading, say)
+                record["refused"] = problem
             yield ModelOutput.error(problem)
             return
         in_flight = self.requests_in_flight.run(worker_key(params["model"], "llm"), self._generate(params, record),

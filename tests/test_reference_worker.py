@@ -254,6 +254,9 @@ async def test_a_reloaded_model_is_registered_and_served_only_after_load_s(start
     assert await health(reg, "a@llm") == {(worker.port, True)}  # registered before the apply answers
     served = ModelOutput.model_validate((await client.post("/generate", json=chat("a"))).json())
     assert served.error_code == 0
+    # The journal tells the refused call from the served one.
+    first, second = (e.get("refused") for e in worker.journal if e["path"] == "/api/worker/generate")
+    assert first and loading.text.endswith(first) and second is None, (first, second)
 
 
 def test_start_delay_is_the_older_name_of_load_s():

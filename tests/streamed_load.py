@@ -1,0 +1,123 @@
+"""Long streams through RayWorkerManager, back to back, each stream's outcome
+and times recorded; and the reference workers' journals, where a worker says
+which calls it aborted or refused. Used by bench/rollout.py; the ``Load`` of
+tests/test_zero_loss.py is its string-outcome ancestor (to be switched to
+this one once both lines of work are merged).
+
+With reference workers run as ``--chunks 30 --chunk-delay 0.08``, a stream of
+:data:`PROMPT` gets a ~30-word answer, a chunk per word: it lasts ~2.5 s."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import httpx
+
+import coordinator
+from tests.conftest import wait_until
+
+PROMPT = " ".join(f"w{i}" for i in range(26))
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One streamed request as its caller saw it."""
+
+    #: Wall-clock seconds (``time.time()``): the clock of the workers' journals.
+    began: float
+    ended: float
+    #: Outputs with content (no error) received before the end.
+    chunks: int
+    #: The text of the error output it ended with, if it ended with one.
+    error: str | None
+    finish_reason: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.finish_reason == "stop"
+
+    @property
+    def truncated(self) -> bool:
+        """Content arrived, then the stream ended unfinished (cut midway)."""
+        return not self.ok and self.chunks > 0
+
+    @property
+    def failed(self) -> bool:
+        """It ended unfinished before any content (refused, nowhere to go)."""
+        return not self.ok and self.chunks == 0
+
+    def overlaps(self, begin: float, end: float) -> bool:
+        return self.began < end and self.ended > begin
+
+
+class StreamedLoad:
+    """``callers`` callers streaming ``model`` back to back from a thread of
+    this process (its own event loop and RayWorkerManager), every stream
+    recorded in :attr:`streams`. A caller whose stream failed waits
+    ``pause_after_failure`` before its next one (a model with no instance left
+    would otherwise be asked in a tight loop). Caller i starts ``i * spread /
+    callers`` seconds in: streams of one length, started together, would stay
+    in step — all ending at once, every time — where steady traffic ends
+    streams at any moment; a ``spread`` of a stream's length staggers them
+    evenly. Used as a context manager: on entry, until every caller has
+    finished a stream; on exit, the callers finish the stream they are in and
+    stop."""
+
+    def __init__(self, cluster: coordinator.Cluster, model: str, callers: int,
+                 pause_after_failure: float = 0.0, spread: float = 0.0) -> None:
+        self._cluster, self._model, self._callers = cluster, model, callers
+        self._pause_after_failure, self._spread = pause_after_failure, spread
+        self.streams: list[Stream] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    async def _run(self) -> None:
+        manager = coordinator.RayWorkerManager(self._cluster)
+
+        async def caller(i: int) -> None:
+            await asyncio.sleep(i * self._spread / self._callers)
+            while not self._stop.is_set():
+                params = {"model": self._model, "messages": [{"role": "human", "content": f"{i} {PROMPT}"}]}
+                began, chunks, last = time.time(), 0, None
+                async for last in manager.generate_stream(params):
+                    if last.error_code:
+                        break
+                    chunks += 1
+                if last is None:
+                    error, finish_reason = "no output", None
+                else:
+                    error, finish_reason = (last.text if last.error_code else None), last.finish_reason
+                stream = Stream(began, time.time(), chunks, error, finish_reason)
+                self.streams.append(stream)
+                if not stream.ok and self._pause_after_failure:
+                    await asyncio.sleep(self._pause_after_failure)
+
+        await asyncio.gather(*(caller(i) for i in range(self._callers)))
+        await manager.aclose()
+
+    def __enter__(self) -> StreamedLoad:
+        self._thread.start()
+        wait_until(lambda: len(self.streams) >= self._callers, timeout=30, what="the load running")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+    def lost(self) -> list[Stream]:
+        return [s for s in self.streams if not s.ok]
+
+
+def journal(port: int) -> list[dict]:
+    """A reference worker's journal: every worker call with its arrival ``t``,
+    its end ``t_end``, and ``aborted`` / ``refused`` when it was."""
+    return httpx.get(f"http://127.0.0.1:{port}/api/_reference/journal", timeout=10).json()
+
+
+def aborted(ports: Iterable[int]) -> int:
+    """Requests the workers aborted because their model stopped under them."""
+    return sum(1 for port in ports for entry in journal(port) if entry.get("aborted"))
