@@ -96,3 +96,25 @@ async def test_the_in_flight_gauge_follows_the_reports_and_reads_zero_once_they_
     v.record_gauges(everything=True)
     assert recorded[1:] == [{"m@llm": 0}]  # once, then left to age out
     assert v.load.reporters(now[0]) == 0
+
+
+async def test_a_stopped_instance_stays_out_of_the_routes_until_its_registry_catches_up_or_it_starts_again(view):
+    v, now = view
+    ident = ("m@llm", "h", 1)
+    assert [r.port for r in v.routes.values()] == [1]
+    v.drain([ident])
+    assert list(v.routes.values()) == []
+    v.undrain([ident], stopped=[ident])  # the stop answered; the registry still lists it healthy
+    assert list(v.routes.values()) == []
+    v.started([ident])  # started again by a later operation: routable as listed
+    assert [r.port for r in v.routes.values()] == [1]
+    v.drain([ident])
+    v.undrain([ident], stopped=[ident])
+    now[0] += 31  # the registry never caught up (it did not stop, after all): back after the hold
+    v.record_gauges(everything=False)
+    assert [r.port for r in v.routes.values()] == [1]
+    v.drain([ident])
+    v.undrain([ident], stopped=[ident])
+    v.absorb("a", Snapshot("e", 2, (ModelInstance(model_name="m@llm", host="h", port=1, healthy=False),)))
+    v.absorb("a", Snapshot("e", 3, (ModelInstance(model_name="m@llm", host="h", port=1, healthy=True),)))
+    assert [r.port for r in v.routes.values()] == [1]  # it showed the stop, then came back on its own

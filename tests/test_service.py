@@ -656,3 +656,35 @@ async def test_the_grace_waits_for_readers_that_report_nothing_and_costs_nothing
     [out] = (await svc.apply(start, ApplyOptions(apply_type="start"))).outputs
     assert "drain" not in out.message
     run.cancel()
+
+
+async def test_a_scale_down_right_after_a_drivers_restart_settles_at_once():
+    """A driver's restart leaves its instances "coming back" for
+    reconcile.appear_within; the keeper's stop of one of them clears that, so
+    the stopped one is not counted as starting (the deploy below would wait
+    the whole 60 s)."""
+    from coordinator.core.deployments import Deployment
+
+    config = CoordinatorConfig.model_validate(
+        {"registries": [{"kind": "static", "name": "a", "instances": []}], "long_poll_timeout": 0.2,
+         "drain": {"grace": 0}, "reconcile": {"appear_within": 60}})
+    watchers, proxies = FakeWatchers(), FakeProxies()
+    svc = CoordinatorService(config, watchers, proxies, registries=FakeRegistries())
+    run = asyncio.create_task(svc.run())
+    fleet = {p: [inst("m@llm", p), inst("WorkerManager@service", p)] for p in (1, 2)}
+    watchers.publish("a", *(i for p in fleet for i in fleet[p]))
+    await settle(svc, 2)
+    assert (await svc.apply(WorkerApplyRequest(model="m", apply_type="restart"),
+                            ApplyOptions(apply_type="restart"))).output.success
+    shutdown = proxies.call
+
+    async def call(ep, method, *args, deadline):  # a shutdown takes the model off its registry
+        out = await shutdown(ep, method, *args, deadline=deadline)
+        if method == "shutdown":
+            fleet[ep.port] = fleet[ep.port][1:]
+            watchers.publish("a", *(i for p in fleet for i in fleet[p]))
+        return out
+
+    proxies.call = call
+    await asyncio.wait_for(svc.deploy([Deployment(model="m", replicas=1)], wait=True, timeout=20), 15)
+    run.cancel()

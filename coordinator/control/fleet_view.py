@@ -47,6 +47,10 @@ log = logging.getLogger(__name__)
 #: are still shown as within their outage. Past this, an unhealthy listing is
 #: the registry's own word (a model that did not come back with its worker).
 ECHO_WINDOW = 5.0
+#: Seconds an instance an operation stopped stays out of the route table while
+#: its registry still lists it healthy (a polled DB-GPT controller catches up
+#: at its next poll): never routed to after its stop answered.
+STOPPED_HOLD = 30.0
 
 
 class LinkError(Exception):
@@ -122,6 +126,9 @@ class FleetView:
         self._told: tuple[frozenset[Endpoint], frozenset[Instance]] = (frozenset(), frozenset())
         #: Instances being drained -> how many operations drain them now.
         self._draining: dict[Instance, int] = {}
+        #: Instances an operation stopped -> until when they stay out of the
+        #: route table unless their registry says they are gone or unhealthy.
+        self._stopped: dict[Instance, float] = {}
         self._gauge_keys: set[str] = set()  # worker keys whose gauges are out of date
         self._probes: dict[Endpoint, Reachability] = {}
         self._probed_at: dict[Endpoint, float] = {}  # when that word arrived (loop time)
@@ -226,8 +233,14 @@ class FleetView:
         self.tell_registries()
         self._on_change()
 
-    def undrain(self, instances: Iterable[Instance]) -> None:
+    def undrain(self, instances: Iterable[Instance], stopped: Iterable[Instance] = ()) -> None:
+        """The drain of ``instances`` is over; those in ``stopped`` were stopped
+        by it, and stay out of the route table until their registry shows it
+        (at most STOPPED_HOLD)."""
         instances = list(instances)
+        until = self._clock() + STOPPED_HOLD
+        for i in stopped:
+            self._stopped[i] = until
         for i in instances:
             left = self._draining.get(i, 0) - 1
             if left > 0:
@@ -241,6 +254,14 @@ class FleetView:
 
     def draining(self) -> frozenset[Instance]:
         return frozenset(self._draining)
+
+    def started(self, instances: Iterable[Instance]) -> None:
+        """An operation started (or restarted) ``instances``: routable again as
+        soon as their registry lists them healthy."""
+        instances = [i for i in instances if self._stopped.pop(i, None) is not None]
+        if instances:
+            self._reroute(instances)
+            self._on_change()
 
     def settled(self, instances: Iterable[Instance], mark: tuple[str, int]) -> tuple[int, int]:
         """(requests in flight on ``instances``, callers that have not applied
@@ -283,10 +304,14 @@ class FleetView:
         """Bring the route table's entries for ``identities`` up to date: an
         entry is a route while it is listed healthy, enabled, and its endpoint
         is not found unreachable. Costs what changed."""
+        now = self._clock()
         for ident in identities:
             inst = self.live.merged.get(ident)
+            if inst is None or not inst.healthy:
+                self._stopped.pop(ident, None)  # the registry shows the stop: nothing to hold
+            held = self._stopped.get(ident, 0.0) > now
             if (inst is None or not inst.healthy or inst.enabled is False or inst.endpoint in self._down
-                    or inst.model_name == WORKER_MANAGER_KEY or ident in self._draining):
+                    or inst.model_name == WORKER_MANAGER_KEY or ident in self._draining or held):
                 self.routes.remove(ident)
             else:
                 self.routes.put(Route(inst.model_name, inst.host, inst.port, float(inst.weight or 0.0),
@@ -390,8 +415,15 @@ class FleetView:
 
     def _record_load(self, everything: bool) -> None:
         """The in-flight gauge per model (a model whose load fell to nothing
-        reads 0 once, then is left to age out); silent reporters dropped."""
+        reads 0 once, then is left to age out); silent reporters dropped;
+        stopped instances whose hold ended routable again if still listed."""
         now = self._clock()
+        ended = [i for i, until in self._stopped.items() if until <= now]
+        for i in ended:
+            del self._stopped[i]
+        if ended:
+            self._reroute(ended)
+            self._on_change()
         self.load.expire(now)
         by_model = self.load.by_model(now)
         report = dict(by_model) if everything else {k: n for k, n in by_model.items()

@@ -190,6 +190,7 @@ class Operations:
             for ep, out in zip(targets, outputs):
                 if out.success:
                     self._returning.setdefault(key, {})[ep] = until
+            self._view.started((key, ep.host, ep.port) for ep, out in zip(targets, outputs) if out.success)
 
     # ---- a driver's operations ------------------------------------------
 
@@ -353,7 +354,9 @@ class Operations:
             )
         finally:
             if drain is not None:
-                self._view.undrain((drain.key, ep.host, ep.port) for ep in targets)
+                gone = [] if (kind or op) in _COMES_BACK else [
+                    (drain.key, ep.host, ep.port) for ep, out in zip(targets, outputs) if out.success]
+                self._view.undrain(((drain.key, ep.host, ep.port) for ep in targets), stopped=gone)
             if key is not None:
                 self._end(key, kind or op, outputs, targets)
         if drained:

@@ -368,28 +368,32 @@ class _Fleet:
     def changed(self) -> None:
         self._s._feed.notify()
 
-    async def _one(self, ep: Endpoint, op: str, req: Any, what: str, drain: Drain | None = None) -> WorkerApplyOutput:
+    async def _one(self, ep: Endpoint, op: str, req: Any, what: str, key: str, kind: str,
+                   drain: Drain | None = None) -> WorkerApplyOutput:
         if not self._s.view.live.has_endpoint(ep):  # left the registries meanwhile: no proxy to ask
             return WorkerApplyOutput(message=f"{ep}: {what} not sent: no registry lists it any more",
                                      success=False, timecost=0, host=ep.host, port=ep.port)
-        [output] = await self._s.operations.fan_out([ep], op, req, what, drain=drain)
+        # Under the model's key, as a driver's operation: what it leaves behind
+        # (an instance coming back, or one stopped) is known the same way —
+        # a stop clears the "coming back" a driver's earlier restart left.
+        [output] = await self._s.operations.fan_out([ep], op, req, what, key=key, kind=kind, drain=drain)
         return output
 
     async def start(self, ep: Endpoint, spec: Deployment) -> WorkerApplyOutput:
         # DB-GPT builds the model's config from params, name included: default it to the model.
         req = WorkerStartupRequest(host=ep.host, port=ep.port, model=spec.model, worker_type=spec.worker_type,
                                    params={"name": spec.model, **spec.params})
-        return await self._one(ep, "startup", req, f"startup {spec.key}")
+        return await self._one(ep, "startup", req, f"startup {spec.key}", spec.key, "startup")
 
     async def stop(self, ep: Endpoint, spec: Deployment) -> WorkerApplyOutput:
         req = WorkerStartupRequest(host=ep.host, port=ep.port, model=spec.model, worker_type=spec.worker_type)
-        return await self._one(ep, "shutdown", req, f"shutdown {spec.key}",
+        return await self._one(ep, "shutdown", req, f"shutdown {spec.key}", spec.key, "shutdown",
                                self._s.operations.drain_for(spec.key, "shutdown"))
 
     async def apply_one(self, ep: Endpoint, spec: Deployment, apply_type: ApplyType) -> WorkerApplyOutput:
         req = WorkerApplyRequest(model=spec.model, worker_type=spec.worker_type, apply_type=apply_type)
         return await self._one(ep, "apply", req.model_dump_json(), f"apply {apply_type.value} {spec.key}",
-                               self._s.operations.drain_for(spec.key, apply_type.value))
+                               spec.key, apply_type.value, self._s.operations.drain_for(spec.key, apply_type.value))
 
     async def roll(self, spec: Deployment) -> list[WorkerApplyOutput]:
         req = WorkerApplyRequest(model=spec.model, worker_type=spec.worker_type,
