@@ -688,3 +688,51 @@ async def test_a_scale_down_right_after_a_drivers_restart_settles_at_once():
     proxies.call = call
     await asyncio.wait_for(svc.deploy([Deployment(model="m", replicas=1)], wait=True, timeout=20), 15)
     run.cancel()
+
+
+async def test_an_autoscaled_deployment_follows_the_load_the_callers_report():
+    from coordinator.core.autoscale import Autoscale
+    from coordinator.core.deployments import Deployment
+
+    config = CoordinatorConfig.model_validate(
+        {"registries": [{"kind": "static", "name": "a", "instances": []}], "long_poll_timeout": 0.2,
+         "drain": {"grace": 0}, "caller": {"report_every": 1, "report_ttl": 3}})
+    watchers, proxies = FakeWatchers(), FakeProxies()
+    svc = CoordinatorService(config, watchers, proxies, registries=FakeRegistries())
+    run = asyncio.create_task(svc.run())
+    running = {1}
+    managers = [inst("WorkerManager@service", p) for p in (1, 2, 3, 4)]
+
+    def publish() -> None:
+        watchers.publish("a", *managers, *(inst("m@llm", p) for p in sorted(running)))
+
+    publish()
+    await settle(svc, 1)
+    answer = proxies.call
+
+    async def call(ep, method, *args, deadline):  # the fleet does what it is told
+        out = await answer(ep, method, *args, deadline=deadline)
+        if method in ("startup", "shutdown"):
+            (running.add if method == "startup" else running.discard)(ep.port)
+            publish()
+        return out
+
+    proxies.call = call
+    policy = Autoscale(min_replicas=1, max_replicas=3, target_in_flight=2, upscale_delay_s=0, downscale_delay_s=1)
+    await svc.deploy([Deployment(model="m", replicas=1, autoscale=policy)], wait=True, timeout=10)
+
+    svc.report_load("gw", 1, {("m@llm", "h", 1): 9}, applied=svc.view.routes.position)  # 9 in flight: 5 asked, 3 at most
+    await svc.wait_for("m", 3, timeout=10)
+    [status] = await svc.deployments()
+    assert status.replicas == 3 and any(e.action == "autoscale" and "1 -> 3" in e.message for e in status.events)
+
+    # The caller says no more (its report expires, as a gone caller's does):
+    # the load is gone, and the count goes back to min_replicas, drained.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 15
+    while len(running) != 1 and loop.time() < deadline:
+        await asyncio.sleep(0.1)
+    assert len(running) == 1
+    [status] = await svc.deployments()
+    assert status.replicas == 1
+    run.cancel()

@@ -19,6 +19,12 @@ Every change goes through one of its methods, which keeps these consistent
 and then calls ``on_change`` (the service wakes long polls and the keeper).
 It starts and retires proxies through the :class:`ProxyLink` it is given, and
 tells the registries through the :class:`RegistryLink`.
+
+Why this module is long: the route table is one decision over all of the
+above — an instance is routable when it is listed healthy, its endpoint is
+found reachable, it is not draining and not just stopped — so each of them
+lives beside the others, behind the one set of methods that keeps them
+consistent.
 """
 
 from __future__ import annotations
@@ -191,6 +197,10 @@ class FleetView:
     def forget_reporter(self, reporter: str) -> None:
         """A caller stopped: its requests count for nothing any more."""
         self.load.forget(reporter)
+
+    def load_by_model(self) -> dict[str, float]:
+        """Requests in flight per model@type, over every caller that reports."""
+        return {k: float(n) for k, n in self.load.by_model(self._clock()).items()}
 
     def in_flight(self, instance: Instance) -> int:
         """Requests in flight on ``instance`` over every caller that reports."""

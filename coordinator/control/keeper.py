@@ -34,6 +34,7 @@ from typing import Protocol, TypeVar
 
 from pydantic import BaseModel, Field, TypeAdapter
 
+from coordinator.core.autoscale import ScaleState, next_replicas
 from coordinator.core.config import ReconcileSettings
 from coordinator.core.deployments import (
     EVENTS_KEPT,
@@ -152,6 +153,9 @@ class Keeper:
         self._save_lock = asyncio.Lock()
         self._forgotten = False  # forget() ran: nothing is kept any more
         self._shown: dict[str, tuple[str, bool, int]] = {}  # key -> (state, stuck, observed) last told
+        #: Autoscaled deployments: what their load asks for (soft: a restarted
+        #: coordinator starts again from ``replicas``, and from the first sample).
+        self._scale: dict[str, ScaleState] = {}
 
     # ---- the desired state ----------------------------------------------
 
@@ -214,11 +218,13 @@ class Keeper:
             raise NotDeployedError(key)
         if shutdown:
             await self._book(key, lambda held: held.model_copy(update={
-                "spec": held.spec.model_copy(update={"replicas": 0}), "generation": held.generation + 1}))
+                "spec": held.spec.model_copy(update={"replicas": 0, "autoscale": None}),
+                "generation": held.generation + 1}))
             await self._fleet.in_turn(key, lambda: self._round(key), ("reconcile", key))
         last = self.status(key)
         await self._commit(lambda records: {key: None})
-        for soft in (self._backoff, self._last_error, self._events, self._stopped, self._recheck, self._shown):
+        for soft in (self._backoff, self._last_error, self._events, self._stopped, self._recheck, self._shown,
+                     self._scale):
             soft.pop(key, None)
         self._metrics.deployment(key, 0, 0, False, present=False)
         return last
@@ -280,7 +286,8 @@ class Keeper:
         if held.observed_generation < held.generation:
             state = "progressing"
         return DeploymentStatus(
-            model=held.spec.model, worker_type=held.spec.worker_type.value, replicas=held.spec.replicas,
+            model=held.spec.model, worker_type=held.spec.worker_type.value,
+            replicas=self._target(key, held.spec).replicas,
             ready=len(ready), instances=[str(ep) for ep in ready], state=state,
             last_error=None if state == "ready" else (self._last_error.get(key) or decision.why),
             generation=held.generation, observed_generation=held.observed_generation,
@@ -328,7 +335,45 @@ class Keeper:
 
     def _decide(self, key: str, held: Record) -> tuple[Decision, View]:
         view = self._view(key, held)
-        return decide(held.spec, view), view
+        return decide(self._target(key, held.spec), view), view
+
+    # ---- autoscaling ----------------------------------------------------
+
+    def _target(self, key: str, spec: Deployment) -> Deployment:
+        """``spec`` as a round decides on it: with ``autoscale``, the replicas
+        its load asks for now."""
+        state = self._scale.get(key) if spec.autoscale is not None else None
+        if state is None or state.replicas == spec.replicas:
+            return spec
+        return spec.model_copy(update={"replicas": state.replicas})
+
+    def autoscale(self, load: dict[str, float]) -> None:
+        """One load sample per model@type (requests in flight and waiting, over
+        every caller): each autoscaled deployment's count follows it, and a
+        change gets a round at once."""
+        now = self._clock()
+        changed = False
+        for key, held in list(self._records.items()):
+            policy = held.spec.autoscale
+            if policy is None:
+                self._scale.pop(key, None)
+                continue
+            before = self._scale.get(key) or ScaleState(replicas=held.spec.replicas)
+            instances, managers = self._fleet.observe(key)
+            allowed = held.spec.allowed
+            placeable = sum(1 for m in managers if m.eligible and (allowed is None or m.endpoint in allowed))
+            ready = sum(1 for s in instances if s.ready)
+            # Managers not seen (yet) are not a reason to stop what runs.
+            after = next_replicas(policy, before, load.get(key, 0.0), now, max(placeable, ready))
+            self._scale[key] = after
+            if after.replicas != before.replicas:
+                changed = True
+                reason = f"{load.get(key, 0.0):g} in flight, {policy.target_in_flight:g} per replica wanted"
+                self._event(key, "autoscale", None, reason, True, f"{before.replicas} -> {after.replicas} replicas")
+                log.info("deployment %s: autoscale %d -> %d replicas (%s)", key, before.replicas, after.replicas,
+                         reason)
+        if changed:
+            self.poke()
 
     # ---- the loop -------------------------------------------------------
 
@@ -529,6 +574,7 @@ class Keeper:
 
     def _report(self, key: str, held: Record, view: View, decision: Decision | None = None) -> None:
         ready = sum(1 for s in view.instances if s.ready and s.endpoint not in view.stopping)
-        failing = (decision or decide(held.spec, view)).state == "failing"
-        self._metrics.deployment(key, held.spec.replicas, ready, failing)
+        target = self._target(key, held.spec)
+        failing = (decision or decide(target, view)).state == "failing"
+        self._metrics.deployment(key, target.replicas, ready, failing)
 

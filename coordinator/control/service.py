@@ -169,6 +169,8 @@ class CoordinatorService:
                     self._metrics.queued_operations(key, depth)
             else:
                 self.view.record_gauges(everything=False)
+            if self.view.ready() and self.keeper.loaded:
+                self.keeper.autoscale(self.view.load_by_model())
 
     def _changed(self) -> None:
         self._feed.notify()

@@ -38,10 +38,11 @@ import json
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Self
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 
+from coordinator.core.autoscale import Autoscale
 from coordinator.core.hosts import parse_endpoint
 from coordinator.core.models import Endpoint, Name, WorkerType, worker_key
 
@@ -71,6 +72,17 @@ class Deployment(BaseModel):
     #: stopped), so even one replica rolls without an outage. 0: the params
     #: are updated in place, ``max_unavailable`` at a time (drained first).
     max_surge: NonNegativeInt = 0
+    #: The replica count follows the load (``replicas`` is where it starts):
+    #: see :mod:`coordinator.core.autoscale`.
+    autoscale: Autoscale | None = None
+
+    @model_validator(mode="after")
+    def _replicas_within_autoscale(self) -> Self:
+        a = self.autoscale
+        if a is not None and not a.min_replicas <= self.replicas <= a.max_replicas:
+            raise ValueError(f"replicas ({self.replicas}) must be within autoscale.min_replicas "
+                             f"({a.min_replicas}) and autoscale.max_replicas ({a.max_replicas})")
+        return self
 
     @field_validator("hosts", mode="after")
     @classmethod

@@ -1,0 +1,127 @@
+"""How many replicas a deployment's load asks for: a pure function of the
+load samples the coordinator sees (requests in flight and waiting, summed
+over every caller that reports) and the autoscaler's own state.
+
+It follows Ray Serve's autoscaler (``target_ongoing_requests``, upscale and
+downscale delays, ``min_replicas: 0`` with a longer delay to zero) and takes
+care of what its users report (ray #61551 pinned replicas, ray #43034
+downscale during upscale, kubeai #67 flapping 0↔1):
+
+- **sustained, not momentary**: the count changes only after the load asked
+  for a change in the same direction for a whole delay (``upscale_delay_s``,
+  ``downscale_delay_s``); a sample asking the other way, or nothing, restarts
+  the wait. Up is short, down is long: a GPU load is expensive to undo;
+- **hysteresis**: up when the load per replica exceeds ``target_in_flight``;
+  down only to a count that would still be under ``DOWN_BAND`` of it, so a
+  load just at a boundary does not flip between two counts;
+- **one direction per window**: after a change, no change the other way for
+  that direction's delay (the wait starts after the change);
+- **to zero** only after no request at all for ``downscale_to_zero_delay_s``,
+  and **from zero** at once: a request waiting for a model with no replica is
+  demand that cannot wait for a delay (the cold start is long enough);
+- bounded by ``min_replicas``/``max_replicas`` and by the worker managers
+  available (never a count that cannot be placed).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Self
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, model_validator
+
+#: A scale-down goes to the count whose load per replica would be at most this
+#: share of ``target_in_flight`` (hysteresis: the count after a scale-down is
+#: never one that would ask to scale up again at the same load).
+DOWN_BAND = 0.8
+
+
+class Autoscale(BaseModel):
+    """A deployment's replica count follows its load."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_replicas: NonNegativeInt = 1
+    max_replicas: PositiveInt
+    #: Requests in flight (and waiting) per replica the count aims at.
+    target_in_flight: float = Field(2.0, gt=0)
+    #: Seconds the load must ask for more replicas before they are started.
+    upscale_delay_s: float = Field(5.0, ge=0)
+    #: Seconds the load must ask for fewer before they are (drained and) stopped.
+    downscale_delay_s: float = Field(60.0, ge=0)
+    #: Seconds without any request before the last replica is stopped
+    #: (with ``min_replicas: 0``).
+    downscale_to_zero_delay_s: float = Field(300.0, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"autoscale.min_replicas ({self.min_replicas}) must be at most "
+                             f"autoscale.max_replicas ({self.max_replicas})")
+        return self
+
+
+@dataclass(frozen=True)
+class ScaleState:
+    """What the autoscaler remembers of one deployment between samples."""
+
+    replicas: int
+    #: Since when the load has asked for more (None: it does not now), and the
+    #: most it asked for meanwhile.
+    up_since: float | None = None
+    up_to: int = 0
+    #: Since when it has asked for fewer, and the most it asked for meanwhile
+    #: (a scale-down goes no lower than the load of the whole window asked).
+    down_since: float | None = None
+    down_to: int = 0
+    #: When the last request was seen (for the delay to zero).
+    busy_at: float | None = None
+
+
+def wanted(policy: Autoscale, load: float) -> tuple[int, int]:
+    """(count to scale up to, count to scale down to) for ``load`` requests."""
+    up = math.ceil(load / policy.target_in_flight)
+    down = math.ceil(load / (policy.target_in_flight * DOWN_BAND))
+    return up, down
+
+
+def next_replicas(policy: Autoscale, state: ScaleState, load: float, now: float,
+                  placeable: int | None = None) -> ScaleState:
+    """The state after one load sample; its ``replicas`` is the count wanted now.
+
+    ``load``: requests in flight plus waiting for the model, over every caller;
+    ``placeable``: the most replicas the worker managers can hold (None: no bound)."""
+    ceiling = policy.max_replicas if placeable is None else max(0, min(policy.max_replicas, placeable))
+    floor = min(policy.min_replicas, ceiling)
+    current = min(max(state.replicas, floor), ceiling)  # the policy may have changed since
+    # Idle counts from the first sample seen: a coordinator that just
+    # (re)started knows nothing of the time before, and must not take it for idle.
+    busy_at = now if load > 0 or state.busy_at is None else state.busy_at
+    up, down = wanted(policy, load)
+    up = min(max(up, floor), ceiling)
+    down = min(max(down, floor), ceiling)
+    state = replace(state, replicas=current, busy_at=busy_at)
+
+    if current == 0:  # from zero: at once, for any demand
+        return replace(state, replicas=max(up, 1 if load > 0 and ceiling else 0), up_since=None, down_since=None)
+
+    if up > current:
+        since = now if state.up_since is None else state.up_since
+        most = max(up, state.up_to if state.up_since is not None else 0)
+        if now - since >= policy.upscale_delay_s:
+            return ScaleState(replicas=most, busy_at=busy_at)
+        return replace(state, up_since=since, up_to=most, down_since=None, down_to=0)
+
+    if down < current:
+        since = now if state.down_since is None else state.down_since
+        most = max(down, state.down_to if state.down_since is not None else 0)
+        target = most
+        if target == 0:
+            if now - busy_at < policy.downscale_to_zero_delay_s:
+                target = 1  # not idle long enough for zero: one stays
+        if target < current and now - since >= policy.downscale_delay_s:
+            return ScaleState(replicas=target, busy_at=busy_at)
+        return replace(state, down_since=since, down_to=most, up_since=None, up_to=0)
+
+    return replace(state, up_since=None, up_to=0, down_since=None, down_to=0)

@@ -1,0 +1,120 @@
+"""The autoscaling decision (coordinator/core/autoscale.py), pure: a table of
+load traces and the counts they lead to, and properties over random traces —
+never outside the bounds, never back and forth within a window, no flapping
+at a constant load."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from coordinator.core.autoscale import Autoscale, ScaleState, next_replicas
+
+POLICY = Autoscale(min_replicas=1, max_replicas=8, target_in_flight=2, upscale_delay_s=5, downscale_delay_s=30,
+                   downscale_to_zero_delay_s=120)
+
+
+def run(policy: Autoscale, trace: list[tuple[float, float]], start: int = 1,
+        placeable: int | None = None) -> list[int]:
+    """The count after each (time, load) sample."""
+    state, counts = ScaleState(replicas=start), []
+    for now, load in trace:
+        state = next_replicas(policy, state, load, now, placeable)
+        counts.append(state.replicas)
+    return counts
+
+
+def every(seconds: float, until: float, load: float, start: float = 0.0) -> list[tuple[float, float]]:
+    samples, t = [], start
+    while t <= until:
+        samples.append((t, load))
+        t += seconds
+    return samples
+
+
+def test_a_step_up_scales_after_the_upscale_delay_to_what_the_load_asks():
+    counts = run(POLICY, every(1, 10, load=9))  # 9 in flight at 2 each: 5 replicas
+    assert counts[:5] == [1] * 5  # not for a moment's load
+    assert counts[5] == 5 and counts[-1] == 5
+
+
+def test_a_blip_does_not_scale():
+    trace = every(1, 3, load=9) + every(1, 20, load=1, start=4)
+    assert set(run(POLICY, trace)) == {1}
+
+
+def test_down_waits_longer_and_keeps_a_band():
+    trace = every(1, 10, load=9) + every(1, 80, load=3, start=11)
+    counts = run(POLICY, trace)
+    assert max(counts) == 5
+    # 3 in flight: 2 replicas would be 1.5 each (up to target), but the band
+    # keeps 3 (3 / (2 x 0.8) -> 2 is 1.875 < 2... ceil(3 / 1.6) = 2).
+    assert counts[-1] == 2
+    down_at = counts.index(2)
+    assert trace[down_at][0] - 11 >= 30  # not before the downscale delay
+
+
+def test_a_load_at_a_boundary_does_not_flap():
+    # 4 in flight: up asks for 2, the band's down asks for 3 -> nothing moves from 2 or 3.
+    for start in (2, 3):
+        assert set(run(POLICY, every(1, 200, load=4), start=start)) == {start}
+
+
+def test_to_zero_only_after_the_idle_delay_and_from_zero_at_once():
+    policy = POLICY.model_copy(update={"min_replicas": 0})
+    trace = every(1, 100, load=0)
+    counts = run(policy, trace, start=1)
+    assert set(counts) == {1}  # downscale_delay passed, but not 120 s idle
+    counts = run(policy, every(1, 200, load=0), start=1)
+    assert counts[-1] == 0 and counts.index(0) >= 120
+    # Zero, and one request waiting: a replica at once, no delay.
+    assert run(policy, [(0, 0), (1, 1)], start=0) == [0, 1]
+    assert run(policy, [(0, 7)], start=0) == [4]
+
+
+def test_bounds_and_the_managers_available():
+    assert run(POLICY, every(1, 10, load=100))[-1] == 8
+    assert run(POLICY, every(1, 10, load=100), placeable=3)[-1] == 3
+    assert run(POLICY, every(1, 60, load=0), start=4)[-1] == 1  # min_replicas
+
+
+def test_bad_settings_name_the_field():
+    with pytest.raises(ValidationError, match="min_replicas"):
+        Autoscale(min_replicas=5, max_replicas=2)
+    with pytest.raises(ValidationError, match="target_in_flight"):
+        Autoscale(max_replicas=2, target_in_flight=0)
+
+
+loads = st.lists(st.tuples(st.floats(0.1, 10), st.floats(0, 40)), min_size=1, max_size=80)
+
+
+@settings(max_examples=200, deadline=None)
+@given(loads, st.integers(0, 8), st.one_of(st.none(), st.integers(0, 10)))
+def test_never_outside_the_bounds_and_never_back_and_forth_within_a_window(steps, start, placeable):
+    policy = POLICY.model_copy(update={"min_replicas": 0})
+    state, now = ScaleState(replicas=start), 0.0
+    changes: list[tuple[float, int]] = []  # (when, direction)
+    last = None
+    for dt, load in steps:
+        now += dt
+        before = state.replicas
+        state = next_replicas(policy, state, load, now, placeable)
+        ceiling = 8 if placeable is None else min(8, placeable)
+        assert 0 <= state.replicas <= ceiling
+        if last is not None and state.replicas != before and before == last:
+            direction = 1 if state.replicas > before else -1
+            if changes and changes[-1][1] != direction and before != 0:
+                # A change against the last one waits that direction's delay after it.
+                delay = policy.upscale_delay_s if direction > 0 else policy.downscale_delay_s
+                assert now - changes[-1][0] >= delay
+            changes.append((now, direction))
+        last = state.replicas
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.floats(0, 30), st.integers(1, 8))
+def test_a_constant_load_settles_on_one_count(load, start):
+    counts = run(POLICY, every(1, 400, load=load), start=start)
+    assert len(set(counts[-200:])) == 1  # settled, and stays
