@@ -119,11 +119,15 @@ class CoordinatorActor:
 
     async def report_load(self, reporter: str, seq: int, counts: dict[tuple[str, str, int], int],
                           gone: bool = False, applied: tuple[str, int] | None = None,
-                          ) -> dict[tuple[str, str, int], int]:
-        """A router's requests in flight per instance and the route table it
-        has applied; the other routers' counts (see
-        :meth:`CoordinatorService.report_load`)."""
-        return self._service.report_load(reporter, seq, counts, gone, applied)
+                          queued: dict[str, int] | None = None) -> dict[tuple[str, str, int], int]:
+        """A router's requests in flight per instance (and held per model for
+        want of one) and the route table it has applied; the other routers'
+        counts (see :meth:`CoordinatorService.report_load`)."""
+        return self._service.report_load(reporter, seq, counts, gone, applied, queued)
+
+    async def hold_for(self, key: str) -> float:
+        """Seconds to hold a request for ``key`` while it has no instance (0: fail at once)."""
+        return self._service.hold_for(key)
 
     # ---- from proxies ---------------------------------------------------
 

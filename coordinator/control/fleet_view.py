@@ -183,12 +183,13 @@ class FleetView:
         self._on_change()
 
     def report_load(self, reporter: str, seq: int, counts: dict[Instance, int],
-                    applied: tuple[str, int] | None = None) -> dict[Instance, int]:
+                    applied: tuple[str, int] | None = None, queued: dict[str, int] | None = None,
+                    ) -> dict[Instance, int]:
         """A caller's whole count of its requests in flight, and the route
         table it has applied; what every other caller has in flight, per
         instance (for its choices)."""
         now = self._clock()
-        self.load.report(reporter, seq, counts, now, applied)
+        self.load.report(reporter, seq, counts, now, applied, queued)
         return self.load.others(reporter, now)
 
     def now(self) -> float:
@@ -199,7 +200,8 @@ class FleetView:
         self.load.forget(reporter)
 
     def load_by_model(self) -> dict[str, float]:
-        """Requests in flight per model@type, over every caller that reports."""
+        """Requests in flight (or held waiting for an instance) per model@type,
+        over every caller that reports."""
         return {k: float(n) for k, n in self.load.by_model(self._clock()).items()}
 
     def in_flight(self, instance: Instance) -> int:

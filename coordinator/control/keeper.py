@@ -347,6 +347,14 @@ class Keeper:
             return spec
         return spec.model_copy(update={"replicas": state.replicas})
 
+    def hold_for(self, key: str) -> float:
+        """Seconds a caller holds a request for ``key`` while no instance is
+        ready: the deployment's ``from_zero_timeout_s`` if it may scale to
+        zero, else 0."""
+        held = self._records.get(key)
+        policy = held.spec.autoscale if held is not None else None
+        return policy.from_zero_timeout_s if policy is not None and policy.min_replicas == 0 else 0.0
+
     def autoscale(self, load: dict[str, float]) -> None:
         """One load sample per model@type (requests in flight and waiting, over
         every caller): each autoscaled deployment's count follows it, and a

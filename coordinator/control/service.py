@@ -261,7 +261,8 @@ class CoordinatorService:
     # ---- load -----------------------------------------------------------
 
     def report_load(self, reporter: str, seq: int, counts: dict[tuple[str, str, int], int],
-                    gone: bool = False, applied: tuple[str, int] | None = None) -> dict[tuple[str, str, int], int]:
+                    gone: bool = False, applied: tuple[str, int] | None = None,
+                    queued: dict[str, int] | None = None) -> dict[tuple[str, str, int], int]:
         """A caller's requests in flight per instance (its whole count) and the
         route table it has applied; what the other callers have in flight,
         for its choices. ``gone``: it stopped, and counts for nothing any more."""
@@ -269,10 +270,16 @@ class CoordinatorService:
             self.view.forget_reporter(reporter)
             others: dict[tuple[str, str, int], int] = {}
         else:
-            others = self.view.report_load(reporter, seq, counts, applied)
+            others = self.view.report_load(reporter, seq, counts, applied, queued)
         if self.view.draining():  # a drain waits on these counts
             self._feed.notify()
         return others
+
+    def hold_for(self, key: str) -> float:
+        """Seconds a caller should hold a request for ``key`` when it has no
+        instance: the deployment's ``autoscale.from_zero_timeout_s`` when it
+        scales from zero (its load then starts one), else 0 (fail at once)."""
+        return self.keeper.hold_for(key)
 
     # ---- operations -----------------------------------------------------
 

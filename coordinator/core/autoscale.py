@@ -53,6 +53,10 @@ class Autoscale(BaseModel):
     #: Seconds without any request before the last replica is stopped
     #: (with ``min_replicas: 0``).
     downscale_to_zero_delay_s: float = Field(300.0, ge=0)
+    #: Seconds a request for a model scaled to zero is held by its caller (a
+    #: router, the gateway) while a replica starts; then it fails ("no
+    #: instance", 503 with Retry-After at the gateway). Size it to a cold start.
+    from_zero_timeout_s: float = Field(120.0, gt=0)
 
     @model_validator(mode="after")
     def _ordered(self) -> Self:

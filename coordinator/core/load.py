@@ -43,6 +43,8 @@ class _Report:
     at: float
     counts: dict[Instance, int] = field(default_factory=dict)
     applied: Position | None = None
+    #: Requests held per model@type for want of any instance (scale from zero).
+    queued: dict[str, int] = field(default_factory=dict)
 
 
 class LoadBook:
@@ -55,7 +57,7 @@ class LoadBook:
         self._reports: dict[str, _Report] = {}
 
     def report(self, reporter: str, seq: int, counts: Mapping[Instance, int], now: float,
-               applied: Position | None = None) -> bool:
+               applied: Position | None = None, queued: Mapping[str, int] | None = None) -> bool:
         """Take ``reporter``'s count of its requests in flight (its whole count:
         instances it leaves out have none), and the route table it has
         applied. Whether it was taken (False: an older report than one
@@ -66,7 +68,8 @@ class LoadBook:
         bad = {i: n for i, n in counts.items() if n < 0}
         if bad:
             raise ValueError(f"in-flight counts cannot be negative: {bad}")
-        self._reports[reporter] = _Report(seq, now, {i: n for i, n in counts.items() if n}, applied)
+        self._reports[reporter] = _Report(seq, now, {i: n for i, n in counts.items() if n}, applied,
+                                          {k: n for k, n in (queued or {}).items() if n > 0})
         return True
 
     def behind(self, mark: Position, now: float) -> list[str]:
@@ -113,9 +116,20 @@ class LoadBook:
     def reporters(self, now: float) -> int:
         return len(self._live(now))
 
-    def by_model(self, now: float) -> dict[str, int]:
-        """Requests in flight per model@type, over every live reporter."""
+    def by_model(self, now: float, queued: bool = True) -> dict[str, int]:
+        """Requests in flight per model@type, over every live reporter — and,
+        with ``queued``, those held waiting for an instance of it."""
         total: Counter[str] = Counter()
         for (key, _, _), n in self.in_flight(now).items():
             total[key] += n
+        if queued:
+            for _, rep in self._live(now):
+                total.update(rep.queued)
+        return dict(total)
+
+    def queued(self, now: float) -> dict[str, int]:
+        """Requests held per model@type for want of an instance, over every live reporter."""
+        total: Counter[str] = Counter()
+        for _, rep in self._live(now):
+            total.update(rep.queued)
         return dict(total)

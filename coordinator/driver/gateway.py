@@ -268,6 +268,8 @@ class GatewayApp:
         if isinstance(exc, NoInstanceError):
             if exc.busy:
                 return _error("overloaded", str(exc), retry_after=RETRY_AFTER)
+            if exc.retry_after is not None:  # one is starting (a model scaled to zero): worth trying again
+                return _error("no_instance", str(exc), retry_after=exc.retry_after)
             return await self._unavailable(model, worker_type, str(exc))
         if isinstance(exc, NotReachedError):
             return _error("no_instance", str(exc))

@@ -86,6 +86,13 @@ MAX_SENDS = 3
 REPORT_GAP = 0.05
 #: What the reporting threads are called.
 REPORTER_THREAD = "load-report"
+#: Seconds the coordinator's answer to "hold requests for this model?" is kept.
+HOLD_KNOWN_FOR = 5.0
+#: Seconds between looks at the route table while a request is held.
+HOLD_LOOK = 0.05
+#: Requests held at once by one process for want of an instance, at most
+#: (more fail at once, as without holding).
+MAX_HELD = 1000
 
 
 #: The routers of this process, by coordinator (name, namespace).
@@ -136,6 +143,10 @@ class Router:
         #: This router's life, as the coordinator counts its reports: a new one
         #: per router, so a restarted process starts from zero.
         self.reporter = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        #: Requests held per model for want of any instance (scale from zero),
+        #: and the coordinator's word on how long to hold them: key -> (seconds, known until).
+        self._queued: Counter[str] = Counter()
+        self._hold_known: dict[str, tuple[float, float]] = {}
         self.reports = 0  # load reports the coordinator took (for tests and stats)
         self._suspect: dict[tuple[str, int], float] = {}
         self._ready = threading.Event()
@@ -297,7 +308,7 @@ class Router:
         One report at a time: each waits for the last one's answer, so a slow
         coordinator gets fewer, never a pile."""
         seq = 0
-        sent: dict[tuple[str, str, int], int] | None = {}  # None: the last one failed, send again
+        sent: tuple[dict[tuple[str, str, int], int], dict[str, int]] | None = ({}, {})  # None: send again
         sent_applied: tuple[str, int] | None = None
         sent_at = 0.0
         failures = 0
@@ -307,15 +318,16 @@ class Router:
             if self._stopped.is_set():
                 break
             with self._lock:
-                counts = dict(self._by_instance)
+                counts, queued = dict(self._by_instance), dict(self._queued)
             applied = self._applied
             now = time.monotonic()
-            if counts == sent and applied == sent_applied and (not counts or now - sent_at < self._report_every):
+            idle = not counts and not queued
+            if (counts, queued) == sent and applied == sent_applied and (idle or now - sent_at < self._report_every):
                 continue  # nothing new, and not yet due (or nothing to keep alive)
             seq += 1
             try:
                 others = self._cluster._handle.report_load.remote(
-                    self.reporter, seq, counts, False, applied).future().result(
+                    self.reporter, seq, counts, False, applied, queued).future().result(
                     timeout=max(5.0, 3 * self._report_every))
             except Exception as exc:  # restarting or slow: send the count again on the next round
                 failures += 1
@@ -327,7 +339,7 @@ class Router:
                 time.sleep(min(self._report_every, 0.1 * 2 ** min(failures, 6)))
                 continue
             failures = 0
-            sent, sent_applied, sent_at = counts, applied, now
+            sent, sent_applied, sent_at = (counts, queued), applied, now
             with self._lock:
                 self._others = others
                 self.reports += 1
@@ -336,6 +348,46 @@ class Router:
             self._cluster._handle.report_load.remote(self.reporter, seq + 1, {}, True)
         except Exception as exc:  # Ray shutting down: the coordinator lets the count expire
             log.debug("load report: goodbye not sent: %s", exc)
+
+    # ---- holding requests for a model scaled to zero ------------------------
+
+    async def hold(self, key: str) -> float:
+        """With no instance of ``key`` listed: if its deployment scales from
+        zero, hold (counted as queued in the reports — the demand that starts
+        a replica) until one is routable or the coordinator's
+        ``from_zero_timeout_s`` passes; the seconds held (0: not held)."""
+        wait = await self._hold_for(key)
+        if wait <= 0:
+            return 0.0
+        with self._lock:
+            if sum(self._queued.values()) >= MAX_HELD:
+                return 0.0
+            self._queued[key] += 1
+            self._load_changed.set()
+        started = time.monotonic()
+        try:
+            while not self._by_key.get(key) and time.monotonic() - started < wait and not self._stopped.is_set():
+                await asyncio.sleep(HOLD_LOOK)
+        finally:
+            with self._lock:
+                self._queued[key] -= 1
+                if self._queued[key] <= 0:
+                    del self._queued[key]
+                self._load_changed.set()
+        return max(time.monotonic() - started, 1e-9)
+
+    async def _hold_for(self, key: str) -> float:
+        known = self._hold_known.get(key)
+        now = time.monotonic()
+        if known is not None and known[1] > now:
+            return known[0]
+        try:
+            wait = float(await self._cluster._handle.hold_for.remote(key))
+        except RayError as exc:  # the coordinator restarting: fail as without holding
+            log.debug("hold: the coordinator did not answer for %s: %s", key, exc)
+            return 0.0
+        self._hold_known[key] = (wait, now + HOLD_KNOWN_FOR)
+        return wait
 
     # ---- choosing ---------------------------------------------------------
 

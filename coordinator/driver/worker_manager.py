@@ -106,9 +106,12 @@ class InferenceError(CoordinatorError):
 
 
 class NoInstanceError(InferenceError):
-    def __init__(self, message: str, busy: bool = False) -> None:
+    def __init__(self, message: str, busy: bool = False, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.busy = busy
+        #: Seconds to wait before trying again, when there is reason to think
+        #: an instance is coming (a model scaling from zero).
+        self.retry_after = retry_after
 
 
 class NotReachedError(InferenceError):
@@ -207,7 +210,7 @@ class RayWorkerManager:
         if key is None:
             raise InferenceError("Model name count not be empty")
         caller = await self._ready()
-        sends = self._sends(key, caller, params)
+        sends = await self._sends(key, caller, params)
         for chosen in sends:
             if route is not None:
                 route.went(chosen, sends.reasons)
@@ -324,7 +327,15 @@ class RayWorkerManager:
             await self._caller.retain(router.endpoints())
         return self._caller
 
-    def _sends(self, key: str, caller: WorkerCaller, params: dict[str, Any] | None = None) -> _Sends:
+    async def _sends(self, key: str, caller: WorkerCaller, params: dict[str, Any] | None = None) -> _Sends:
+        """The sends of one request. A model with no instance listed that
+        scales from zero holds the request first (see :meth:`Router.hold`)
+        and fails, if none came, saying so."""
+        if not self._router.routes(key):
+            held = await self._router.hold(key)
+            if held and not self._router.routes(key):
+                raise NoInstanceError(f"{key}: no instance ready within {held:.0f} s of asking for one (it scales "
+                                      "from zero: autoscale.from_zero_timeout_s)", retry_after=5)
         return _Sends(self._router, key, caller.settings.max_connections_per_worker,
                       prompt_text(params) if params else None)
 
@@ -334,7 +345,7 @@ class RayWorkerManager:
         and what ``route`` is filled with), sent again elsewhere only if it
         never reached a worker."""
         caller = await self._ready()
-        sends = self._sends(key, caller, kwargs.get("json") if path == "/generate" else None)
+        sends = await self._sends(key, caller, kwargs.get("json") if path == "/generate" else None)
         for chosen in sends:
             if route is not None:
                 route.went(chosen, sends.reasons)
