@@ -45,7 +45,15 @@ def test_a_deployment_scales_from_zero_on_its_first_request_and_back_to_zero_whe
             manager = coordinator.RayWorkerManager(cluster)
             started = time.monotonic()
             try:
-                answer = await manager.generate({"model": "cold", "messages": [{"role": "human", "content": "hi"}]})
+                asked = asyncio.create_task(
+                    manager.generate({"model": "cold", "messages": [{"role": "human", "content": "hi"}]}))
+                # While it is held, the coordinator sees it waiting (status, CLI, gauge).
+                seen = False
+                while not asked.done() and not seen:
+                    seen = (await cluster.aio.status()).waiting == {"cold@llm": 1}
+                    await asyncio.sleep(0.05)
+                answer = await asked
+                assert seen, "the held request was never seen waiting"
                 return time.monotonic() - started, answer
             finally:
                 await manager.aclose()

@@ -80,7 +80,8 @@ async def test_a_refused_connection_is_shown_as_a_certain_death(view):
 async def test_the_in_flight_gauge_follows_the_reports_and_reads_zero_once_they_expire():
     now = [1000.0]
     recorded: list[dict[str, int]] = []
-    metrics = SimpleNamespace(in_flight=recorded.append, live_instances=lambda *a: None, draining=lambda *a: None)
+    metrics = SimpleNamespace(in_flight=recorded.append, live_instances=lambda *a: None, draining=lambda *a: None,
+                              waiting=lambda *a: None)
     config = CoordinatorConfig.model_validate({"registries": [{"kind": "static", "name": "a", "instances": []}],
                                                "caller": {"report_every": 1, "report_ttl": 3}})
     v = FleetView(config, Proxies(), metrics=metrics, clock=lambda: now[0])

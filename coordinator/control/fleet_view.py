@@ -149,6 +149,7 @@ class FleetView:
         self.load = LoadBook(config.caller.report_ttl)
         self._loaded: dict[str, int] = {}  # the in-flight gauge's last values, per model
         self._drained_gauge: dict[str, int] = {}  # the draining gauge's last values, per model
+        self._waiting_gauge: dict[str, int] = {}  # the waiting gauge's last values, per model
 
     # ---- changes --------------------------------------------------------
 
@@ -437,13 +438,17 @@ class FleetView:
             self._reroute(ended)
             self._on_change()
         self.load.expire(now)
-        by_model = self.load.by_model(now)
+        by_model = self.load.by_model(now, queued=False)
         report = dict(by_model) if everything else {k: n for k, n in by_model.items()
                                                    if self._loaded.get(k) != n}
         report.update({k: 0 for k in self._loaded.keys() - by_model.keys()})
         if report:
             self._metrics.in_flight(report)
         self._loaded = by_model
+        waiting = self.load.queued(now)
+        if everything or waiting != self._waiting_gauge:
+            self._metrics.waiting({**{k: 0 for k in self._waiting_gauge}, **waiting})
+            self._waiting_gauge = waiting
         draining: dict[str, int] = {}
         for key, _, _ in self._draining:
             draining[key] = draining.get(key, 0) + 1

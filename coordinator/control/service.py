@@ -256,6 +256,7 @@ class CoordinatorService:
             busy_keys=self.operations.busy_keys(), queued=self.operations.depths(),
             rollouts=list(self.operations.rollouts.values()), loops=self.supervisor.states(),
             load_reporters=self.view.load.reporters(self.view.now()),
+            waiting=self.view.load.queued(self.view.now()),
         )
 
     # ---- load -----------------------------------------------------------

@@ -72,3 +72,6 @@ class ClusterStatus(BaseModel):
     loops: list[LoopState] = Field(default_factory=list)
     #: Callers (routers, gateway replicas) whose in-flight reports count now.
     load_reporters: int = 0
+    #: Requests callers hold per model@type for want of any instance (a model
+    #: scaling from zero), summed over the callers that report.
+    waiting: dict[str, int] = Field(default_factory=dict)

@@ -214,6 +214,13 @@ def status(obj: Context, as_json: bool) -> None:
                       "[green]healthy[/]" if r.registry_healthy else "[red]unhealthy[/]", probe, str(r.in_flight),
                       r.last_heartbeat.strftime("%H:%M:%S") if r.last_heartbeat else "-")
     console.print(table)
+    if st.waiting:
+        table = Table(title="requests waiting for an instance (scaling from zero)")
+        for col in ("model", "waiting"):
+            table.add_column(col)
+        for key, n in sorted(st.waiting.items()):
+            table.add_row(escape(key), str(n))
+        console.print(table)
     table = Table(title="watchers")
     for col in ("source", "kind", "target", "version", "instances", "refused", "state", "last error"):
         table.add_column(col)

@@ -17,6 +17,7 @@
 | coordinator_reconcile_actions_total | counter | action (start / stop / update_params), outcome (success / fallback / failure) |
 | coordinator_in_flight | gauge | model (requests in flight, summed over the callers that report) |
 | coordinator_draining | gauge | model (instances being drained before an operation) |
+| coordinator_waiting | gauge | model (requests callers hold for want of an instance: scaling from zero) |
 | coordinator_loop_restarts_total | counter | loop (follow SOURCE / resync / gauges / deployments; a watcher's or registry's loops) |
 | coordinator_gateway_requests_total | counter | model, outcome (success / http_4xx / http_5xx / broken / worker_error / deadline / cancelled) |
 | coordinator_gateway_time_to_first_token_seconds | histogram | model, instance |
@@ -73,6 +74,10 @@ class Metrics(Protocol):
         """Instances being drained per model@type."""
         ...
 
+    def waiting(self, by_model: dict[str, int]) -> None:
+        """Requests held for want of an instance, per model@type."""
+        ...
+
 
 class NoMetrics:
     def operation(self, operation: str, outcome: str) -> None:
@@ -109,6 +114,9 @@ class NoMetrics:
         pass
 
     def draining(self, by_model: dict[str, int]) -> None:
+        pass
+
+    def waiting(self, by_model: dict[str, int]) -> None:
         pass
 
 
@@ -155,6 +163,9 @@ class RayMetrics:
             tag_keys=("model",))
         self._draining = metrics.Gauge(
             "coordinator_draining", "Instances being drained before an operation, per model", tag_keys=("model",))
+        self._waiting = metrics.Gauge(
+            "coordinator_waiting", "Requests callers hold for want of an instance (scaling from zero), per model",
+            tag_keys=("model",))
         self._live_labels: dict[str, set[str]] = {}  # health labels recorded non-zero, by model
 
     def operation(self, operation: str, outcome: str) -> None:
@@ -209,6 +220,10 @@ class RayMetrics:
     def draining(self, by_model: dict[str, int]) -> None:
         for model, n in by_model.items():
             self._draining.set(n, {"model": model})
+
+    def waiting(self, by_model: dict[str, int]) -> None:
+        for model, n in by_model.items():
+            self._waiting.set(n, {"model": model})
 
 
 def live_counts(models_and_health: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
