@@ -1,8 +1,7 @@
-"""Long streams through RayWorkerManager, back to back, each stream's outcome
-and times recorded; and the reference workers' journals, where a worker says
-which calls it aborted or refused. Used by bench/rollout.py; the ``Load`` of
-tests/test_zero_loss.py is its string-outcome ancestor (to be switched to
-this one once both lines of work are merged).
+"""Long streams through RayWorkerManager (or the gateway's OpenAI API), back
+to back, each stream's outcome and times recorded; and the reference
+workers' journals, where a worker says which calls it aborted or refused.
+Used by bench/rollout.py and tests/test_zero_loss.py.
 
 With reference workers run as ``--chunks 30 --chunk-delay 0.08``, a stream of
 :data:`PROMPT` gets a ~30-word answer, a chunk per word: it lasts ~2.5 s."""
@@ -10,6 +9,7 @@ With reference workers run as ``--chunks 30 --chunk-delay 0.08``, a stream of
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Iterable
@@ -56,7 +56,8 @@ class Stream:
 
 class StreamedLoad:
     """``callers`` callers streaming ``model`` back to back from a thread of
-    this process (its own event loop and RayWorkerManager), every stream
+    this process (its own event loop and RayWorkerManager — or, with
+    ``gateway``, OpenAI's streamed chat at that base URL), every stream
     recorded in :attr:`streams`. A caller whose stream failed waits
     ``pause_after_failure`` before its next one (a model with no instance left
     would otherwise be asked in a tight loop). Caller i starts ``i * spread /
@@ -68,8 +69,8 @@ class StreamedLoad:
     stop."""
 
     def __init__(self, cluster: coordinator.Cluster, model: str, callers: int,
-                 pause_after_failure: float = 0.0, spread: float = 0.0) -> None:
-        self._cluster, self._model, self._callers = cluster, model, callers
+                 pause_after_failure: float = 0.0, spread: float = 0.0, gateway: str | None = None) -> None:
+        self._cluster, self._model, self._callers, self._gateway = cluster, model, callers, gateway
         self._pause_after_failure, self._spread = pause_after_failure, spread
         self.streams: list[Stream] = []
         self._stop = threading.Event()
@@ -77,26 +78,52 @@ class StreamedLoad:
 
     async def _run(self) -> None:
         manager = coordinator.RayWorkerManager(self._cluster)
+        client = httpx.AsyncClient(base_url=self._gateway or "http://unused", timeout=60)
+
+        async def through_manager(content: str) -> Stream:
+            params = {"model": self._model, "messages": [{"role": "human", "content": content}]}
+            began, chunks, last = time.time(), 0, None
+            async for last in manager.generate_stream(params):
+                if last.error_code:
+                    break
+                chunks += 1
+            if last is None:
+                return Stream(began, time.time(), chunks, "no output", None)
+            return Stream(began, time.time(), chunks, last.text if last.error_code else None, last.finish_reason)
+
+        async def through_gateway(content: str) -> Stream:
+            body = {"model": self._model, "stream": True, "messages": [{"role": "user", "content": content}]}
+            began, chunks, finish_reason, error = time.time(), 0, None, None
+            try:
+                async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                    if r.status_code != 200:
+                        error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+                    else:
+                        async for line in r.aiter_lines():
+                            if not line.startswith("data: ") or line == "data: [DONE]":
+                                continue
+                            event = json.loads(line[6:])
+                            if "error" in event:  # a stream broken midway: OpenAI's error event
+                                error = event["error"].get("message", "error")
+                                break
+                            choice = event["choices"][0]
+                            chunks += bool(choice["delta"].get("content"))
+                            finish_reason = choice.get("finish_reason") or finish_reason
+            except httpx.HTTPError as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            return Stream(began, time.time(), chunks, error, finish_reason)
 
         async def caller(i: int) -> None:
             await asyncio.sleep(i * self._spread / self._callers)
+            send = through_gateway if self._gateway else through_manager
             while not self._stop.is_set():
-                params = {"model": self._model, "messages": [{"role": "human", "content": f"{i} {PROMPT}"}]}
-                began, chunks, last = time.time(), 0, None
-                async for last in manager.generate_stream(params):
-                    if last.error_code:
-                        break
-                    chunks += 1
-                if last is None:
-                    error, finish_reason = "no output", None
-                else:
-                    error, finish_reason = (last.text if last.error_code else None), last.finish_reason
-                stream = Stream(began, time.time(), chunks, error, finish_reason)
+                stream = await send(f"{i} {PROMPT}")
                 self.streams.append(stream)
                 if not stream.ok and self._pause_after_failure:
                     await asyncio.sleep(self._pause_after_failure)
 
         await asyncio.gather(*(caller(i) for i in range(self._callers)))
+        await client.aclose()
         await manager.aclose()
 
     def __enter__(self) -> StreamedLoad:

@@ -18,7 +18,8 @@ import coordinator
 from tests.conftest import free_port, wait_until
 from tests.dbgpt_env import start_apiserver
 from tests.test_traffic import FAST, SLOW_HEARTBEATS, probed
-from tests.test_zero_loss import LOAD_S, MODEL, PROMPT, aborted
+from tests.streamed_load import PROMPT, aborted
+from tests.test_zero_loss import LOAD_S, MODEL
 
 pytestmark = [pytest.mark.ray, pytest.mark.dbgpt]
 

@@ -7,96 +7,29 @@ under that load. With draining, no stream is lost; with the drain off
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 
-import httpx
 import pytest
 
 import coordinator
 from tests.conftest import free_port, wait_until
+from tests.streamed_load import Stream, StreamedLoad, aborted
 from tests.test_traffic import FAST, SLOW_HEARTBEATS, probed
 
 pytestmark = pytest.mark.ray
 
 MODEL = "z"
-#: A ~30-word answer, a chunk per word 0.08 s apart: each stream lasts ~2.5 s.
-PROMPT = " ".join(f"w{i}" for i in range(26))
 LOAD_S = 2.0
 
 
-class Load:
-    """``streams`` callers streaming MODEL back to back from a thread of this
-    process — through RayWorkerManager, or through the gateway at ``gateway``
-    with OpenAI's streaming chat — each stream's outcome recorded: "ok" (ended
-    with finish_reason stop), or what went wrong (an error, or a stream that
-    ended early)."""
-
-    def __init__(self, cluster: coordinator.Cluster, streams: int, gateway: str | None = None) -> None:
-        self._cluster, self._streams, self._gateway = cluster, streams, gateway
-        self.outcomes: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
-
-    async def _run(self) -> None:
-        manager = coordinator.RayWorkerManager(self._cluster)
-        client = httpx.AsyncClient(base_url=self._gateway or "http://unused", timeout=60)
-
-        async def through_manager(content: str) -> str:
-            last = None
-            async for last in manager.generate_stream({"model": MODEL, "messages": [
-                    {"role": "human", "content": content}]}):
-                if last.error_code:
-                    break
-            if last is None or last.error_code:
-                return f"error: {last.text if last else 'no output'}"
-            return "ok" if last.finish_reason == "stop" else f"truncated: {last.text[-40:]!r}"
-
-        async def through_gateway(content: str) -> str:
-            body = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": content}]}
-            async with client.stream("POST", "/v1/chat/completions", json=body) as r:
-                if r.status_code != 200:
-                    return f"error: HTTP {r.status_code}: {(await r.aread())[:200]!r}"
-                events = [line[6:] async for line in r.aiter_lines() if line.startswith("data: ")]
-            finished = any('"finish_reason":"stop"' in e.replace(" ", "") for e in events)
-            if events[-1:] != ["[DONE]"] or not finished:
-                return f"truncated: {events[-2:]!r}"
-            return "ok"
-
-        async def caller(i: int) -> None:
-            while not self._stop.is_set():
-                send = through_gateway if self._gateway else through_manager
-                try:
-                    outcome = await send(f"{i} {PROMPT}")
-                except httpx.HTTPError as exc:
-                    outcome = f"error: {type(exc).__name__}: {exc}"
-                self.outcomes.append(outcome)
-                if outcome != "ok":
-                    await asyncio.sleep(0.05)  # no instance (after an undeploy): do not spin
-
-        await asyncio.gather(*(caller(i) for i in range(self._streams)))
-        await client.aclose()
-        await manager.aclose()
-
-    def __enter__(self) -> Load:
-        self._thread.start()
-        wait_until(lambda: len(self.outcomes) >= self._streams, timeout=30, what="the load running")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=60)
-
-    def lost(self) -> list[str]:
-        return [o for o in self.outcomes if o != "ok"]
+def streamed(cluster: coordinator.Cluster, streams: int, gateway: str | None = None) -> StreamedLoad:
+    """``streams`` callers streaming MODEL back to back (a stream lasts ~2.5 s),
+    spread over a stream's length; one whose request failed waits a moment."""
+    return StreamedLoad(cluster, MODEL, streams, pause_after_failure=0.05, spread=2.5, gateway=gateway)
 
 
-def aborted(ports: list[int]) -> int:
-    """Requests the workers aborted because their model stopped under them."""
-    return sum(1 for port in ports
-               for entry in httpx.get(f"http://127.0.0.1:{port}/api/_reference/journal", timeout=10).json()
-               if entry.get("aborted"))
+def described(streams: list[Stream]) -> list[str]:
+    return [f"{'truncated' if s.truncated else 'failed'}: {s.error or s.finish_reason}" for s in streams[:5]]
 
 
 @pytest.fixture
@@ -115,7 +48,7 @@ def fleet(ray_session, worker_process):
 
 def test_rolling_operations_under_streamed_load_lose_nothing_with_draining_and_do_without(fleet):
     cluster, ports = fleet
-    with Load(cluster, streams=6) as load:
+    with streamed(cluster, streams=6) as load:
         started = time.monotonic()
         result = cluster.apply(MODEL, "restart", max_unavailable=1)
         took = time.monotonic() - started
@@ -125,15 +58,15 @@ def test_rolling_operations_under_streamed_load_lose_nothing_with_draining_and_d
         result = cluster.apply(MODEL, "update_params", params={"temperature": 0.3}, max_unavailable=2)
         assert result.output.success, result.output.message
         probed(cluster, MODEL, 4)
-        during = len(load.outcomes)
-    assert load.lost() == [], load.lost()[:5]
+        during = len(load.streams)
+    assert load.lost() == [], described(load.lost())
     assert aborted(ports) == 0
     assert during > 20  # the load went on all through
     # Per batch: the drain (a stream's length at most), the load, the health gate.
     assert took < 4 * (LOAD_S + 2.5 + 3) + 10, took
 
     # The same rollout with the drain off cuts what is in flight.
-    with Load(cluster, streams=6) as load:
+    with streamed(cluster, streams=6) as load:
         result = cluster.apply(MODEL, "restart", max_unavailable=1, drain_timeout=0)
         assert result.output.success, result.output.message
         probed(cluster, MODEL, 4)
@@ -143,25 +76,25 @@ def test_rolling_operations_under_streamed_load_lose_nothing_with_draining_and_d
 def test_a_rolling_restart_through_the_gateway_loses_nothing(fleet):
     cluster, ports = fleet
     base = cluster.serve(port=free_port())
-    with Load(cluster, streams=4, gateway=base) as load:
+    with streamed(cluster, streams=4, gateway=base) as load:
         result = cluster.apply(MODEL, "restart", max_unavailable=1)
         assert result.output.success, result.output.message
         probed(cluster, MODEL, 4)
-        during = len(load.outcomes)
-    assert load.lost() == [], load.lost()[:5]
+        during = len(load.streams)
+    assert load.lost() == [], described(load.lost())
     assert aborted(ports) == 0 and during > 10
 
 
 def test_a_shutdown_under_load_drains_first(fleet):
     cluster, ports = fleet
     victim = ports[0]
-    with Load(cluster, streams=4) as load:
+    with streamed(cluster, streams=4) as load:
         wait_until(lambda: any(r.in_flight for r in cluster.status().instances if r.port == victim), timeout=15,
                    what="a stream on the instance to shut down")
         out = cluster.shutdown({"host": "127.0.0.1", "port": victim, "model": MODEL, "worker_type": "llm"})
         assert out.success and "drained in" in out.message, out.message
-        wait_until(lambda: len(load.outcomes) > 12, timeout=30, what="more streams after the shutdown")
-    assert load.lost() == [], load.lost()[:5]
+        wait_until(lambda: len(load.streams) > 12, timeout=30, what="more streams after the shutdown")
+    assert load.lost() == [], described(load.lost())
     assert aborted(ports) == 0
 
 
@@ -183,7 +116,7 @@ def test_the_keepers_changes_under_load_lose_nothing(ray_session, worker_process
                    timeout=30, what="4 worker managers")
         cluster.deploy(coordinator.Deployment(model=MODEL, replicas=1, params=SIM, max_surge=1), wait=True,
                        timeout=60)
-        with Load(cluster, streams=3) as load:
+        with streamed(cluster, streams=3) as load:
             # One replica, new params: the new one is ready before the old one is drained and stopped.
             cluster.deploy(coordinator.Deployment(model=MODEL, replicas=1, params={**SIM, "temperature": 0.2},
                                                   max_surge=1), wait=True, timeout=90)
@@ -194,16 +127,16 @@ def test_the_keepers_changes_under_load_lose_nothing(ray_session, worker_process
                            wait=True, timeout=90)
             cluster.deploy(coordinator.Deployment(model=MODEL, replicas=1, params={**SIM, "temperature": 0.2}),
                            wait=True, timeout=90)
-            during = len(load.outcomes)
-        assert load.lost() == [], load.lost()[:5]
+            during = len(load.streams)
+        assert load.lost() == [], described(load.lost())
         assert during >= 6  # streams of ~2.5 s from 3 callers went on all through
-        with Load(cluster, streams=3) as load:
+        with streamed(cluster, streams=3) as load:
             cluster.undeploy(MODEL, shutdown=True)
             wait_until(lambda: load.lost(), timeout=60, what="requests finding no instance after the undeploy")
         # What was in flight when the undeploy began finished (none cut or
         # aborted); only requests sent after it found no instance.
-        assert all("Cound not found worker instances" in o or "no instance" in o.lower()
-                   for o in load.lost()), load.lost()[:3]
+        assert all(s.failed and "Cound not found worker instances" in (s.error or "")
+                   for s in load.lost()), described(load.lost())
         assert aborted(ports) == 0
     finally:
         cluster.stop(forget=True)
