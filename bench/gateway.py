@@ -29,16 +29,23 @@ Figures: TTFT p50/p90/p99 (time to the first content token, seen by the
 client), completed/s, the workers' prefix-cache hit rate, errors.
 
 3. **The gateway's own cost**: added time to first token over calling a
-   worker directly (sequential streams, p50), and the requests/s ceiling of
-   one gateway replica beside DB-GPT's API server (closed loop, non-streamed,
-   workers that answer at once).
+   worker directly (sequential streams, p50 and p90), and the requests/s
+   ceiling of one gateway replica beside DB-GPT's API server (closed loop,
+   non-streamed, workers that answer at once). Beside the project's gateway
+   (a Ray actor serving ``GatewayApp`` with uvicorn) runs a Ray Serve
+   contender: the same ``GatewayApp``, reaching the fleet the same way, as a
+   Serve deployment (one replica) behind Serve's HTTP proxy (``--no-serve``
+   leaves it out; so does a Ray without Serve, saying why).
 
 The load generator is aiohttp (about 0.45 ms of client CPU per request here),
 in this process; everything shares the machine's 2 cores.
 
     python -m bench.gateway [--seconds 30] [--rate 18]      # or: make gateway
+    python -m bench.gateway --only-cost [--streams 300] [--cost-seconds 10]
 
-Writes bench/results/gateway.json and bench/results/gateway.png.
+Writes bench/results/gateway.json and bench/results/gateway.png; with
+``--only-cost`` (phase 3 alone: no cost-model fleet, no DB-GPT)
+bench/results/gateway-cost.json.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections import Counter
 from datetime import datetime
 from pathlib import Path
 
@@ -78,6 +86,8 @@ PROMPT_TOKENS = 4000  # characters / 4
 WORKERS = 4
 ENGINE = ["--slots", "8", "--prefill-ms-per-token", "0.25", "--decode-ms-per-chunk", "10", "--block-chars", "64"]
 CHUNKS = 8
+#: What results holds besides the routing loads: phase 3 (the gateway's own cost).
+COST = ("overhead", "ceiling", "serve")
 
 
 def tenant_prompt(t: int) -> str:
@@ -226,33 +236,43 @@ def wait_routes(cluster: coordinator.Cluster, count: int) -> None:
     raise RuntimeError(f"{cluster.name}: {count} chat instances not routable within 60 s")
 
 
-async def overhead(gateway: str, direct_port: int, streams: int) -> dict:
-    """Sequential streams, time to first content: through the gateway (OpenAI)
-    and straight to the worker (DB-GPT's protocol)."""
+async def overhead(direct_port: int, gateways: dict[str, str], streams: int, warmup: int = 10) -> dict:
+    """Sequential streams, time to first content: straight to the worker
+    (DB-GPT's protocol) and through each gateway (OpenAI), one of each in
+    turn so that whatever else the machine does weighs on all alike; the first
+    ``warmup`` rounds (connections, route tables) not counted."""
     body_oa = {"model": "fast", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
     body_db = {"model": "fast", "messages": [{"role": "human", "content": "hi"}]}
-    out = {}
+    targets = {"direct": (f"http://127.0.0.1:{direct_port}/api/worker/generate_stream", body_db)}
+    targets |= {name: (f"{base}/v1/chat/completions", body_oa) for name, base in gateways.items()}
+    times: dict[str, list[float]] = {name: [] for name in targets}
     async with aiohttp.ClientSession() as session:
-        for name, url, body in (("direct", f"http://127.0.0.1:{direct_port}/api/worker/generate_stream", body_db),
-                                ("gateway", f"{gateway}/v1/chat/completions", body_oa)):
-            times = []
-            for _ in range(streams):
+        for n in range(warmup + streams):
+            for name, (url, body) in targets.items():
                 t0 = time.monotonic()
                 async with session.post(url, json=body) as resp:
                     async for chunk in resp.content.iter_any():
                         if chunk:
-                            times.append(time.monotonic() - t0)
+                            if n >= warmup:
+                                times[name].append(time.monotonic() - t0)
                             break
                     await resp.read()
-            out[name] = round(statistics.median(times) * 1000, 3)
-    out["added_p50_ms"] = round(out["gateway"] - out["direct"], 3)
+    out: dict[str, dict[str, float]] = {}
+    for name, xs in times.items():
+        out[name] = {"p50_ms": round(statistics.median(xs) * 1000, 3),
+                     "p90_ms": round(statistics.quantiles(xs, n=10)[8] * 1000, 3)}
+    for name in gateways:
+        for q in ("p50", "p90"):
+            out[name][f"added_{q}_ms"] = round(out[name][f"{q}_ms"] - out["direct"][f"{q}_ms"], 3)
     return out
 
 
 async def ceiling(url: str, concurrency: int, seconds: float) -> float:
-    """Closed loop, non-streamed chats: completed requests per second."""
+    """Closed loop, non-streamed chats: completed requests per second (other
+    answers are not counted, and said)."""
     body = {"model": "fast", "messages": [{"role": "user", "content": "hi"}]}
     done = 0
+    failed: Counter[int] = Counter()
     end = time.monotonic() + seconds
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         async def caller() -> None:
@@ -262,9 +282,69 @@ async def ceiling(url: str, concurrency: int, seconds: float) -> float:
                     await resp.read()
                     if resp.status == 200:
                         done += 1
+                    else:
+                        failed[resp.status] += 1
 
         await asyncio.gather(*(caller() for _ in range(concurrency)))
+    if failed:
+        console.print(f"[yellow]{url}: answers other than 200 (not counted): {dict(failed)}")
     return round(done / seconds, 1)
+
+
+def serve_missing(args: argparse.Namespace) -> str | None:
+    """Why the Ray Serve contender is left out, or None."""
+    if args.no_serve:
+        return "--no-serve"
+    try:
+        import ray.serve  # noqa: F401
+    except ImportError as exc:
+        return f"Ray Serve cannot be imported ({exc}): pip install 'ray[serve]' (the bench extra)"
+    return None
+
+
+def serve_gateway(cluster: coordinator.Cluster, port: int) -> str:
+    """The Ray Serve contender: the same :class:`GatewayApp`, reaching the fleet
+    the same way (:func:`fleet_manager`) with the same settings as the
+    coordinator's gateway, as a Serve deployment of one replica behind Serve's
+    HTTP proxy on ``port``; its base URL once it serves.
+
+    Configured as the gateway is: no access log and warnings only, no cap on
+    requests held but ``gateway.max_in_flight`` (Serve's default
+    ``max_ongoing_requests`` of 5 would queue a closed loop of 32 at the
+    proxy), no CPU reserved. Otherwise Serve's defaults: its Python proxy,
+    user code on its own thread in the replica."""
+    import logging
+
+    from ray import serve
+
+    from coordinator.core.naming import gateway_actor
+    from coordinator.driver.gateway import GatewayApp, fleet_manager
+    from coordinator.plumbing.metrics import GatewayMetrics
+
+    settings = ray.get(ray.get_actor(gateway_actor(cluster.name, 0), namespace=cluster.namespace)
+                       .get_settings.remote())
+    logging_config = {"enable_access_log": False, "log_level": "WARNING"}
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # this driver's own Serve client
+
+    @serve.deployment(num_replicas=1, max_ongoing_requests=settings.max_in_flight,
+                      ray_actor_options={"num_cpus": 0}, logging_config=logging_config)
+    @serve.ingress()  # the app is built at replica start, by __serve_build_asgi_app__
+    class ServeGateway:
+        def __init__(self, name: str, namespace: str) -> None:
+            self._where = (name, namespace)
+            self._manager = None
+
+        async def __serve_build_asgi_app__(self) -> GatewayApp:
+            self._manager = await fleet_manager(*self._where)
+            return GatewayApp(self._manager, settings, GatewayMetrics(0))
+
+        async def __del__(self) -> None:
+            if self._manager is not None:
+                await self._manager.aclose()
+
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=logging_config)
+    serve.run(ServeGateway.bind(cluster.name, cluster.namespace), name="gateway", route_prefix="/")
+    return f"http://127.0.0.1:{port}"
 
 
 def main() -> None:
@@ -273,29 +353,41 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=8.0,
                         help="requests/s: about 60 %% of what DB-GPT's API server (random routing) sustains here "
                              "(it completes ~13/s, its own CPU the limit)")
+    parser.add_argument("--only-cost", action="store_true",
+                        help="phase 3 alone (direct, the gateway, the gateway on Ray Serve): no cost-model fleet, "
+                             "no DB-GPT; writes bench/results/gateway-cost.json")
+    parser.add_argument("--no-serve", action="store_true", help="leave phase 3's Ray Serve contender out")
+    parser.add_argument("--streams", type=int, default=300, help="phase 3: sequential streams per contender")
+    parser.add_argument("--cost-seconds", type=float, default=10.0,
+                        help="phase 3: seconds of closed loop per contender for the ceiling")
     args = parser.parse_args()
     from tests.conftest import free_port
     from tests.dbgpt_env import ensure_venv, start_apiserver
 
-    bin_dir = ensure_venv()
+    no_serve = serve_missing(args)
+    if no_serve:
+        console.print(f"[yellow]The Ray Serve contender is left out: {no_serve}")
+    bin_dir = None if args.only_cost else ensure_venv()
     ray.init(namespace="bench-gateway", include_dashboard=False, logging_level="ERROR")
     registry_proc, registry_port = spawn(["actors.registry", "--port", "0", "--heartbeat-interval", "1",
                                           "--heartbeat-timeout", "30"])
     registry = f"http://127.0.0.1:{registry_port}"
     source = {"kind": "dbgpt", "name": "fleet", "url": registry, "poll_interval": 0.5}
     caches = {"4 tenants per worker": 4 * PROMPT_TOKENS + 1000, "3 tenants per worker": 3 * PROMPT_TOKENS + 1000}
-    fleet = Fleet(registry, caches["4 tenants per worker"])
+    fleet = None if args.only_cost else Fleet(registry, caches["4 tenants per worker"])
     workdir = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
     clusters: dict[str, coordinator.Cluster] = {}
     extra = []
     results: dict = {}
+    serving = False
 
-    def coordinators(cache_tokens: int) -> dict[str, str]:
-        """Both gateways' coordinators, (re)started: the cache-aware index is
+    def coordinators(cache_tokens: int,
+                     policies: tuple[str, ...] = ("power_of_two", "cache_aware")) -> dict[str, str]:
+        """The gateways' coordinators, (re)started: the cache-aware index is
         told the workers' cache size (in its blocks), as an operator would."""
         for c in clusters.values():
             c.stop(forget=True)
-        for policy in ("power_of_two", "cache_aware"):
+        for policy in policies:
             clusters[policy] = coordinator.start(
                 {"registries": [source], "long_poll_timeout": 2,
                  "routing": {"policy": policy, "block_chars": 64, "capacity_blocks": cache_tokens * 4 // 64}},
@@ -303,10 +395,14 @@ def main() -> None:
         return {policy: c.serve(port=0) for policy, c in clusters.items()}
 
     try:
-        api = start_apiserver(bin_dir, free_port(), registry, workdir)
-        extra.append(api)
+        if args.only_cost:
+            api = None
+            coordinators(caches["4 tenants per worker"], ("cache_aware",))
+        else:
+            api = start_apiserver(bin_dir, free_port(), registry, workdir)
+            extra.append(api)
         zipf = [1 / (k + 1) ** 1.5 for k in range(TENANTS)]
-        loads = {
+        loads = {} if args.only_cost else {
             "shared prefixes, fleet caches all (4/worker)": (caches["4 tenants per worker"], [1.0] * TENANTS),
             "shared prefixes, fleet caches 75 % (3/worker)": (caches["3 tenants per worker"], [1.0] * TENANTS),
             f"Zipf, top tenant {zipf[0] / sum(zipf):.0%} (4/worker)": (caches["4 tenants per worker"], zipf),
@@ -333,20 +429,36 @@ def main() -> None:
         fast = [spawn(["reference_worker", "--controller", registry, "--model", "fast@llm",
                        "--heartbeat-interval", "1", "--chunks", "4"]) for _ in range(2)]
         extra += [p for p, _ in fast]
-        gateways = {policy: c.serve(port=0) for policy, c in clusters.items()}
+        gateways = {"gateway": clusters["cache_aware"].serve(port=0)}
         wait = time.monotonic() + 60
         while time.monotonic() < wait and len(clusters["cache_aware"].instances("fast")) < 2:
             time.sleep(0.2)
+        if no_serve is None:
+            started = time.monotonic()
+            serving = True
+            gateways["gateway on Ray Serve"] = serve_gateway(clusters["cache_aware"], free_port())
+            results["serve"] = {"ray": ray.__version__, "startup_s": round(time.monotonic() - started, 1),
+                                "api": "serve.deployment + serve.ingress() (__serve_build_asgi_app__), "
+                                       "Serve's HTTP proxy"}
+        else:
+            results["serve"] = {"left_out": no_serve}
         time.sleep(3)
-        results["overhead"] = asyncio.run(overhead(gateways["cache_aware"], fast[0][1], 300))
-        results["ceiling"] = {
-            "gateway (1 replica)": asyncio.run(ceiling(f"{gateways['cache_aware']}/v1/chat/completions", 32, 10)),
-            "DB-GPT 0.8.2 API server": asyncio.run(ceiling(f"{api.url}/api/v1/chat/completions", 32, 10)),
-        }
+        results["overhead"] = asyncio.run(overhead(fast[0][1], gateways, args.streams))
+        results["ceiling"] = {f"{name} (1 replica)": asyncio.run(ceiling(f"{url}/v1/chat/completions", 32,
+                                                                         args.cost_seconds))
+                              for name, url in gateways.items()}
+        if api is not None:
+            results["ceiling"]["DB-GPT 0.8.2 API server"] = asyncio.run(
+                ceiling(f"{api.url}/api/v1/chat/completions", 32, args.cost_seconds))
     finally:
+        if serving:
+            from ray import serve
+
+            serve.shutdown()
         for p in extra:
             p.kill()
-        fleet.stop()
+        if fleet is not None:
+            fleet.stop()
         for c in clusters.values():
             c.stop(forget=True)
         registry_proc.kill()
@@ -357,7 +469,7 @@ def main() -> None:
 
 def _report(results: dict, args: argparse.Namespace) -> None:
     for load, rows in results.items():
-        if load in ("overhead", "ceiling"):
+        if load in COST:
             continue
         table = Table(title=f"{load}: {args.rate:g} req/s Poisson, {args.seconds:g} s, streamed chats")
         for col in ("contender", "TTFT p50 ms", "p90 ms", "p99 ms", "completed/s", "hit rate", "errors",
@@ -372,20 +484,33 @@ def _report(results: dict, args: argparse.Namespace) -> None:
         for name, r in rows.items() if isinstance(rows, dict) else ():
             if isinstance(r, dict) and "decisions" in r:
                 console.print(f"{load} / {name}: routing decisions {r['decisions']}")
-    o = results["overhead"]
-    console.print(f"time to first token, p50: direct {o['direct']} ms, through the gateway {o['gateway']} ms "
-                  f"(+{o['added_p50_ms']} ms)")
-    c = results["ceiling"]
-    ratio = round(c["gateway (1 replica)"] / c["DB-GPT 0.8.2 API server"], 1) if c["DB-GPT 0.8.2 API server"] else None
-    console.print(f"ceiling, non-streamed, 32 callers: gateway {c['gateway (1 replica)']} req/s, DB-GPT's API server "
-                  f"{c['DB-GPT 0.8.2 API server']} req/s ({ratio}x)")
+    o, c, sv = results["overhead"], results["ceiling"], results["serve"]
+    table = Table(title=f"the gateway's own cost: {args.streams} sequential streams each (taken in turn), "
+                        f"a closed loop of 32 callers for {args.cost_seconds:g} s each (non-streamed)")
+    for col in ("contender", "first token p50 ms", "p90 ms", "added p50 ms", "added p90 ms", "ceiling req/s"):
+        table.add_column(col)
+    for name, r in o.items():
+        table.add_row(name, str(r["p50_ms"]), str(r["p90_ms"]), str(r.get("added_p50_ms", "")),
+                      str(r.get("added_p90_ms", "")), str(c.get(f"{name} (1 replica)", "")))
+    if "DB-GPT 0.8.2 API server" in c:
+        table.add_row("DB-GPT 0.8.2 API server", "", "", "", "", str(c["DB-GPT 0.8.2 API server"]))
+    console.print(table)
+    if "left_out" in sv:
+        console.print(f"Ray Serve contender left out: {sv['left_out']}")
+    else:
+        console.print(f"Ray Serve {sv['ray']}: {sv['api']}; serve.start + serve.run took {sv['startup_s']} s")
+    ratio = None
+    if c.get("DB-GPT 0.8.2 API server"):
+        ratio = round(c["gateway (1 replica)"] / c["DB-GPT 0.8.2 API server"], 1)
+        console.print(f"ceiling: the gateway {ratio}x DB-GPT's API server")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "gateway.json").write_text(json.dumps({
+    (RESULTS / ("gateway-cost.json" if args.only_cost else "gateway.json")).write_text(json.dumps({
         "date": datetime.now().isoformat(timespec="seconds"), "machine": platform.machine(), "cpus": os.cpu_count(),
-        "rate": args.rate, "seconds": args.seconds, "results": results, "ceiling_ratio": ratio,
-        "load_generator": "aiohttp (in-process)",
+        "rate": args.rate, "seconds": args.seconds, "streams": args.streams, "cost_seconds": args.cost_seconds,
+        "results": results, "ceiling_ratio": ratio, "load_generator": "aiohttp (in-process)",
     }, indent=2) + "\n")
-    _plot(results)
+    if not args.only_cost:
+        _plot(results)
 
 
 def _plot(results: dict) -> None:
@@ -396,7 +521,7 @@ def _plot(results: dict) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    loads = [k for k in results if k not in ("overhead", "ceiling")]
+    loads = [k for k in results if k not in COST]
     fig, axes = plt.subplots(1, len(loads), figsize=(5 * len(loads), 4), sharey=True)
     for ax, load in zip(axes, loads):
         rows = results[load]

@@ -40,7 +40,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import ValidationError
 from starlette.requests import Request
@@ -74,6 +74,9 @@ from coordinator.core.openai import (
 )
 from coordinator.plumbing.metrics import GatewayMetrics, NoGatewayMetrics
 from coordinator.plumbing.process import process_info
+
+if TYPE_CHECKING:
+    from coordinator.driver.worker_manager import RayWorkerManager
 
 log = logging.getLogger(__name__)
 
@@ -406,6 +409,20 @@ class GatewayApp:
         return JSONResponse(models_response(names))
 
 
+async def fleet_manager(coordinator: str, namespace: str) -> RayWorkerManager:
+    """The RayWorkerManager a gateway sends through: the coordinator
+    ``coordinator``'s fleet, its route table followed. (bench/gateway.py hosts
+    :class:`GatewayApp` on Ray Serve with it too.)"""
+    import ray
+
+    from coordinator.driver.client import Cluster
+    from coordinator.driver.worker_manager import RayWorkerManager
+
+    # Looking the coordinator up asks the GCS, blocking: off the loop.
+    handle = await asyncio.to_thread(ray.get_actor, coordinator, namespace=namespace)
+    return RayWorkerManager(Cluster(coordinator, namespace, handle))
+
+
 class Gateway:
     """One gateway replica, as a Ray actor: serves :class:`GatewayApp` on
     ``gateway.host:port`` and follows the coordinator's route table."""
@@ -421,14 +438,7 @@ class Gateway:
         self._serving = asyncio.get_running_loop().create_task(self._start())
 
     async def _start(self) -> None:
-        import ray
-
-        from coordinator.driver.client import Cluster
-        from coordinator.driver.worker_manager import RayWorkerManager
-
-        # Looking the coordinator up asks the GCS, blocking: off the loop.
-        handle = await asyncio.to_thread(ray.get_actor, self._coordinator, namespace=self._namespace)
-        self._manager = RayWorkerManager(Cluster(self._coordinator, self._namespace, handle))
+        self._manager = await fleet_manager(self._coordinator, self._namespace)
         self._app = GatewayApp(self._manager, self.settings, self._metrics)
         if self.settings.host not in ("127.0.0.1", "localhost", "::1") and not self.settings.api_keys:
             log.warning("the gateway serves %s:%s with no API key (gateway.allow_open)", self.settings.host,
