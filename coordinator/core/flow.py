@@ -5,8 +5,15 @@ model's capacity is taken, and which are refused.
 is a model: each model is served by its own instances, so a backlog on a slow
 model must not hold back an idle one, as one global capacity would — llm-d
 likewise runs its flow control per pool of model servers). Past it a request
-waits in a **bounded queue with a deadline** each. When a place frees, the
-next to run is chosen by
+waits in a **bounded queue with a deadline** each.
+
+Why this module is long: the scheduler's state (pools, tenants' counters,
+queues by priority, deadlines) and the four things done to it (offer,
+release, expire, and the admissions and push-outs they cause) are one
+algorithm whose invariants hold only together; its docstring is the spec
+the table and property tests check.
+
+When a place frees, the next to run is chosen by
 
 1. **strict priority**: a higher ``priority`` first (a tenant that keeps a
    higher priority busy can starve a lower one — only until the lower one's
@@ -48,12 +55,6 @@ Time is passed in (``now``, monotonic seconds) and every call first refuses
 what is past its deadline, so the scheduler never admits an overdue request
 and needs no timer of its own. Each admission scans the tenants backlogged in
 its pool: fine for the tens or hundreds of tenants an API key list holds.
-
-Why this module is long: the scheduler's state (pools, tenants' counters,
-queues by priority, deadlines) and the four things done to it (offer,
-release, expire, and the admissions and push-outs they cause) are one
-algorithm whose invariants hold only together; its docstring is the spec
-the table and property tests check.
 """
 
 from __future__ import annotations
