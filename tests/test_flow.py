@@ -138,9 +138,13 @@ def test_a_full_queue_refuses_the_flooders_arrival_and_pushes_out_its_newest_for
     out = s.offer(req("noisy"), 0)
     assert out.verdict.reason == "queue_full" and out.others == ()
     out = s.offer(quiet := req("quiet"), 0)
-    assert out.verdict == Queued(quiet) and out.others == (Refused(flood[-1], "displaced"),)
+    assert out.verdict == Queued(quiet) and out.others == (Refused(flood[2], "displaced"),)
     assert s.queued() == 3
-    out = s.offer(req("quiet"), 0)  # quiet would hold as much as noisy: a tie, and an arrival never wins one
+    out = s.offer(req("quiet"), 0)  # noisy holds 3 places (one running) to quiet's 2
+    assert out.others == (Refused(flood[1], "displaced"),)
+    out = s.offer(req("quiet"), 0)  # 2 to 3: the arrival's tenant holds the most now
+    assert out.verdict.reason == "queue_full" and out.others == ()
+    out = s.offer(req("noisy"), 0)  # noisy would hold 3 to quiet's 2: its own arrival goes
     assert out.verdict.reason == "queue_full" and out.others == ()
 
 

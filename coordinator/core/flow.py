@@ -46,10 +46,11 @@ open proposal there).
 **The bound**: while tenants stay backlogged in a pool, the served cost over
 weight of any two differs by at most the largest single cost over weight
 (one admission), and no request waits past its deadline. When the queue is
-full, the request given up is the newest of the lowest priority's tenant
-holding the most of the queue for its weight — the arrival itself when that
-is its own tenant — so a flood from one tenant pushes out its own requests,
-not a quiet tenant's (fq_codel drops from its fattest flow the same way).
+full, the request given up is of the lowest priority waiting, of the tenant
+that holds the most of the pool (waiting and in flight) for its weight, its
+newest — the arrival itself when that is its own tenant, or on a tie — so a
+flood from one tenant pushes out its own requests, not a quiet tenant's
+(fq_codel drops from its fattest flow the same way).
 
 Time is passed in (``now``, monotonic seconds) and every call first refuses
 what is past its deadline, so the scheduler never admits an overdue request
@@ -383,14 +384,16 @@ class FlowScheduler:
 
     def _victim(self, pool: _Pool) -> _Waiting:
         """The request a full queue gives up: of the lowest priority waiting,
-        the tenant holding the most of it for its weight, its newest request
-        (ties: the newest, so an arrival never pushes out its equal)."""
+        of the tenant holding the most of the pool (waiting and in flight) for
+        its weight, the newest (ties: the newest, so an arrival never pushes
+        out its equal)."""
         lowest = min(p for flow in pool.flows.values() for p in flow.waiting)
         worst: tuple[tuple[float, int], _Waiting] | None = None
         for tenant, flow in pool.flows.items():
             line = flow.waiting.get(lowest)
             if line:
-                rank = (len(line) / self.policy.share_of(tenant).weight, line[-1].seq)
+                held = flow.in_flight + sum(len(waiting) for waiting in flow.waiting.values())
+                rank = (held / self.policy.share_of(tenant).weight, line[-1].seq)
                 if worst is None or rank > worst[0]:
                     worst = (rank, line[-1])
         assert worst is not None

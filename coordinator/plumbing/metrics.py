@@ -232,6 +232,12 @@ class NoGatewayMetrics:
     def decision(self, model: str, reason: str) -> None:
         pass
 
+    def flow_queued(self, tenant: str, count: int) -> None:
+        pass
+
+    def flow_refused(self, tenant: str, reason: str) -> None:
+        pass
+
 
 class GatewayMetrics(NoGatewayMetrics):
     """The gateway's metrics (the estimated prefix hit rate is
