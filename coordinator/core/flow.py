@@ -63,7 +63,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
-from collections.abc import Hashable, Iterator, Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
@@ -302,10 +302,6 @@ class FlowScheduler:
             return len(self._running) if tenant is None else self._load(tenant).in_flight
         return sum(1 for r in self._running.values()
                    if (tenant is None or r.request.tenant == tenant) and (pool is None or r.request.pool == pool))
-
-    def waiting(self) -> Iterator[FlowRequest]:
-        """The waiting requests, oldest first."""
-        return (w.request for w in sorted(self._waiting.values(), key=lambda w: w.seq))
 
     def _load(self, tenant: str) -> _Load:
         return self._loads.get(tenant) or _Load()
