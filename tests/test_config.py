@@ -1,4 +1,4 @@
-"""The configuration model: sources by kind, files, and errors that name the field."""
+"""The configuration model: sources by kind, files, the gateway's flow control, and errors that name the field."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from coordinator.core.config import (
     CoordinatorConfig,
     DbgptSource,
     EmbeddedSource,
+    GatewaySettings,
     StaticSource,
     read_instances_file,
 )
+from coordinator.core.flow import Share
 
 
 def test_sources_are_chosen_by_kind_and_named_by_position():
@@ -101,3 +103,66 @@ def test_the_example_config_loads_and_its_commented_security_settings_validate(t
     assert config.registries[0].workers.token.reveal() == "from-the-env"
     assert config.registries[0].workers.headers == {"X-Fleet": "prod"}
     assert list(config.worker_overrides) == ["10.0.0.7:8001"]
+
+
+# ---- the gateway's flow control ---------------------------------------------
+
+@pytest.fixture
+def tenant_keys(monkeypatch):
+    monkeypatch.setenv("FLOW_GOLD_KEYS", "sk-gold-1\nsk-gold-2\n")
+    monkeypatch.setenv("FLOW_PLAIN_KEYS", "sk-plain-1\nsk-gold-1\nsk-plain-2\n")
+
+
+def test_flow_tenants_are_named_groups_of_keys_and_every_other_key_is_its_own(tenant_keys):
+    gateway = GatewaySettings.model_validate({
+        "host": "0.0.0.0", "api_keys": [{"env": "FLOW_PLAIN_KEYS"}],
+        "flow": {"capacity": 8, "models": {"big": 32}, "default": {"max_in_flight": 4},
+                 "tenants": [{"name": "gold", "keys": [{"env": "FLOW_GOLD_KEYS"}], "weight": 3, "priority": 2,
+                              "max_priority": 5}]},
+    })
+    assert gateway.key_tenants() == [("sk-gold-1", "gold"), ("sk-gold-2", "gold"),
+                                     ("sk-plain-1", "api_keys[0]#1"), ("sk-plain-2", "api_keys[0]#3")]
+    flow = gateway.flow
+    policy = flow.policy()
+    assert policy.capacity_of("big") == 32 and policy.capacity_of("small") == 8
+    assert policy.share_of("gold") == Share(weight=3)
+    assert policy.share_of("api_keys[0]#1") == Share(max_in_flight=4)
+    assert (flow.max_queued, flow.max_wait, flow.retry_after, flow.priority_header) == (1024, 30, 1, "X-Priority")
+    gold = flow.share("gold")
+    assert gold.priority_for(None) == 2 and gold.priority_for("5") == 5 and gold.priority_for("0") == 0
+    for asked in ("6", "-1", "high", "1.5", "9" * 50, ""):
+        with pytest.raises(ValueError, match="from 0 to 5"):
+            gold.priority_for(asked)
+    assert flow.share("api_keys[0]#3").priority_for(None) == 0
+
+
+def test_tenant_keys_alone_let_the_gateway_serve_beyond_loopback(tenant_keys):
+    GatewaySettings.model_validate({"host": "0.0.0.0", "flow": {
+        "capacity": 1, "tenants": [{"name": "gold", "keys": [{"env": "FLOW_GOLD_KEYS"}]}]}})
+    with pytest.raises(ValidationError, match="flow.tenants"):
+        GatewaySettings.model_validate({"host": "0.0.0.0", "flow": {"capacity": 1}})
+
+
+@pytest.mark.parametrize(("flow", "needle"), [
+    ({}, "capacity"),
+    ({"capacity": 0}, "capacity"),
+    ({"capacity": 1, "models": {"m": 0}}, "models.m"),
+    ({"capacity": 1, "max_queued": -1}, "max_queued"),
+    ({"capacity": 1, "max_wait": 0}, "max_wait"),
+    ({"capacity": 1, "priority_header": "X Priority"}, "priority_header"),
+    ({"capacity": 1, "default": {"weight": 0}}, "default.weight"),
+    ({"capacity": 1, "default": {"priority": 3, "max_priority": 2}}, "max_priority (2) must be >= priority (3)"),
+    ({"capacity": 1, "tenants": [{"name": "t", "keys": []}]}, "tenants.0.keys"),
+    ({"capacity": 1, "tenants": [{"name": "a b", "keys": [{"env": "FLOW_GOLD_KEYS"}]}]}, "tenants.0.name"),
+    ({"capacity": 1, "tenants": [{"name": "t", "keys": [{"env": "FLOW_GOLD_KEYS"}]},
+                                 {"name": "t", "keys": [{"env": "FLOW_PLAIN_KEYS"}]}]}, "repeated: ['t']"),
+    ({"capacity": 1, "tenants": [{"name": "gold", "keys": [{"env": "FLOW_GOLD_KEYS"}]},
+                                 {"name": "plain", "keys": [{"env": "FLOW_PLAIN_KEYS"}]}]},
+     "tenants 'gold' and 'plain' share a key"),
+    ({"capacity": 1, "tenants": [{"name": "t", "keys": [{"env": "FLOW_GOLD_KEYS"}], "wieght": 2}]}, "wieght"),
+])
+def test_flow_mistakes_are_rejected_naming_the_field(tenant_keys, flow, needle):
+    with pytest.raises(ValidationError) as info:
+        GatewaySettings.model_validate({"flow": flow})
+    assert needle in str(info.value)
+    assert "sk-" not in str(info.value)  # never a key in an error

@@ -20,6 +20,7 @@ from coordinator.core.inference import ModelOutput, Route
 from coordinator.core.openai import EmbeddingsRequestBody, PromptRequestBody
 from coordinator.driver.gateway import GatewayApp
 from coordinator.driver.worker_manager import NoInstanceError, NotReachedError, WorkerFailedError
+from tests.conftest import poll
 
 pytestmark = pytest.mark.anyio
 
@@ -252,3 +253,193 @@ async def test_a_client_that_goes_away_ends_the_worker_call():
     await asyncio.wait_for(call, 5)
     assert fleet.closed == 1  # the worker call was closed with the client, not left running
     assert gateway.in_flight == 0 and gateway.outcomes["cancelled"] == 1, gateway.outcomes
+
+
+# ---- flow control --------------------------------------------------------
+
+ONE, TWO = {"Authorization": "Bearer sk-one"}, {"Authorization": "Bearer sk-two"}  # two tenants, a key each
+
+
+def flowed(fleet: FakeFleet, **settings: Any) -> tuple[GatewayApp, httpx.AsyncClient]:
+    gateway = GatewayApp(fleet, GatewaySettings.model_validate({"api_keys": [{"env": "GATEWAY_TEST_KEYS"}],
+                                                                 **settings}))
+    return gateway, httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway), base_url="http://gw")
+
+
+def said(text: str, **extra: Any) -> dict[str, Any]:
+    return {**CHAT, "messages": [{"role": "user", "content": text}], **extra}
+
+
+def sent(fleet: FakeFleet) -> list[str]:
+    """What each request the workers got said, in the order they got them."""
+    return [p["messages"][-1]["content"] for p in fleet.sent]
+
+
+async def holding(gateway: GatewayApp, c: httpx.AsyncClient, headers: dict[str, str]) -> asyncio.Task:
+    """A stream that holds a place (the fake fleet's ``hold`` is clear) until the fleet is let go."""
+    task = asyncio.create_task(c.post("/v1/chat/completions", json=said("holder", stream=True), headers=headers))
+    await poll(lambda: gateway.flow_counts()["flow_in_flight"] == 1, what="the stream holds its place")
+    return task
+
+
+async def queued(gateway: GatewayApp, c: httpx.AsyncClient, body: dict[str, Any], headers: dict[str, str]):
+    before = gateway.flow_counts()["flow_queued"]
+    task = asyncio.create_task(c.post("/v1/chat/completions", json=body, headers=headers))
+    await poll(lambda: gateway.flow_counts()["flow_queued"] == before + 1, what="the request waits")
+    return task
+
+
+async def test_a_noisy_tenant_cannot_crowd_out_a_quiet_one():
+    fleet = FakeFleet()
+    fleet.hold.clear()
+    gateway, c = flowed(fleet, flow={"capacity": 1})
+    async with c:
+        first = await holding(gateway, c, ONE)
+        noisy = [await queued(gateway, c, said(f"noisy-{i}"), ONE) for i in range(3)]
+        quiet = await queued(gateway, c, said("quiet"), TWO)
+        fleet.hold.set()
+        answers = await asyncio.gather(first, *noisy, quiet)
+    assert [r.status_code for r in answers] == [200] * 5
+    # The place the stream let go of went to the quiet tenant, ahead of the noisy one's earlier requests.
+    assert sent(fleet) == ["holder", "quiet", "noisy-0", "noisy-1", "noisy-2"]
+    assert gateway.flow_counts() == {"flow_queued": 0, "flow_in_flight": 0}
+
+
+async def test_a_full_queue_answers_429_and_pushes_out_the_flooders_request_for_a_quiet_one():
+    fleet = FakeFleet()
+    fleet.hold.clear()
+    gateway, c = flowed(fleet, flow={"capacity": 1, "max_queued": 1, "retry_after": 3})
+    async with c:
+        first = await holding(gateway, c, ONE)
+        waiting = await queued(gateway, c, said("noisy-0"), ONE)
+        full = await c.post("/v1/chat/completions", json=said("noisy-1"), headers=ONE)
+        assert full.status_code == 429 and full.headers["Retry-After"] == "3"
+        assert full.json()["error"]["code"] == "rate_limit_exceeded"
+        assert "gateway.flow.max_queued" in full.json()["error"]["message"]
+        quiet = asyncio.create_task(c.post("/v1/chat/completions", json=said("quiet"), headers=TWO))
+        pushed = await waiting
+        assert pushed.status_code == 429 and "gave its place" in pushed.json()["error"]["message"]
+        fleet.hold.set()
+        assert [(await first).status_code, (await quiet).status_code] == [200, 200]
+    assert sent(fleet) == ["holder", "quiet"]
+    assert gateway.outcomes["http_429"] == 2
+
+
+async def test_a_request_that_waits_past_max_wait_gets_429_and_never_reaches_a_worker():
+    fleet = FakeFleet()
+    fleet.hold.clear()
+    gateway, c = flowed(fleet, flow={"capacity": 1, "max_wait": 0.2})
+    async with c:
+        first = await holding(gateway, c, ONE)
+        late = await c.post("/v1/chat/completions", json=said("late"), headers=TWO)
+        assert late.status_code == 429 and "Retry-After" in late.headers
+        assert "gateway.flow.max_wait" in late.json()["error"]["message"]
+        fleet.hold.set()
+        assert (await first).status_code == 200
+    assert sent(fleet) == ["holder"]
+    assert gateway.flow_counts() == {"flow_queued": 0, "flow_in_flight": 0}
+
+
+async def test_a_priority_header_goes_first_within_the_keys_bounds(monkeypatch):
+    monkeypatch.setenv("GW_BATCH", "sk-batch")
+    monkeypatch.setenv("GW_URGENT", "sk-urgent")
+    fleet = FakeFleet()
+    fleet.hold.clear()
+    batch, urgent = {"Authorization": "Bearer sk-batch"}, {"Authorization": "Bearer sk-urgent"}
+    gateway, c = flowed(fleet, flow={"capacity": 1, "tenants": [
+        {"name": "batch", "keys": [{"env": "GW_BATCH"}]},
+        {"name": "urgent", "keys": [{"env": "GW_URGENT"}], "max_priority": 3}]})
+    async with c:
+        bad = await c.post("/v1/chat/completions", json=CHAT, headers={**batch, "X-Priority": "1"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "X-Priority"
+        assert "from 0 to 0" in bad.json()["error"]["message"]
+        first = await holding(gateway, c, batch)
+        low = await queued(gateway, c, said("low"), urgent)  # its own default priority, 0
+        early = await queued(gateway, c, said("early"), batch)
+        high = await queued(gateway, c, said("high"), {**urgent, "X-Priority": "3"})
+        fleet.hold.set()
+        assert {r.status_code for r in await asyncio.gather(first, low, early, high)} == {200}
+    assert sent(fleet)[:2] == ["holder", "high"]
+
+
+def raw_request(body: dict[str, Any], headers: dict[str, str], leave: asyncio.Event,
+                sent_messages: list[dict]) -> tuple[dict, Any, Any]:
+    """An ASGI request whose client goes away once ``leave`` is set."""
+    encoded = json.dumps(body).encode()
+    requested = False
+
+    async def receive():
+        nonlocal requested
+        if not requested:
+            requested = True
+            return {"type": "http.request", "body": encoded, "more_body": False}
+        await leave.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent_messages.append(message)
+        await asyncio.sleep(0)  # a real server's send lets other tasks run
+
+    raw_headers = [(b"content-type", b"application/json")] + [(k.lower().encode(), v.encode())
+                                                              for k, v in headers.items()]
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "query_string": b"", "headers": raw_headers, "http_version": "1.1", "scheme": "http",
+             "server": ("gw", 80), "client": ("c", 1), "root_path": ""}
+    return scope, receive, send
+
+
+async def test_a_waiting_request_whose_client_goes_away_leaves_the_queue_unsent():
+    fleet = FakeFleet()
+    fleet.hold.clear()
+    gateway, c = flowed(fleet, flow={"capacity": 1})
+    leave = asyncio.Event()
+    async with c:
+        first = await holding(gateway, c, ONE)
+        call = asyncio.create_task(gateway(*raw_request(said("gone"), TWO, leave, [])))
+        await poll(lambda: gateway.flow_counts()["flow_queued"] == 1, what="the request waits")
+        leave.set()
+        await asyncio.wait_for(call, 5)
+        assert gateway.flow_counts()["flow_queued"] == 0 and gateway.outcomes["cancelled"] == 1
+        fleet.hold.set()
+        assert (await first).status_code == 200
+    assert sent(fleet) == ["holder"]
+    assert gateway.flow_counts() == {"flow_queued": 0, "flow_in_flight": 0}
+
+
+async def test_a_stream_whose_client_goes_away_lets_go_of_its_place():
+    fleet = FakeFleet()
+    first_chunk = asyncio.Event()
+
+    async def stalls(params, worker_type="llm", route=None, headers=None):
+        fleet.sent.append(params)
+        fleet._route(route)
+        yield ModelOutput(text="ab")
+        if params["messages"][-1]["content"] == "stalls":
+            first_chunk.set()
+            await asyncio.Event().wait()  # nothing more for now: only its client leaving ends it
+        yield ModelOutput(text="abcd")
+
+    fleet.routed_stream = stalls
+    gateway, c = flowed(fleet, flow={"capacity": 1})
+    messages: list[dict] = []
+    leave = asyncio.Event()
+    async with c:
+        call = asyncio.create_task(gateway(*raw_request(said("stalls", stream=True), ONE, leave, messages)))
+        await asyncio.wait_for(first_chunk.wait(), 5)
+        waiting = await queued(gateway, c, said("next", stream=True), TWO)
+        leave.set()  # the client hangs up mid-stream
+        await asyncio.wait_for(call, 5)
+        assert (await waiting).status_code == 200
+    assert sent(fleet) == ["stalls", "next"]
+    assert gateway.flow_counts() == {"flow_queued": 0, "flow_in_flight": 0}
+
+
+async def test_a_stream_whose_client_left_before_its_body_started_lets_go_of_its_place_too():
+    fleet = FakeFleet()
+    gateway, _ = flowed(fleet, flow={"capacity": 1})
+    gone = asyncio.Event()
+    gone.set()  # the disconnect is the next message after the body: it ends the answer as it starts
+    messages: list[dict] = []
+    await asyncio.wait_for(gateway(*raw_request(said("s", stream=True), ONE, gone, messages)), 5)
+    assert [m["type"] for m in messages] == ["http.response.start"]  # cut before its first chunk
+    assert gateway.flow_counts() == {"flow_queued": 0, "flow_in_flight": 0}

@@ -91,7 +91,7 @@ def test_grafana_dashboard_plots_every_exported_metric():
     dash = json.loads((ROOT / "examples" / "grafana_dashboard.json").read_text())
     exprs = " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])
     names = re.findall(r"^\| (coordinator_\w+) \|", metrics.__doc__, flags=re.M)
-    assert len(names) == 21
+    assert len(names) == 23
     for name in names:
         assert f"ray_{name}" in exprs, name
 

@@ -38,6 +38,7 @@ from pydantic import (
 )
 
 from coordinator.core.deployments import Deployment, check_distinct
+from coordinator.core.flow import FlowPolicy, Share
 from coordinator.core.hosts import parse_endpoint
 from coordinator.core.models import Endpoint, ModelInstance
 from coordinator.core.openai import OpenAILimits
@@ -343,6 +344,132 @@ class StaticSource(_Source):
 RegistrySource = Annotated[DbgptSource | EmbeddedSource | StaticSource, Field(discriminator="kind")]
 
 
+#: The tenant of every request when the gateway has no keys (it serves open).
+OPEN_TENANT = "open"
+#: A priority the header may ask for is 0 .. this many digits long at most.
+_PRIORITY = re.compile(r"^[0-9]{1,6}$")
+
+
+class FlowShare(_Strict):
+    """What a tenant gets under flow control: its weight against the others'
+    when they compete for a model, its priority, and its own limits."""
+
+    #: Its share of a full model's capacity, relative to the other tenants'
+    #: weights (cost served over weight is kept even between them).
+    weight: float = Field(1.0, gt=0, le=1_000_000)
+    #: Its requests' priority (higher first) when the priority header does not ask another.
+    priority: int = Field(0, ge=0, le=999_999)
+    #: The highest priority its requests may ask for with the header (default:
+    #: ``priority``); asking lower is always allowed.
+    max_priority: int | None = Field(None, ge=0, le=999_999)
+    #: Its requests in flight at once over every model; more wait in the queue.
+    max_in_flight: int | None = Field(None, ge=1)
+    #: Its requests waiting at once; one more is answered 429 at once (0: none wait).
+    max_queued: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _priorities_ordered(self) -> Self:
+        if self.max_priority is not None and self.max_priority < self.priority:
+            raise ValueError(f"max_priority ({self.max_priority}) must be >= priority ({self.priority})")
+        return self
+
+    @property
+    def top_priority(self) -> int:
+        return self.priority if self.max_priority is None else self.max_priority
+
+    def priority_for(self, asked: str | None) -> int:
+        """The priority of a request whose priority header is ``asked`` (None:
+        no header). Raises ValueError saying what is allowed."""
+        if asked is None:
+            return self.priority
+        if not _PRIORITY.match(asked.strip()) or int(asked) > self.top_priority:
+            raise ValueError(f"must be an integer from 0 to {self.top_priority} for this key")
+        return int(asked)
+
+    def share(self) -> Share:
+        return Share(weight=self.weight, max_in_flight=self.max_in_flight, max_queued=self.max_queued)
+
+
+class FlowTenant(FlowShare):
+    """A named tenant: the keys it calls with (secrets holding one key per
+    line; they are valid keys of the gateway) and what it gets."""
+
+    name: str = Field(pattern=_NAME)
+    keys: list[Secret] = Field(min_length=1)
+
+    def key_values(self) -> list[str]:
+        return [k.strip() for s in self.keys for k in s.reveal().splitlines() if k.strip()]
+
+
+class FlowSettings(_Strict):
+    """Flow control where requests enter the gateway: up to ``capacity``
+    requests in flight per model from one replica; more wait (at most
+    ``max_queued`` per model, each at most ``max_wait`` seconds) and run by
+    priority, then by weighted fair share between tenants; a request that
+    cannot wait is answered 429 with ``Retry-After``. A tenant is a named
+    group of keys in ``tenants``, or else each key of ``api_keys`` alone
+    (``default`` says what each of those gets)."""
+
+    #: Requests in flight per model from one gateway replica. Size it to what
+    #: the model's instances serve at once (the router answers 429 itself when
+    #: every instance is at caller.max_connections_per_worker).
+    capacity: int = Field(ge=1)
+    #: Per-model overrides of ``capacity``: model name -> requests in flight.
+    models: dict[str, Annotated[int, Field(ge=1)]] = Field(default_factory=dict)
+    #: Requests waiting per model at most (0: none wait; 429 when full).
+    max_queued: int = Field(1024, ge=0)
+    #: Seconds a request waits for a place at most (and never past
+    #: gateway.request_timeout); then 429.
+    max_wait: float = Field(30.0, gt=0)
+    #: Seconds the 429s of flow control ask a client to wait (``Retry-After``).
+    retry_after: int = Field(1, ge=0)
+    #: The request header that asks for a priority (0 up to the tenant's max_priority).
+    priority_header: str = "X-Priority"
+    #: What each key of ``api_keys`` gets (each key is its own tenant), and the
+    #: gateway's one tenant when it has no keys.
+    default: FlowShare = FlowShare()
+    tenants: list[FlowTenant] = Field(default_factory=list)
+
+    @field_validator("priority_header", mode="after")
+    @classmethod
+    def _header_name(cls, name: str) -> str:
+        if not _HEADER_NAME.match(name):
+            raise ValueError(f"{name!r} is not a valid HTTP header name")
+        return name
+
+    @field_validator("models", mode="after")
+    @classmethod
+    def _named(cls, models: dict[str, int]) -> dict[str, int]:
+        if any(not name.strip() for name in models):
+            raise ValueError("a model name must not be empty")
+        return models
+
+    @field_validator("tenants", mode="after")
+    @classmethod
+    def _distinct(cls, tenants: list[FlowTenant]) -> list[FlowTenant]:
+        names = [t.name for t in tenants]
+        if dupes := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"tenant names must be unique; repeated: {dupes}")
+        owner: dict[str, str] = {}
+        for tenant in tenants:
+            for key in tenant.key_values():
+                if owner.setdefault(key, tenant.name) != tenant.name:  # never echo the key itself
+                    raise ValueError(f"tenants {owner[key]!r} and {tenant.name!r} share a key")
+        return tenants
+
+    def share(self, tenant: str) -> FlowShare:
+        """What ``tenant`` (a name from :meth:`GatewaySettings.key_tenants`) gets."""
+        for t in self.tenants:
+            if t.name == tenant:
+                return t
+        return self.default
+
+    def policy(self) -> FlowPolicy:
+        """The scheduler's settings (pools are model names)."""
+        return FlowPolicy(capacity=self.capacity, max_queued=self.max_queued, capacities=self.models,
+                          shares={t.name: t.share() for t in self.tenants}, default_share=self.default.share())
+
+
 class GatewaySettings(_Strict):
     """The OpenAI-compatible gateway: where it serves, how many replicas, who
     may call it. Without ``api_keys`` it serves only on a loopback address
@@ -364,19 +491,36 @@ class GatewaySettings(_Strict):
     #: A request not answered (non-streamed) or not finished (streamed) within
     #: this many seconds ends with 504.
     request_timeout: float = Field(600.0, gt=0)
-    #: Requests one gateway replica holds at once; more are answered 429 with
-    #: Retry-After (a bound against overload, not fairness).
+    #: Requests one gateway replica holds at once, waiting or not; more are
+    #: answered 429 with Retry-After (a bound against overload, not fairness).
     max_in_flight: int = Field(4096, ge=1)
+    #: Flow control: a capacity per model, a queue, priorities and fair
+    #: shares between tenants. Without it every request is sent at once.
+    flow: FlowSettings | None = None
+
+    def key_tenants(self) -> list[tuple[str, str]]:
+        """Every configured key, revealed (for the gateway's comparison only),
+        with its tenant: the flow tenant that lists it, else the key alone,
+        named by where it is (``api_keys[0]#2``: the second key of the first
+        secret) so that no name shows anything of a key."""
+        out: list[tuple[str, str]] = []
+        for tenant in self.flow.tenants if self.flow is not None else []:
+            out += [(key, tenant.name) for key in tenant.key_values()]
+        named = {key for key, _ in out}
+        for i, secret in enumerate(self.api_keys):
+            lines = [k.strip() for k in secret.reveal().splitlines() if k.strip()]
+            out += [(key, f"api_keys[{i}]#{j}") for j, key in enumerate(lines, 1) if key not in named]
+        return out
 
     def keys(self) -> list[str]:
         """Every configured key, revealed (for the gateway's comparison only)."""
-        return [k.strip() for s in self.api_keys for k in s.reveal().splitlines() if k.strip()]
+        return [key for key, _ in self.key_tenants()]
 
     @model_validator(mode="after")
     def _safe_by_default(self) -> Self:
-        if not self.api_keys and not self.allow_open and not _is_loopback(self.host):
-            raise ValueError(f"gateway.host {self.host!r} is not a loopback address: set gateway.api_keys "
-                             "(or gateway.allow_open: true to serve it open anyway)")
+        if not self.keys() and not self.allow_open and not _is_loopback(self.host):
+            raise ValueError(f"gateway.host {self.host!r} is not a loopback address: set gateway.api_keys or "
+                             "gateway.flow.tenants (or gateway.allow_open: true to serve it open anyway)")
         return self
 
 

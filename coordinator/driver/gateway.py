@@ -17,13 +17,22 @@ failover of what provably never reached a worker.
 
 Why this module is long: the ASGI app and the actor that serves it are one
 face of the fleet; each route is short, and they share the checks, the
-failure mapping and the accounting that make them answer alike.
+admission under flow control, the failure mapping and the accounting that
+make them answer alike.
 
-What answers what: a bad body 400 naming the field, a bad or missing key 401,
-an unknown model 404, a body over the limit 413, too many requests held (or
-every instance at its connection limit) 429 with ``Retry-After``, a worker
-that failed 502, no instance to send to (none healthy, or none reachable)
-503, past ``gateway.request_timeout`` 504 — all in OpenAI's error shape. A
+With ``gateway.flow`` set, a request is offered to flow control
+(:mod:`coordinator.driver.flow_gate`) once its body is read and before it is
+sent: it runs at once, or waits for a place of its model by priority and by
+its tenant's fair share, or is answered 429; its place is held until its
+answer ends — a stream's last chunk, an error, or its client going away.
+
+What answers what: a bad body 400 naming the field (or a priority header out
+of bounds), a bad or missing key 401, an unknown model 404, a body over the
+limit 413, too many requests held (or every instance at its connection
+limit; or under flow control, a full queue, a wait too long, the tenant's
+limit) 429 with ``Retry-After``, a worker that failed 502, no instance to
+send to (none healthy, or none reachable) 503, past
+``gateway.request_timeout`` 504 — all in OpenAI's error shape. A
 stream that breaks after its first chunk ends with an OpenAI error event
 naming the worker; it is never resent. A client that goes away cancels the
 worker call.
@@ -46,9 +55,11 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, Router
+from starlette.types import Receive, Scope, Send
 
 from actors.serving import BodyTooLarge, HttpServer
-from coordinator.core.config import GatewaySettings
+from coordinator.core.config import OPEN_TENANT, GatewaySettings
+from coordinator.core.flow import FlowRequest, tokens_of, tokens_spent
 from coordinator.core.inference import ModelOutput
 from coordinator.core.models import worker_key
 from coordinator.core.openai import (
@@ -72,6 +83,7 @@ from coordinator.core.openai import (
     validation_error_body,
     worker_error,
 )
+from coordinator.driver.flow_gate import ClientGone, FlowGate, FlowRefused
 from coordinator.plumbing.metrics import GatewayMetrics, NoGatewayMetrics
 from coordinator.plumbing.process import process_info
 
@@ -107,6 +119,38 @@ class _Seen:
 
     arrived: float  # monotonic
     model: str = "?"
+    #: Its place under flow control while the handler holds it (a stream's
+    #: body takes it over); what it cost, in characters and tokens.
+    ticket: FlowRequest | None = None
+    prompt_chars: int = 0
+    output_chars: int = 0
+    tokens: int | None = None
+
+    def cost(self) -> float:
+        return tokens_spent(self.prompt_chars, self.output_chars, self.tokens)
+
+
+class _HeldStream(StreamingResponse):
+    """A streamed answer that lets go of its place under flow control however
+    it ends — even when its body never ran (a client gone before it started:
+    the body's own ``finally`` then never runs)."""
+
+    def __init__(self, content: Any, release: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
+
+
+async def _client_gone(receive: Receive) -> None:
+    """Return when the client has gone away. Its body was read already, so
+    the next message it sends is its disconnect."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 class GatewayApp:
@@ -117,8 +161,9 @@ class GatewayApp:
         self._manager = manager
         self._settings = settings
         self._limits: OpenAILimits = settings.limits
-        self._keys = [k.encode() for k in settings.keys()]
+        self._keys = [(key.encode(), tenant) for key, tenant in settings.key_tenants()]
         self._metrics = metrics or NoGatewayMetrics()
+        self._flow = FlowGate(settings.flow.policy(), self._metrics) if settings.flow is not None else None
         self.in_flight = 0
         #: Counts for tests and the benchmark: routing decisions by reason, outcomes.
         self.reasons: Counter[str] = Counter()
@@ -136,27 +181,38 @@ class GatewayApp:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http":
             if scope["path"].rstrip("/") == "/health":
-                await JSONResponse({"status": "ok", "in_flight": self.in_flight})(scope, receive, send)
+                await JSONResponse({"status": "ok", "in_flight": self.in_flight, **self.flow_counts()})(
+                    scope, receive, send)
                 return
             request = Request(scope, receive)
-            if not self._authorized(request):
+            tenant = self._tenant(request)
+            if tenant is None:
                 await self._answer(_error("bad_key", "Incorrect API key provided (send it as "
                                           "'Authorization: Bearer <key>')"))(scope, receive, send)
                 return
+            request.state.tenant = tenant  # kept in the scope, for the route's handler
         await self._router(scope, receive, send)
+
+    def flow_counts(self) -> dict[str, int]:
+        """Under flow control: requests waiting for a place, and holding one."""
+        if self._flow is None:
+            return {}
+        return {"flow_queued": self._flow.queued(), "flow_in_flight": self._flow.in_flight()}
 
     # ---- checks ---------------------------------------------------------
 
-    def _authorized(self, request: Request) -> bool:
+    def _tenant(self, request: Request) -> str | None:
+        """The tenant of the caller's key; None for a bad or missing key."""
         if not self._keys:
-            return True
+            return OPEN_TENANT
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
         given = key.strip().encode()
         # Every key compared, in constant time: how long it takes says nothing.
-        found = False
-        for expected in self._keys:
-            found |= hmac.compare_digest(given, expected)
-        return scheme.lower() == "bearer" and found
+        found = None
+        for expected, tenant in self._keys:
+            if hmac.compare_digest(given, expected):
+                found = tenant
+        return found if scheme.lower() == "bearer" else None
 
     async def _body(self, request: Request) -> bytes:
         limit = self._limits.max_body_bytes
@@ -210,7 +266,8 @@ class GatewayApp:
     async def _held(self, request: Request, work: Callable[[_Seen], Awaitable[Response]]) -> Response:
         """Run one route's ``work`` holding a request (429 past
         ``gateway.max_in_flight``); a failure before any of the answer was sent
-        becomes its error response, and is counted with its model."""
+        becomes its error response, and is counted with its model. Its place
+        under flow control, if it has one still, is let go of here."""
         seen = _Seen(time.monotonic())
         held = False
         try:
@@ -220,24 +277,76 @@ class GatewayApp:
         except _Failed as failed:
             self._done(seen.model, f"http_{failed.status}", seen.arrived)
             return self._answer(failed)
+        except ClientGone:
+            self._done(seen.model, "cancelled", seen.arrived)
+            return Response(status_code=499)  # no one reads it
         finally:
             if held:
                 self._count(-1)
+            self._leave(seen)
+
+    async def _admit(self, request: Request, seen: _Seen, prompt_chars: int) -> None:
+        """Wait for a place for ``seen.model`` under flow control (at once
+        without it): 429 when the request cannot wait or waited too long,
+        400 for a priority header out of bounds."""
+        flow = self._settings.flow
+        if self._flow is None or flow is None:
+            return
+        tenant = request.state.tenant
+        header = flow.priority_header
+        try:
+            priority = flow.share(tenant).priority_for(request.headers.get(header))
+        except ValueError as exc:
+            raise _error("bad_request", f"{header}: {exc}", header) from None
+        seen.prompt_chars = prompt_chars
+        deadline = seen.arrived + min(flow.max_wait, self._settings.request_timeout)
+        ticket = self._flow.ticket(tenant, seen.model, priority, tokens_of(prompt_chars), deadline)
+        try:
+            await self._flow.enter(ticket, gone=lambda: _client_gone(request.receive))
+        except FlowRefused as refused:
+            raise _error("overloaded", self._refusal(refused), retry_after=flow.retry_after) from None
+        seen.ticket = ticket
+
+    def _refusal(self, refused: FlowRefused) -> str:
+        """Why flow control would not run a request, for its 429."""
+        flow = self._settings.flow
+        assert flow is not None
+        model = refused.request.pool
+        if refused.reason == "deadline":
+            return (f"{model}: no place freed within {refused.waited:.1f} s of waiting (gateway.flow.max_wait "
+                    f"{flow.max_wait:g} s); try again shortly")
+        if refused.reason == "tenant_limit":
+            limit = flow.share(refused.request.tenant).max_queued
+            return f"this key already has {limit} requests waiting, its tenant's limit (max_queued); try again shortly"
+        if refused.reason == "displaced":
+            return (f"{model}: the queue is full (gateway.flow.max_queued {flow.max_queued}) and this request gave "
+                    "its place to one of a higher priority or of a tenant with less of the queue; try again shortly")
+        return (f"{model}: {flow.max_queued} requests already wait for it (gateway.flow.max_queued) and none "
+                "ranks after this one; try again shortly")
+
+    def _leave(self, seen: _Seen) -> None:
+        """Let go of ``seen``'s place under flow control, charging its tenant
+        what it cost (twice is harmless)."""
+        if seen.ticket is not None and self._flow is not None:
+            self._flow.leave(seen.ticket, seen.cost())
 
     async def _generate(self, request: Request, seen: _Seen, kind: Literal["chat", "completion"]) -> Response:
         arrived = seen.arrived
         req = await self._parsed(request, parse_chat if kind == "chat" else parse_completion)
         model = seen.model = req.model
+        await self._admit(request, seen, sum(len(m.content) for m in req.messages) if kind == "chat"
+                          else len(req.prompt))
         params = to_dbgpt_chat(req, self._limits) if kind == "chat" else to_dbgpt_completion(req)
         headers = {h: request.headers[h] for h in TRACE_HEADERS if h in request.headers}
         answer_id = make_id(kind, secrets.token_hex(12))
         created = int(time.time())
         deadline = arrived + self._settings.request_timeout
         if req.stream:
-            return await self._stream(kind, req, params, headers, answer_id, created, arrived, deadline)
+            return await self._stream(kind, req, params, headers, answer_id, created, seen, deadline)
         output = await self._whole(params, headers, arrived, deadline)
         body_out = (chat_completion_response if kind == "chat" else completion_response)(
             output, req.model, answer_id, created)
+        seen.output_chars, seen.tokens = len(output.text), (body_out["usage"] or {}).get("total_tokens")
         self._done(model, "success", arrived)
         return JSONResponse(body_out)
 
@@ -310,11 +419,11 @@ class GatewayApp:
         return output
 
     async def _stream(self, kind: Literal["chat", "completion"], req: Any, params: dict[str, Any],
-                      headers: dict[str, str], answer_id: str, created: int, arrived: float,
+                      headers: dict[str, str], answer_id: str, created: int, seen: _Seen,
                       deadline: float) -> Response:
         from coordinator.driver.worker_manager import InferenceError, Routed, WorkerFailedError
 
-        model = req.model
+        model, arrived = req.model, seen.arrived
         routed = Routed()
         outputs = self._manager.routed_stream(params, route=routed, headers=headers)
         try:
@@ -336,6 +445,10 @@ class GatewayApp:
             raise _Failed(status, body)
         translator = StreamTranslator(kind, id=answer_id, model=model, created=created,
                                       include_usage=req.include_usage, worker=instance)
+        # The stream holds its place under flow control until it ends, not the handler.
+        mine = _Seen(arrived, model, seen.ticket, seen.prompt_chars)
+        seen.ticket = None
+
         async def body():
             # Held by the response body while it runs (the handler's hold ended
             # when it returned). A client gone before the body started never
@@ -373,10 +486,12 @@ class GatewayApp:
                 if not ended:  # the client went away (cancelled, or closed mid-stream): the worker call with it
                     outcome = "cancelled"
                 self._count(-1)
+                mine.output_chars, mine.tokens = len(translator.text), (translator.usage or {}).get("total_tokens")
+                self._leave(mine)
                 self._done(model, outcome, arrived, instance)
 
-        return StreamingResponse(body(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _HeldStream(body(), lambda: self._leave(mine), media_type="text/event-stream",
+                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def _embed(self, request: Request, seen: _Seen) -> Response:
         from coordinator.driver.worker_manager import InferenceError, Routed
@@ -384,10 +499,11 @@ class GatewayApp:
         arrived = seen.arrived
         req = await self._parsed(request, parse_embeddings)
         model = seen.model = req.model
+        await self._admit(request, seen, sum(len(text) for text in req.input))
         params = to_dbgpt_embeddings(req)
         routed = Routed()
         try:
-            async with asyncio.timeout(self._settings.request_timeout):
+            async with asyncio.timeout(max(0.0, arrived + self._settings.request_timeout - time.monotonic())):
                 vectors = await self._manager.routed_call(worker_key(model, "text2vec"), "POST", "/embeddings",
                                                           route=routed, json=params)
         except (InferenceError, TimeoutError) as exc:
@@ -440,7 +556,7 @@ class Gateway:
     async def _start(self) -> None:
         self._manager = await fleet_manager(self._coordinator, self._namespace)
         self._app = GatewayApp(self._manager, self.settings, self._metrics)
-        if self.settings.host not in ("127.0.0.1", "localhost", "::1") and not self.settings.api_keys:
+        if self.settings.host not in ("127.0.0.1", "localhost", "::1") and not self.settings.keys():
             log.warning("the gateway serves %s:%s with no API key (gateway.allow_open)", self.settings.host,
                         self.settings.port)
         self._http = HttpServer(self._app, self.settings.host, self.settings.port, self.settings.tls,
@@ -457,12 +573,13 @@ class Gateway:
         return self.settings
 
     async def stats(self) -> dict[str, Any]:
-        """Routing decisions by reason, outcomes, requests held now."""
+        """Routing decisions by reason, outcomes, requests held now (and under
+        flow control, waiting and holding a place)."""
         app = self._app
         if app is None:
             return {}
         return {"reasons": dict(app.reasons), "outcomes": dict(app.outcomes), "in_flight": app.in_flight,
-                "replica": self._replica}
+                "replica": self._replica, **app.flow_counts()}
 
     async def process_info(self) -> dict[str, str | int | None]:
         return process_info()

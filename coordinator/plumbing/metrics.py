@@ -24,6 +24,8 @@
 | coordinator_gateway_request_seconds | histogram | model, instance |
 | coordinator_gateway_in_flight | gauge | replica |
 | coordinator_gateway_routing_decisions_total | counter | model, reason (prefix_hit / load / hot_spot / random) |
+| coordinator_gateway_flow_queued | gauge | tenant, replica (requests waiting for a place under flow control) |
+| coordinator_gateway_flow_refused_total | counter | tenant, reason (queue_full / displaced / deadline / tenant_limit) |
 
 The code that records them takes a :class:`Metrics`; :class:`NoMetrics` (the
 default) does nothing, so the logic stays testable without Ray, and
@@ -247,6 +249,12 @@ class NoGatewayMetrics:
     def decision(self, model: str, reason: str) -> None:
         pass
 
+    def flow_queued(self, tenant: str, count: int) -> None:
+        pass
+
+    def flow_refused(self, tenant: str, reason: str) -> None:
+        pass
+
 
 class GatewayMetrics(NoGatewayMetrics):
     """The gateway's metrics (the estimated prefix hit rate is
@@ -267,6 +275,12 @@ class GatewayMetrics(NoGatewayMetrics):
                                         tag_keys=("replica",))
         self._decisions = metrics.Counter("coordinator_gateway_routing_decisions_total",
                                           "Routing decisions by reason", tag_keys=("model", "reason"))
+        self._flow_queued = metrics.Gauge("coordinator_gateway_flow_queued",
+                                          "Requests waiting for a place under flow control, by tenant",
+                                          tag_keys=("tenant", "replica"))
+        self._flow_refused = metrics.Counter("coordinator_gateway_flow_refused_total",
+                                             "Requests flow control answered 429, by tenant and reason",
+                                             tag_keys=("tenant", "reason"))
 
     def request(self, model: str, instance: str, outcome: str, seconds: float) -> None:
         self._requests.inc(1, {"model": model, "outcome": outcome})
@@ -281,3 +295,9 @@ class GatewayMetrics(NoGatewayMetrics):
 
     def decision(self, model: str, reason: str) -> None:
         self._decisions.inc(1, {"model": model, "reason": reason})
+
+    def flow_queued(self, tenant: str, count: int) -> None:
+        self._flow_queued.set(count, {"tenant": tenant, "replica": self._replica})
+
+    def flow_refused(self, tenant: str, reason: str) -> None:
+        self._flow_refused.inc(1, {"tenant": tenant, "reason": reason})
