@@ -148,3 +148,9 @@ def journal(port: int) -> list[dict]:
 def aborted(ports: Iterable[int]) -> int:
     """Requests the workers aborted because their model stopped under them."""
     return sum(1 for port in ports for entry in journal(port) if entry.get("aborted"))
+
+
+def refused(ports: Iterable[int]) -> int:
+    """Requests the workers refused because their model was not loaded (a
+    request that reached a loading or stopped instance)."""
+    return sum(1 for port in ports for entry in journal(port) if entry.get("refused"))

@@ -13,7 +13,7 @@ import pytest
 
 import coordinator
 from tests.conftest import free_port, wait_until
-from tests.streamed_load import Stream, StreamedLoad, aborted
+from tests.streamed_load import Stream, StreamedLoad, aborted, refused
 from tests.test_traffic import FAST, SLOW_HEARTBEATS, probed
 
 pytestmark = pytest.mark.ray
@@ -60,7 +60,7 @@ def test_rolling_operations_under_streamed_load_lose_nothing_with_draining_and_d
         probed(cluster, MODEL, 4)
         during = len(load.streams)
     assert load.lost() == [], described(load.lost())
-    assert aborted(ports) == 0
+    assert aborted(ports) == 0 and refused(ports) == 0  # none reached a stopping or loading instance
     assert during > 20  # the load went on all through
     # Per batch: the drain (a stream's length at most), the load, the health gate.
     assert took < 4 * (LOAD_S + 2.5 + 3) + 10, took
@@ -82,7 +82,7 @@ def test_a_rolling_restart_through_the_gateway_loses_nothing(fleet):
         probed(cluster, MODEL, 4)
         during = len(load.streams)
     assert load.lost() == [], described(load.lost())
-    assert aborted(ports) == 0 and during > 10
+    assert aborted(ports) == 0 and refused(ports) == 0 and during > 10
 
 
 def test_a_shutdown_under_load_drains_first(fleet):
@@ -103,8 +103,9 @@ SIM = {"provider": "proxy/sim"}
 
 def test_the_keepers_changes_under_load_lose_nothing(ray_session, worker_process):
     """A deployment's params rolled with max_surge (one replica: no outage),
-    scaled 4 → 1, and undeployed, under streamed load: the keeper drains
-    every instance it stops or reconfigures."""
+    scaled up to 4, its params rolled in place (max_unavailable 2), scaled
+    4 → 1, and undeployed, under streamed load: the keeper drains every
+    instance it stops or reconfigures."""
     cluster = coordinator.start({"registries": [SLOW_HEARTBEATS], **FAST, "drain": {"timeout": 30},
                                  "caller": {"report_every": 0.5, "report_ttl": 2}},
                                 name="zero-loss-keeper", namespace="tests")
@@ -125,7 +126,12 @@ def test_the_keepers_changes_under_load_lose_nothing(ray_session, worker_process
             assert "adopt" in events and "update_params" not in events, events
             cluster.deploy(coordinator.Deployment(model=MODEL, replicas=4, params={**SIM, "temperature": 0.2}),
                            wait=True, timeout=90)
-            cluster.deploy(coordinator.Deployment(model=MODEL, replicas=1, params={**SIM, "temperature": 0.2}),
+            # In place this time: update_params, two instances at a time, each drained first.
+            cluster.deploy(coordinator.Deployment(model=MODEL, replicas=4, params={**SIM, "temperature": 0.4},
+                                                  max_unavailable=2), wait=True, timeout=90)
+            [status] = [d for d in cluster.deployments() if d.key == f"{MODEL}@llm"]
+            assert status.events[-1].action == "update_params" and status.events[-1].ok, status.events[-1]
+            cluster.deploy(coordinator.Deployment(model=MODEL, replicas=1, params={**SIM, "temperature": 0.4}),
                            wait=True, timeout=90)
             during = len(load.streams)
         assert load.lost() == [], described(load.lost())
@@ -137,6 +143,6 @@ def test_the_keepers_changes_under_load_lose_nothing(ray_session, worker_process
         # aborted); only requests sent after it found no instance.
         assert all(s.failed and "Cound not found worker instances" in (s.error or "")
                    for s in load.lost()), described(load.lost())
-        assert aborted(ports) == 0
+        assert aborted(ports) == 0 and refused(ports) == 0
     finally:
         cluster.stop(forget=True)
