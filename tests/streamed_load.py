@@ -1,6 +1,7 @@
 """Long streams through RayWorkerManager, back to back, each stream's outcome
-and times recorded; and the reference workers' journals, where a worker says
-which calls it aborted or refused. Used by bench/rollout.py; the ``Load`` of
+and times recorded (its first content too: time to first token); and the
+reference workers' journals, where a worker says which calls it aborted or
+refused. Used by bench/rollout.py and bench/demand.py; the ``Load`` of
 tests/test_zero_loss.py is its string-outcome ancestor (to be switched to
 this one once both lines of work are merged).
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import httpx
@@ -21,6 +22,9 @@ import coordinator
 from tests.conftest import wait_until
 
 PROMPT = " ".join(f"w{i}" for i in range(26))
+#: Seconds between an idle caller's questions whether it is wanted (``active``):
+#: how late it may join a step in the load.
+ASK_EVERY = 0.1
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,13 @@ class Stream:
     #: The text of the error output it ended with, if it ended with one.
     error: str | None
     finish_reason: str | None
+    #: Wall-clock seconds its first content arrived (None: none did).
+    first: float | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        """Seconds from the call to its first content: time to first token."""
+        return None if self.first is None else self.first - self.began
 
     @property
     def ok(self) -> bool:
@@ -54,6 +65,22 @@ class Stream:
         return self.began < end and self.ended > begin
 
 
+async def stream_once(manager: coordinator.RayWorkerManager, params: dict) -> Stream:
+    """One ``generate_stream`` of ``params`` to its end, as its caller saw it."""
+    began, chunks, first, last = time.time(), 0, None, None
+    async for last in manager.generate_stream(params):
+        if last.error_code:
+            break
+        chunks += 1
+        if first is None:
+            first = time.time()
+    if last is None:
+        error, finish_reason = "no output", None
+    else:
+        error, finish_reason = (last.text if last.error_code else None), last.finish_reason
+    return Stream(began, time.time(), chunks, error, finish_reason, first)
+
+
 class StreamedLoad:
     """``callers`` callers streaming ``model`` back to back from a thread of
     this process (its own event loop and RayWorkerManager), every stream
@@ -63,14 +90,20 @@ class StreamedLoad:
     callers`` seconds in: streams of one length, started together, would stay
     in step — all ending at once, every time — where steady traffic ends
     streams at any moment; a ``spread`` of a stream's length staggers them
-    evenly. Used as a context manager: on entry, until every caller has
-    finished a stream; on exit, the callers finish the stream they are in and
-    stop."""
+    evenly. With ``active``, caller i streams only while ``active(i)`` is
+    true (a load that follows a trace: ``active(i)`` is ``i < callers
+    wanted now``); told to stop, it finishes its stream first, then asks
+    again every :data:`ASK_EVERY` seconds. Used as a context manager: on entry,
+    until every caller has finished a stream (with ``active``, at once: the
+    callers may not be wanted yet); on exit, the callers finish the stream
+    they are in and stop."""
 
     def __init__(self, cluster: coordinator.Cluster, model: str, callers: int,
-                 pause_after_failure: float = 0.0, spread: float = 0.0) -> None:
+                 pause_after_failure: float = 0.0, spread: float = 0.0,
+                 active: Callable[[int], bool] | None = None) -> None:
         self._cluster, self._model, self._callers = cluster, model, callers
         self._pause_after_failure, self._spread = pause_after_failure, spread
+        self._active = active
         self.streams: list[Stream] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
@@ -81,17 +114,11 @@ class StreamedLoad:
         async def caller(i: int) -> None:
             await asyncio.sleep(i * self._spread / self._callers)
             while not self._stop.is_set():
+                if self._active is not None and not self._active(i):
+                    await asyncio.sleep(ASK_EVERY)
+                    continue
                 params = {"model": self._model, "messages": [{"role": "human", "content": f"{i} {PROMPT}"}]}
-                began, chunks, last = time.time(), 0, None
-                async for last in manager.generate_stream(params):
-                    if last.error_code:
-                        break
-                    chunks += 1
-                if last is None:
-                    error, finish_reason = "no output", None
-                else:
-                    error, finish_reason = (last.text if last.error_code else None), last.finish_reason
-                stream = Stream(began, time.time(), chunks, error, finish_reason)
+                stream = await stream_once(manager, params)
                 self.streams.append(stream)
                 if not stream.ok and self._pause_after_failure:
                     await asyncio.sleep(self._pause_after_failure)
@@ -101,7 +128,8 @@ class StreamedLoad:
 
     def __enter__(self) -> StreamedLoad:
         self._thread.start()
-        wait_until(lambda: len(self.streams) >= self._callers, timeout=30, what="the load running")
+        if self._active is None:
+            wait_until(lambda: len(self.streams) >= self._callers, timeout=30, what="the load running")
         return self
 
     def __exit__(self, *exc: object) -> None:
