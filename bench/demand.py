@@ -108,7 +108,7 @@ from bench.rollout import CapacitySampler  # noqa: E402
 from coordinator.core.autoscale import Autoscale  # noqa: E402
 from coordinator.core.deployments import Deployment, DeploymentEvent  # noqa: E402
 from tests.conftest import wait_until  # noqa: E402
-from tests.streamed_load import PROMPT, Stream, StreamedLoad, stream_once  # noqa: E402
+from tests.streamed_load import PROMPT, Stream, StreamedLoad, journal, stream_once  # noqa: E402
 
 os.environ["RAY_AUTH_MODE"] = _auth_mode
 
@@ -134,6 +134,7 @@ MIN_REPLICAS, MAX_REPLICAS = 1, math.ceil(HIGH / TARGET_IN_FLIGHT)
 SIM = {"provider": "proxy/sim"}
 SAMPLE_EVERY = 0.5
 PAUSE_AFTER_FAILURE = 0.2
+STARTUP = "/api/worker/models/startup"
 #: The contenders' load begins this long after their callers' threads start
 #: (each thread's event loop and router up), so that all three begin at once.
 LEAD_S = 1.0
@@ -330,10 +331,12 @@ def run_trace(cluster: coordinator.Cluster, trace: Trace, runners: tuple[Contend
     return TraceRun(trace, began, {name: list(load.streams) for name, load in loads.items()})
 
 
-def from_zero(cluster: coordinator.Cluster, repeats: int) -> list[dict]:
+def from_zero(cluster: coordinator.Cluster, repeats: int, worker_ports: list[int]) -> list[dict]:
     """``repeats`` times: the FROM_ZERO deployment at zero, one streamed
-    request; when it was answered, and where the time went (the autoscaler's
-    decision, the start's return — the model loaded —, the replica serving)."""
+    request; when it was answered, and where the time went: the autoscaler's
+    decision, the startup's arrival at a worker and its end there (the model
+    loaded and registered: the workers' journals), the start's return to the
+    keeper, the replica serving."""
     fleet = Fleet([FROM_ZERO.model])
     cluster.deploy(FROM_ZERO)
     out: list[Stream] = []
@@ -351,6 +354,9 @@ def from_zero(cluster: coordinator.Cluster, repeats: int) -> list[dict]:
     finally:
         cluster.undeploy(FROM_ZERO.model, shutdown=True)
     events = sorted(fleet.events[FROM_ZERO.model].values(), key=lambda e: e.at)
+    # Read now: the traces' requests would push these calls out of the journals.
+    startups = sorted((e for port in worker_ports for e in journal(port) if e["path"] == STARTUP
+                       and json.loads(e["body"]).get("model") == FROM_ZERO.model), key=lambda e: e["t"])
 
     def since(stream: Stream, t: float | None) -> float | None:
         return None if t is None else round(t - stream.began, 2)
@@ -358,10 +364,13 @@ def from_zero(cluster: coordinator.Cluster, repeats: int) -> list[dict]:
     rows = []
     for stream in out:
         window = [e for e in events if e.at >= stream.began]
+        startup = next((e for e in startups if e["t"] >= stream.began), {})
         rows.append({
             "ok": stream.ok, "error": stream.error, "ttft_s": _round(stream.ttft, 2),
             "answered_in_full_s": round(stream.ended - stream.began, 2),
             "decided_s": since(stream, next((e.at for e in window if e.action == "autoscale"), None)),
+            "startup_at_worker_s": since(stream, startup.get("t")),
+            "startup_done_at_worker_s": since(stream, startup.get("t_end")),
             "start_returned_s": since(stream, next((e.at for e in window if e.action == "start"), None)),
             "serving_s": since(stream, next((t for t, shape in samples if t >= stream.began and shape.serving), None)),
         })
@@ -502,7 +511,7 @@ def main() -> None:
         cluster.wait_for("WorkerManager", count=WORKERS, worker_type="service", timeout=60)
 
         console.print(f"from zero ({args.from_zero} request(s), a model that loads in {LOAD_S:g} s)…")
-        zero = from_zero(cluster, args.from_zero)
+        zero = from_zero(cluster, args.from_zero, [port for _, port in workers])
 
         console.print("deploying the contenders…")
         cluster.deploy(*(c.deployment for c in runners), wait=True, timeout=120)
@@ -570,10 +579,11 @@ def print_tables(results: dict, zero: list[dict], checks: list[dict], title: str
     wide = Console(width=max(console.width, 220))  # unwrapped also when piped (rich then assumes 80 columns)
     wide.print(table)
     for k, z in enumerate(zero, 1):
-        wide.print(f"from zero, request {k}: first token after {z['ttft_s']} s (the autoscaler decided after "
-                      f"{z['decided_s']} s, the start returned after {z['start_returned_s']} s, serving after "
-                      f"{z['serving_s']} s), answered in full after {z['answered_in_full_s']} s"
-                      f"{'' if z['ok'] else ' — FAILED: ' + str(z['error'])}")
+        wide.print(f"from zero, request {k}: first token after {z['ttft_s']} s — the autoscaler decided after "
+                   f"{z['decided_s']} s, the startup reached a worker after {z['startup_at_worker_s']} s and ended "
+                   f"there after {z['startup_done_at_worker_s']} s, returned to the keeper after "
+                   f"{z['start_returned_s']} s, serving after {z['serving_s']} s; answered in full after "
+                   f"{z['answered_in_full_s']} s{'' if z['ok'] else ' — FAILED: ' + str(z['error'])}")
     table = Table(title="the issue's targets")
     for col in ("target", "figure", "holds"):
         table.add_column(col)
