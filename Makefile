@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast setup bench detection scale proxies transport chaos healing traffic gateway rollout clean
+.PHONY: demo test test-fast setup bench detection scale proxies transport chaos healing traffic gateway rollout demand clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or: make PYTHON=python3 ...)"; exit 1; }
@@ -84,6 +84,15 @@ gateway: $(STAMP)
 rollout: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-token} $(PY) -m bench.rollout
+
+# Following demand (about 17 minutes, estimated): an autoscaled deployment
+# beside fleets fixed at max and at min under step, spike and sine traces of
+# streamed load, on 8 reference worker managers with a 10 s cold start; and
+# the first request to a deployment at zero. A smoke run (about 4 minutes,
+# results kept apart): .venv/bin/python -m bench.demand --quick
+demand: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-token} $(PY) -m bench.demand
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis  # .venv-dbgpt is kept: rebuilding it takes a while

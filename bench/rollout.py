@@ -184,20 +184,23 @@ OPERATIONS = (
 
 
 class CapacitySampler:
-    """Every SAMPLE_EVERY seconds, from ``cluster.status()``: (wall-clock time,
-    the model's instances serving — healthy and not draining —, draining)."""
+    """Every ``every`` seconds (wall-clock time, ``*sample(cluster)``): by
+    default (time, the model's instances serving — healthy and not draining
+    —, draining), every SAMPLE_EVERY seconds (bench/demand.py samples its own)."""
 
-    def __init__(self, cluster: coordinator.Cluster) -> None:
-        self._cluster = cluster
-        self.samples: list[tuple[float, int, int]] = []
+    def __init__(self, cluster: coordinator.Cluster, sample: Callable[[coordinator.Cluster], tuple] | None = None,
+                 every: float = SAMPLE_EVERY) -> None:
+        self._cluster, self._every = cluster, every
+        self._sample = sample or shape
+        self.samples: list[tuple] = []
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         try:
-            while not self._stop.wait(SAMPLE_EVERY):
-                self.samples.append((time.time(), *shape(self._cluster)))
+            while not self._stop.wait(self._every):
+                self.samples.append((time.time(), *self._sample(self._cluster)))
         except BaseException as exc:  # noqa: BLE001 - raised again in the benchmark's thread on exit
             self._error = exc
 
