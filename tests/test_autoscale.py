@@ -118,3 +118,12 @@ def test_never_outside_the_bounds_and_never_back_and_forth_within_a_window(steps
 def test_a_constant_load_settles_on_one_count(load, start):
     counts = run(POLICY, every(1, 400, load=load), start=start)
     assert len(set(counts[-200:])) == 1  # settled, and stays
+
+
+def test_a_sharp_drop_comes_down_in_one_step_to_what_the_load_settled_at():
+    # 20 in flight, then a drop: the first seconds of it still ask for 5 (callers finishing), then 2 stay.
+    trace = every(1, 10, load=20) + every(1, 3, load=9, start=11) + every(1, 60, load=2, start=15)
+    counts = run(POLICY, trace)
+    assert max(counts) == 8
+    after = counts[counts.index(8):]
+    assert [c for i, c in enumerate(after) if i == 0 or c != after[i - 1]] == [8, 2]  # one step down, not 8 -> 5 -> 2

@@ -35,6 +35,11 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, 
 #: share of ``target_in_flight`` (hysteresis: the count after a scale-down is
 #: never one that would ask to scale up again at the same load).
 DOWN_BAND = 0.8
+#: Seconds of its last samples a scale-down goes by: the most they asked for.
+#: Not the whole delay's: a sharp drop's first samples, while callers finish
+#: what they started, ask for more than the load that stays (measured: a
+#: 20 -> 2 step took two delays to come down, 7 -> 5 -> 1).
+DOWN_SETTLE_S = 10.0
 
 
 class Autoscale(BaseModel):
@@ -75,10 +80,10 @@ class ScaleState:
     #: most it asked for meanwhile.
     up_since: float | None = None
     up_to: int = 0
-    #: Since when it has asked for fewer, and the most it asked for meanwhile
-    #: (a scale-down goes no lower than the load of the whole window asked).
+    #: Since when it has asked for fewer, and what its samples of the last
+    #: DOWN_SETTLE_S asked for: (time, count) (a scale-down goes no lower).
     down_since: float | None = None
-    down_to: int = 0
+    asked: tuple[tuple[float, int], ...] = ()
     #: When the last request was seen (for the delay to zero).
     busy_at: float | None = None
 
@@ -115,17 +120,18 @@ def next_replicas(policy: Autoscale, state: ScaleState, load: float, now: float,
         most = max(up, state.up_to if state.up_since is not None else 0)
         if now - since >= policy.upscale_delay_s:
             return ScaleState(replicas=most, busy_at=busy_at)
-        return replace(state, up_since=since, up_to=most, down_since=None, down_to=0)
+        return replace(state, up_since=since, up_to=most, down_since=None, asked=())
 
     if down < current:
         since = now if state.down_since is None else state.down_since
-        most = max(down, state.down_to if state.down_since is not None else 0)
-        target = most
+        earlier = state.asked if state.down_since is not None else ()
+        asked = (*((t, n) for t, n in earlier if now - t < DOWN_SETTLE_S), (now, down))
+        target = max(n for _, n in asked)
         if target == 0:
             if now - busy_at < policy.downscale_to_zero_delay_s:
                 target = 1  # not idle long enough for zero: one stays
         if target < current and now - since >= policy.downscale_delay_s:
             return ScaleState(replicas=target, busy_at=busy_at)
-        return replace(state, down_since=since, down_to=most, up_since=None, up_to=0)
+        return replace(state, down_since=since, asked=asked, up_since=None, up_to=0)
 
-    return replace(state, up_since=None, up_to=0, down_since=None, down_to=0)
+    return replace(state, up_since=None, up_to=0, down_since=None, asked=())
