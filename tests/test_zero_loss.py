@@ -91,7 +91,8 @@ def test_a_shutdown_under_load_drains_first(fleet):
     with streamed(cluster, streams=4) as load:
         wait_until(lambda: any(r.in_flight for r in cluster.status().instances if r.port == victim), timeout=15,
                    what="a stream on the instance to shut down")
-        out = cluster.shutdown({"host": "127.0.0.1", "port": victim, "model": MODEL, "worker_type": "llm"})
+        out = cluster.shutdown({"host": "127.0.0.1", "port": victim, "model": MODEL, "worker_type": "llm"},
+                               drain_timeout=20)
         assert out.success and "drained in" in out.message, out.message
         wait_until(lambda: len(load.streams) > 12, timeout=30, what="more streams after the shutdown")
     assert load.lost() == [], described(load.lost())

@@ -92,8 +92,9 @@ class CoordinatorActor:
     async def startup(self, req: WorkerStartupRequest, timeout: float | None = None) -> WorkerApplyOutput:
         return await self._service.startup(req, timeout)
 
-    async def shutdown(self, req: WorkerStartupRequest, timeout: float | None = None) -> WorkerApplyOutput:
-        return await self._service.shutdown(req, timeout)
+    async def shutdown(self, req: WorkerStartupRequest, timeout: float | None = None,
+                       drain_timeout: float | None = None) -> WorkerApplyOutput:
+        return await self._service.shutdown(req, timeout, drain_timeout)
 
     async def supports(self) -> list[SupportsOutcome]:
         return await self._service.supports()

@@ -219,15 +219,18 @@ class Operations:
         health_timeout = options.health_timeout or self._config.timeouts.rollout_health
         return ApplyResult.of(await self.roll(req, wire, batches, health_timeout, ends, options.drain_timeout))
 
-    async def lifecycle(self, op: str, req: WorkerStartupRequest, timeout: float | None) -> WorkerApplyOutput:
-        """A startup or shutdown of one model on one worker manager."""
+    async def lifecycle(self, op: str, req: WorkerStartupRequest, timeout: float | None,
+                        drain_timeout: float | None = None) -> WorkerApplyOutput:
+        """A startup or shutdown of one model on one worker manager (a
+        shutdown drained first, for at most ``drain_timeout`` s: None, the
+        config's ``drain.timeout``)."""
 
         async def operation() -> WorkerApplyOutput:
             if not self._view.live.has_endpoint(req.endpoint):
                 self._metrics.operation(op, "error")
                 raise UnknownEndpointError(req.host, req.port)
             [output] = await self.fan_out([req.endpoint], op, req, f"{op} {req.key}", ends, req.key,
-                                          drain=self.drain_for(req.key, op))
+                                          drain=self.drain_for(req.key, op, drain_timeout))
             if op == "shutdown" and not output.success and not self._runs_there(req):
                 # DB-GPT answers a bare 500 for a model it does not run: say so.
                 output = output.model_copy(update={"message": (

@@ -297,9 +297,10 @@ class CoordinatorService:
         await self._rebuilt()
         return await self.operations.lifecycle("startup", req, timeout)
 
-    async def shutdown(self, req: WorkerStartupRequest, timeout: float | None = None) -> WorkerApplyOutput:
+    async def shutdown(self, req: WorkerStartupRequest, timeout: float | None = None,
+                       drain_timeout: float | None = None) -> WorkerApplyOutput:
         await self._rebuilt()
-        return await self.operations.lifecycle("shutdown", req, timeout)
+        return await self.operations.lifecycle("shutdown", req, timeout, drain_timeout)
 
     async def supports(self) -> list[SupportsOutcome]:
         await self._rebuilt()

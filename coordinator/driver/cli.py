@@ -318,15 +318,19 @@ def _lifecycle(op: str):
     @click.option("--json", "as_json", is_flag=True)
     @click.pass_obj
     def command(obj: Context, host: str, port: int, model: str, worker_type: str,
-                params: tuple[str, ...], as_json: bool) -> None:
+                params: tuple[str, ...], as_json: bool, drain_timeout: float | None = None) -> None:
         req = {"host": host, "port": port, "model": model, "worker_type": worker_type, "params": _params(params)}
         cluster = obj.cluster()
-        output = getattr(cluster, op)(req)
+        output = cluster.shutdown(req, drain_timeout=drain_timeout) if op == "shutdown" else cluster.startup(req)
         if op == "shutdown":
             _note_if_deployed(cluster, model, worker_type)
         _finish([output], as_json, f"{op} {model}@{worker_type} on {host}:{port}")
 
     command.__doc__ = f"{op.capitalize()} a model on the worker manager at HOST:PORT."
+    if op == "shutdown":
+        command = click.option("--drain-timeout", type=click.FloatRange(min=0),
+                               help="seconds the instance is drained at most first (default: the config's "
+                                    "drain.timeout; 0: no drain)")(command)
     return cli.command(name=op)(command)
 
 

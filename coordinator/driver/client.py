@@ -139,9 +139,11 @@ class _Calls:
 
     @validate_call
     def lifecycle(
-        self, *, op: Literal["startup", "shutdown"], req: WorkerStartupRequest, timeout: Seconds | None
+        self, *, op: Literal["startup", "shutdown"], req: WorkerStartupRequest, timeout: Seconds | None,
+        drain_timeout: NonNegativeFloat | None = None,
     ) -> _Call:
-        return _Call(op, (req, timeout), self._op_timeout(op, timeout), resendable=False)
+        args = (req, timeout) if drain_timeout is None else (req, timeout, drain_timeout)
+        return _Call(op, args, self._op_timeout(op, timeout), resendable=False)
 
     @validate_call
     def supports(self, *, timeout: Seconds | None) -> _Call:
@@ -312,8 +314,12 @@ class Cluster:
         return self._run(self._calls.lifecycle(op="startup", req=req, timeout=timeout))
 
     @_blocks
-    def shutdown(self, req: WorkerStartupRequest | dict[str, Any], timeout: float | None = None) -> WorkerApplyOutput:
-        return self._run(self._calls.lifecycle(op="shutdown", req=req, timeout=timeout))
+    def shutdown(self, req: WorkerStartupRequest | dict[str, Any], timeout: float | None = None,
+                 drain_timeout: float | None = None) -> WorkerApplyOutput:
+        """Stop ``req.model`` on one worker manager, drained first for at most
+        ``drain_timeout`` s (default: the config's ``drain.timeout``; 0: none)."""
+        return self._run(self._calls.lifecycle(op="shutdown", req=req, timeout=timeout,
+                                               drain_timeout=drain_timeout))
 
     @_blocks
     def supported_models(self, timeout: float | None = None) -> list[WorkerSupportedModel]:
@@ -458,9 +464,11 @@ class AsyncCluster:
         await self.config()
         return await self._run(self._calls.lifecycle(op="startup", req=req, timeout=timeout))
 
-    async def shutdown(self, req: WorkerStartupRequest | dict[str, Any], timeout: float | None = None) -> WorkerApplyOutput:
+    async def shutdown(self, req: WorkerStartupRequest | dict[str, Any], timeout: float | None = None,
+                       drain_timeout: float | None = None) -> WorkerApplyOutput:
         await self.config()
-        return await self._run(self._calls.lifecycle(op="shutdown", req=req, timeout=timeout))
+        return await self._run(self._calls.lifecycle(op="shutdown", req=req, timeout=timeout,
+                                                     drain_timeout=drain_timeout))
 
     async def supported_models(self, timeout: float | None = None) -> list[WorkerSupportedModel]:
         await self.config()
