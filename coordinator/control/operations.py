@@ -129,7 +129,10 @@ class Operations:
         ago (the keeper counts them as starting while they are not ready)."""
         now = self._clock()
         returning = self._returning.get(key, {})
-        for ep in [ep for ep, until in returning.items() if until <= now]:
+        unreachable = self._view.unreachable()
+        ready = {i.endpoint for i in self._view.live.of_key(key) if i.healthy and i.endpoint not in unreachable}
+        # Back (ready once): the mark is spent — if it dies later, it is missing like any other.
+        for ep in [ep for ep, until in returning.items() if until <= now or ep in ready]:
             del returning[ep]
         return frozenset(self._running.get(key, {})) | frozenset(returning)
 
