@@ -102,7 +102,9 @@ def test_never_outside_the_bounds_and_never_back_and_forth_within_a_window(steps
         before = state.replicas
         state = next_replicas(policy, state, load, now, placeable)
         ceiling = 8 if placeable is None else min(8, placeable)
-        assert 0 <= state.replicas <= ceiling
+        assert 0 <= state.replicas <= 8
+        if state.replicas > before:  # a scale-up never beyond the managers available
+            assert state.replicas <= ceiling
         if last is not None and state.replicas != before and before == last:
             direction = 1 if state.replicas > before else -1
             if changes and changes[-1][1] != direction and before != 0:
@@ -127,3 +129,13 @@ def test_a_sharp_drop_comes_down_in_one_step_to_what_the_load_settled_at():
     assert max(counts) == 8
     after = counts[counts.index(8):]
     assert [c for i, c in enumerate(after) if i == 0 or c != after[i - 1]] == [8, 2]  # one step down, not 8 -> 5 -> 2
+
+
+def test_managers_out_of_sight_bound_a_scale_up_but_never_cut_what_runs():
+    state = ScaleState(replicas=8)
+    state = next_replicas(POLICY, state, load=16, now=0, placeable=4)  # half the managers unreachable
+    assert state.replicas == 8
+    state = next_replicas(POLICY, state, load=16, now=1, placeable=0)
+    assert state.replicas == 8
+    up = run(POLICY, every(1, 10, load=100), start=2, placeable=3)
+    assert up[-1] == 3

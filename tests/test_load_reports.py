@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import ray
@@ -88,11 +89,20 @@ def test_in_flight_is_summed_over_callers_shared_back_and_a_dead_callers_count_e
             wait_until(lambda: in_flight(cluster, "long") == 2, timeout=10,
                        what="the dead caller's streams no longer counted")
             wait_until(lambda: router.others_in_flight() == {}, timeout=10, what="nothing left elsewhere")
+            stop.set()
+            mine.join(timeout=30)
+            wait_until(lambda: in_flight(cluster, "long") == 0, timeout=10, what="this caller's streams ended")
+            # Idle (and still held here), this process's router goes on saying
+            # which table it applied — a drain waits for every router it knows:
+            # it never falls out of the book while it lives.
+            deadline = time.monotonic() + 2 * REPORTS["caller"]["report_ttl"]
+            while time.monotonic() < deadline:
+                assert cluster.status().load_reporters == 1
+                time.sleep(0.5)
         finally:
             router.release()
-        stop.set()
-        mine.join(timeout=30)
-        wait_until(lambda: in_flight(cluster, "long") == 0, timeout=10, what="this caller's streams ended")
+        # Released by everything in this process: it says goodbye and counts for nothing.
+        wait_until(lambda: cluster.status().load_reporters == 0, timeout=10, what="the goodbye taken")
     finally:
         stop.set()
         if driver is not None and driver.poll() is None:

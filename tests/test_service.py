@@ -736,3 +736,21 @@ async def test_an_autoscaled_deployment_follows_the_load_the_callers_report():
     [status] = await svc.deployments()
     assert status.replicas == 1
     run.cancel()
+
+
+async def test_a_restarted_coordinators_drains_wait_to_hear_from_the_callers_first():
+    config = CoordinatorConfig.model_validate(
+        {"registries": [{"kind": "static", "name": "a", "instances": []}], "long_poll_timeout": 0.2,
+         "drain": {"grace": 0}, "caller": {"report_every": 0.5, "report_ttl": 2}})
+    loop = asyncio.get_running_loop()
+    for restarted, at_least, at_most in ((False, 0.0, 1.0), (True, 1.5, 10.0)):
+        watchers, proxies = FakeWatchers(), FakeProxies()
+        svc = CoordinatorService(config, watchers, proxies, registries=FakeRegistries(), restarted=restarted)
+        run = asyncio.create_task(svc.run())
+        watchers.publish("a", inst("m@llm", 1))
+        await settle(svc, 1)
+        started = loop.time()
+        [out] = (await svc.apply(WorkerApplyRequest(model="m", apply_type="stop"),
+                                 ApplyOptions(apply_type="stop"))).outputs
+        assert at_least <= loop.time() - started < at_most and "drained in" in out.message, restarted
+        run.cancel()

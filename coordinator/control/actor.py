@@ -57,6 +57,7 @@ class CoordinatorActor:
             registries=RayRegistries([registry_actor(name, s.name) for s in config.registries
                                       if isinstance(s, EmbeddedSource)], namespace),
             on_fatal=exit_for_restart,
+            restarted=ray.get_runtime_context().was_current_actor_reconstructed,
         )
         self._main = asyncio.get_running_loop().create_task(self._service.run())
 

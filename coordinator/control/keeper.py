@@ -218,7 +218,7 @@ class Keeper:
             raise NotDeployedError(key)
         if shutdown:
             await self._book(key, lambda held: held.model_copy(update={
-                "spec": held.spec.model_copy(update={"replicas": 0, "autoscale": None}),
+                "spec": held.spec.model_copy(update={"replicas": 0, "autoscale": None, "max_surge": 0}),
                 "generation": held.generation + 1}))
             await self._fleet.in_turn(key, lambda: self._round(key), ("reconcile", key))
         last = self.status(key)
@@ -366,11 +366,14 @@ class Keeper:
             if policy is None:
                 self._scale.pop(key, None)
                 continue
-            before = self._scale.get(key) or ScaleState(replicas=held.spec.replicas)
             instances, managers = self._fleet.observe(key)
             allowed = held.spec.allowed
             placeable = sum(1 for m in managers if m.eligible and (allowed is None or m.endpoint in allowed))
             ready = sum(1 for s in instances if s.ready)
+            # First sample (a new deployment, or a coordinator that restarted):
+            # from what runs, so a restart does not reset the count to ``replicas``.
+            before = self._scale.get(key) or ScaleState(
+                replicas=min(max(ready, policy.min_replicas), policy.max_replicas) if ready else held.spec.replicas)
             # Managers not seen (yet) are not a reason to stop what runs.
             after = next_replicas(policy, before, load.get(key, 0.0), now, max(placeable, ready))
             self._scale[key] = after

@@ -85,13 +85,19 @@ def ends_at(timeout: float | None) -> float | None:
 class Operations:
     def __init__(
         self, config: CoordinatorConfig, view: FleetView, proxies: ProxyLink, metrics: Metrics, feed: ChangeFeed,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.time, load_feed: ChangeFeed | None = None,
+        hear_callers_for: float = 0.0,
     ) -> None:
         self._config = config
         self._view = view
         self._proxies = proxies
         self._metrics = metrics
         self._feed = feed
+        self._load_feed = load_feed or feed  # woken by load reports (what a drain waits on)
+        #: Until when (monotonic) a drain waits anyway: a coordinator that was
+        #: just restarted has not heard from every caller yet, and one it has
+        #: not heard from may still choose an instance from an older table.
+        self._heard_all_by = time.monotonic() + hear_callers_for
         self._clock = clock
         self._queue = OperationQueue(config.max_queued_operations, metrics.queued_operations)
         self.rollouts: dict[str, RolloutProgress] = {}
@@ -157,10 +163,10 @@ class Operations:
             until = min(until, started + (ends - started) / 2)
 
         def busy() -> bool:
-            return any(self._view.settled(instances, mark))
+            return any(self._view.settled(instances, mark)) or time.monotonic() < self._heard_all_by
 
         while busy() and loop.time() < until:
-            await self._feed.wait_until(lambda: not busy(), min(DRAIN_LOOK, until - loop.time()))
+            await self._load_feed.wait_until(lambda: not busy(), min(DRAIN_LOOK, until - loop.time()))
         grace = self._config.drain.grace
         registries = self._view.registries
         if grace > 0 and registries.present and loop.time() < until:

@@ -97,19 +97,21 @@ class RayRegistries:
 
     async def quiet_for(self, instances: list[tuple[str, str, int]]) -> float | None:
         """The least time since any registry listed one of ``instances``
-        healthy to a reader; 0.0 when a registry cannot say (assume it just did)."""
-        quiet: list[float] = []
-        for name in self._names:
+        healthy to a reader; 0.0 when a registry cannot say (assume it just
+        did). The registries are asked at once, each for QUIET_WAIT at most."""
+
+        async def ask(name: str) -> float | None:
             try:
                 if name not in self._handles:
                     self._handles[name] = ray.get_actor(name, namespace=self._namespace)
-                answer = await asyncio.wait_for(self._handles[name].quiet_for.remote(instances), QUIET_WAIT)
+                return await asyncio.wait_for(self._handles[name].quiet_for.remote(instances), QUIET_WAIT)
             except (RayError, ValueError, TimeoutError) as exc:
                 self._handles.pop(name, None)
                 log.info("registry %r did not say when it last listed %s: %s", name, instances, exc)
-                answer = 0.0
-            if answer is not None:
-                quiet.append(answer)
+                return 0.0
+
+        answers = await asyncio.gather(*(ask(name) for name in self._names))
+        quiet = [a for a in answers if a is not None]
         return min(quiet) if quiet else None
 
     async def _settle(self, name: str, ref: Any) -> None:

@@ -15,6 +15,12 @@ and registries only through the links it is given (the Ray ones live in
 ``coordinator.control.ray_links``; tests pass in-process fakes).
 
 Its state is soft: after a restart it is rebuilt from the watchers.
+
+Why this module is long: it is the one place the rooms meet — each RPC's
+entry (waiting for the first answers after a restart, then the room that
+answers it), the supervised loops that feed them, and the keeper's view of
+the coordinator (:class:`_Fleet`), which must go through the same rooms as
+a driver's calls.
 """
 
 from __future__ import annotations
@@ -83,6 +89,7 @@ class CoordinatorService:
         store: Store | None = None,
         registries: RegistryLink | None = None,
         on_fatal: Callable[[str, BaseException], None] | None = None,
+        restarted: bool = False,
     ) -> None:
         self.config = config
         self.name, self.namespace = name, namespace
@@ -90,9 +97,17 @@ class CoordinatorService:
         self._watchers = watchers
         self._proxies = proxies
         self._feed = ChangeFeed()
+        #: Woken by load reports only: what a drain waits on. Not ``_feed``,
+        #: which every parked route-table poll waits on — reports arrive many
+        #: times a second while requests end.
+        self._load_feed = ChangeFeed()
         self._rebuild_by: float | None = None  # loop time until which reads wait for the first answers
         self.view = FleetView(config, proxies, registries, self._metrics, on_change=self._changed)
-        self.operations = Operations(config, self.view, proxies, self._metrics, self._feed)
+        # Restarted, it has not heard from the callers yet: drains wait a
+        # report_ttl for them (a fresh coordinator has no callers from before).
+        self.operations = Operations(config, self.view, proxies, self._metrics, self._feed,
+                                     load_feed=self._load_feed,
+                                     hear_callers_for=config.caller.report_ttl if restarted else 0.0)
         probe = config.probe
         self.keeper = Keeper(
             _Fleet(self), store or MemoryStateStore(), deployments_key(name, namespace), config.reconcile,
@@ -273,7 +288,7 @@ class CoordinatorService:
         else:
             others = self.view.report_load(reporter, seq, counts, applied, queued)
         if self.view.draining():  # a drain waits on these counts
-            self._feed.notify()
+            self._load_feed.notify()
         return others
 
     def hold_for(self, key: str) -> float:

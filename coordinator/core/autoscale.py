@@ -101,7 +101,11 @@ def next_replicas(policy: Autoscale, state: ScaleState, load: float, now: float,
 
     ``load``: requests in flight plus waiting for the model, over every caller;
     ``placeable``: the most replicas the worker managers can hold (None: no bound)."""
-    ceiling = policy.max_replicas if placeable is None else max(0, min(policy.max_replicas, placeable))
+    # The managers available bound a scale-up, never what runs: an outage of
+    # some managers must not cut the count (their instances are waited for,
+    # and stopped if the count dropped, when they come back).
+    ceiling = policy.max_replicas if placeable is None else min(policy.max_replicas,
+                                                                max(placeable, state.replicas))
     floor = min(policy.min_replicas, ceiling)
     current = min(max(state.replicas, floor), ceiling)  # the policy may have changed since
     # Idle counts from the first sample seen: a coordinator that just

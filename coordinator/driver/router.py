@@ -86,8 +86,11 @@ MAX_SENDS = 3
 REPORT_GAP = 0.05
 #: What the reporting threads are called.
 REPORTER_THREAD = "load-report"
-#: Seconds the coordinator's answer to "hold requests for this model?" is kept.
+#: Seconds the coordinator's answer to "hold requests for this model?" is kept,
+#: for at most this many models, and waited for at most this long.
 HOLD_KNOWN_FOR = 5.0
+HOLD_KNOWN_MAX = 1024
+HOLD_ASK_WAIT = 2.0
 #: Seconds between looks at the route table while a request is held.
 HOLD_LOOK = 0.05
 #: Requests held at once by one process for want of an instance, at most
@@ -139,6 +142,7 @@ class Router:
         self._load_changed = threading.Event()
         self._applied: tuple[str, int] | None = None  # the route table's position, as last taken
         self._report_every = 1.0
+        self._idle_every = 2.5  # caller.report_ttl / 2
         self._reporter_thread: threading.Thread | None = None
         #: This router's life, as the coordinator counts its reports: a new one
         #: per router, so a restarted process starts from zero.
@@ -159,14 +163,18 @@ class Router:
         #: the cache-aware policy has learned of where prompts went.
         self._policy = ModelPolicies(rng=self._rng)
 
-    def configure(self, settings: RoutingSettings, report_every: float | None = None) -> None:
+    def configure(self, settings: RoutingSettings, report_every: float | None = None,
+                  report_ttl: float | None = None) -> None:
         """Route by ``settings`` (what is learned is kept while they stay the
-        same); report the load every ``report_every`` seconds while any."""
+        same); report the load every ``report_every`` seconds while any, and
+        at least every ``report_ttl / 2`` seconds while idle."""
         with self._lock:
             if settings != self._policy.settings:
                 self._policy = ModelPolicies(settings, rng=self._rng)
             if report_every is not None:
                 self._report_every = report_every
+            if report_ttl is not None:
+                self._idle_every = report_ttl / 2
 
     # ---- one per process and coordinator ----------------------------------
 
@@ -270,11 +278,11 @@ class Router:
             failures = 0
             if change is not None:
                 self._take(change)
-                since = self._applied = (change.epoch, change.version)
+                since = (change.epoch, change.version)
                 self._load_changed.set()  # tell the coordinator this table is applied (a drain waits on it)
             self._ready.set()
 
-    def _take(self, change: Any) -> None:
+    def _take(self, change: Any) -> None:  # the follower thread's
         """Apply one change; rebuild the choice lists of the models it touched
         only (costs what changed and those models' instances, not the table)."""
         keys: set[str] = set()
@@ -297,6 +305,7 @@ class Router:
                     del self._index[key]
                 for r in routes.values():  # listed again as answering: no longer suspect
                     self._suspect.pop(r.endpoint, None)
+            self._applied = (change.epoch, change.version)
             self.updates += 1
 
     # ---- reporting the load -------------------------------------------------
@@ -317,13 +326,17 @@ class Router:
             self._load_changed.clear()
             if self._stopped.is_set():
                 break
-            with self._lock:
-                counts, queued = dict(self._by_instance), dict(self._queued)
-            applied = self._applied
+            with self._lock:  # the counts and the table they were chosen from, together
+                counts, queued, applied = dict(self._by_instance), dict(self._queued), self._applied
             now = time.monotonic()
             idle = not counts and not queued
-            if (counts, queued) == sent and applied == sent_applied and (idle or now - sent_at < self._report_every):
-                continue  # nothing new, and not yet due (or nothing to keep alive)
+            # Due: every report_every while busy; while idle, often enough that
+            # the coordinator keeps hearing which table this router applied (a
+            # drain waits for every router it knows of — an idle one must not
+            # fall out of its book and choose the old table unseen).
+            due = now - sent_at >= (self._idle_every if idle else self._report_every)
+            if (counts, queued) == sent and applied == sent_applied and not due:
+                continue  # nothing new, and not yet due
             seq += 1
             try:
                 others = self._cluster._handle.report_load.remote(
@@ -382,10 +395,12 @@ class Router:
         if known is not None and known[1] > now:
             return known[0]
         try:
-            wait = float(await self._cluster._handle.hold_for.remote(key))
-        except RayError as exc:  # the coordinator restarting: fail as without holding
+            wait = float(await asyncio.wait_for(self._cluster._handle.hold_for.remote(key), HOLD_ASK_WAIT))
+        except (RayError, TimeoutError) as exc:  # the coordinator restarting: fail as without holding
             log.debug("hold: the coordinator did not answer for %s: %s", key, exc)
             return 0.0
+        if len(self._hold_known) >= HOLD_KNOWN_MAX:  # model names come from callers: bounded
+            self._hold_known.clear()
         self._hold_known[key] = (wait, now + HOLD_KNOWN_FOR)
         return wait
 
@@ -409,9 +424,12 @@ class Router:
         from this process; suspects only when nothing else is left.
         ``claim=True`` also counts the request in flight (in the same step, so
         concurrent picks cannot overshoot ``limit``)."""
-        routes = [r for r in self._by_key.get(key, ()) if r.endpoint not in exclude]
         now = time.monotonic()
         with self._lock:
+            # Read under the lock, with the claim below: a report (which reads
+            # the counts and the table's position together) never shows a table
+            # without an instance and, after it, a request chosen from the older one.
+            routes = [r for r in self._by_key.get(key, ()) if r.endpoint not in exclude]
             if limit is not None:
                 routes = [r for r in routes if self._in_flight[r.endpoint] < limit]
             trusted = [r for r in routes if self._suspect.get(r.endpoint, 0.0) <= now]

@@ -312,7 +312,7 @@ class RayWorkerManager:
             config = await self.cluster.aio.config()
             if self._caller is None:  # another call may have built it meanwhile
                 self._caller = WorkerCaller(config, self._read_timeout)
-                self._router.configure(config.routing, config.caller.report_every)
+                self._router.configure(config.routing, config.caller.report_every, config.caller.report_ttl)
         router = self._router
         if not router.ready:
             # Polled, not waited for in a thread: a burst of first calls must
