@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import warnings
 from typing import Any
 
 import ray
@@ -49,6 +50,9 @@ class CoordinatorActor:
         self, config: CoordinatorConfig, name: str, namespace: str, nodes: list[NodeInfo] | None = None
     ) -> None:
         me = ray.get_runtime_context().current_actor
+        with warnings.catch_warnings():  # Ray 2.60's property reads its own deprecated actor_id, and warns
+            warnings.simplefilter("ignore")
+            restarted = ray.get_runtime_context().was_current_actor_reconstructed
         watchers = RayWatchers({s.name: watcher_actor(name, s.name) for s in config.registries}, namespace)
         self._ray_proxies = RayProxies(config, me, nodes)
         self._service = CoordinatorService(
@@ -57,7 +61,7 @@ class CoordinatorActor:
             registries=RayRegistries([registry_actor(name, s.name) for s in config.registries
                                       if isinstance(s, EmbeddedSource)], namespace),
             on_fatal=exit_for_restart,
-            restarted=ray.get_runtime_context().was_current_actor_reconstructed,
+            restarted=restarted,
         )
         self._main = asyncio.get_running_loop().create_task(self._service.run())
 
