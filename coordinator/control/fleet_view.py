@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
@@ -438,20 +439,21 @@ class FleetView:
             self._reroute(ended)
             self._on_change()
         self.load.expire(now)
-        by_model = self.load.by_model(now, queued=False)
-        report = dict(by_model) if everything else {k: n for k, n in by_model.items()
-                                                   if self._loaded.get(k) != n}
-        report.update({k: 0 for k in self._loaded.keys() - by_model.keys()})
-        if report:
-            self._metrics.in_flight(report)
-        self._loaded = by_model
-        waiting = self.load.queued(now)
-        if everything or waiting != self._waiting_gauge:
-            self._metrics.waiting({**{k: 0 for k in self._waiting_gauge}, **waiting})
-            self._waiting_gauge = waiting
-        draining: dict[str, int] = {}
-        for key, _, _ in self._draining:
-            draining[key] = draining.get(key, 0) + 1
-        if everything or draining != self._drained_gauge:
-            self._metrics.draining({**{k: 0 for k in self._drained_gauge}, **draining})
-            self._drained_gauge = draining
+        self._loaded = _per_model_gauge(self._metrics.in_flight, self._loaded,
+                                        self.load.by_model(now, queued=False), everything)
+        self._waiting_gauge = _per_model_gauge(self._metrics.waiting, self._waiting_gauge,
+                                               self.load.queued(now), everything)
+        self._drained_gauge = _per_model_gauge(self._metrics.draining, self._drained_gauge,
+                                               dict(Counter(key for key, _, _ in self._draining)), everything)
+
+
+def _per_model_gauge(record: Callable[[dict[str, int]], None], last: dict[str, int], values: dict[str, int],
+                     everything: bool) -> dict[str, int]:
+    """Record a per-model gauge: what changed since ``last`` (everything, with
+    ``everything``), and 0 once for a model that left it; the values, to pass
+    as ``last`` next time."""
+    report = dict(values) if everything else {k: n for k, n in values.items() if last.get(k) != n}
+    report.update({k: 0 for k in last.keys() - values.keys()})
+    if report:
+        record(report)
+    return values

@@ -123,8 +123,7 @@ class LoadBook:
         for (key, _, _), n in self.in_flight(now).items():
             total[key] += n
         if queued:
-            for _, rep in self._live(now):
-                total.update(rep.queued)
+            total.update(self.queued(now))
         return dict(total)
 
     def queued(self, now: float) -> dict[str, int]:
