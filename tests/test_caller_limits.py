@@ -14,7 +14,7 @@ import pytest
 import coordinator
 from coordinator.core.config import CallerSettings, CoordinatorConfig
 from coordinator.core.inference import Route
-from coordinator.driver.router import NeverSent, WorkerCaller
+from coordinator.driver.caller import NeverSent, WorkerCaller
 from tests.test_traffic import FAST, SLOW_HEARTBEATS, clusters, probed, who  # noqa: F401 - the fixture
 
 LIMIT = {"max_connections_per_worker": 2, "pool_timeout": 0.5}

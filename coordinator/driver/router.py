@@ -23,17 +23,10 @@ what the *other* callers have in flight, which the policies add to the
 router's own count: gateway replicas and driver processes share one figure of
 the load.
 
-:class:`WorkerCaller` makes the HTTP calls over kept-open httpx clients (one
-per event loop and worker, each holding at most that many connections) and
-turns what can go wrong into one of two outcomes: **never sent** (connection
-refused, connect timeout, no pooled connection free within
-``caller.pool_timeout``: safe to send elsewhere, and the instance is suspect
-until the probes say it answers) or **maybe received** (read timeout,
-connection lost, a stream broken midway, an error status: never resent).
-
-Why this module is long: the caller's side of a request is these two
-classes — the table it chooses from and the HTTP that carries the choice —
-and what one decides (suspects, limits, what was learned) the other acts on.
+:class:`~coordinator.driver.caller.WorkerCaller` carries the choice: the
+HTTP to the worker, and what can go wrong as **never sent** (safe to send
+elsewhere, and the instance is suspect until the probes say it answers) or
+**maybe received** (never resent).
 """
 
 from __future__ import annotations
@@ -44,33 +37,19 @@ import logging
 import os
 import random
 import socket
-import ssl
 import threading
 import uuid
 import time
 import weakref
 from collections import Counter
-from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import ray
 from ray.exceptions import RayError
 
-from coordinator.plumbing.transport import (
-    WorkerCallError,
-    WorkerUnreachable,
-    client_limits,
-    excerpt,
-    map_transport_errors,
-    read_json,
-    ssl_context,
-)
 from coordinator.core.changes import ChangeLog
-from coordinator.core.config import CallerSettings, CoordinatorConfig, WorkerAccess
-from coordinator.core.inference import Candidate, ChunkReader, ModelOutput, Route, route_identity
+from coordinator.core.inference import Candidate, Route, route_identity
 from coordinator.core.routing import ModelPolicies, Reason, RoutingSettings
-from coordinator.core.models import Endpoint
 
 log = logging.getLogger(__name__)
 
@@ -497,107 +476,3 @@ class Router:
             return dict(self._others)
 
 
-class NeverSent(Exception):
-    """The request did not reach the worker (safe to send elsewhere)."""
-
-
-class MaybeReceived(Exception):
-    """The request may have reached the worker: never resent."""
-
-
-class WorkerCaller:
-    """HTTP to the workers from the caller's process: kept-open clients, one per
-    event loop (an httpx client belongs to one loop) and worker, each with at
-    most ``caller.max_connections_per_worker`` connections; a request that finds
-    none free within ``caller.pool_timeout`` is never sent (and goes elsewhere)."""
-
-    def __init__(self, config: CoordinatorConfig, read_timeout: float) -> None:
-        self._config = config
-        self._settings: CallerSettings = config.caller
-        self._read_timeout = read_timeout
-        self._clients: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, dict[tuple[tuple[str, int], str], httpx.AsyncClient]] = (
-            weakref.WeakKeyDictionary())
-
-    @property
-    def settings(self) -> CallerSettings:
-        return self._settings
-
-    def _client(self, route: Route, access: WorkerAccess) -> httpx.AsyncClient:
-        loop = asyncio.get_running_loop()
-        per_loop = self._clients.setdefault(loop, {})
-        key = (route.endpoint, access.model_dump_json())
-        client = per_loop.get(key)
-        if client is None:
-            verify: ssl.SSLContext | bool = ssl_context(access.tls) if access.tls is not None else True
-            client = per_loop[key] = httpx.AsyncClient(
-                headers=access.http_headers(self._config.headers),
-                limits=client_limits(self._settings.max_connections_per_worker),
-                timeout=httpx.Timeout(self._read_timeout, connect=self._config.timeouts.connect,
-                                      pool=self._settings.pool_timeout),
-                verify=verify,
-            )
-        return client
-
-    def _errors(self) -> Any:
-        return map_transport_errors(self._read_timeout, pool_limit=self._settings.max_connections_per_worker,
-                                    pool_timeout=self._settings.pool_timeout)
-
-    async def retain(self, endpoints: set[tuple[str, int]]) -> None:
-        """Close this loop's clients of workers not in ``endpoints`` (gone from
-        the route table, nothing in flight)."""
-        per_loop = self._clients.get(asyncio.get_running_loop(), {})
-        for key in [k for k in per_loop if k[0] not in endpoints]:
-            await per_loop.pop(key).aclose()
-
-    def _url(self, route: Route, access: WorkerAccess, path: str) -> httpx.URL:
-        return httpx.URL(scheme=access.scheme, host=route.host, port=route.port, path=f"/api/worker{path}")
-
-    def _access(self, route: Route) -> WorkerAccess:
-        return self._config.access_for(Endpoint(route.host, route.port), route.sources)
-
-    async def call(self, route: Route, method: str, path: str, **kwargs: Any) -> Any:
-        """One call; its JSON answer. Raises :class:`NeverSent` or :class:`MaybeReceived`."""
-        access = self._access(route)
-        try:
-            with self._errors():
-                response = await self._client(route, access).request(method, self._url(route, access, path), **kwargs)
-                return read_json(response)
-        except WorkerUnreachable as exc:
-            raise NeverSent(str(exc)) from exc
-        except WorkerCallError as exc:
-            raise MaybeReceived(str(exc)) from exc
-
-    async def stream(self, route: Route, path: str, body: dict[str, Any],
-                     headers: dict[str, str] | None = None) -> AsyncIterator[ModelOutput]:
-        """The ModelOutputs of one streamed call, as they arrive. Raises
-        :class:`NeverSent` before the first, :class:`MaybeReceived` at any point."""
-        access = self._access(route)
-        reader = ChunkReader()
-        got = 0
-        try:
-            with self._errors():
-                async with self._client(route, access).stream("POST", self._url(route, access, path), json=body,
-                                                               headers=headers) as resp:
-                    if not resp.is_success:
-                        text = (await resp.aread()).decode(errors="replace")
-                        raise MaybeReceived(f"HTTP {resp.status_code}: {excerpt(text, 200)}")
-                    async for data in resp.aiter_raw():
-                        for output in reader.feed(data):
-                            got += 1
-                            yield output
-        except WorkerUnreachable as exc:
-            raise NeverSent(str(exc)) from exc
-        except WorkerCallError as exc:
-            raise MaybeReceived(f"stream broken after {got} chunks: {exc}") from exc
-        except ValueError as exc:  # a chunk that is not a ModelOutput
-            raise MaybeReceived(f"unreadable chunk after {got} chunks: {exc}") from exc
-        if reader.pending.strip():
-            raise MaybeReceived(f"stream ended mid-chunk after {got} chunks")
-        if got == 0:
-            raise MaybeReceived("stream ended without output")
-
-    async def aclose(self) -> None:
-        """Close the clients of the running loop."""
-        for client in self._clients.pop(asyncio.get_running_loop(), {}).values():
-            await client.aclose()

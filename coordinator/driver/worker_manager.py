@@ -58,7 +58,8 @@ from coordinator.core.models import (
     worker_key,
 )
 from coordinator.core.routing import prompt_text
-from coordinator.driver.router import MAX_SENDS, MaybeReceived, NeverSent, Router, WorkerCaller
+from coordinator.driver.caller import MaybeReceived, NeverSent, WorkerCaller
+from coordinator.driver.router import MAX_SENDS, Router
 
 T = TypeVar("T")
 
