@@ -348,3 +348,12 @@ def test_every_secret_the_manifests_read_is_created_in_the_readme():
     readme = (ROOT / "README.md").read_text()
     for name in names:
         assert f"kubectl create secret generic {name}" in readme, name
+
+
+def test_coordinator_deploy_reads_the_configmaps_deployments(tmp_path, monkeypatch):
+    # README's upgrade path: `coordinator deploy /etc/coordinator/coordinator.yaml --wait`
+    from coordinator.driver.cli import read_deployments
+
+    files = _mounted_configmap_files(tmp_path)
+    specs = read_deployments(str(files["/etc/coordinator/coordinator.yaml"]))
+    assert specs == config(monkeypatch).deployments
