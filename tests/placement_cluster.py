@@ -5,6 +5,7 @@ the node that carries its ``gateway.node_resource``. Prints JSON."""
 
 import json
 import os
+import time
 
 import ray
 from ray.cluster_utils import Cluster
@@ -32,6 +33,9 @@ try:
     where = {h: ray.get(p.process_info.remote(), timeout=60)["node_id"] for h, p in proxies.items()}
     cluster.serve(settings={"port": 0, "node_resource": "gateway-node"})
     gateway = ray.get_actor("placement/gateway/0", namespace="placement")
+    deadline = time.monotonic() + 15  # available resources are reported asynchronously
+    while ray.available_resources().get("gateway-node", 0) > 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
     print(json.dumps({
         # Every raylet here shares one IP, so the driver may sit on any node:
         # the head is the node with the head marker resource.
@@ -40,6 +44,7 @@ try:
         "node_a": node_a.node_id, "node_b": node_b.node_id,
         "proxies": where,
         "gateway": ray.get(gateway.process_info.remote(), timeout=60)["node_id"],
+        "gateway_units_free": ray.available_resources().get("gateway-node", 0),
     }))
     cluster.stop()
 finally:

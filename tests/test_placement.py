@@ -51,3 +51,4 @@ def test_proxies_coordinator_and_gateway_are_placed_on_a_multi_node_cluster():
     assert got["proxies"]["127.0.0.3"] == got["node_b"]
     # gateway.node_resource: the one node that carries a unit of it serves the gateway
     assert got["gateway"] == got["node_b"]
+    assert got["gateway_units_free"] == 0  # its replica took the one unit there
