@@ -37,7 +37,7 @@ def test_no_preference_when_nothing_matches_or_the_node_is_dead():
 
 
 @pytest.mark.ray
-def test_proxies_and_coordinator_are_placed_on_a_multi_node_cluster():
+def test_proxies_coordinator_and_gateway_are_placed_on_a_multi_node_cluster():
     # Token auth on, with a token of its own: Ray's processes started by
     # cluster_utils do not create ~/.ray/auth_token as ray.init() does.
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
@@ -49,3 +49,6 @@ def test_proxies_and_coordinator_are_placed_on_a_multi_node_cluster():
     assert got["coordinator"] == got["head"]
     assert got["proxies"]["127.0.0.2"] == got["node_a"]
     assert got["proxies"]["127.0.0.3"] == got["node_b"]
+    # gateway.node_resource: the one node that carries a unit of it serves the gateway
+    assert got["gateway"] == got["node_b"]
+    assert got["gateway_units_free"] == 0  # its replica took the one unit there

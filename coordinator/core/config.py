@@ -480,6 +480,14 @@ class GatewaySettings(_Strict):
     #: Gateway actors; with more than one they spread over the Ray nodes and
     #: share the port (each node serves it): put a load balancer in front.
     replicas: int = Field(1, ge=1, le=64)
+    #: A custom Ray resource of the nodes the gateway should serve on: each
+    #: replica then takes one unit of it, so a node started with
+    #: ``--resources='{"NAME": 1}'`` holds exactly one replica, and a load
+    #: balancer (a Kubernetes Service) that sends to those nodes always finds
+    #: one. Set ``replicas`` to the number of such nodes: a replica with no free
+    #: unit waits, and the gateway's start fails after its ready timeout.
+    #: Without it the replicas spread over any nodes.
+    node_resource: str | None = Field(None, pattern=_NAME)
     #: Keys callers send as ``Authorization: Bearer <key>``: each secret is a
     #: file or environment variable holding one key per line.
     api_keys: list[Secret] = Field(default_factory=list)

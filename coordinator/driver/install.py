@@ -184,6 +184,8 @@ def serve(cluster: Cluster, settings: GatewaySettings, detached: bool | None = N
             except ValueError:
                 options = _options(actor_name, cluster.namespace, detached, on_head)
                 options["scheduling_strategy"] = "SPREAD"
+                if settings.node_resource is not None:  # one replica per node that has a unit
+                    options["resources"] = {settings.node_resource: 1}
                 handle = ray.remote(Gateway).options(**options).remote(
                     cluster.name, cluster.namespace, settings, replica)
                 created.append(handle)
