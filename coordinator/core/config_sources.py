@@ -58,23 +58,21 @@ ENV_PREFIX = "COORDINATOR_"
 #: Between the levels of a nested setting's variable name.
 NESTED = "__"
 
-#: Kubernetes' service links for a Service named ``coordinator…``: host and
-#: port numbers, and ``…_PORT`` / ``…_PORT_<n>_<PROTO>`` holding an URL.
+#: Kubernetes' service links for a Service named ``coordinator…``: its host,
+#: its port numbers, and ``…_PORT`` (an URL) with its ``…_PORT_<n>_<PROTO>`` parts.
 _SERVICE_HOST_OR_PORT = re.compile(r"^COORDINATOR(_[A-Z0-9_]+)?_SERVICE_(HOST|PORT(_[A-Z0-9_]+)?)$")
-_SERVICE_PORT_URL = re.compile(r"^COORDINATOR(_[A-Z0-9_]+)?_PORT(_[0-9]+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)?$")
+_SERVICE_PORT_PARTS = re.compile(r"^COORDINATOR(_[A-Z0-9_]+)?_PORT_[0-9]+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?$")
+_SERVICE_PORT_URL = re.compile(r"^COORDINATOR(_[A-Z0-9_]+)?_PORT$")
 
 
 def _is_service_link(name: str, value: str) -> bool:
     if NESTED in name:  # a setting's path, never a link
         return False
-    if _SERVICE_HOST_OR_PORT.match(name):
+    if _SERVICE_HOST_OR_PORT.match(name) or _SERVICE_PORT_PARTS.match(name):
         return True
-    match = _SERVICE_PORT_URL.match(name)
-    if match is None:
-        return False
     # COORDINATOR_GATEWAY_PORT=8200 is a typo of a setting; a link's bare
-    # _PORT holds an URL (tcp://10.0.0.1:8100), its _PORT_8100_TCP_* parts don't.
-    return match.group(2) is not None or value.startswith(("tcp://", "udp://", "sctp://"))
+    # _PORT holds an URL (tcp://10.0.0.1:8100).
+    return bool(_SERVICE_PORT_URL.match(name)) and value.startswith(("tcp://", "udp://", "sctp://"))
 
 
 def _unwrap(annotation: Any) -> list[Any]:

@@ -171,6 +171,16 @@ def show_config(config_path: str | None, assignments: tuple[str, ...], everythin
     click.echo(json.dumps(data, indent=2) if as_json else yaml.safe_dump(data, sort_keys=False).rstrip())
 
 
+def gateway_settings(config_path: str | None, **options: Any) -> GatewaySettings:
+    """What ``serve`` starts: the file's ``gateway:`` section, the
+    ``COORDINATOR_GATEWAY__*`` variables over it, the options given over both."""
+    section = config_data(config_path).get("gateway")
+    if config_path is not None and section is None:
+        raise click.UsageError(f"{config_path} has no gateway: section (nor COORDINATOR_GATEWAY variables)")
+    given = {k: v for k, v in options.items() if v is not None}
+    return GatewaySettings.model_validate(merge(section or {}, given))
+
+
 @cli.command()
 @click.option("--port", type=click.IntRange(0, 65535), default=None, show_default="8100",
               help="port to serve OpenAI's API on (0: any free port)")
@@ -184,12 +194,7 @@ def show_config(config_path: str | None, assignments: tuple[str, ...], everythin
 @click.pass_obj
 def serve(obj: Context, port: int | None, host: str | None, replicas: int | None, config_path: str | None) -> None:
     """Serve OpenAI's API over the fleet (the gateway), kept with the coordinator."""
-    section = config_data(config_path).get("gateway")
-    if config_path is not None and section is None:
-        raise click.UsageError(f"{config_path} has no gateway: section (nor COORDINATOR_GATEWAY variables)")
-    given = {k: v for k, v in {"port": port, "host": host, "replicas": replicas}.items() if v is not None}
-    settings = GatewaySettings.model_validate(merge(section or {}, given))
-    url = obj.cluster().serve(settings=settings)
+    url = obj.cluster().serve(settings=gateway_settings(config_path, port=port, host=host, replicas=replicas))
     console.print(f"gateway serving OpenAI's API at [bold]{escape(url)}/v1[/] "
                   f"(and {escape(url)}/api/v1); point an OpenAI client's base_url there")
 
