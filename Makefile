@@ -24,7 +24,8 @@ test: $(STAMP)
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-token} $(PY) -m pytest
 
 # The fast tier: pure logic, the proxy with a mock transport, the registry,
-# watchers and reference worker over loopback HTTP — no Ray, no DB-GPT.
+# watchers and reference worker over loopback HTTP — no Ray, no DB-GPT, no
+# install of the wheel into a new venv (marked slow).
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not ray and not dbgpt and not slow" -q
 
