@@ -59,7 +59,7 @@ ENV_PREFIX = "COORDINATOR_"
 NESTED = "__"
 
 #: Kubernetes' service links for a Service named ``coordinator…``: its host,
-#: its port numbers, and ``…_PORT`` (an URL) with its ``…_PORT_<n>_<PROTO>`` parts.
+#: its port numbers, and ``…_PORT`` (a URL) with its ``…_PORT_<n>_<PROTO>`` parts.
 _SERVICE_HOST_OR_PORT = re.compile(r"^COORDINATOR(_[A-Z0-9_]+)?_SERVICE_(HOST|PORT(_[A-Z0-9_]+)?)$")
 _SERVICE_PORT_PARTS = re.compile(r"^COORDINATOR(_[A-Z0-9_]+)?_PORT_[0-9]+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?$")
 _SERVICE_PORT_URL = re.compile(r"^COORDINATOR(_[A-Z0-9_]+)?_PORT$")
@@ -71,7 +71,7 @@ def _is_service_link(name: str, value: str) -> bool:
     if _SERVICE_HOST_OR_PORT.match(name) or _SERVICE_PORT_PARTS.match(name):
         return True
     # COORDINATOR_GATEWAY_PORT=8200 is a typo of a setting; a link's bare
-    # _PORT holds an URL (tcp://10.0.0.1:8100).
+    # _PORT holds a URL (tcp://10.0.0.1:8100).
     return bool(_SERVICE_PORT_URL.match(name)) and value.startswith(("tcp://", "udp://", "sctp://"))
 
 
