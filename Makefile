@@ -24,9 +24,10 @@ test: $(STAMP)
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-token} $(PY) -m pytest
 
 # The fast tier: pure logic, the proxy with a mock transport, the registry,
-# watchers and reference worker over loopback HTTP — no Ray, no DB-GPT.
+# watchers and reference worker over loopback HTTP — no Ray, no DB-GPT, no
+# install of the wheel into a new venv (marked slow).
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not ray and not dbgpt" -q
+	$(PY) -m pytest -m "not ray and not dbgpt and not slow" -q
 
 # The benchmark suite (about 6½ minutes on 2 cores), and the detection
 # benchmark (killed worker noticed: coordinator vs DB-GPT's heartbeat timeout).

@@ -62,6 +62,7 @@ _WHERE = {
     "WorkerSupportedModel": "coordinator.core.models",
     "WorkerType": "coordinator.core.models",
     "attach": "coordinator.driver.client",
+    "load_config": "coordinator.core.config_sources",
     "start": "coordinator.driver.install",
     "stop": "coordinator.driver.install",
 }
@@ -129,6 +130,7 @@ __all__ = [
     "WorkerSupportedModel",
     "WorkerType",
     "attach",
+    "load_config",
     "start",
     "stop",
 ]

@@ -138,7 +138,7 @@ def test_public_names_are_exactly_the_documented_ones():
         "ModelBusyError", "ModelInstance", "NoInstancesError", "ProbeSettings", "RayWorkerManager", "StaticSource",
         "SupportedModel", "SupportsOutcome", "Timeouts", "UnknownEndpointError", "WaitTimeoutError",
         "WatcherStatus", "WorkerApplyOutput", "WorkerApplyRequest", "WorkerOperationError",
-        "WorkerStartupRequest", "WorkerSupportedModel", "WorkerType", "attach", "start", "stop",
+        "WorkerStartupRequest", "WorkerSupportedModel", "WorkerType", "attach", "load_config", "start", "stop",
         "Deployment", "DeploymentEvent", "DeploymentNotReadyError", "DeploymentStatus", "NotDeployedError",
         "ReconcileSettings", "DrainSettings", "Autoscale", "InferenceError", "ModelMetadata", "ModelOutput", "ParameterDescription",
     }

@@ -631,21 +631,28 @@ class CoordinatorConfig(_Strict):
     @classmethod
     def from_file(cls, path: str | Path) -> CoordinatorConfig:
         """Load from YAML or JSON (JSON is YAML). Relative static paths are taken
-        relative to the file."""
-        path = Path(path)
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: the top level must be a mapping")
-        for source in data.get("registries") or []:
-            if isinstance(source, dict) and source.get("path"):
-                source["path"] = str((path.parent / source["path"]).resolve())
-        return cls.model_validate(data)
+        relative to the file. The file alone: ``load_config`` (in
+        ``config_sources``) layers the environment and explicit settings on it."""
+        return cls.model_validate(read_config_file(path))
 
     def source(self, name: str) -> RegistrySource:
         for s in self.registries:
             if s.name == name:
                 return s
         raise KeyError(name)
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A config file's data, parsed but not validated, with relative static
+    paths made absolute (relative to the file)."""
+    path = Path(path)
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the top level must be a mapping")
+    for source in data.get("registries") or []:
+        if isinstance(source, dict) and source.get("path"):
+            source["path"] = str((path.parent / source["path"]).resolve())
+    return data
 
 
 def read_instances_file(path: Path) -> object:

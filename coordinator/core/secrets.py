@@ -1,11 +1,13 @@
 """Secrets in the configuration: named where they live, never written in it.
 
 A secret is ``{env: NAME}`` (an environment variable of the driver that loads
-the config) or ``{file: PATH}`` (a file's content, surrounding whitespace
-removed). It is read once, when the config is validated, and travels with the
-config to the actors. What the config shows of it — ``model_dump()``, JSON,
-``repr()``, validation errors — is only the reference; the value is reached with
-:meth:`Secret.reveal` and nowhere else.
+the config, or of the ``environ`` that ``load_config`` is given, which it
+passes as the validation context) or ``{file: PATH}`` (a file's content,
+surrounding whitespace removed). It is read once, when the config is
+validated, and travels with the config to the actors (pickled, with its
+value: an actor reads no environment of its own). What the config shows of it
+— ``model_dump()``, JSON, ``repr()``, validation errors — is only the
+reference; the value is reached with :meth:`Secret.reveal` and nowhere else.
 
 A literal in the config (``token: s3cret``) is refused, without echoing it.
 """
@@ -16,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationInfo, model_validator
 
 REDACTED = "***"
 
@@ -36,11 +38,12 @@ class Secret(BaseModel):
         return data
 
     @model_validator(mode="after")
-    def _read(self) -> Self:
+    def _read(self, info: ValidationInfo) -> Self:
         if (self.env is None) == (self.file is None):
             raise ValueError("a secret needs exactly one of 'env' or 'file'")
         if self.env is not None:
-            value = os.environ.get(self.env, "")
+            environ = (info.context or {}).get("environ") if isinstance(info.context, dict) else None
+            value = (os.environ if environ is None else environ).get(self.env, "")
             if not value.strip():
                 raise ValueError(f"environment variable {self.env} is not set or empty")
         else:

@@ -1,6 +1,7 @@
 """The command line: ``coordinator`` (or ``python -m coordinator``).
 
     coordinator start --config coordinator.yaml      # detached: outlives the command
+    coordinator config [--config F] [--set k=v ...]  # the config start would use (file, env, --set)
     coordinator status [--json]
     coordinator apply chatgpt-test restart [--worker-type llm] [--param k=v ...]
     coordinator startup --host H --port P --model M [--worker-type llm] [--param k=v ...]
@@ -41,6 +42,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from coordinator.core.config import CoordinatorConfig, GatewaySettings, Timeouts
+from coordinator.core.config_sources import config_data, load_config, merge, parse_assignments
 from coordinator.core.deployments import Deployment, DeploymentStatus, check_distinct
 from coordinator.core.errors import CoordinatorError
 from coordinator.core.hosts import parse_endpoint
@@ -129,14 +131,26 @@ def cli(ctx: click.Context, address: str | None, namespace: str, name: str, verb
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING)
 
 
+_CONFIG_HELP = ("a config file (YAML or JSON); COORDINATOR_* environment variables override it, "
+                "and --set overrides both")
+_SET_HELP = "a setting over the file's and the environment's: --set gateway.port=8200 (the value is YAML)"
+
+
+def _load(config_path: str | None, assignments: tuple[str, ...]) -> CoordinatorConfig:
+    return load_config(config_path, overrides=parse_assignments(assignments))
+
+
 @cli.command()
-@click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help=_CONFIG_HELP)
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
 @click.pass_obj
-def start(obj: Context, config_path: str) -> None:
-    """Start the coordinator and its watchers, detached."""
+def start(obj: Context, config_path: str | None, assignments: tuple[str, ...]) -> None:
+    """Start the coordinator and its watchers, detached. The config is the
+    file's, then the environment's (COORDINATOR_*), then --set's."""
     from coordinator.driver.install import start as start_coordinator
 
-    config = CoordinatorConfig.from_file(config_path)
+    config = _load(config_path, assignments)
     obj.connect()
     cluster = start_coordinator(config, name=obj.name, namespace=obj.namespace, detached=True)
     console.print(f"coordinator [bold]{obj.name}[/] running in namespace [bold]{obj.namespace}[/]")
@@ -144,25 +158,43 @@ def start(obj: Context, config_path: str) -> None:
         console.print(f"  watching {w.kind} {w.target}: {w.instances} instances")
 
 
+@cli.command("config")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help=_CONFIG_HELP)
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
+@click.option("--all", "everything", is_flag=True, help="also the settings left at their defaults")
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of YAML")
+def show_config(config_path: str | None, assignments: tuple[str, ...], everything: bool, as_json: bool) -> None:
+    """Print the config 'start' would use (file, environment, --set), validated.
+    Secrets show where they are read from, never their values. Needs no Ray."""
+    data = _load(config_path, assignments).model_dump(mode="json", exclude_unset=not everything)
+    click.echo(json.dumps(data, indent=2) if as_json else yaml.safe_dump(data, sort_keys=False).rstrip())
+
+
+def gateway_settings(config_path: str | None, **options: Any) -> GatewaySettings:
+    """What ``serve`` starts: the file's ``gateway:`` section, the
+    ``COORDINATOR_GATEWAY__*`` variables over it, the options given over both."""
+    section = config_data(config_path).get("gateway")
+    if config_path is not None and section is None:
+        raise click.UsageError(f"{config_path} has no gateway: section (nor COORDINATOR_GATEWAY variables)")
+    given = {k: v for k, v in options.items() if v is not None}
+    return GatewaySettings.model_validate(merge(section or {}, given))
+
+
 @cli.command()
-@click.option("--port", type=click.IntRange(0, 65535), default=8100, show_default=True,
+@click.option("--port", type=click.IntRange(0, 65535), default=None, show_default="8100",
               help="port to serve OpenAI's API on (0: any free port)")
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="address to serve on (a non-loopback one needs --config with gateway.api_keys)")
-@click.option("--replicas", type=click.IntRange(1, 64), default=1, show_default=True,
+@click.option("--host", default=None, show_default="127.0.0.1",
+              help="address to serve on (a non-loopback one needs gateway.api_keys)")
+@click.option("--replicas", type=click.IntRange(1, 64), default=None, show_default="1",
               help="gateway actors, spread over the Ray nodes")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="a coordinator config file whose gateway: section to use (API keys, TLS, limits)")
+              help="a coordinator config file whose gateway: section to use (API keys, TLS, limits); "
+                   "COORDINATOR_GATEWAY__* variables override it, and the options above override both")
 @click.pass_obj
-def serve(obj: Context, port: int, host: str, replicas: int, config_path: str | None) -> None:
+def serve(obj: Context, port: int | None, host: str | None, replicas: int | None, config_path: str | None) -> None:
     """Serve OpenAI's API over the fleet (the gateway), kept with the coordinator."""
-    settings: dict | GatewaySettings = {"port": port, "host": host, "replicas": replicas}
-    if config_path is not None:
-        section = CoordinatorConfig.from_file(config_path).gateway
-        if section is None:
-            raise click.UsageError(f"{config_path} has no gateway: section")
-        settings = section
-    url = obj.cluster().serve(settings=settings)
+    url = obj.cluster().serve(settings=gateway_settings(config_path, port=port, host=host, replicas=replicas))
     console.print(f"gateway serving OpenAI's API at [bold]{escape(url)}/v1[/] "
                   f"(and {escape(url)}/api/v1); point an OpenAI client's base_url there")
 
