@@ -27,6 +27,10 @@ the load.
 HTTP to the worker, and what can go wrong as **never sent** (safe to send
 elsewhere, and the instance is suspect until the probes say it answers) or
 **maybe received** (never resent).
+
+Why this module is long: the route table and the load reports share the
+router's lock and its state (what it holds, has in flight and reports are
+one snapshot), so the follower, the reporter and the choice stay together.
 """
 
 from __future__ import annotations
