@@ -89,10 +89,14 @@ def test_params_are_typed_key_values(deployed):
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["apply", "ghost", "start"], "NoInstancesError: no registry lists any instance of ghost@llm"),
-        (["apply", "cli-model", "start", "--worker-type", "gpu"], "worker_type"),
-        (["startup", "--host", "127.0.0.1", "--port", "1", "--model", "m"], "UnknownEndpointError"),
-        (["startup", "--host", "127.0.0.1", "--port", "70000", "--model", "m"], "port"),
+        (["apply", "ghost", "start"], "error: no registry lists any instance of ghost@llm"),
+        (["apply", "cli-modle", "start"], "no registry lists any instance of cli-modle@llm; did you mean cli-model?"),
+        (["apply", "cli-model", "start", "--worker-type", "text2vec"],
+         "cli-model is listed as cli-model@llm: add --worker-type llm"),
+        (["apply", "cli-model", "start", "--worker-type", "gpu"], "--worker-type"),
+        (["startup", "--host", "127.0.0.1", "--port", "1", "--model", "m"],
+         "error: no registry lists a worker manager at 127.0.0.1:1"),
+        (["startup", "--host", "127.0.0.1", "--port", "70000", "--model", "m"], "--port: "),
     ],
 )
 def test_request_mistakes_are_one_line_with_exit_2(deployed, args, needle):

@@ -95,7 +95,7 @@ def _params(pairs: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-OUTPUT_COLUMNS = [Col("worker", keep=True), Col("ok", 2), Col("seconds", 1), Col("message", keep=True, fold=True)]
+OUTPUT_COLUMNS = [Col("worker", keep=True), Col("ok", keep=True), Col("seconds", 1), Col("message", keep=True, fold=True)]
 
 
 def outputs_rows(outputs: list[WorkerApplyOutput]) -> list[list[str]]:
@@ -266,7 +266,7 @@ def _target_lines(target: str) -> str:
 
 
 INSTANCE_COLUMNS = [Col("model", keep=True), Col("type", 3), Col("worker", keep=True), Col("registry", 4),
-                    Col("probe", keep=True, fold=True), Col("in flight", 2), Col("last heartbeat", 1)]
+                    Col("probe", keep=True, fold=True), Col("in flight", 1), Col("last heartbeat", 0)]
 WATCHER_COLUMNS = [Col("source", keep=True), Col("kind", 1), Col("target", keep=True), Col("version", 0),
                    Col("instances", 3), Col("refused", 2, fold=True), Col("state", 4),
                    Col("last error", keep=True, fold=True)]

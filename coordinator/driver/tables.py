@@ -22,6 +22,9 @@ from rich.text import Text
 
 #: Columns a reason may wrap to, at the narrowest.
 FOLD_MIN = 16
+#: Columns of this priority or lower are details (a time, a count): they go as
+#: soon as the table would have to wrap anything, before any cell is wrapped.
+DETAIL = 1
 #: A cell's padding (one space each side) and the border after it.
 CELL_EXTRA = 3
 
@@ -59,18 +62,22 @@ def least_width(col: Col, cells: list[str]) -> int:
 
 def layout(cols: list[Col], rows: list[list[str]], width: int, wide: bool = False) -> list[int]:
     """The indexes of the columns to show at ``width`` terminal columns:
-    columns with nothing in them out (unless ``wide``), then the lowest-priority ones that
-    are not kept, one by one, until the rest fit (or only kept ones are left)."""
+    columns with nothing in them out (unless ``wide``); then details
+    (priority up to :data:`DETAIL`), lowest first, until every cell fits on
+    its line; then the lowest-priority columns that are not kept, until the
+    rest fit with reasons wrapped (or only kept ones are left)."""
     cells = [[row[i] for row in rows] for i in range(len(cols))]
     shown = list(range(len(cols)))
     if wide:
         return shown
     shown = [i for i in shown if any(Text.from_markup(c).plain.strip() for c in cells[i])]
 
-    def needed(indexes: list[int]) -> int:
-        return 1 + sum(least_width(cols[i], cells[i]) + CELL_EXTRA for i in indexes)
+    def needed(indexes: list[int], at=least_width) -> int:
+        return 1 + sum(at(cols[i], cells[i]) + CELL_EXTRA for i in indexes)
 
     droppable = sorted((i for i in shown if not cols[i].keep), key=lambda i: (cols[i].priority, -i))
+    while droppable and cols[droppable[0]].priority <= DETAIL and needed(shown, natural_width) > width:
+        shown.remove(droppable.pop(0))
     while needed(shown) > width and droppable:
         shown.remove(droppable.pop(0))
     return shown
