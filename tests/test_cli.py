@@ -4,6 +4,9 @@ config file, then the operator's commands, exit codes and one-line errors."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import ray
@@ -11,6 +14,7 @@ from click.testing import CliRunner
 
 from reference_worker import ReferenceWorkerHost, SimModel, WorkerSettings
 from coordinator.driver.cli import cli
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.ray
 
@@ -115,6 +119,18 @@ def test_startup_shutdown_and_supports(deployed):
     models = {(o["endpoint"][1], m["model"]) for o in supports for w in o["models"] for m in w["models"]}
     assert (ports[1], "cli-extra") in models and (ports[0], "cli-extra") not in models
     assert run("shutdown", *where).exit_code == 0
+
+
+def test_a_ray_token_mismatch_is_one_line_saying_what_to_set(ray_session):
+    """The session's Ray wants a token; a shell without RAY_AUTH_MODE=token is
+    told so at once, not after twenty seconds of Ray's retries."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "coordinator", "--address", ray.get_runtime_context().gcs_address,
+                           "status"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "wants a token" in lines[0] and "set RAY_AUTH_MODE=token" in lines[0]
 
 
 def test_attaching_to_nothing_is_a_clear_error(ray_session):

@@ -15,10 +15,11 @@ from coordinator.core.errors import NoInstancesError
 from coordinator.core.models import ModelInstance, WorkerApplyOutput
 from coordinator.core.status import ClusterStatus, InstanceStatus, WatcherStatus
 from coordinator.driver import cli as cli_module
-from coordinator.driver import tables
+from coordinator.driver import preflight, tables
 from coordinator.driver.cli import cli, status_view
 from coordinator.driver.messages import model_hint, plural, worker_facing_url
 from coordinator.driver.tables import Col
+from tests.conftest import free_port
 
 TARGET = "ray actor 'dbgpt-coordinator/registry/fleet' (http://127.0.0.1:18000)"
 
@@ -269,3 +270,30 @@ def test_outputs_table_keeps_workers_and_messages_whole_at_80(run):
 )
 def test_the_registry_address_given_to_workers(url, ip, want):
     assert worker_facing_url(url, ip) == want
+
+
+@pytest.mark.parametrize(
+    ("code", "mode", "needle"),
+    [
+        ("UNAUTHENTICATED", "disabled", "set RAY_AUTH_MODE=token, with the head's token"),
+        ("UNAUTHENTICATED", "", "this shell has RAY_AUTH_MODE=unset"),
+        ("UNAUTHENTICATED", "token", "refuses this shell's token: use the head's token"),
+        ("UNAVAILABLE", "token", "no Ray cluster answers at 10.0.0.5:6379: start one with 'ray start --head'"),
+    ],
+)
+def test_what_to_say_when_the_ray_cluster_will_not_take_us(code, mode, needle):
+    assert needle in preflight.advice(code, "10.0.0.5:6379", mode)
+
+
+def test_a_cluster_that_answers_needs_no_advice():
+    assert preflight.advice("OK", "10.0.0.5:6379", "disabled") is None
+    assert preflight.advice("INTERNAL", "10.0.0.5:6379", "token") is None  # ray.init says it its own way
+
+
+def test_nothing_listening_is_one_line_at_once(monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh process, whatever ran before
+    result = CliRunner().invoke(cli, ["--address", f"127.0.0.1:{free_port()}", "status"])
+    line = one_line(result)
+    assert "no Ray cluster answers at 127.0.0.1:" in line and "ray start --head" in line

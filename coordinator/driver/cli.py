@@ -51,7 +51,7 @@ from coordinator.core.models import (Endpoint, WorkerApplyOutput, WorkerApplyReq
                                      WorkerType)
 from coordinator.core.naming import DEFAULT_NAME, DEFAULT_NAMESPACE
 from coordinator.core.status import ClusterStatus
-from coordinator.driver import tables
+from coordinator.driver import preflight, tables
 from coordinator.driver.messages import (config_problems, fleet_problems, model_hint, option_problems, plural,
                                          worker_facing_url)
 from coordinator.driver.tables import Col
@@ -74,6 +74,9 @@ class Context:
         import ray
 
         if not ray.is_initialized():
+            problem = preflight.check(self.address)
+            if problem is not None:
+                raise UserError([problem])
             ray.init(address=self.address or "auto", namespace=self.namespace,
                      logging_level=logging.WARNING, log_to_driver=False)
 
@@ -116,9 +119,9 @@ def _finish(outputs: list[WorkerApplyOutput], as_json: bool, title: str, wide: b
 _wide = click.option("--wide", is_flag=True, help="every column, however wide the terminal")
 
 
-class InputError(click.ClickException):
-    """A mistake in what the user gave (a file, an option), said in their
-    terms: one line each, exit 2."""
+class UserError(click.ClickException):
+    """A mistake in what the user gave (a file, an option, a setting), said in
+    their terms: one line each, exit 2."""
 
     exit_code = 2
 
@@ -137,6 +140,11 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:  # a bad option or argument: one line too, and where to look
+            where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            errors.print(f"[red]error:[/] {escape(exc.format_message())} (see '{escape(where)} --help')",
+                         highlight=False, soft_wrap=True)
+            sys.exit(exc.exit_code)
         except (CoordinatorError, ValidationError, ConnectionError, TimeoutError, OSError, ValueError) as exc:
             obj = ctx.obj
             if obj is not None and obj.verbose:
@@ -193,9 +201,9 @@ def load_config(path: str) -> CoordinatorConfig:
     try:
         return CoordinatorConfig.from_file(path)
     except ConfigFileError as exc:
-        raise InputError([str(exc)]) from None
+        raise UserError([str(exc)]) from None
     except ValidationError as exc:
-        raise InputError(config_problems(exc, path)) from None
+        raise UserError(config_problems(exc, path)) from None
 
 
 def _registry_node_ip(obj: Context, source: str) -> str | None:
@@ -413,7 +421,7 @@ def _check_request(model_class: type[BaseModel], fields: dict[str, Any]) -> None
     try:
         model_class.model_validate(fields)
     except ValidationError as exc:
-        raise InputError(option_problems(exc, _OPTIONS)) from None
+        raise UserError(option_problems(exc, _OPTIONS)) from None
 
 
 @contextmanager
@@ -521,20 +529,20 @@ def supports(obj: Context, as_json: bool, wide: bool) -> None:
 
 def read_deployments(path: str) -> list[Deployment]:
     """A fleet file: ``deployments: [...]`` (or a bare list), validated; a
-    mistake is :class:`InputError`, one line each naming the file, the
+    mistake is :class:`UserError`, one line each naming the file, the
     deployment and the field."""
     data = read_yaml_input(path)
     if isinstance(data, dict):
         data = data.get("deployments")
     if not isinstance(data, list) or not data:
-        raise InputError([f"{path}: want a non-empty 'deployments:' list"])
+        raise UserError([f"{path}: want a non-empty 'deployments:' list"])
     try:
         specs = TypeAdapter(list[Deployment]).validate_python(data)
         check_distinct(specs)
     except ValidationError as exc:
-        raise InputError(fleet_problems(exc, path, data)) from None
+        raise UserError(fleet_problems(exc, path, data)) from None
     except ValueError as exc:
-        raise InputError([f"{path}: {exc}"]) from None
+        raise UserError([f"{path}: {exc}"]) from None
     return specs
 
 
@@ -542,7 +550,7 @@ def read_yaml_input(path: str) -> object:
     try:
         return read_yaml(path)
     except ConfigFileError as exc:
-        raise InputError([str(exc)]) from None
+        raise UserError([str(exc)]) from None
 
 
 #: Seconds between two looks at the deployments while ``deploy --wait`` waits.
