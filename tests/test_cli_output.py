@@ -4,7 +4,8 @@ exit 2, before anything connects to Ray."""
 
 from __future__ import annotations
 
-from datetime import datetime
+import json
+from datetime import UTC, datetime
 
 import pytest
 from click.testing import CliRunner
@@ -297,3 +298,14 @@ def test_nothing_listening_is_one_line_at_once(monkeypatch):
     result = CliRunner().invoke(cli, ["--address", f"127.0.0.1:{free_port()}", "status"])
     line = one_line(result)
     assert "no Ray cluster answers at 127.0.0.1:" in line and "ray start --head" in line
+
+
+def test_deployment_event_times_are_iso_in_json_like_every_other_time(run):
+    from coordinator.core.deployments import DeploymentEvent
+
+    event = DeploymentEvent(at=datetime(2026, 11, 30, 15, 7, 4, tzinfo=UTC).timestamp(), action="start",
+                            endpoint="127.0.0.1:18101", reason="0 of 1 ready", ok=True)
+    result = run("deployments", "--json", cluster=FakeCluster(found=[deployment(events=[event])]))
+    [found] = json.loads(result.output)
+    assert found["events"][0]["at"] == "2026-11-30T15:07:04+00:00"
+    assert DeploymentStatus.model_validate(found).events == [event]  # and read back
