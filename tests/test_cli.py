@@ -35,7 +35,9 @@ def deployed(ray_session, tmp_path_factory):
     )
     result = run("start", "--config", str(config))
     assert result.exit_code == 0, result.output
-    assert "watching embedded" in result.output
+    assert "watching registry reg: 0 instances" in result.output
+    # what a worker can use, not a bind address
+    assert "registry reg for workers (their controller_addr): http://127.0.0.1:" in result.output
     import coordinator
 
     cluster = coordinator.attach("cli", namespace="tests")

@@ -309,3 +309,9 @@ def test_deployment_event_times_are_iso_in_json_like_every_other_time(run):
     [found] = json.loads(result.output)
     assert found["events"][0]["at"] == "2026-11-30T15:07:04+00:00"
     assert DeploymentStatus.model_validate(found).events == [event]  # and read back
+
+
+def test_status_with_no_instances_says_none():
+    st = fleet_status().model_copy(update={"instances": []})
+    out = text(status_view(st, 80), 80)
+    assert "instances (dbgpt-coordinator): none yet" in out and "watchers" in out

@@ -188,7 +188,9 @@ def start(obj: Context, config_path: str) -> None:
                                        f"'coordinator{obj.options()} stop' first to start it with this config")
     console.print(f"coordinator [bold]{escape(obj.name)}[/] running in namespace [bold]{escape(obj.namespace)}[/]")
     for w in cluster.status().watchers:
-        console.print(f"  watching {w.kind} {escape(w.target)}: {plural(w.instances, 'instance')}")
+        # An embedded registry's address for workers follows on its own line.
+        what = f"registry {w.source}" if w.kind == "embedded" else f"{w.kind} {w.target}"
+        console.print(f"  watching {escape(what)}: {plural(w.instances, 'instance')}", highlight=False)
     for source in config.registries:
         if isinstance(source, EmbeddedSource):
             url = worker_facing_url(cluster.registry_url(source.name), _registry_node_ip(obj, source.name))
@@ -294,9 +296,10 @@ def status_view(st: ClusterStatus, width: int, wide: bool = False) -> list[Rende
                      "[yellow]draining[/]" if r.draining else
                      "[green]healthy[/]" if r.registry_healthy else "[red]unhealthy[/]", probe, str(r.in_flight),
                      r.last_heartbeat.strftime("%H:%M:%S") if r.last_heartbeat else "-"])
-    parts += tables.render(f"instances ({escape(st.name)}{reporting})", INSTANCE_COLUMNS, rows, width, wide)
-    if not st.instances:
-        parts.append(Text("no instances: no registry lists any worker yet"))
+    if rows:
+        parts += tables.render(f"instances ({escape(st.name)}{reporting})", INSTANCE_COLUMNS, rows, width, wide)
+    else:
+        parts.append(Text(f"instances ({st.name}): none yet — no registry lists a worker"))
     if st.waiting:
         rows = [[escape(key), str(n)] for key, n in sorted(st.waiting.items())]
         parts += tables.render("requests waiting for an instance (scaling from zero)",

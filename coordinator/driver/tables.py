@@ -70,7 +70,8 @@ def layout(cols: list[Col], rows: list[list[str]], width: int, wide: bool = Fals
     shown = list(range(len(cols)))
     if wide:
         return shown
-    shown = [i for i in shown if any(Text.from_markup(c).plain.strip() for c in cells[i])]
+    if rows:
+        shown = [i for i in shown if any(Text.from_markup(c).plain.strip() for c in cells[i])]
 
     def needed(indexes: list[int], at=least_width) -> int:
         return 1 + sum(at(cols[i], cells[i]) + CELL_EXTRA for i in indexes)
