@@ -113,6 +113,16 @@ def test_request_mistakes_are_one_line_with_exit_2(deployed, args, needle):
     assert "Traceback" not in text and len(text.strip().splitlines()) == 1
 
 
+def test_starting_again_with_another_config_says_the_cli_commands(deployed, tmp_path):
+    config = tmp_path / "other.yaml"
+    config.write_text("registries:\n  - {kind: embedded, name: other, port: 0}\n")
+    result = CliRunner().invoke(cli, [*BASE, "start", "--config", str(config)], terminal_width=300)
+    line = result.stderr.replace("\n", " ")
+    assert result.exit_code == 2, result.output
+    assert "coordinator 'cli' is already running with another config (it differs in: registries" in line
+    assert "'coordinator --name cli --namespace tests stop' first" in line and "attach()" not in line
+
+
 def test_startup_shutdown_and_supports(deployed):
     _, ports = deployed
     where = ["--host", "127.0.0.1", "--port", str(ports[1]), "--model", "cli-extra"]

@@ -1,7 +1,7 @@
 """The command line: ``coordinator`` (or ``python -m coordinator``).
 
     coordinator start --config coordinator.yaml      # detached: outlives the command
-    coordinator status [--json]
+    coordinator status [--json] [--wide] [--watch [--interval S] [--count N]]
     coordinator apply chatgpt-test restart [--worker-type llm] [--param k=v ...]
     coordinator startup --host H --port P --model M [--worker-type llm] [--param k=v ...]
     coordinator shutdown --host H --port P --model M [--worker-type llm]
@@ -15,7 +15,11 @@
 Every command takes ``--address`` (a Ray cluster; default: the one this machine
 is part of), ``--namespace`` and ``--name``. Operations print one row per
 instance and exit 1 when any instance failed; a mistake is one line on stderr
-(exit 2), with ``--verbose`` for the traceback.
+(exit 2), with ``--verbose`` for the traceback. Files and options are checked
+before anything connects to Ray, and the cluster's GCS is asked once whether
+it takes this shell's credentials before ``ray.init`` (``preflight``). Tables
+fit the terminal's width (``tables``; ``--wide`` for every column); what a
+mistake says is in ``messages``.
 
 Why this module is long: one click command per function, each a few lines of
 argument handling and a rich table; they share the connection context and the
