@@ -315,3 +315,13 @@ def test_status_with_no_instances_says_none():
     st = fleet_status().model_copy(update={"instances": []})
     out = text(status_view(st, 80), 80)
     assert "instances (dbgpt-coordinator): none yet" in out and "watchers" in out
+
+
+def test_from_file_says_where_the_yaml_breaks(tmp_path):
+    from coordinator.core.config import CoordinatorConfig
+    from coordinator.core.errors import ConfigFileError
+
+    config = tmp_path / "coordinator.yaml"
+    config.write_text("registries:\n  - kind: embedded\n   port: 8000\n")
+    with pytest.raises(ConfigFileError, match=rf"^{config}:3:4: not valid YAML: .*starts at line 2, column 3"):
+        CoordinatorConfig.from_file(config)
