@@ -325,3 +325,17 @@ def test_from_file_says_where_the_yaml_breaks(tmp_path):
     config.write_text("registries:\n  - kind: embedded\n   port: 8000\n")
     with pytest.raises(ConfigFileError, match=rf"^{config}:3:4: not valid YAML: .*starts at line 2, column 3"):
         CoordinatorConfig.from_file(config)
+
+
+def test_a_request_validated_inside_a_call_still_names_the_option():
+    from pydantic import ValidationError, validate_call
+
+    from coordinator.core.models import WorkerStartupRequest
+    from coordinator.driver.messages import option_problems
+
+    @validate_call
+    def lifecycle(*, req: WorkerStartupRequest) -> None: ...
+
+    with pytest.raises(ValidationError) as caught:
+        lifecycle(req={"host": "h", "port": 70000, "model": "m", "worker_type": "llm"})
+    assert option_problems(caught.value, cli_module._OPTIONS) == ["--port: must be between 1 and 65535, not 70000"]

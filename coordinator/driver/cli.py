@@ -154,8 +154,8 @@ class _Group(click.Group):
             if obj is not None and obj.verbose:
                 raise
             message = str(exc).strip().splitlines()
-            if isinstance(exc, ValidationError):
-                message = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+            if isinstance(exc, ValidationError):  # one the commands did not check first: still in their terms
+                message = option_problems(exc, _OPTIONS)
             # The project's own errors say what they are; a bare OSError's name helps.
             named = not isinstance(exc, (CoordinatorError, ConfigFileError, ValidationError))
             kind = f"{type(exc).__name__}: " if named else ""

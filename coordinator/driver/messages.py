@@ -64,7 +64,9 @@ def option_problems(exc: ValidationError, options: Mapping[str, str]) -> list[st
     the option: ``--port: …`` (``options`` maps a field to its option)."""
     lines = []
     for e in exc.errors():
-        loc = [p for p in e["loc"] if p != "req"]
+        loc = list(e["loc"])
+        if len(loc) > 1 and (loc[0] == "req" or isinstance(loc[0], int)):  # the call's argument, not the field
+            loc.pop(0)
         name = options.get(str(loc[0])) if loc else None
         lines.append(f"{name or _path(loc)}: {_msg(e)}")
     return lines
