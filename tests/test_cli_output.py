@@ -339,3 +339,10 @@ def test_a_request_validated_inside_a_call_still_names_the_option():
     with pytest.raises(ValidationError) as caught:
         lifecycle(req={"host": "h", "port": 70000, "model": "m", "worker_type": "llm"})
     assert option_problems(caught.value, cli_module._OPTIONS) == ["--port: must be between 1 and 65535, not 70000"]
+
+
+def test_status_wide_at_80_columns_shows_every_column_uncut(run):
+    result = run("status", "--wide", cluster=FakeCluster(statuses=[fleet_status()]))
+    assert result.exit_code == 0, result.output
+    assert "last heartbeat" in result.output and "unreachable Connection refused" in result.output
+    assert "…" not in result.output

@@ -341,7 +341,7 @@ def status(obj: Context, as_json: bool, wide: bool, watch: bool, interval: float
         if as_json:
             click.echo(st.model_dump_json(indent=2))
             return
-        _print_all(status_view(st, console.width, wide), wide)
+        tables.print_all(console, status_view(st, console.width, wide), wide)
         return
     shown = 0
     try:
@@ -357,14 +357,6 @@ def status(obj: Context, as_json: bool, wide: bool, watch: bool, interval: float
                 time.sleep(interval)
     except KeyboardInterrupt:
         return
-
-
-def _print_all(parts: list[RenderableType], wide: bool) -> None:
-    for part in parts:
-        if wide:
-            console.print(part, width=max(console.width, console.measure(part).maximum), crop=False)
-        else:
-            console.print(part)
 
 
 _worker_type = click.option("--worker-type", type=click.Choice([t.value for t in WorkerType]), default="llm",

@@ -109,11 +109,20 @@ def render(title: str | None, cols: list[Col], rows: list[list[str]], width: int
 def show(console: Console, title: str | None, cols: list[Col], rows: list[list[str]], wide: bool = False) -> None:
     """Print the table on ``console``: fitted to its width, or, ``wide``, as
     wide as every column needs."""
-    parts = render(title, cols, rows, console.width, wide)
-    if wide:
-        need = max(console.width, table_width(cols, rows, list(range(len(cols)))))
-        for part in parts:
-            console.print(part, width=need, crop=False)
-    else:
-        for part in parts:
+    print_all(console, render(title, cols, rows, console.width, wide), wide)
+
+
+def print_all(console: Console, parts: list[RenderableType], wide: bool = False) -> None:
+    """Print ``parts``; ``wide``: each as wide as it wants, past the terminal's
+    width if need be (lines run on rather than columns being squeezed)."""
+    for part in parts:
+        if not wide:
             console.print(part)
+            continue
+        want = console.measure(part, options=console.options.update_width(10_000)).maximum
+        width = console.width  # print() never goes past the console's width: widen it for this part
+        console.width = max(width, want)
+        try:
+            console.print(part, crop=False)
+        finally:
+            console.width = width
