@@ -346,3 +346,17 @@ def test_status_wide_at_80_columns_shows_every_column_uncut(run):
     assert result.exit_code == 0, result.output
     assert "last heartbeat" in result.output and "unreachable Connection refused" in result.output
     assert "…" not in result.output
+
+
+def test_no_ray_on_this_machine_says_how_to_start_one(monkeypatch):
+    import ray
+    import ray._private.services as services
+
+    def nothing_running(address, temp_dir=None):
+        raise ConnectionError("Could not find any running Ray instance.")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(services, "canonicalize_bootstrap_address", nothing_running)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    line = one_line(CliRunner().invoke(cli, ["status"]))
+    assert "no Ray cluster is running on this machine: start one with 'ray start --head'" in line

@@ -47,7 +47,10 @@ def check(address: str | None) -> str | None:
         from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
 
         gcs = canonicalize_bootstrap_address(address or "auto")
-    except Exception:  # Ray's internals moved, or no address to find: ray.init says it its own way
+    except ConnectionError:  # "auto", and no cluster on this machine
+        return ("no Ray cluster is running on this machine: start one with 'ray start --head' (with the same "
+                "RAY_AUTH_MODE as this shell), or give its address with --address (or RAY_ADDRESS)")
+    except Exception:  # Ray's internals moved: ray.init says it its own way
         return None
     if gcs is None:
         return None
