@@ -624,7 +624,8 @@ class CoordinatorConfig(_Strict):
     @classmethod
     def from_file(cls, path: str | Path) -> CoordinatorConfig:
         """Load from YAML or JSON (JSON is YAML). Relative static paths are taken
-        relative to the file."""
+        relative to the file. A file that is not YAML raises
+        :class:`ConfigFileError` saying ``path:line:column``."""
         path = Path(path)
         data = read_yaml(path) or {}
         if not isinstance(data, dict):

@@ -324,7 +324,7 @@ def status_view(st: ClusterStatus, width: int, wide: bool = False) -> list[Rende
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-@click.option("--wide", is_flag=True, help="every column, however wide the terminal")
+@_wide
 @click.option("--watch", is_flag=True, help="refresh in place until Ctrl-C")
 @click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True, metavar="SECONDS",
               help="seconds between refreshes with --watch")
