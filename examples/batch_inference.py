@@ -68,7 +68,7 @@ async def run_batch(manager: coordinator.RayWorkerManager, prompts: list[str], c
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--kill-one", action="store_true", help="kill a worker halfway through")
@@ -102,8 +102,9 @@ def main() -> None:
             table.add_row(worker, str(count))
         console.print(table)
         console.print(f"answered {sum(served.values())}, failed {len(failed)}")
-        for text in failed[:5]:
-            console.print(f"  failed: {text}")
+        # Every failure counted once, the same message grouped: the counts add up to the total.
+        for text, count in Counter(failed).most_common():
+            console.print(f"  {count} failed: {text}", highlight=False, markup=False)
     finally:
         ray.get([h.stop_all.remote() for h in hosts if h not in killed])
         cluster.stop()

@@ -23,7 +23,7 @@ console = Console()
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--controller", required=True, help="DB-GPT controller URL")
     parser.add_argument("--restart", metavar="MODEL", help="restart this model on every worker that runs it")
     parser.add_argument("--worker-type", default="llm")

@@ -52,7 +52,7 @@ def wait_ready(cluster: coordinator.Cluster, key: str, count: int, without: str 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fleet", default=str(HERE / "fleet.yaml"))
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray's default: keep authentication on

@@ -18,7 +18,7 @@ import coordinator
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--worker-type", default="llm")
     parser.add_argument("--name", default="dbgpt-coordinator")

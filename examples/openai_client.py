@@ -31,7 +31,7 @@ SYSTEM = "You are the fleet's assistant. " * 40  # a long shared system prompt, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=20)
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray's default: keep authentication on

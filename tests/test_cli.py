@@ -4,6 +4,9 @@ config file, then the operator's commands, exit codes and one-line errors."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import ray
@@ -11,6 +14,7 @@ from click.testing import CliRunner
 
 from reference_worker import ReferenceWorkerHost, SimModel, WorkerSettings
 from coordinator.driver.cli import cli
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.ray
 
@@ -31,7 +35,9 @@ def deployed(ray_session, tmp_path_factory):
     )
     result = run("start", "--config", str(config))
     assert result.exit_code == 0, result.output
-    assert "watching embedded" in result.output
+    assert "watching registry reg: 0 instances" in result.output
+    # what a worker can use, not a bind address
+    assert "registry reg for workers (their controller_addr): http://127.0.0.1:" in result.output
     import coordinator
 
     cluster = coordinator.attach("cli", namespace="tests")
@@ -89,10 +95,14 @@ def test_params_are_typed_key_values(deployed):
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["apply", "ghost", "start"], "NoInstancesError: no registry lists any instance of ghost@llm"),
-        (["apply", "cli-model", "start", "--worker-type", "gpu"], "worker_type"),
-        (["startup", "--host", "127.0.0.1", "--port", "1", "--model", "m"], "UnknownEndpointError"),
-        (["startup", "--host", "127.0.0.1", "--port", "70000", "--model", "m"], "port"),
+        (["apply", "ghost", "start"], "error: no registry lists any instance of ghost@llm"),
+        (["apply", "cli-modle", "start"], "no registry lists any instance of cli-modle@llm; did you mean cli-model?"),
+        (["apply", "cli-model", "start", "--worker-type", "text2vec"],
+         "cli-model is listed as cli-model@llm: add --worker-type llm"),
+        (["apply", "cli-model", "start", "--worker-type", "gpu"], "--worker-type"),
+        (["startup", "--host", "127.0.0.1", "--port", "1", "--model", "m"],
+         "error: no registry lists a worker manager at 127.0.0.1:1"),
+        (["startup", "--host", "127.0.0.1", "--port", "70000", "--model", "m"], "--port: "),
     ],
 )
 def test_request_mistakes_are_one_line_with_exit_2(deployed, args, needle):
@@ -103,6 +113,16 @@ def test_request_mistakes_are_one_line_with_exit_2(deployed, args, needle):
     assert "Traceback" not in text and len(text.strip().splitlines()) == 1
 
 
+def test_starting_again_with_another_config_says_the_cli_commands(deployed, tmp_path):
+    config = tmp_path / "other.yaml"
+    config.write_text("registries:\n  - {kind: embedded, name: other, port: 0}\n")
+    result = CliRunner().invoke(cli, [*BASE, "start", "--config", str(config)], terminal_width=300)
+    line = result.stderr.replace("\n", " ")
+    assert result.exit_code == 2, result.output
+    assert "coordinator 'cli' is already running with another config (it differs in: registries" in line
+    assert "'coordinator --name cli --namespace tests stop' first" in line and "attach()" not in line
+
+
 def test_startup_shutdown_and_supports(deployed):
     _, ports = deployed
     where = ["--host", "127.0.0.1", "--port", str(ports[1]), "--model", "cli-extra"]
@@ -111,6 +131,18 @@ def test_startup_shutdown_and_supports(deployed):
     models = {(o["endpoint"][1], m["model"]) for o in supports for w in o["models"] for m in w["models"]}
     assert (ports[1], "cli-extra") in models and (ports[0], "cli-extra") not in models
     assert run("shutdown", *where).exit_code == 0
+
+
+def test_a_ray_token_mismatch_is_one_line_saying_what_to_set(ray_session):
+    """The session's Ray wants a token; a shell without RAY_AUTH_MODE=token is
+    told so at once, not after twenty seconds of Ray's retries."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "coordinator", "--address", ray.get_runtime_context().gcs_address,
+                           "status"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "wants a token" in lines[0] and "set RAY_AUTH_MODE=token" in lines[0]
 
 
 def test_attaching_to_nothing_is_a_clear_error(ray_session):

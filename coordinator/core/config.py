@@ -37,6 +37,7 @@ from pydantic import (
     model_validator,
 )
 
+from coordinator.core.errors import ConfigFileError
 from coordinator.core.deployments import Deployment, check_distinct
 from coordinator.core.flow import FlowPolicy, Share
 from coordinator.core.hosts import parse_endpoint
@@ -631,8 +632,10 @@ class CoordinatorConfig(_Strict):
     @classmethod
     def from_file(cls, path: str | Path) -> CoordinatorConfig:
         """Load from YAML or JSON (JSON is YAML). Relative static paths are taken
-        relative to the file. The file alone: ``load_config`` (in
-        ``config_sources``) layers the environment and explicit settings on it."""
+        relative to the file. A file that is not YAML raises
+        :class:`ConfigFileError` saying ``path:line:column``. The file alone:
+        ``load_config`` (in ``config_sources``) layers the environment and
+        explicit settings on it."""
         return cls.model_validate(read_config_file(path))
 
     def source(self, name: str) -> RegistrySource:
@@ -646,13 +649,31 @@ def read_config_file(path: str | Path) -> dict:
     """A config file's data, parsed but not validated, with relative static
     paths made absolute (relative to the file)."""
     path = Path(path)
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: the top level must be a mapping")
     for source in data.get("registries") or []:
         if isinstance(source, dict) and source.get("path"):
             source["path"] = str((path.parent / source["path"]).resolve())
     return data
+
+
+def read_yaml(path: str | Path) -> object:
+    """A YAML (or JSON) file, parsed; a syntax error raises
+    :class:`ConfigFileError` saying ``path:line:column: what is wrong``."""
+    text = Path(path).read_text()
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        context = exc.context
+        if context and exc.context_mark is not None and exc.context_mark is not mark:
+            context += f" that starts at line {exc.context_mark.line + 1}, column {exc.context_mark.column + 1}"
+        what = "; ".join(p for p in (exc.problem, context) if p) or type(exc).__name__
+        raise ConfigFileError(f"{where}: not valid YAML: {what}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigFileError(f"{path}: not valid YAML: {exc}") from None
 
 
 def read_instances_file(path: Path) -> object:

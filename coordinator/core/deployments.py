@@ -38,9 +38,11 @@ import json
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple, Self
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, field_serializer, field_validator,
+                      model_validator)
 
 from coordinator.core.autoscale import Autoscale
 from coordinator.core.hosts import parse_endpoint
@@ -120,12 +122,21 @@ def params_digest(params: Mapping[str, Any]) -> str:
 class DeploymentEvent(BaseModel):
     """One thing the reconciler did: what, where, why, and how it went."""
 
-    at: float  # unix time
+    at: float  # unix time (in JSON: ISO 8601, as every other time the status reports)
     action: str  # start / stop / update_params / apply stop / apply start
     endpoint: str | None = None
     reason: str
     ok: bool
     message: str = ""
+
+    @field_serializer("at", when_used="json")
+    def _iso(self, at: float) -> str:
+        return datetime.fromtimestamp(at, UTC).isoformat()
+
+    @field_validator("at", mode="before")
+    @classmethod
+    def _from_iso(cls, at: object) -> object:
+        return datetime.fromisoformat(at).timestamp() if isinstance(at, str) else at
 
 
 class DeploymentStatus(BaseModel):

@@ -13,7 +13,12 @@ does — it becomes a ``WorkerApplyOutput(success=False)`` naming the worker.
     │                               that model@type (max_queued_operations)
     ├── CoordinatorUnavailableError the coordinator actor is gone, restarting, or
     │                               did not answer in time
-    └── CoordinatorNotFoundError    attach() to a name that is not running
+    ├── CoordinatorNotFoundError    attach() to a name that is not running
+    └── AlreadyRunningError         start() with a config other than the running
+                                    coordinator's (names the fields that differ)
+
+    ConfigFileError (a ValueError)  a config or fleet file that is not YAML:
+                                    says file:line:column and what is wrong
 
 Bad input raises ``pydantic.ValidationError`` before anything is sent.
 The worker-call errors a proxy maps httpx exceptions to live in
@@ -84,3 +89,14 @@ class NotDeployedError(CoordinatorError):
     def __init__(self, key: str) -> None:
         super().__init__(f"no deployment of {key}")
         self.key, self._args = key, (key,)
+
+
+class AlreadyRunningError(CoordinatorError):
+    def __init__(self, name: str, differs: list[str], advice: str = "attach() to it as it is, or stop it first") -> None:
+        super().__init__(f"coordinator {name!r} is already running with another config (it differs in: "
+                         f"{', '.join(differs) or 'details'}); {advice}")
+        self.name, self.differs, self._args = name, differs, (name, differs, advice)
+
+
+class ConfigFileError(ValueError):
+    """A file that could not be read as YAML: ``path:line:column: problem``."""

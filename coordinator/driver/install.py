@@ -12,7 +12,7 @@ import ray
 from ray.exceptions import RayError, RayTaskError
 
 from coordinator.core.config import CoordinatorConfig, EmbeddedSource
-from coordinator.core.errors import CoordinatorError
+from coordinator.core.errors import AlreadyRunningError, CoordinatorError
 from coordinator.core.config import GatewaySettings
 from coordinator.core.naming import (
     DEFAULT_NAME,
@@ -62,13 +62,17 @@ def start(
     namespace: str = DEFAULT_NAMESPACE,
     detached: bool = False,
     ready_timeout: float = 60.0,
+    advice: str = "attach() to it as it is, or stop it first",
 ) -> Cluster:
     """Start the coordinator, its watchers and any embedded registries on the
     connected Ray cluster (``ray.init()`` is called when Ray is not initialised),
     or return the running one with that name.
 
     With ``detached=True`` the actors outlive this driver. If any part fails to
-    start, the parts this call created are removed again.
+    start, the parts this call created are removed again. A coordinator of that
+    name running with another config raises :class:`AlreadyRunningError`,
+    ending with ``advice`` (what the caller can do: the command line says its
+    own commands).
     """
     # Imported here, not at the top: the actor modules import this package, and a
     # Ray worker process that loads one of them first must not come back here.
@@ -87,10 +91,7 @@ def start(
         running = ray.get(handle.get_config.remote(), timeout=READ_TIMEOUT)
         if running != config:
             differs = [f for f in CoordinatorConfig.model_fields if getattr(running, f) != getattr(config, f)]
-            raise CoordinatorError(
-                f"coordinator {name!r} is already running with another config (it differs in: "
-                f"{', '.join(differs) or 'details'}); attach() to it as it is, or stop it first"
-            )
+            raise AlreadyRunningError(name, differs, advice)
         return Cluster(name, namespace, handle)
 
     on_head = config.placement.on_head

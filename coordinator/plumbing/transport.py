@@ -119,11 +119,18 @@ def map_transport_errors(
     except httpx.TimeoutException as exc:
         raise WorkerTimeout(f"no answer within {timeout:.3g} s") from exc
     except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
-        raise WorkerConnectionLost(f"connection lost mid-call ({exc})") from exc
+        raise WorkerConnectionLost(f"connection lost mid-call ({cause(exc)})") from exc
     except httpx.DecodingError as exc:
-        raise WorkerBadAnswer(f"undecodable answer ({exc})") from exc
+        raise WorkerBadAnswer(f"undecodable answer ({cause(exc)})") from exc
     except httpx.TransportError as exc:
-        raise WorkerConnectionLost(f"transport error ({type(exc).__name__}: {exc})") from exc
+        said = f": {exc}" if str(exc).strip() else ""
+        raise WorkerConnectionLost(f"transport error ({type(exc).__name__}{said})") from exc
+
+
+def cause(exc: BaseException) -> str:
+    """What an exception says, or, when it says nothing (httpx raises
+    ``ReadError('')`` for a connection closed without a word), its type's name."""
+    return str(exc).strip() or type(exc).__name__
 
 
 def _tls_failure(exc: BaseException) -> str | None:
