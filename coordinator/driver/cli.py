@@ -201,6 +201,8 @@ def status(obj: Context, as_json: bool) -> None:
     if as_json:
         click.echo(st.model_dump_json(indent=2))
         return
+    if st.page_url:  # the fleet page: the same, live, in a browser
+        click.echo(f"fleet page: {st.page_url}")
     reporting = f", in flight as {st.load_reporters} caller(s) report" if st.load_reporters else ""
     table = Table(title=f"instances ({st.name}{reporting})")
     for col in ("model", "type", "worker", "registry", "probe", "in flight", "last heartbeat"):
