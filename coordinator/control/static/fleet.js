@@ -76,11 +76,15 @@
       tile(t.hosts_healthy, t.hosts, "worker managers", share(t.hosts_healthy, t.hosts)));
   }
 
-  function instanceTable(instances, maxLoad, withLoad) {
+  // The registry entry's last change: heartbeats that change nothing travel nowhere.
+  const CHANGED = "When the registry entry last changed (a heartbeat that changes nothing is not passed on)";
+
+  function instanceTable(instances, maxLoad, withLoad, runs) {
     const head = el("tr", {}, el("th", { text: "state" }), el("th", { text: "worker" }),
       withLoad ? el("th", { class: "right", text: "in flight" }) : null,
       withLoad ? el("th", { class: "right", text: "weight" }) : null,
-      el("th", { class: "right", text: "last heartbeat" }));
+      runs ? el("th", { text: "runs" }) : null,
+      el("th", { class: "right", title: CHANGED, text: "entry changed" }));
     const rows = instances.map((i) => {
       const tone = HEALTH_TONE[i.health] || "";
       const bad = i.health === "unreachable" || i.health === "unhealthy";
@@ -95,6 +99,7 @@
           el("span", { class: "bar" }, el("span", { style: null, "data-w": width })),
           el("span", { class: "num", text: String(i.in_flight) }))) : null,
         withLoad ? el("td", { class: "right num", text: fmtWeight(i.weight) }) : null,
+        runs ? el("td", { class: "muted", text: (runs[i.endpoint] || []).join(", ") || "–" }) : null,
         el("td", { class: "right" }, i.last_heartbeat ? age(i.last_heartbeat) : el("span", { class: "faint", text: "–" })));
     });
     const table = el("table", {}, el("thead", {}, head), el("tbody", {}, rows));
@@ -125,7 +130,9 @@
         m.instances.length ? instanceTable(m.instances, maxLoad, true)
           : el("div", { class: "empty", text: "No instance (scaled to zero)." }));
     }) : el("div", { class: "card empty", text: "No model is registered yet." }));
-    fill("hosts", hosts.length ? el("div", { class: "card" }, instanceTable(hosts.flatMap((m) => m.instances), 1, false))
+    const runs = {};  // endpoint -> the models listed there
+    for (const m of served) for (const i of m.instances) (runs[i.endpoint] = runs[i.endpoint] || []).push(m.model);
+    fill("hosts", hosts.length ? el("div", { class: "card" }, instanceTable(hosts.flatMap((m) => m.instances), 1, false, runs))
       : el("div", { class: "card empty", text: "No worker manager is registered." }));
   }
 
