@@ -20,13 +20,16 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 import coordinator
 from coordinator.core.deployments import Deployment
+from coordinator.driver.cli import cli
 from tests.conftest import ROOT, wait_until
 
 pytestmark = pytest.mark.ray
@@ -174,6 +177,8 @@ def test_the_page_shows_a_worker_die_and_its_deployment_heal_without_a_reload(fl
     url = cluster.fleet_page_url()
     assert url is not None and url.startswith("http://127.0.0.1:")
     assert cluster.status().page_url == url
+    said = CliRunner().invoke(cli, ["--name", "page-browser", "--namespace", "tests", "status"], terminal_width=200)
+    assert f"fleet page: {url}" in said.output, said.output
 
     do = browser.do
     page = do(browser.chromium.new_page, viewport={"width": 1440, "height": 1000})
@@ -203,6 +208,7 @@ def test_the_page_shows_a_worker_die_and_its_deployment_heal_without_a_reload(fl
     embed = set(ready_ports(cluster, "embed@text2vec"))
     victim = next(p for p in first if p not in embed)
     managers[victim].kill()  # SIGKILL
+    killed = time.monotonic()
     row = f'.model[data-key="chat@llm"] tr[data-endpoint="127.0.0.1:{victim}"]'
     do(page.wait_for_function,
        f"() => {{ const r = document.querySelector('{row}');"
@@ -232,6 +238,7 @@ def test_the_page_shows_a_worker_die_and_its_deployment_heal_without_a_reload(fl
     if not shot.is_absolute():
         shot = ROOT / shot
     do(page.screenshot, path=str(shot), full_page=True)
+    print(f"page shot {time.monotonic() - killed:.1f} s after the kill: {shot}")
     assert shot.stat().st_size > 10_000
     do(page.close)
 
