@@ -24,6 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 from click.testing import CliRunner
 
@@ -251,6 +252,10 @@ def test_the_page_asks_for_the_gateways_key(ray_session, browser, tmp_path):
                                 name="page-keys", namespace="tests")
     try:
         url = cluster.fleet_page_url()
+        # Scripts: the gateway's key as a bearer header, or nothing.
+        assert httpx.get(f"{url}/api/fleet", timeout=10).status_code == 401
+        fleet = httpx.get(f"{url}/api/fleet", headers={"authorization": "Bearer sk-fleet-page-browser"}, timeout=10)
+        assert fleet.status_code == 200 and fleet.json()["name"] == "page-keys"
         do = browser.do
         page = do(browser.chromium.new_page)
         do(page.goto, url)
