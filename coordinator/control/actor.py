@@ -20,10 +20,12 @@ from typing import Any
 
 import ray
 
+from actors.serving import HttpServer
+from coordinator.control.fleet_page import FleetPage
 from coordinator.plumbing.process import exit_for_restart, process_info
 from actors.registry_state import GcsStateStore
 from coordinator.core.changes import Change
-from coordinator.core.config import CoordinatorConfig, EmbeddedSource
+from coordinator.core.config import CoordinatorConfig, EmbeddedSource, is_loopback
 from coordinator.core.deployments import Decision, Deployment, DeploymentStatus
 from coordinator.plumbing.metrics import RayMetrics
 from coordinator.core.models import (
@@ -64,6 +66,39 @@ class CoordinatorActor:
             restarted=restarted,
         )
         self._main = asyncio.get_running_loop().create_task(self._service.run())
+        self._page: HttpServer | None = None
+        self._page_serving = (asyncio.get_running_loop().create_task(self._serve_page())
+                              if config.page.enabled else None)
+
+    async def _serve_page(self) -> None:
+        """Serve the fleet page (README, "The fleet page"). A port that is
+        taken — by this actor's previous process, still closing — is tried
+        again, backing off; the coordinator works on without its page meanwhile."""
+        config = self._service.config
+        settings = config.page
+        keys = config.page_keys()
+        app = FleetPage(self._service.page_snapshot, self._service.fleet_changed, keys,
+                        settings.session_hours, secure_cookie=settings.tls is not None)
+        failures = 0
+        while True:
+            server = HttpServer(app, settings.host, settings.port, settings.tls)
+            try:
+                await server.start()
+                break
+            except OSError as exc:
+                failures += 1
+                if failures == 1:
+                    log.warning("the fleet page cannot serve on %s:%s yet (%s); trying again",
+                                settings.host, settings.port, exc)
+                await asyncio.sleep(config.backoff.delay(failures))
+        self._page = server
+        url = server.url
+        if settings.host in ("0.0.0.0", "::"):  # every address: name one a browser can reach
+            host = ray.util.get_node_ip_address()
+            url = f"{url.split('://')[0]}://{f'[{host}]' if ':' in host else host}:{server.port}"
+        if not keys and not is_loopback(settings.host):
+            log.warning("the fleet page serves %s with no key (page.allow_open)", url)
+        self._service.page_url = url
 
     # ---- reads ----------------------------------------------------------
 
@@ -84,6 +119,17 @@ class CoordinatorActor:
 
     async def status(self) -> ClusterStatus:
         return await self._service.status()
+
+    async def page_url(self, timeout: float = 5.0) -> str | None:
+        """Where the fleet page serves; None when it is turned off, or not
+        serving within ``timeout`` seconds (its port taken)."""
+        if self._page_serving is None:
+            return None
+        try:
+            await asyncio.wait_for(asyncio.shield(self._page_serving), timeout)
+        except TimeoutError:
+            pass
+        return self._service.page_url
 
     async def routes_since(self, since: tuple[str, int] | None, timeout: float) -> Change | None:
         return await self._service.routes_since(since, timeout)
@@ -157,5 +203,9 @@ class CoordinatorActor:
         brings them back — unless ``forget``."""
         self._main.cancel()
         self._ray_proxies.close()
+        if self._page_serving is not None:
+            self._page_serving.cancel()
+        if self._page is not None:
+            await self._page.stop()
         if forget:
             await self._service.forget()

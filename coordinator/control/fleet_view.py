@@ -403,6 +403,7 @@ class FleetView:
                 last_heartbeat=inst.last_heartbeat,
                 in_flight=load.get((inst.model_name, inst.host, inst.port), 0),
                 draining=(inst.model_name, inst.host, inst.port) in self._draining,
+                weight=float(inst.weight or 0.0),  # as the route table takes it
             ))
         return rows
 

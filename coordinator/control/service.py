@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
@@ -35,6 +36,7 @@ from coordinator.core.changes import Change
 from coordinator.core.config import CoordinatorConfig
 from coordinator.core.deployments import Decision, Deployment, DeploymentStatus, Manager, Seen
 from coordinator.core.errors import DeploymentNotReadyError, WaitTimeoutError
+from coordinator.core.fleet_page import fleet_snapshot
 from coordinator.control.fleet_view import FleetView, LinkError, ProxyLink, Reachability, RegistryLink
 from coordinator.control.keeper import Keeper, Store
 from coordinator.core.longpoll import ChangeFeed
@@ -102,6 +104,8 @@ class CoordinatorService:
         #: times a second while requests end.
         self._load_feed = ChangeFeed()
         self._rebuild_by: float | None = None  # loop time until which reads wait for the first answers
+        #: Where the fleet page serves, once it does (set by the actor that serves it).
+        self.page_url: str | None = None
         self.view = FleetView(config, proxies, registries, self._metrics, on_change=self._changed)
         # Restarted, it has not heard from the callers yet: drains wait a
         # report_ttl for them (a fresh coordinator has no callers from before).
@@ -271,8 +275,18 @@ class CoordinatorService:
             busy_keys=self.operations.busy_keys(), queued=self.operations.depths(),
             rollouts=list(self.operations.rollouts.values()), loops=self.supervisor.states(),
             load_reporters=self.view.load.reporters(self.view.now()),
-            waiting=self.view.load.queued(self.view.now()),
+            waiting=self.view.load.queued(self.view.now()), page_url=self.page_url,
         )
+
+    async def page_snapshot(self) -> dict[str, Any]:
+        """What the fleet page shows (:func:`coordinator.core.fleet_page.fleet_snapshot`)."""
+        status = await self.status()
+        return fleet_snapshot(status, self.keeper.statuses() if self.keeper.loaded else [], time.time())
+
+    async def fleet_changed(self, timeout: float) -> bool:
+        """Return True at the fleet's next change (the live set, probes, routes,
+        operations, deployments), False after ``timeout`` seconds."""
+        return await self._feed.next(timeout)
 
     # ---- load -----------------------------------------------------------
 

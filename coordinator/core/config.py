@@ -527,13 +527,31 @@ class GatewaySettings(_Strict):
 
     @model_validator(mode="after")
     def _safe_by_default(self) -> Self:
-        if not self.keys() and not self.allow_open and not _is_loopback(self.host):
+        if not self.keys() and not self.allow_open and not is_loopback(self.host):
             raise ValueError(f"gateway.host {self.host!r} is not a loopback address: set gateway.api_keys or "
                              "gateway.flow.tenants (or gateway.allow_open: true to serve it open anyway)")
         return self
 
 
-def _is_loopback(host: str) -> bool:
+class PageSettings(_Strict):
+    """The fleet page: a read-only web page of the fleet's state, served by
+    the coordinator actor on its own port. It takes the gateway's API keys
+    (``gateway.api_keys`` and its flow tenants' keys); without any it serves
+    only on a loopback address unless ``allow_open`` says otherwise."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    #: 0 picks a free port (a new one after each restart of the coordinator):
+    #: ``cluster.fleet_page_url()`` and ``coordinator status`` say which.
+    port: int = Field(0, ge=0, le=65535)
+    tls: ServeTls | None = None
+    #: Serve without keys on a non-loopback address (not recommended).
+    allow_open: bool = False
+    #: A browser's login lasts this long (hours); a coordinator restart ends it too.
+    session_hours: float = Field(12.0, gt=0, le=24 * 30)
+
+
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
@@ -557,6 +575,8 @@ class CoordinatorConfig(_Strict):
     routing: RoutingSettings = RoutingSettings()
     #: The OpenAI-compatible gateway, started with the coordinator when given.
     gateway: GatewaySettings | None = None
+    #: The fleet page (a read-only web page of the fleet), served by the coordinator.
+    page: PageSettings = PageSettings()
     #: Deployed when the coordinator starts, unless a deployment of the same
     #: model@type is already kept (from an earlier deploy, in Ray's GCS).
     deployments: list[Deployment] = Field(default_factory=list)
@@ -611,6 +631,19 @@ class CoordinatorConfig(_Strict):
         for key in overrides:
             parse_endpoint(key)  # raises naming the key
         return overrides
+
+    @model_validator(mode="after")
+    def _page_safe_by_default(self) -> Self:
+        page = self.page
+        if page.enabled and not self.page_keys() and not page.allow_open and not is_loopback(page.host):
+            raise ValueError(f"page.host {page.host!r} is not a loopback address: set gateway.api_keys (the page "
+                             "takes the gateway's keys), or page.allow_open: true to serve it open anyway")
+        return self
+
+    def page_keys(self) -> list[str]:
+        """The keys the fleet page accepts: the gateway's (revealed, for the
+        page's comparison only)."""
+        return self.gateway.keys() if self.gateway is not None else []
 
     @model_validator(mode="after")
     def _index_overrides(self) -> Self:

@@ -31,3 +31,11 @@ class ChangeFeed:
             except TimeoutError:
                 return done()
         return True
+
+    async def next(self, timeout: float) -> bool:
+        """Return True at the next :meth:`notify`, False after ``timeout`` s."""
+        try:
+            await asyncio.wait_for(self._event.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True

@@ -44,6 +44,8 @@ class InstanceStatus(BaseModel):
     in_flight: int = 0
     #: Out of the route table while an operation waits for its requests to end.
     draining: bool = False
+    #: The registry's weight: routers share load in proportion to it (0: no new requests).
+    weight: float = 1.0
 
     @property
     def healthy(self) -> bool:
@@ -75,3 +77,5 @@ class ClusterStatus(BaseModel):
     #: Requests callers hold per model@type for want of any instance (a model
     #: scaling from zero), summed over the callers that report.
     waiting: dict[str, int] = Field(default_factory=dict)
+    #: Where the fleet page is served (None: turned off, or not serving yet).
+    page_url: str | None = None

@@ -320,6 +320,8 @@ def status_view(st: ClusterStatus, width: int, wide: bool = False) -> list[Rende
     """What ``coordinator status`` prints, for a terminal ``width`` columns
     wide: instances, requests waiting, watchers, operations."""
     parts: list[RenderableType] = []
+    if st.page_url:  # the fleet page: the same, live, in a browser
+        parts.append(Text(f"fleet page: {st.page_url}"))
     reporting = f", in flight as {st.load_reporters} caller(s) report" if st.load_reporters else ""
     rows = []
     for r in sorted(st.instances, key=lambda r: (r.model, r.worker_type, r.host, r.port)):

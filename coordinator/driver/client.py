@@ -172,6 +172,9 @@ class _Calls:
     def deployments(self) -> _Call:
         return _Call("deployments")
 
+    def page_url(self) -> _Call:
+        return _Call("page_url")
+
     @validate_call
     def plan(self, *, deployments: list[Deployment]) -> _Call:
         check_distinct(deployments)
@@ -360,6 +363,12 @@ class Cluster:
         return self._run(self._calls.plan(deployments=list(deployments)))
 
     @_blocks
+    def fleet_page_url(self) -> str | None:
+        """Where the fleet page serves (README, "The fleet page"): open it in a
+        browser. None when the config turns it off (``page: {enabled: false}``)."""
+        return self._run(self._calls.page_url())
+
+    @_blocks
     def registry_url(self, source: str | None = None) -> str:
         """The controller URL of an embedded registry (the first one by default):
         what DB-GPT workers take as ``controller_addr``."""
@@ -500,6 +509,10 @@ class AsyncCluster:
                     settings: GatewaySettings | dict[str, Any] | None = None) -> str:
         """See :meth:`Cluster.serve`."""
         return await asyncio.to_thread(self._cluster.serve, port, host, replicas, settings)
+
+    async def fleet_page_url(self) -> str | None:
+        """See :meth:`Cluster.fleet_page_url`."""
+        return await self._run(self._calls.page_url())
 
     async def registry_url(self, source: str | None = None) -> str:
         """The controller URL of an embedded registry (the first one by default)."""
