@@ -59,6 +59,7 @@ import random
 import re
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -236,14 +237,17 @@ def wait_routes(cluster: coordinator.Cluster, count: int) -> None:
     raise RuntimeError(f"{cluster.name}: {count} chat instances not routable within 60 s")
 
 
-async def overhead(direct_port: int, gateways: dict[str, str], streams: int, warmup: int = 10) -> dict:
+async def overhead(direct_port: int, gateways: dict[str, str], streams: int, warmup: int = 10,
+                   passthroughs: dict[str, str] | None = None) -> dict:
     """Sequential streams, time to first content: straight to the worker
-    (DB-GPT's protocol) and through each gateway (OpenAI), one of each in
+    (DB-GPT's protocol), through each bare pass-through (the same body, see
+    bench/passthrough.py) and through each gateway (OpenAI), one of each in
     turn so that whatever else the machine does weighs on all alike; the first
     ``warmup`` rounds (connections, route tables) not counted."""
     body_oa = {"model": "fast", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
     body_db = {"model": "fast", "messages": [{"role": "human", "content": "hi"}]}
     targets = {"direct": (f"http://127.0.0.1:{direct_port}/api/worker/generate_stream", body_db)}
+    targets |= {name: (f"{base}/api/worker/generate_stream", body_db) for name, base in (passthroughs or {}).items()}
     targets |= {name: (f"{base}/v1/chat/completions", body_oa) for name, base in gateways.items()}
     times: dict[str, list[float]] = {name: [] for name in targets}
     async with aiohttp.ClientSession() as session:
@@ -261,7 +265,7 @@ async def overhead(direct_port: int, gateways: dict[str, str], streams: int, war
     for name, xs in times.items():
         out[name] = {"p50_ms": round(statistics.median(xs) * 1000, 3),
                      "p90_ms": round(statistics.quantiles(xs, n=10)[8] * 1000, 3)}
-    for name in gateways:
+    for name in [*(passthroughs or {}), *gateways]:
         for q in ("p50", "p90"):
             out[name][f"added_{q}_ms"] = round(out[name][f"{q}_ms"] - out["direct"][f"{q}_ms"], 3)
     return out
@@ -442,8 +446,15 @@ def main() -> None:
                                        "Serve's HTTP proxy"}
         else:
             results["serve"] = {"left_out": no_serve}
+        passthroughs = {}
+        for loop in ("asyncio", "uvloop"):
+            port = free_port()
+            proc = subprocess.Popen([sys.executable, "-m", "bench.passthrough", "--port", str(port),
+                                     "--worker-port", str(fast[0][1]), "--loop", loop], cwd=ROOT)
+            extra.append(proc)
+            passthroughs[f"bare pass-through ({loop})"] = f"http://127.0.0.1:{port}"
         time.sleep(3)
-        results["overhead"] = asyncio.run(overhead(fast[0][1], gateways, args.streams))
+        results["overhead"] = asyncio.run(overhead(fast[0][1], gateways, args.streams, passthroughs=passthroughs))
         results["ceiling"] = {f"{name} (1 replica)": asyncio.run(ceiling(f"{url}/v1/chat/completions", 32,
                                                                          args.cost_seconds))
                               for name, url in gateways.items()}

@@ -94,6 +94,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds a 429 asks the client to wait before trying again.
 RETRY_AFTER = 1
+#: Seconds within which the gateway's in-flight gauge follows its count.
+GAUGE_EVERY = 0.1
 #: Trace context headers passed on to the worker (W3C Trace Context).
 TRACE_HEADERS = ("traceparent", "tracestate")
 #: Worker types whose models ``GET /v1/models`` lists.
@@ -133,17 +135,47 @@ class _Seen:
 class _HeldStream(StreamingResponse):
     """A streamed answer that lets go of its place under flow control however
     it ends — even when its body never ran (a client gone before it started:
-    the body's own ``finally`` then never runs)."""
+    the body's own ``finally`` then never runs).
+
+    It streams in the handler's own task and watches for the client's
+    disconnect beside it with plain asyncio, where Starlette (for a server of
+    ASGI spec 2.3, as uvicorn says it is) runs the body in a task group of its
+    own: one task less and no cancel scope on a request's path to its first
+    token. A client gone cancels the body, and with it the worker call."""
 
     def __init__(self, content: Any, release: Callable[[], None], **kwargs: Any) -> None:
         super().__init__(content, **kwargs)
         self._release = release
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        streaming = asyncio.current_task()
+        watch = asyncio.ensure_future(_client_gone(receive))
+        gone = False
+
+        def cancel(_: asyncio.Future) -> None:
+            nonlocal gone
+            if not watch.cancelled() and watch.exception() is None and streaming is not None:
+                gone = True
+                streaming.cancel()
+
+        watch.add_done_callback(cancel)
         try:
-            await super().__call__(scope, receive, send)
+            await self.stream_response(send)
+        except asyncio.CancelledError:
+            if not gone:
+                raise
+            # The client went away: nothing more to send, and the body (closed
+            # with the cancellation) has let go of its worker call.
+            streaming.uncancel()
         finally:
+            watch.remove_done_callback(cancel)
+            watch.cancel()
             self._release()
+
+
+def _instance(routed: Any) -> str:
+    """Where a routed request went, as ``host:port`` ("" if nowhere)."""
+    return "" if routed.route is None else f"{routed.route.host}:{routed.route.port}"
 
 
 async def _client_gone(receive: Receive) -> None:
@@ -165,6 +197,7 @@ class GatewayApp:
         self._metrics = metrics or NoGatewayMetrics()
         self._flow = FlowGate(settings.flow.policy(), self._metrics) if settings.flow is not None else None
         self.in_flight = 0
+        self._gauge_due = False
         #: Counts for tests and the benchmark: routing decisions by reason, outcomes.
         self.reasons: Counter[str] = Counter()
         self.outcomes: Counter[str] = Counter()
@@ -358,12 +391,23 @@ class GatewayApp:
         self._count(1)
 
     def _count(self, change: int) -> None:
+        """Count requests held; the gauge follows within GAUGE_EVERY seconds
+        (set once for a burst of changes, not on each request's path)."""
         self.in_flight += change
+        if not self._gauge_due:
+            self._gauge_due = True
+            asyncio.get_running_loop().call_later(GAUGE_EVERY, self._set_gauge)
+
+    def _set_gauge(self) -> None:
+        self._gauge_due = False
         self._metrics.in_flight(self.in_flight)
 
     def _done(self, model: str, outcome: str, arrived: float, instance: str = "") -> None:
         self.outcomes[outcome] += 1
         self._metrics.request(model, instance, outcome, time.monotonic() - arrived)
+
+    def _first_token(self, model: str, routed: Any, seconds: float) -> None:
+        self._metrics.first_token(model, self._routed(model, routed), seconds)
 
     def _routed(self, model: str, routed: Any) -> str:
         """Record the routing decision; the instance it went to."""
@@ -371,7 +415,7 @@ class GatewayApp:
             return ""
         self.reasons[routed.reason] += 1
         self._metrics.decision(model, routed.reason)
-        return f"{routed.route.host}:{routed.route.port}"
+        return _instance(routed)
 
     async def _map(self, exc: Exception, model: str, worker_type: str) -> _Failed:
         """A routed call's failure as the answer it gets."""
@@ -437,14 +481,19 @@ class GatewayApp:
             if isinstance(exc, StopAsyncIteration):
                 raise _error("worker_failed", f"{model}: the stream ended without output") from None
             raise await self._map(exc, model, "llm") from None
-        instance = self._routed(model, routed)
-        self._metrics.first_token(model, instance, time.monotonic() - arrived)
+        first_at = time.monotonic()
+        instance = _instance(routed)
         if not first.success:
             await outputs.aclose()
+            self._routed(model, routed)
             status, body = worker_error(f"{model} at {instance}: {first.text}", instance)
             raise _Failed(status, body)
         translator = StreamTranslator(kind, id=answer_id, model=model, created=created,
                                       include_usage=req.include_usage, worker=instance)
+        # Recorded at the loop's next turn: in practice once the first token
+        # is written (nothing between here and that write waits), and even if
+        # the client goes before the body runs.
+        asyncio.get_running_loop().call_soon(self._first_token, model, routed, first_at - arrived)
         # The stream holds its place under flow control until it ends, not the handler.
         mine = _Seen(arrived, model, seen.ticket, seen.prompt_chars)
         seen.ticket = None
@@ -458,8 +507,9 @@ class GatewayApp:
             outcome, ended = "success", False
             try:
                 async with aclosing(outputs):
-                    for chunk in translator.feed(first):
-                        yield sse(chunk)
+                    # The first output's events (the role, then the text) in
+                    # one write: the first token is not a write behind.
+                    yield b"".join(sse(chunk) for chunk in translator.feed(first))
                     try:
                         async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                             async for output in outputs:

@@ -62,12 +62,23 @@ class CacheAware:
         self.balance_abs = balance_abs
         self.balance_rel = balance_rel
         self._rng = rng or random.Random()
+        #: The last prompt's blocks: a request is chosen for, then recorded,
+        #: with the same prompt — hashed once.
+        self._last: tuple[str, list[int]] | None = None
+
+    def _blocks(self, prompt_key: str) -> list[int]:
+        last = self._last
+        if last is not None and last[0] is prompt_key:
+            return last[1]
+        blocks = self.index.blocks(prompt_key)
+        self._last = (prompt_key, blocks)
+        return blocks
 
     def choose(self, model: str, candidates: Sequence[Candidate], prompt_key: str | None = None) -> Choice | None:
         usable = usable_indices(candidates)
         if not usable:
             return None
-        blocks = self.index.blocks(prompt_key) if prompt_key else []
+        blocks = self._blocks(prompt_key) if prompt_key else []
         if not blocks:
             return self._by_load(candidates, {}, 1)
         found = self.index.match(model, blocks)
@@ -92,7 +103,7 @@ class CacheAware:
 
     def record(self, model: str, endpoint: Endpoint, prompt_key: str | None = None) -> None:
         if prompt_key:
-            self.index.insert(model, endpoint, self.index.blocks(prompt_key))
+            self.index.insert(model, endpoint, self._blocks(prompt_key))
 
     def forget(self, endpoint: Endpoint, model: str | None = None) -> None:
         self.index.remove(endpoint, model)
