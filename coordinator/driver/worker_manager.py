@@ -250,8 +250,11 @@ class RayWorkerManager:
         listed, or all at their connection limit — ``busy``),
         :class:`NotReachedError` (every instance tried provably never got it)
         or :class:`WorkerFailedError` (a worker that may have received it
-        failed, or its stream broke: never resent). ``route``, if given, is
-        filled with where the request went and why (the policy's reason)."""
+        failed, or its stream broke: never resent) — and under
+        ``caller.flow``, :class:`OverloadedError` (it could not wait for a
+        place; the stream holds its place until it ends). ``route``, if
+        given, is filled with where the request went and why (the policy's
+        reason)."""
         key = _key(params, worker_type)
         if key is None:
             raise InferenceError("Model name count not be empty")
