@@ -143,6 +143,16 @@ def test_tenant_keys_alone_let_the_gateway_serve_beyond_loopback(tenant_keys):
         GatewaySettings.model_validate({"host": "0.0.0.0", "flow": {"capacity": 1}})
 
 
+def test_callers_flow_control_names_its_tenants_without_keys():
+    config = CoordinatorConfig.model_validate({"registries": [{"kind": "embedded"}], "caller": {"flow": {
+        "capacity": 2, "models": {"big": 8}, "max_wait": 5,
+        "tenants": [{"name": "batch", "weight": 1, "max_queued": 10}, {"name": "chat", "weight": 4, "priority": 1}]}}})
+    flow = config.caller.flow
+    assert flow.policy().capacity_of("big") == 8 and flow.policy().share_of("chat") == Share(weight=4)
+    assert flow.share("chat").priority == 1 and flow.share("anyone").priority == 0
+    assert CoordinatorConfig.model_validate({"registries": [{"kind": "embedded"}]}).caller.flow is None  # off
+
+
 @pytest.mark.parametrize(("flow", "needle"), [
     ({}, "capacity"),
     ({"capacity": 0}, "capacity"),

@@ -86,3 +86,105 @@ async def test_refusals_and_queues_are_reported_by_tenant():
     assert late.value.reason == "deadline" and late.value.waited >= 0.09
     assert metrics.refused == {("a", "queue_full"): 1, ("a", "deadline"): 1}
     assert metrics.queued == {"a": 0}
+
+
+# ---- one gate for many loops and threads (a process's RayWorkerManager callers) ----
+
+class Demand:
+    """Records what the gate reports as demand per model@type (thread-safe enough: under the gate's lock)."""
+
+    def __init__(self) -> None:
+        self.waiting: Counter[str] = Counter()
+        self.most: Counter[str] = Counter()
+
+    def __call__(self, key: str, change: int) -> None:
+        self.waiting[key] += change
+        self.most[key] = max(self.most[key], self.waiting[key])
+
+
+async def test_a_release_on_one_loop_wakes_a_request_waiting_on_another_threads_loop():
+    import threading
+
+    demand = Demand()
+    gate = FlowGate(FlowPolicy(capacity=1, max_queued=4), demand=demand)
+    first = gate.ticket("a", "m", 0, 1, FAR)
+    await gate.enter(first, key="m@llm")
+    admitted = threading.Event()
+
+    def other_thread() -> None:
+        async def wait_then_leave() -> None:
+            ticket = gate.ticket("b", "m", 0, 1, FAR)
+            await gate.enter(ticket, key="m@llm")
+            admitted.set()
+            gate.leave(ticket)
+
+        asyncio.run(wait_then_leave())
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    try:
+        await poll(lambda: gate.queued() == 1)
+        assert demand.waiting == {"m@llm": 1}  # waiting: demand for its model
+        assert not admitted.is_set()
+        gate.leave(first)  # this loop frees the place; the other thread's loop wakes
+        await poll(admitted.is_set, timeout=5)
+    finally:
+        thread.join(5)
+    assert not thread.is_alive()
+    assert (gate.queued(), gate.in_flight()) == (0, 0)
+    assert demand.waiting["m@llm"] == 0 and demand.most["m@llm"] == 1
+
+
+def test_callers_on_many_threads_never_exceed_the_capacity_and_all_finish():
+    import threading
+
+    capacity, threads, each = 3, 8, 25
+    demand = Demand()
+    gate = FlowGate(FlowPolicy(capacity=capacity, max_queued=1000), demand=demand)
+    lock = threading.Lock()
+    running = Counter()
+    seen = {"most": 0, "done": 0}
+
+    def caller(n: int) -> None:
+        async def calls() -> None:
+            for _ in range(each):
+                ticket = gate.ticket(f"t{n % 3}", "m", 0, 1, time.monotonic() + 30)
+                await gate.enter(ticket, key="m@llm")
+                with lock:
+                    running["m"] += 1
+                    seen["most"] = max(seen["most"], running["m"])
+                await asyncio.sleep(0.001)
+                with lock:
+                    running["m"] -= 1
+                    seen["done"] += 1
+                gate.leave(ticket)
+
+        asyncio.run(calls())
+
+    pool = [threading.Thread(target=caller, args=(n,)) for n in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join(60)
+    assert not any(t.is_alive() for t in pool)
+    assert seen["done"] == threads * each
+    assert 1 <= seen["most"] <= capacity
+    assert demand.most["m@llm"] >= 1  # some waited, and were counted as demand
+    assert demand.waiting["m@llm"] == 0 and (gate.queued(), gate.in_flight()) == (0, 0)
+
+
+async def test_a_refused_or_cancelled_waiting_request_is_no_longer_demand():
+    demand = Demand()
+    gate = FlowGate(FlowPolicy(capacity=1, max_queued=1), demand=demand)
+    await gate.enter(gate.ticket("a", "m", 0, 1, FAR), key="m@llm")
+    late = asyncio.create_task(gate.enter(gate.ticket("a", "m", 0, 1, time.monotonic() + 0.1), key="m@llm"))
+    await poll(lambda: demand.waiting["m@llm"] == 1)
+    with pytest.raises(FlowRefused):
+        await late
+    assert demand.waiting["m@llm"] == 0
+    cancelled = asyncio.create_task(gate.enter(gate.ticket("b", "m", 0, 1, FAR), key="m@llm"))
+    await poll(lambda: demand.waiting["m@llm"] == 1)
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    assert demand.waiting["m@llm"] == 0 and gate.queued() == 0

@@ -6,6 +6,7 @@ never a worker sent an invalid request."""
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 import json
 from types import SimpleNamespace
 from typing import Any
@@ -303,6 +304,21 @@ async def test_a_noisy_tenant_cannot_crowd_out_a_quiet_one():
     # The place the stream let go of went to the quiet tenant, ahead of the noisy one's earlier requests.
     assert sent(fleet) == ["holder", "quiet", "noisy-0", "noisy-1", "noisy-2"]
     assert gateway.flow_counts() == {"flow_queued": 0, "flow_in_flight": 0}
+
+
+async def test_requests_waiting_for_a_place_are_reported_as_demand_for_their_model():
+    fleet = FakeFleet()
+    fleet.hold.clear()
+    reported: Counter[str] = Counter()
+    fleet.demand = lambda key, change: reported.update({key: change})  # RayWorkerManager.demand
+    gateway, c = flowed(fleet, flow={"capacity": 1})
+    async with c:
+        first = await holding(gateway, c, ONE)
+        waiting = [await queued(gateway, c, said(f"w-{i}"), TWO) for i in range(2)]
+        assert +reported == {"chat@llm": 2}  # the router reports them as queued: the autoscaler's demand
+        fleet.hold.set()
+        assert [r.status_code for r in await asyncio.gather(first, *waiting)] == [200] * 3
+    assert +reported == {}
 
 
 async def test_a_full_queue_answers_429_and_pushes_out_the_flooders_request_for_a_quiet_one():

@@ -96,6 +96,30 @@ def test_grafana_dashboard_plots_every_exported_metric():
         assert f"ray_{name}" in exprs, name
 
 
+def test_grafana_dashboard_names_only_metrics_the_code_defines():
+    """Every ``ray_coordinator_*`` name a panel asks for is one the code makes
+    (a histogram's ``_bucket`` / ``_count`` / ``_sum`` series included), and
+    the table in metrics.py lists exactly what the code makes."""
+    import inspect
+    import json
+
+    from coordinator.plumbing import metrics
+    from tests.conftest import ROOT
+
+    made = set(re.findall(r'"(coordinator_\w+)"', inspect.getsource(metrics)))
+    histograms = set(re.findall(r'Histogram\(\s*"(coordinator_\w+)"', inspect.getsource(metrics)))
+    assert histograms and histograms <= made
+    assert made == set(re.findall(r"^\| (coordinator_\w+) \|", metrics.__doc__, flags=re.M))
+    dash = json.loads((ROOT / "examples" / "grafana_dashboard.json").read_text())
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids)), ids
+    for panel in dash["panels"]:
+        for target in panel["targets"]:
+            for name in re.findall(r"ray_(coordinator_\w+)", target["expr"]):
+                base = re.sub(r"_(bucket|count|sum)$", "", name)
+                assert name in made or base in histograms, (panel["title"], name)
+
+
 def test_a_retired_endpoints_series_leaves_the_metrics(ray_session):
     """Per-endpoint metrics are gauges re-reported while the proxy lives: once
     an endpoint leaves every registry and its proxy is retired, its series

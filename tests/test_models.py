@@ -140,7 +140,7 @@ def test_public_names_are_exactly_the_documented_ones():
         "WatcherStatus", "WorkerApplyOutput", "WorkerApplyRequest", "WorkerOperationError",
         "WorkerStartupRequest", "WorkerSupportedModel", "WorkerType", "attach", "load_config", "start", "stop",
         "Deployment", "DeploymentEvent", "DeploymentNotReadyError", "DeploymentStatus", "NotDeployedError",
-        "ReconcileSettings", "DrainSettings", "Autoscale", "InferenceError", "ModelMetadata", "ModelOutput", "ParameterDescription",
+        "ReconcileSettings", "DrainSettings", "Autoscale", "InferenceError", "OverloadedError", "ModelMetadata", "ModelOutput", "ParameterDescription",
     }
     assert sorted(coordinator.__all__) == sorted(expected)  # each once
     # What the package serves is exactly that: no undocumented name besides

@@ -202,8 +202,8 @@ class FleetView:
         self.load.forget(reporter)
 
     def load_by_model(self) -> dict[str, float]:
-        """Requests in flight (or held waiting for an instance) per model@type,
-        over every caller that reports."""
+        """Requests in flight, and waiting (held for an instance, or queued by
+        flow control), per model@type, over every caller that reports."""
         return {k: float(n) for k, n in self.load.by_model(self._clock()).items()}
 
     def in_flight(self, instance: Instance) -> int:

@@ -253,6 +253,12 @@ class CallerSettings(_Strict):
     #: Seconds after its last report that a caller's in-flight count stops
     #: counting (its process died): nothing waits on a caller that is gone.
     report_ttl: float = Field(5.0, gt=0)
+    #: Flow control of this process's own callers (``RayWorkerManager``'s
+    #: generate, generate_stream, embeddings and routed calls; not the
+    #: gateway's, which its ``gateway.flow`` gates): a capacity per model
+    #: from the process, a queue, priorities and fair shares between the
+    #: tenants the managers are made for. Without it every call is sent at once.
+    flow: FlowSettings | None = None
 
     @model_validator(mode="after")
     def _reports_outlive_their_interval(self) -> Self:
@@ -392,24 +398,29 @@ class FlowShare(_Strict):
 
 
 class FlowTenant(FlowShare):
-    """A named tenant: the keys it calls with (secrets holding one key per
-    line; they are valid keys of the gateway) and what it gets."""
+    """A named tenant: the keys it calls the gateway with (secrets holding one
+    key per line; they are valid keys of the gateway) and what it gets. Under
+    ``caller.flow`` a tenant is the name a ``RayWorkerManager`` is made for,
+    and lists no keys (a process's callers are trusted to say who they are)."""
 
     name: str = Field(pattern=_NAME)
-    keys: list[Secret] = Field(min_length=1)
+    keys: list[Secret] = Field(default_factory=list)
 
     def key_values(self) -> list[str]:
         return [k.strip() for s in self.keys for k in s.reveal().splitlines() if k.strip()]
 
 
 class FlowSettings(_Strict):
-    """Flow control where requests enter the gateway: up to ``capacity``
-    requests in flight per model from one replica; more wait (at most
-    ``max_queued`` per model, each at most ``max_wait`` seconds) and run by
-    priority, then by weighted fair share between tenants; a request that
-    cannot wait is answered 429 with ``Retry-After``. A tenant is a named
-    group of keys in ``tenants``, or else each key of ``api_keys`` alone
-    (``default`` says what each of those gets)."""
+    """Flow control where requests enter: the gateway (``gateway.flow``) or a
+    Python process's ``RayWorkerManager`` callers (``caller.flow``). Up to
+    ``capacity`` requests in flight per model from one gateway replica (or one
+    process); more wait (at most ``max_queued`` per model, each at most
+    ``max_wait`` seconds) and run by priority, then by weighted fair share
+    between tenants; a request that cannot wait is answered 429 with
+    ``Retry-After`` (a caller gets ``OverloadedError`` with ``retry_after``).
+    At the gateway a tenant is a named group of keys in ``tenants``, or else
+    each key of ``api_keys`` alone; for callers it is the name a manager is
+    made for (``default`` says what a tenant not listed gets)."""
 
     #: Requests in flight per model from one gateway replica. Size it to what
     #: the model's instances serve at once (the router answers 429 itself when
@@ -424,7 +435,8 @@ class FlowSettings(_Strict):
     max_wait: float = Field(30.0, gt=0)
     #: Seconds the 429s of flow control ask a client to wait (``Retry-After``).
     retry_after: int = Field(1, ge=0)
-    #: The request header that asks for a priority (0 up to the tenant's max_priority).
+    #: The request header that asks for a priority (0 up to the tenant's
+    #: max_priority; the gateway's only).
     priority_header: str = "X-Priority"
     #: What each key of ``api_keys`` gets (each key is its own tenant), and the
     #: gateway's one tenant when it has no keys.
@@ -524,6 +536,14 @@ class GatewaySettings(_Strict):
     def keys(self) -> list[str]:
         """Every configured key, revealed (for the gateway's comparison only)."""
         return [key for key, _ in self.key_tenants()]
+
+    @model_validator(mode="after")
+    def _tenants_have_keys(self) -> Self:
+        for i, tenant in enumerate(self.flow.tenants if self.flow is not None else []):
+            if not tenant.keys:
+                raise ValueError(f"flow.tenants.{i}.keys: tenant {tenant.name!r} lists no keys, and the gateway "
+                                 "knows its callers' tenants by their keys")
+        return self
 
     @model_validator(mode="after")
     def _safe_by_default(self) -> Self:

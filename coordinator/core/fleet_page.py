@@ -57,7 +57,7 @@ def _models(status: ClusterStatus, desired: dict[str, int]) -> list[dict[str, An
     grouped: dict[str, list[InstanceStatus]] = {}
     for inst in status.instances:
         grouped.setdefault(worker_key(inst.model, inst.worker_type), []).append(inst)
-    for key in status.waiting:  # a model scaled to zero, with requests waiting for it
+    for key in status.waiting:  # a model with requests waiting for it (scaled to zero, or queued)
         grouped.setdefault(key, [])
     models = []
     for key, insts in grouped.items():

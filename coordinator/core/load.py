@@ -43,7 +43,8 @@ class _Report:
     at: float
     counts: dict[Instance, int] = field(default_factory=dict)
     applied: Position | None = None
-    #: Requests held per model@type for want of any instance (scale from zero).
+    #: Requests waiting per model@type: held for want of any instance (scale
+    #: from zero), or queued by flow control.
     queued: dict[str, int] = field(default_factory=dict)
 
 
@@ -118,7 +119,8 @@ class LoadBook:
 
     def by_model(self, now: float, queued: bool = True) -> dict[str, int]:
         """Requests in flight per model@type, over every live reporter — and,
-        with ``queued``, those held waiting for an instance of it."""
+        with ``queued``, those waiting for it (held for an instance, or queued
+        by flow control): the load the autoscaler follows."""
         total: Counter[str] = Counter()
         for (key, _, _), n in self.in_flight(now).items():
             total[key] += n
@@ -127,7 +129,8 @@ class LoadBook:
         return dict(total)
 
     def queued(self, now: float) -> dict[str, int]:
-        """Requests held per model@type for want of an instance, over every live reporter."""
+        """Requests waiting per model@type (held for want of an instance, or
+        queued by flow control), over every live reporter."""
         total: Counter[str] = Counter()
         for _, rep in self._live(now):
             total.update(rep.queued)

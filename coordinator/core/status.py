@@ -74,8 +74,9 @@ class ClusterStatus(BaseModel):
     loops: list[LoopState] = Field(default_factory=list)
     #: Callers (routers, gateway replicas) whose in-flight reports count now.
     load_reporters: int = 0
-    #: Requests callers hold per model@type for want of any instance (a model
-    #: scaling from zero), summed over the callers that report.
+    #: Requests waiting per model@type, summed over the callers that report:
+    #: held for want of any instance (a model scaling from zero), or queued by
+    #: flow control (the gateway's, a process's ``caller.flow``).
     waiting: dict[str, int] = Field(default_factory=dict)
     #: Where the fleet page is served (None: turned off, or not serving yet).
     page_url: str | None = None

@@ -338,7 +338,7 @@ def status_view(st: ClusterStatus, width: int, wide: bool = False) -> list[Rende
         parts.append(Text(f"instances ({st.name}): none yet — no registry lists a worker"))
     if st.waiting:
         rows = [[escape(key), str(n)] for key, n in sorted(st.waiting.items())]
-        parts += tables.render("requests waiting for an instance (scaling from zero)",
+        parts += tables.render("requests waiting (for an instance, or under flow control)",
                                [Col("model", keep=True), Col("waiting", keep=True)], rows, width, wide)
     rows = []
     for w in st.watchers:

@@ -4,22 +4,35 @@ client goes away.
 
 :class:`FlowGate` owns the scheduler and the futures of the waiting
 requests, and is the one place that applies the scheduler's decisions
-(:meth:`FlowGate._apply`): an admission or a refusal wakes the request it
+(:meth:`FlowGate._decide`): an admission or a refusal wakes the request it
 concerns, whichever caller's offer, release or deadline caused it. It keeps
 no timer: each waiting request wakes at its own deadline and asks the
-scheduler to refuse what is overdue. One per event loop (a gateway replica),
-not thread-safe.
+scheduler to refuse what is overdue.
+
+One gate may serve callers on many event loops and threads (a process's
+``RayWorkerManager`` callers: ``sync_*`` methods run on a manager's private
+loop, async ones on their caller's): a lock guards the scheduler and the
+waiting requests, a decision is written under it, and a request waiting on
+another loop is woken with ``call_soon_threadsafe``. The waiting request
+reads its decision, not its future's result, so a wake-up still on its way
+when its deadline passes is no lost admission.
+
+Requests waiting here are demand: with ``demand``, the gate counts each
+waiting request for the model@type its caller names (``key``), so the
+router's load reports show them as ``queued`` and the autoscaler adds them
+to the model's load.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Protocol
 
-from coordinator.core.flow import Admitted, Decision, FlowPolicy, FlowRequest, FlowScheduler, Reason, Refused
+from coordinator.core.flow import Admitted, Decision, FlowPolicy, FlowRequest, FlowScheduler, Queued, Reason, Refused
 
 
 class FlowRefused(Exception):
@@ -41,87 +54,148 @@ class FlowMetrics(Protocol):
     def flow_refused(self, tenant: str, reason: str) -> None: ...
 
 
+class _Waiter:
+    """A request waiting in the gate: its decision once made (under the
+    gate's lock), and the future on its own loop that wakes it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, key: str | None) -> None:
+        self.loop, self.key = loop, key
+        self.future: asyncio.Future[None] = loop.create_future()
+        self.decision: Admitted | Refused | None = None
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 class FlowGate:
     def __init__(self, policy: FlowPolicy, metrics: FlowMetrics | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 demand: Callable[[str, int], None] | None = None) -> None:
         self._scheduler = FlowScheduler(policy)
         self._metrics = metrics
         self._clock = clock
+        self._demand = demand
         self._ids = itertools.count()
-        self._admissions: dict[int, asyncio.Future[Admitted | Refused]] = {}
+        self._lock = threading.Lock()
+        self._waiters: dict[int, _Waiter] = {}
 
     def ticket(self, tenant: str, pool: str, priority: int, cost: float, deadline: float) -> FlowRequest:
         """A request to offer, with an id of its own (``deadline`` on this gate's clock)."""
         return FlowRequest(next(self._ids), tenant, pool, priority, cost, deadline)
 
-    async def enter(self, request: FlowRequest, gone: Callable[[], Awaitable[object]] | None = None) -> None:
+    async def enter(self, request: FlowRequest, gone: Callable[[], Awaitable[object]] | None = None,
+                    key: str | None = None) -> None:
         """Return once ``request`` is admitted; it then holds its place until
         :meth:`leave`. Raises :class:`FlowRefused` (no room to wait, its
         tenant's limit, pushed out, or past its deadline) or
         :class:`ClientGone` (``gone()`` returned while it waited). Cancelled,
-        it leaves the queue — or gives back a place it was just given."""
+        it leaves the queue — or gives back a place it was just given.
+        While it waits it counts as demand for ``key`` (a model@type)."""
         entered = self._clock()
-        offer = self._scheduler.offer(request, entered)
-        self._apply([*offer.others, offer.verdict], request.tenant)
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            offer = self._scheduler.offer(request, entered)
+            waiter = None
+            if isinstance(offer.verdict, Queued):
+                waiter = self._waiters[request.id] = _Waiter(loop, key)
+                self._count_demand(waiter, 1)
+            wakes = self._decide([*offer.others, offer.verdict], request.tenant)
+        self._wake(wakes)
         if isinstance(offer.verdict, Refused):
             raise FlowRefused(request, offer.verdict.reason, 0.0)
-        if isinstance(offer.verdict, Admitted):
+        if waiter is None:
             return
-        decision = await self._wait(request, gone)
+        decision = await self._wait(request, waiter, gone)
         if isinstance(decision, Refused):
             raise FlowRefused(request, decision.reason, self._clock() - entered)
 
     def leave(self, request: FlowRequest, cost: float | None = None) -> None:
         """``request`` is done (it may have run or not; twice is harmless):
         its place goes to the next, its tenant charged ``cost`` if given."""
-        self._apply(self._scheduler.release(request.id, self._clock(), cost), request.tenant)
+        with self._lock:
+            wakes = self._decide(self._scheduler.release(request.id, self._clock(), cost), request.tenant)
+        self._wake(wakes)
 
     def queued(self) -> int:
-        return self._scheduler.queued()
+        with self._lock:
+            return self._scheduler.queued()
 
     def in_flight(self) -> int:
-        return self._scheduler.in_flight()
+        with self._lock:
+            return self._scheduler.in_flight()
 
-    async def _wait(self, request: FlowRequest, gone: Callable[[], Awaitable[object]] | None) -> Admitted | Refused:
-        admission: asyncio.Future[Admitted | Refused] = asyncio.get_running_loop().create_future()
-        self._admissions[request.id] = admission
+    async def _wait(self, request: FlowRequest, waiter: _Waiter,
+                    gone: Callable[[], Awaitable[object]] | None) -> Admitted | Refused:
         watcher = asyncio.ensure_future(gone()) if gone is not None else None
         decided = False
         try:
-            while not admission.done():
+            while waiter.decision is None:
                 left = request.deadline - self._clock()
                 if left <= 0:
                     # Its own deadline: refuse what is overdue (this one included).
-                    self._apply(self._scheduler.expire(self._clock()), request.tenant)
-                    assert admission.done(), f"{request} outlived its deadline"
+                    with self._lock:
+                        wakes = self._decide(self._scheduler.expire(self._clock()), request.tenant)
+                    self._wake(wakes)
+                    assert waiter.decision is not None, f"{request} outlived its deadline"
                     break
-                await asyncio.wait([admission, *([watcher] if watcher else [])], timeout=left,
+                await asyncio.wait([waiter.future, *([watcher] if watcher else [])], timeout=left,
                                    return_when=asyncio.FIRST_COMPLETED)
                 if watcher is not None and watcher.done():  # gone, even if admitted just now
                     raise ClientGone()
             decided = True
-            return admission.result()
+            return waiter.decision
         finally:
-            del self._admissions[request.id]
+            with self._lock:
+                del self._waiters[request.id]
+                if waiter.decision is None:  # leaving the queue undecided: no longer demand
+                    self._count_demand(waiter, -1)
+                wakes = [] if decided else self._decide(
+                    self._scheduler.release(request.id, self._clock()), request.tenant)
+            self._wake(wakes)
             if watcher is not None:
                 watcher.cancel()
                 await asyncio.gather(watcher, return_exceptions=True)
-            if not decided:
-                self.leave(request)
 
-    def _apply(self, decisions: Iterable[Decision], tenant: str) -> None:
-        """Wake the waiting requests ``decisions`` concern, count the
-        refusals, and report the queues of every tenant they touched."""
+    def _decide(self, decisions: Iterable[Decision], tenant: str) -> list[tuple[_Waiter, FlowRequest]]:
+        """Under the lock: give the waiting requests ``decisions`` concern
+        their decision, count the refusals, report the queues of every tenant
+        they touched; the waiting requests to wake (after the lock)."""
         touched = {tenant}
+        wakes: list[tuple[_Waiter, FlowRequest]] = []
         for decision in decisions:
             request = decision.request
             touched.add(request.tenant)
             if isinstance(decision, Refused) and self._metrics is not None:
                 self._metrics.flow_refused(request.tenant, decision.reason)
             if isinstance(decision, Admitted | Refused):
-                admission = self._admissions.get(request.id)
-                if admission is not None and not admission.done():
-                    admission.set_result(decision)
+                waiter = self._waiters.get(request.id)
+                if waiter is not None and waiter.decision is None:
+                    waiter.decision = decision
+                    self._count_demand(waiter, -1)
+                    wakes.append((waiter, request))
         if self._metrics is not None:
             for name in touched:
                 self._metrics.flow_queued(name, self._scheduler.queued(name))
+        return wakes
+
+    def _count_demand(self, waiter: _Waiter, change: int) -> None:
+        if self._demand is not None and waiter.key is not None:
+            self._demand(waiter.key, change)
+
+    def _wake(self, wakes: list[tuple[_Waiter, FlowRequest]]) -> None:
+        """Wake each decided request on its own loop."""
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        for waiter, request in wakes:
+            if waiter.loop is here:
+                _wake(waiter.future)
+                continue
+            try:
+                waiter.loop.call_soon_threadsafe(_wake, waiter.future)
+            except RuntimeError:  # its loop is closed: no one waits there any more
+                if isinstance(waiter.decision, Admitted):
+                    self.leave(request)  # the place it was given goes to the next

@@ -25,6 +25,8 @@ With ``gateway.flow`` set, a request is offered to flow control
 sent: it runs at once, or waits for a place of its model by priority and by
 its tenant's fair share, or is answered 429; its place is held until its
 answer ends — a stream's last chunk, an error, or its client going away.
+While it waits it is reported as queued for its model, with the replica's
+load: demand the autoscaler sees.
 
 What answers what: a bad body 400 naming the field (or a priority header out
 of bounds), a bad or missing key 401, an unknown model 404, a body over the
@@ -195,7 +197,10 @@ class GatewayApp:
         self._limits: OpenAILimits = settings.limits
         self._keys = [(key.encode(), tenant) for key, tenant in settings.key_tenants()]
         self._metrics = metrics or NoGatewayMetrics()
-        self._flow = FlowGate(settings.flow.policy(), self._metrics) if settings.flow is not None else None
+        # What waits in the gate is demand for its model: reported as queued with the process's load.
+        demand = getattr(manager, "demand", None)
+        self._flow = (FlowGate(settings.flow.policy(), self._metrics, demand=demand)
+                      if settings.flow is not None else None)
         self.in_flight = 0
         self._gauge_due = False
         #: Counts for tests and the benchmark: routing decisions by reason, outcomes.
@@ -318,10 +323,11 @@ class GatewayApp:
                 self._count(-1)
             self._leave(seen)
 
-    async def _admit(self, request: Request, seen: _Seen, prompt_chars: int) -> None:
+    async def _admit(self, request: Request, seen: _Seen, prompt_chars: int, worker_type: str) -> None:
         """Wait for a place for ``seen.model`` under flow control (at once
         without it): 429 when the request cannot wait or waited too long,
-        400 for a priority header out of bounds."""
+        400 for a priority header out of bounds. While it waits it is
+        demand for the model (queued in the load reports)."""
         flow = self._settings.flow
         if self._flow is None or flow is None:
             return
@@ -335,7 +341,8 @@ class GatewayApp:
         deadline = seen.arrived + min(flow.max_wait, self._settings.request_timeout)
         ticket = self._flow.ticket(tenant, seen.model, priority, tokens_of(prompt_chars), deadline)
         try:
-            await self._flow.enter(ticket, gone=lambda: _client_gone(request.receive))
+            await self._flow.enter(ticket, gone=lambda: _client_gone(request.receive),
+                                   key=worker_key(seen.model, worker_type))
         except FlowRefused as refused:
             raise _error("overloaded", self._refusal(refused), retry_after=flow.retry_after) from None
         seen.ticket = ticket
@@ -368,7 +375,7 @@ class GatewayApp:
         req = await self._parsed(request, parse_chat if kind == "chat" else parse_completion)
         model = seen.model = req.model
         await self._admit(request, seen, sum(len(m.content) for m in req.messages) if kind == "chat"
-                          else len(req.prompt))
+                          else len(req.prompt), "llm")
         params = to_dbgpt_chat(req, self._limits) if kind == "chat" else to_dbgpt_completion(req)
         headers = {h: request.headers[h] for h in TRACE_HEADERS if h in request.headers}
         answer_id = make_id(kind, secrets.token_hex(12))
@@ -549,7 +556,7 @@ class GatewayApp:
         arrived = seen.arrived
         req = await self._parsed(request, parse_embeddings)
         model = seen.model = req.model
-        await self._admit(request, seen, sum(len(text) for text in req.input))
+        await self._admit(request, seen, sum(len(text) for text in req.input), "text2vec")
         params = to_dbgpt_embeddings(req)
         routed = Routed()
         try:
@@ -586,7 +593,8 @@ async def fleet_manager(coordinator: str, namespace: str) -> RayWorkerManager:
 
     # Looking the coordinator up asks the GCS, blocking: off the loop.
     handle = await asyncio.to_thread(ray.get_actor, coordinator, namespace=namespace)
-    return RayWorkerManager(Cluster(coordinator, namespace, handle))
+    # Ungated: the gateway's own flow control (gateway.flow) gates its requests, not caller.flow.
+    return RayWorkerManager(Cluster(coordinator, namespace, handle), flow=False)
 
 
 class Gateway:

@@ -12,8 +12,9 @@ worker. Choosing an instance is then local, by the model's routing policy,
 among the instances below the per-worker connection limit
 (``caller.max_connections_per_worker``).
 
-The router also reports its requests in flight per instance to the
-coordinator (a second daemon thread): at once when they change, coalesced,
+The router also reports its requests in flight per instance, and those
+waiting per model (held for a model scaling from zero, or queued by flow
+control), to the coordinator (a second daemon thread): at once when they change, coalesced,
 every ``caller.report_every`` seconds while there are any, and after each
 route-table change it takes, saying which table it has applied (a drain waits
 until every caller has: see :mod:`coordinator.core.load`). The
@@ -52,8 +53,10 @@ import ray
 from ray.exceptions import RayError
 
 from coordinator.core.changes import ChangeLog
+from coordinator.core.config import FlowSettings
 from coordinator.core.inference import Candidate, Route, route_identity
 from coordinator.core.routing import ModelPolicies, Reason, RoutingSettings
+from coordinator.driver.flow_gate import FlowGate
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +136,10 @@ class Router:
         #: Requests held per model for want of any instance (scale from zero),
         #: and the coordinator's word on how long to hold them: key -> (seconds, known until).
         self._queued: Counter[str] = Counter()
+        #: Requests waiting per model in a flow gate of this process (also reported as queued).
+        self._waiting: Counter[str] = Counter()
+        #: The process's flow gate of this coordinator's callers (caller.flow), and its settings.
+        self._gate: tuple[FlowSettings, FlowGate] | None = None
         self._hold_known: dict[str, tuple[float, float]] = {}
         self.reports = 0  # load reports the coordinator took (for tests and stats)
         self._suspect: dict[tuple[str, int], float] = {}
@@ -310,7 +317,7 @@ class Router:
             if self._stopped.is_set():
                 break
             with self._lock:  # the counts and the table they were chosen from, together
-                counts, queued, applied = dict(self._by_instance), dict(self._queued), self._applied
+                counts, queued, applied = dict(self._by_instance), dict(self._queued + self._waiting), self._applied
             now = time.monotonic()
             idle = not counts and not queued
             # Due: every report_every while busy; while idle, often enough that
@@ -386,6 +393,28 @@ class Router:
             self._hold_known.clear()
         self._hold_known[key] = (wait, now + HOLD_KNOWN_FOR)
         return wait
+
+    # ---- flow control's queues ----------------------------------------------
+
+    def gate(self, settings: FlowSettings) -> FlowGate:
+        """The flow gate every ``RayWorkerManager`` of this coordinator in this
+        process shares (one queue and one fair share between their tenants,
+        whatever loop or thread calls), made on first use and again if the
+        settings change; what waits in it is reported as queued."""
+        with self._lock:
+            if self._gate is None or self._gate[0] != settings:
+                self._gate = (settings, FlowGate(settings.policy(), demand=self.waiting))
+            return self._gate[1]
+
+    def waiting(self, key: str, change: int) -> None:
+        """``change`` more requests wait for ``key`` under flow control (a
+        gate of this process): reported as queued, like the held ones — the
+        demand the autoscaler adds to the model's load."""
+        with self._lock:
+            self._waiting[key] += change
+            if self._waiting[key] <= 0:
+                del self._waiting[key]
+            self._load_changed.set()
 
     # ---- choosing ---------------------------------------------------------
 

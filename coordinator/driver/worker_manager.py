@@ -18,6 +18,18 @@ most twice; one that may have reached it is never resent — a broken stream
 ends with an error output naming the worker and the cause. When every instance
 is at the limit, the request fails at once, naming it.
 
+With ``caller.flow`` in the coordinator's config, ``generate``,
+``generate_stream``, ``embeddings`` and the routed calls that carry them first
+wait for a place under flow control (:mod:`coordinator.driver.flow_gate`): one
+gate per process and coordinator, shared by every manager and thread, with a
+capacity per model, a bounded queue with a deadline, strict priorities, and
+fair shares between the tenants the managers are made for
+(``RayWorkerManager(cluster, tenant="batch", priority=1)``). A call that cannot
+wait raises :class:`OverloadedError` (``generate`` answers it as an error
+output). Its waiting requests are reported as queued for their model: demand
+the autoscaler sees. The gateway's manager is made with ``flow=False``: the
+gateway gates its requests itself (``gateway.flow``).
+
 Every method works as the first call on a fresh :func:`~coordinator.attach`,
 from plain code, from a coroutine and from any thread (the ``sync_*`` ones
 too; they block their caller, so in async code await their twins). The route
@@ -42,12 +54,14 @@ import random
 import threading
 import time
 import weakref
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from typing import Any, TypeVar
 
 from coordinator.driver.client import Cluster
+from coordinator.core.config import FlowSettings
 from coordinator.core.errors import CoordinatorError, NoInstancesError
+from coordinator.core.flow import FlowRequest, tokens_of, tokens_spent
 from coordinator.core.inference import ModelMetadata, ModelOutput, ParameterDescription, Route
 from coordinator.core.models import (
     ModelInstance,
@@ -59,6 +73,7 @@ from coordinator.core.models import (
 )
 from coordinator.core.routing import prompt_text
 from coordinator.driver.caller import MaybeReceived, NeverSent, WorkerCaller
+from coordinator.driver.flow_gate import FlowGate, FlowRefused
 from coordinator.driver.router import MAX_SENDS, Router
 
 T = TypeVar("T")
@@ -69,6 +84,10 @@ READ_TIMEOUT = 600.0
 ROUTES_WAIT = 30.0
 #: Seconds between looks for kept-open connections to workers that left the table.
 PRUNE_EVERY = 10.0
+#: The tenant of a manager made without one (under ``caller.flow``).
+DEFAULT_TENANT = "default"
+#: The routed paths flow control gates (inference; not metadata or token counts).
+GATED_PATHS = ("/generate", "/embeddings")
 
 
 class WorkerOperationError(CoordinatorError):
@@ -101,6 +120,8 @@ class InferenceError(CoordinatorError):
         InferenceError
         ├── NoInstanceError    nothing to send to: none listed healthy, enabled
         │                      and reachable, or every one at its connection limit (busy)
+        ├── OverloadedError    flow control (caller.flow) would not run it: its
+        │                      queue full, its tenant's limit, or a wait too long
         ├── NotReachedError    every instance tried provably never got the request
         └── WorkerFailedError  a worker that may have received it failed (never resent)
     """
@@ -115,6 +136,17 @@ class NoInstanceError(InferenceError):
         self.retry_after = retry_after
 
 
+class OverloadedError(InferenceError):
+    """Flow control (``caller.flow``) would not run the request: ``reason``
+    is ``queue_full``, ``displaced``, ``deadline`` or ``tenant_limit``."""
+
+    def __init__(self, message: str, reason: str, tenant: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.reason, self.tenant = reason, tenant
+        #: Seconds to wait before trying again (``caller.flow.retry_after``).
+        self.retry_after = retry_after
+
+
 class NotReachedError(InferenceError):
     pass
 
@@ -126,8 +158,21 @@ class WorkerFailedError(InferenceError):
 
 
 class RayWorkerManager:
-    def __init__(self, cluster: Cluster, read_timeout: float = READ_TIMEOUT, rng: random.Random | None = None) -> None:
+    """DB-GPT's worker manager over ``cluster``. Under ``caller.flow`` its
+    inference calls are ``tenant``'s, at ``priority`` (default: the tenant's
+    own in ``caller.flow``); ``flow=False`` sends them ungated (the gateway's
+    manager: the gateway gates them itself)."""
+
+    def __init__(self, cluster: Cluster, read_timeout: float = READ_TIMEOUT, rng: random.Random | None = None,
+                 *, tenant: str = DEFAULT_TENANT, priority: int | None = None, flow: bool = True) -> None:
+        if not tenant:
+            raise ValueError("a tenant must have a name")
+        if priority is not None and priority < 0:
+            raise ValueError(f"a priority must be >= 0, not {priority}")
         self.cluster = cluster
+        self.tenant, self.priority = tenant, priority
+        self._gated = flow
+        self._flow: FlowSettings | None = None
         self._rng = rng
         self._read_timeout = read_timeout
         self._lease: Router | None = None
@@ -205,27 +250,32 @@ class RayWorkerManager:
         listed, or all at their connection limit — ``busy``),
         :class:`NotReachedError` (every instance tried provably never got it)
         or :class:`WorkerFailedError` (a worker that may have received it
-        failed, or its stream broke: never resent). ``route``, if given, is
-        filled with where the request went and why (the policy's reason)."""
+        failed, or its stream broke: never resent) — and under
+        ``caller.flow``, :class:`OverloadedError` (it could not wait for a
+        place; the stream holds its place until it ends). ``route``, if
+        given, is filled with where the request went and why (the policy's
+        reason)."""
         key = _key(params, worker_type)
         if key is None:
             raise InferenceError("Model name count not be empty")
         caller = await self._ready()
-        sends = await self._sends(key, caller, params)
-        for chosen in sends:
-            if route is not None:
-                route.went(chosen, sends.reasons)
-            try:
-                async with aclosing(caller.stream(chosen, "/generate_stream", params, headers)) as outputs:
-                    async for output in outputs:
-                        yield output
-                return
-            except NeverSent as exc:
-                sends.never_sent(chosen, exc)
-            except MaybeReceived as exc:
-                raise WorkerFailedError(f"{key} at {chosen.host}:{chosen.port}: {exc}",
-                                        worker=f"{chosen.host}:{chosen.port}") from None
-        raise sends.failure()
+        async with self._place(key, params) as place:  # held until the stream ends
+            sends = await self._sends(key, caller, params)
+            for chosen in sends:
+                if route is not None:
+                    route.went(chosen, sends.reasons)
+                try:
+                    async with aclosing(caller.stream(chosen, "/generate_stream", params, headers)) as outputs:
+                        async for output in outputs:
+                            place.saw(output)
+                            yield output
+                    return
+                except NeverSent as exc:
+                    sends.never_sent(chosen, exc)
+                except MaybeReceived as exc:
+                    raise WorkerFailedError(f"{key} at {chosen.host}:{chosen.port}: {exc}",
+                                            worker=f"{chosen.host}:{chosen.port}") from None
+            raise sends.failure()
 
     async def embeddings(self, params: dict[str, Any]) -> list[list[float]]:
         """Vectors of ``params["input"]`` (scores, for a ``reranker``)."""
@@ -284,6 +334,12 @@ class RayWorkerManager:
         coordinator in it), per worker."""
         return self._router.in_flight()
 
+    def demand(self, key: str, change: int) -> None:
+        """``change`` more requests wait for ``key`` (a model@type) in a queue
+        of this process's own (the gateway's flow control): the load reports
+        count them as queued, demand the autoscaler adds to the model's load."""
+        self._router.waiting(key, change)
+
     async def aclose(self) -> None:
         """Close this event loop's connections, and give back the process's
         route table (the last manager to give it back stops its follower).
@@ -312,6 +368,7 @@ class RayWorkerManager:
         if self._caller is None:
             config = await self.cluster.aio.config()
             if self._caller is None:  # another call may have built it meanwhile
+                self._flow = config.caller.flow if self._gated else None
                 self._caller = WorkerCaller(config, self._read_timeout)
                 self._router.configure(config.routing, config.caller.report_every, config.caller.report_ttl)
         router = self._router
@@ -346,20 +403,55 @@ class RayWorkerManager:
         and what ``route`` is filled with), sent again elsewhere only if it
         never reached a worker."""
         caller = await self._ready()
-        sends = await self._sends(key, caller, kwargs.get("json") if path == "/generate" else None)
-        for chosen in sends:
-            if route is not None:
-                route.went(chosen, sends.reasons)
-            try:
-                return await caller.call(chosen, method, path, **kwargs)
-            except NeverSent as exc:
-                sends.never_sent(chosen, exc)
-            except MaybeReceived as exc:
-                raise WorkerFailedError(f"{key} at {chosen.host}:{chosen.port}: {path.lstrip('/')} failed: {exc}",
-                                        worker=f"{chosen.host}:{chosen.port}") from None
-        raise sends.failure()
+        async with self._place(key, kwargs.get("json"), gated=path in GATED_PATHS) as place:
+            sends = await self._sends(key, caller, kwargs.get("json") if path == "/generate" else None)
+            for chosen in sends:
+                if route is not None:
+                    route.went(chosen, sends.reasons)
+                try:
+                    answer = await caller.call(chosen, method, path, **kwargs)
+                except NeverSent as exc:
+                    sends.never_sent(chosen, exc)
+                    continue
+                except MaybeReceived as exc:
+                    raise WorkerFailedError(
+                        f"{key} at {chosen.host}:{chosen.port}: {path.lstrip('/')} failed: {exc}",
+                        worker=f"{chosen.host}:{chosen.port}") from None
+                if path == "/generate":
+                    place.saw_answer(answer)
+                return answer
+            raise sends.failure()
 
     _call = routed_call
+
+    @asynccontextmanager
+    async def _place(self, key: str, params: dict[str, Any] | None, gated: bool = True) -> AsyncIterator[_Place]:
+        """Hold a place under flow control (``caller.flow``) for one request
+        while the block runs, waiting for it as needed, and charge its tenant
+        what it cost when it ends. Raises :class:`OverloadedError` when it
+        cannot wait. Without flow control (or ``gated=False``) it holds nothing."""
+        flow = self._flow
+        if flow is None or not gated:
+            yield _Place()
+            return
+        share = flow.share(self.tenant)
+        priority = share.priority if self.priority is None else self.priority
+        if priority > share.top_priority:
+            raise InferenceError(f"priority {priority} is above tenant {self.tenant!r}'s highest "
+                                 f"({share.top_priority}: caller.flow max_priority)")
+        gate = self._router.gate(flow)
+        chars = _request_chars(params)
+        model = (params or {}).get("model") or key.rpartition("@")[0] or key
+        ticket = gate.ticket(self.tenant, str(model), priority, tokens_of(chars), time.monotonic() + flow.max_wait)
+        try:
+            await gate.enter(ticket, key=key)
+        except FlowRefused as refused:
+            raise OverloadedError(_refusal(refused, flow), refused.reason, self.tenant, flow.retry_after) from None
+        place = _Place(gate, ticket, chars)
+        try:
+            yield place
+        finally:
+            place.leave()
 
     def _blocking(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` to the end from synchronous code, on a private loop
@@ -379,6 +471,60 @@ class RayWorkerManager:
                 threading.Thread(target=loop.run_forever, name="worker-manager-sync", daemon=True).start()
                 self._sync_loop = loop
         return asyncio.run_coroutine_threadsafe(coro, self._sync_loop).result()
+
+
+class _Place:
+    """A request's place under flow control (none without it), and what the
+    request cost: its prompt, and its output as it comes."""
+
+    def __init__(self, gate: FlowGate | None = None, ticket: FlowRequest | None = None, prompt_chars: int = 0) -> None:
+        self._gate, self._ticket, self._prompt_chars = gate, ticket, prompt_chars
+        self._output_chars = 0
+        self._tokens: int | None = None
+
+    def saw(self, output: ModelOutput) -> None:
+        self._output_chars = self._output_chars + len(output.text) if output.incremental else len(output.text)
+        total = (output.usage or {}).get("total_tokens")
+        if isinstance(total, int):
+            self._tokens = total
+
+    def saw_answer(self, answer: Any) -> None:
+        try:
+            self.saw(ModelOutput.model_validate(answer))
+        except ValueError:  # not an answer (generate says so to its caller)
+            pass
+
+    def leave(self) -> None:
+        if self._gate is not None and self._ticket is not None:
+            self._gate.leave(self._ticket, tokens_spent(self._prompt_chars, self._output_chars, self._tokens))
+
+
+def _request_chars(params: dict[str, Any] | None) -> int:
+    """The characters a request sends: its prompt, or the texts to embed."""
+    prompt = prompt_text(params)
+    if prompt is not None:
+        return len(prompt)
+    texts = (params or {}).get("input")
+    if isinstance(texts, str):
+        return len(texts)
+    return sum(len(str(t)) for t in texts) if isinstance(texts, list) else 0
+
+
+def _refusal(refused: FlowRefused, flow: FlowSettings) -> str:
+    """Why flow control would not run a caller's request."""
+    model, tenant = refused.request.pool, refused.request.tenant
+    if refused.reason == "deadline":
+        return (f"{model}: no place freed within {refused.waited:.1f} s of waiting (caller.flow.max_wait "
+                f"{flow.max_wait:g} s); try again in {flow.retry_after} s")
+    if refused.reason == "tenant_limit":
+        return (f"tenant {tenant!r} already has {flow.share(tenant).max_queued} requests waiting in this process, "
+                f"its limit (caller.flow max_queued); try again in {flow.retry_after} s")
+    if refused.reason == "displaced":
+        return (f"{model}: the queue is full (caller.flow.max_queued {flow.max_queued}) and this request gave its "
+                f"place to one of a higher priority or of a tenant with less of the queue; try again in "
+                f"{flow.retry_after} s")
+    return (f"{model}: {flow.max_queued} requests already wait for it in this process (caller.flow.max_queued) "
+            f"and none ranks after this one; try again in {flow.retry_after} s")
 
 
 def _key(params: dict[str, Any], worker_type: str) -> str | None:

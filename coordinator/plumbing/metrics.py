@@ -17,7 +17,7 @@
 | coordinator_reconcile_actions_total | counter | action (start / stop / update_params), outcome (success / fallback / failure) |
 | coordinator_in_flight | gauge | model (requests in flight, summed over the callers that report) |
 | coordinator_draining | gauge | model (instances being drained before an operation) |
-| coordinator_waiting | gauge | model (requests callers hold for want of an instance: scaling from zero) |
+| coordinator_waiting | gauge | model (requests waiting: held for want of an instance, scaling from zero, or queued by flow control) |
 | coordinator_loop_restarts_total | counter | loop (follow SOURCE / resync / gauges / deployments; a watcher's or registry's loops) |
 | coordinator_gateway_requests_total | counter | model, outcome (success / http_4xx / http_5xx / broken / worker_error / deadline / cancelled) |
 | coordinator_gateway_time_to_first_token_seconds | histogram | model, instance |
@@ -166,7 +166,8 @@ class RayMetrics:
         self._draining = metrics.Gauge(
             "coordinator_draining", "Instances being drained before an operation, per model", tag_keys=("model",))
         self._waiting = metrics.Gauge(
-            "coordinator_waiting", "Requests callers hold for want of an instance (scaling from zero), per model",
+            "coordinator_waiting", "Requests waiting per model: held for an instance (scaling from zero) or queued "
+            "by flow control",
             tag_keys=("model",))
         self._live_labels: dict[str, set[str]] = {}  # health labels recorded non-zero, by model
 
