@@ -31,12 +31,13 @@ warm-up), on the same fleet:
   served.
 
 **Figures** per contender: the quiet tenants' TTFT p50/p99 (all five
-together; a request refused or failed is counted apart), and against their
-p99 alone; requests refused (429) and failed, per kind of tenant; each
+together; a request refused or failed counts as never answered, an infinite
+TTFT), and against their p99 alone; requests refused (429) and failed, per kind of tenant; each
 tenant's requests completed per second within the window (whenever they
 arrived); **Jain's fairness index** over the six tenants of what each got
 against its max-min fair share (the fleet's completions per second in the
-window, water-filled over the tenants' offered rates: a tenant asking less
+window, water-filled over what each tenant asked in it (its arrivals in the
+window, per second): a tenant asking less
 than an equal share is owed all of it, the rest is split evenly) — 1.0 when
 every tenant got its fair share.
 
@@ -54,6 +55,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import platform
 import random
@@ -150,24 +152,26 @@ async def one(session: aiohttp.ClientSession, url: str, tenant: Tenant, text: st
                 if delta.get("content") and out.ttft is None:
                     out.ttft = time.monotonic() - out.arrived
             out.completed = done and out.ttft is not None
-    except aiohttp.ClientError:
+    except (aiohttp.ClientError, TimeoutError):
         out.status = 0
     finally:
         out.ended = time.monotonic()
 
 
-async def load(url: str, tenants: list[Tenant], seconds: float, seed: int) -> tuple[float, float]:
+async def load(url: str, tenants: list[Tenant], seconds: float) -> tuple[float, float]:
     """Every tenant's Poisson arrivals for ``seconds`` (after a warm-up whose
     requests are not kept for their times); the measured window (begin,
     end). ``Tenant.done`` gets every request's end, warm-up included, for
-    the completions within the window."""
-    rng = random.Random(seed)
+    the completions within the window. Each tenant's arrivals come from a
+    generator seeded by its name: the same in every contender."""
+    prompts = random.Random()
     begin = time.monotonic() + WARMUP_S
     end = begin + seconds
     tasks: list[asyncio.Task] = []
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                      timeout=aiohttp.ClientTimeout(total=120)) as session:
         async def arrivals(tenant: Tenant) -> None:
+            rng = random.Random(tenant.name)
             due = time.monotonic()
             while True:
                 due += rng.expovariate(tenant.rate)
@@ -176,7 +180,7 @@ async def load(url: str, tenants: list[Tenant], seconds: float, seed: int) -> tu
                 await asyncio.sleep(max(0.0, due - time.monotonic()))
                 out = Outcome(tenant.name, time.monotonic())
                 (tenant.outcomes if out.arrived >= begin else tenant.warmup).append(out)
-                tasks.append(asyncio.create_task(one(session, url, tenant, prompt(rng), out)))
+                tasks.append(asyncio.create_task(one(session, url, tenant, prompt(prompts), out)))
 
         await asyncio.gather(*(arrivals(t) for t in tenants))
         await asyncio.gather(*tasks)
@@ -218,13 +222,19 @@ def measure(tenants: list[Tenant], window: tuple[float, float]) -> dict:
     seconds = end - begin
     quiet = [o for t in tenants if t.quiet for o in t.outcomes]
     noisy = [o for t in tenants if not t.quiet for o in t.outcomes]
-    ttfts = [o.ttft for o in quiet if o.completed and o.ttft is not None]
+    # A quiet request refused or failed counts as never answered (an infinite
+    # TTFT), not as left out: the percentiles are over every quiet request.
+    ttfts = [o.ttft if o.completed and o.ttft is not None else math.inf for o in quiet]
     rates = {t.name: t.completed_within(begin, end) / seconds for t in tenants}
-    fair = max_min_shares(sum(rates.values()), {t.name: t.rate for t in tenants})
+    # Owed: the fleet's completions in the window, water-filled over what each
+    # tenant really asked in it (its arrivals, not its nominal rate).
+    asked = {t.name: len(t.outcomes) / seconds for t in tenants}
+    fair = max_min_shares(sum(rates.values()), asked)
     return {
         "quiet_requests": len(quiet),
         "quiet_ttft_p50_s": _r(quantile(ttfts, 0.5)),
         "quiet_ttft_p99_s": _r(quantile(ttfts, 0.99)),
+        "asked_per_s": {name: round(r, 2) for name, r in asked.items()},
         "quiet_refused": sum(o.status == 429 for o in quiet),
         "quiet_failed": sum(not o.completed and o.status != 429 for o in quiet),
         "noisy_requests": len(noisy),
@@ -238,7 +248,7 @@ def measure(tenants: list[Tenant], window: tuple[float, float]) -> dict:
 
 
 def _r(x: float | None, digits: int = 3) -> float | None:
-    return None if x is None else round(x, digits)
+    return None if x is None or math.isinf(x) else round(x, digits)
 
 
 def tenants_for(noisy: bool, keys: dict[str, str]) -> list[Tenant]:
@@ -293,10 +303,10 @@ def main() -> None:
         urls = {"fair": fair.serve(settings=gateway_fair), "free": free.serve(settings=gateway_free)}
         plan = [("quiet alone", "fair", False), ("noisy, flow control", "fair", True),
                 ("noisy, no flow control", "free", True)]
-        for n, (name, gateway, noisy) in enumerate(plan):
+        for name, gateway, noisy in plan:
             console.print(f"{name} ({args.seconds:g} s after a {WARMUP_S:g} s warm-up)…")
             tenants = tenants_for(noisy, keys)
-            window = asyncio.run(load(urls[gateway], tenants, args.seconds, seed=n))
+            window = asyncio.run(load(urls[gateway], tenants, args.seconds))
             results[name] = measure(tenants, window)
             time.sleep(5)  # the fleet empties
     finally:

@@ -59,6 +59,7 @@ def arguments(name: str, port: int, mode: str) -> dict[str, tuple[tuple, dict]]:
         "deployments": ((), {}),
         "plan": ((kept,), {}),
         "registry_url": ((), {}),
+        "fleet_page_url": ((), {}),
         "serve": ((), {"port": 0}),
     }
     manager_args = {
@@ -82,6 +83,7 @@ def arguments(name: str, port: int, mode: str) -> dict[str, tuple[tuple, dict]]:
         "select_one_instance": (("llm", "chat"), {}),
         "sync_select_one_instance": (("llm", "chat"), {}),
         "in_flight": ((), {}),
+        "demand": (("chat@llm", 0), {}),  # a change of none: nothing to report
         "aclose": ((), {}),
     }
     return {"Cluster": cluster_args, "AsyncCluster": cluster_args, "RayWorkerManager": manager_args}[name]

@@ -32,20 +32,13 @@ import coordinator
 from coordinator.core.deployments import Deployment
 from coordinator.driver.cli import cli
 from tests.conftest import ROOT, wait_until
+from tests.test_deployments_e2e import EMBEDDED, FAST, SIM
 
 pytestmark = pytest.mark.ray
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-FAST = {
-    "timeouts": {"apply": 10, "connect": 1, "startup": 10, "shutdown": 10, "supports": 5, "rollout_health": 10},
-    "backoff": {"initial": 0.1, "maximum": 0.5},
-    "long_poll_timeout": 2,
-    "reconcile": {"resync_interval": 2, "backoff_initial": 0.5, "backoff_max": 4, "appear_within": 10},
-}
-EMBEDDED = {"kind": "embedded", "name": "reg", "port": 0, "heartbeat_interval": 1, "heartbeat_timeout": 3}
-SIM = {"provider": "proxy/sim"}
 #: Milliseconds the page has to show a change.
 SHOWN_WITHIN = 20_000
 

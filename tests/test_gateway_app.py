@@ -462,3 +462,36 @@ async def test_a_stream_whose_client_left_before_its_body_started_lets_go_of_its
     assert [m["type"] for m in messages] == ["http.response.start", "http.response.body"]
     assert messages[1]["more_body"]  # never finished
     assert gateway.flow_counts() == {"flow_queued": 0, "flow_in_flight": 0}
+
+
+async def test_a_stream_whose_client_left_ends_quietly_and_one_the_server_cancels_stays_cancelled():
+    """The client going away is the stream's own cancel, swallowed; a cancel
+    from elsewhere (the server shutting down) goes on. Either way the worker
+    call is let go of."""
+    fleet = FakeFleet()
+    first_chunk = asyncio.Event()
+    closed = asyncio.Event()
+
+    async def stalls(params, worker_type="llm", route=None, headers=None):
+        fleet._route(route)
+        try:
+            yield ModelOutput(text="ab")
+            first_chunk.set()
+            await asyncio.Event().wait()
+            yield ModelOutput(text="abcd")
+        finally:
+            closed.set()
+
+    fleet.routed_stream = stalls
+    gateway, _ = flowed(fleet)
+    for shutdown in (False, True):
+        first_chunk.clear(), closed.clear()
+        leave = asyncio.Event()
+        call = asyncio.create_task(gateway(*raw_request(said("s", stream=True), ONE, leave, [])))
+        await asyncio.wait_for(first_chunk.wait(), 5)
+        leave.set()
+        if shutdown:
+            call.cancel()
+        await asyncio.wait({call}, timeout=5)
+        assert call.done() and call.cancelled() is shutdown
+        assert closed.is_set()  # the worker call was let go of either way

@@ -754,3 +754,27 @@ async def test_a_restarted_coordinators_drains_wait_to_hear_from_the_callers_fir
                                  ApplyOptions(apply_type="stop"))).outputs
         assert at_least <= loop.time() - started < at_most and "drained in" in out.message, restarted
         run.cancel()
+
+
+async def test_a_request_held_for_a_model_at_zero_is_decided_on_at_once():
+    """Not at the autoscaler's next once-a-second sample: the report that
+    says a request waits for a model at zero sets its count to one itself."""
+    from coordinator.core.autoscale import Autoscale
+    from coordinator.core.deployments import Deployment
+
+    config = CoordinatorConfig.model_validate(
+        {"registries": [{"kind": "static", "name": "a", "instances": []}], "long_poll_timeout": 0.2})
+    watchers, proxies = FakeWatchers(), FakeProxies()
+    svc = CoordinatorService(config, watchers, proxies, registries=FakeRegistries())
+    run = asyncio.create_task(svc.run())
+    watchers.publish("a", inst("WorkerManager@service", 1))
+    await svc.wait_for("WorkerManager", 1, "service", timeout=5)
+    policy = Autoscale(min_replicas=0, max_replicas=2, target_in_flight=1, downscale_to_zero_delay_s=60)
+    await svc.deploy([Deployment(model="m", replicas=0, autoscale=policy)])
+    await eventually(lambda: svc.keeper.wanted_from_zero(["m@llm"]), "the deployment sampled at zero")
+    svc.report_load("driver", 1, {}, applied=svc.view.routes.position, queued={"m@llm": 1})
+    # Decided in the report's own call: no sample in between.
+    assert not svc.keeper.wanted_from_zero(["m@llm"])
+    [status] = await svc.deployments()
+    assert any(e.action == "autoscale" and "0 -> 1" in e.message for e in status.events)
+    run.cancel()

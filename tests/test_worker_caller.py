@@ -14,12 +14,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 import pytest
 
-from coordinator.core.config import CoordinatorConfig, ServeTls
+from coordinator.core.config import CoordinatorConfig
 from coordinator.core.inference import ModelOutput, Route
 from coordinator.driver.caller import MaybeReceived, NeverSent, WorkerCaller, classify
-from reference_worker import ReferenceWorker, SimModel, WorkerSettings
 from tests.conftest import free_port
-from tests.test_worker_access import pki  # noqa: F401 - the fixture
+from tests.test_worker_access import https_worker, pki  # noqa: F401 - the fixtures
 
 CHAT = {"model": "chat", "messages": [{"role": "human", "content": "hi"}]}
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -85,6 +84,9 @@ async def take(stream: AsyncIterator[ModelOutput]) -> list[ModelOutput]:
     (aiohttp.ServerDisconnectedError(), MaybeReceived, "connection lost mid-call (Server disconnected)"),
     (aiohttp.ClientOSError(104, "Connection reset by peer"), MaybeReceived, "Connection reset by peer"),
     (aiohttp.ClientPayloadError(), MaybeReceived, "answer cut short (ClientPayloadError)"),
+    # aiohttp's words for a request it could not write out whole: no server acted on it
+    (aiohttp.ClientOSError(32, "Can not write request body for http://127.0.0.1:1/api/worker/generate"),
+     NeverSent, "connection closed before the request was written"),
 ])
 def test_each_failure_maps_to_never_sent_only_when_no_connection_was_made(exc, outcome, words):
     failure = classify(exc, read_timeout=30, connect_timeout=3)
@@ -146,6 +148,38 @@ async def test_silence_past_the_read_timeout_may_have_been_received():
 
 
 @pytest.mark.anyio
+async def test_a_worker_that_stops_reading_a_large_request_times_out_as_maybe_received():
+    """Writing the request out counts against the read timeout too (a stalled
+    worker leaves it half written), as httpx's write timeout did."""
+    async def never_reads(reader, writer):
+        await asyncio.sleep(10)
+
+    caller = caller_for(read_timeout=0.5)
+    big = {**CHAT, "messages": [{"role": "human", "content": "x" * 8_000_000}]}
+    async with RawServer(never_reads) as server:
+        with pytest.raises(MaybeReceived, match="no answer within 0.5 s"):
+            await asyncio.wait_for(caller.call(route(server.port), "POST", "/generate", json=big), 10)
+    await caller.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_stream_closed_early_gives_its_connection_back():
+    async def streams(reader, writer):
+        await read_request(reader)
+        writer.write(STREAM_HEAD + chunked(CHUNK))
+        await writer.drain()
+        await asyncio.sleep(10)
+
+    caller = caller_for(caller={"max_connections_per_worker": 1, "pool_timeout": 0.5})
+    async with RawServer(streams) as server:
+        for _ in range(3):  # each would find the one connection taken if the last had kept it
+            stream = caller.stream(route(server.port), "/generate_stream", CHAT)
+            assert (await anext(stream)).text == "a"
+            await stream.aclose()
+    await caller.aclose()
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize("answer, words", [
     (b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 11\r\n\r\nmodel crash", "HTTP 500: model crash"),
     (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello", "answer is not JSON: 'hello'"),
@@ -178,6 +212,7 @@ async def test_the_sources_headers_and_token_are_sent(monkeypatch):
         assert await caller.call(route(server.port), "POST", "/count_token", json={"prompt": "x"}) == 7
     await caller.aclose()
     head = seen[0].lower()
+    assert b"accept-encoding" not in head  # answers are read as they come: never asked compressed
     assert b"authorization: bearer tok-1" in head and b"x-fleet: prod" in head and b"x-global: 1" in head
     assert seen[0].startswith(b"POST /api/worker/count_token HTTP/1.1")
 
@@ -185,26 +220,16 @@ async def test_the_sources_headers_and_token_are_sent(monkeypatch):
 # ---- TLS, against a reference worker that asks for a client certificate ---
 
 
-@pytest.fixture
-async def https_worker(pki):  # noqa: F811 - the module fixture
-    worker = ReferenceWorker(WorkerSettings(
-        models=[SimModel(name="chat")],
-        tls=ServeTls(cert=pki["server_cert"], key=pki["server_key"], client_ca=pki["ca"]),
-    ))
-    await worker.start()
-    yield worker
-    await worker.stop()
-
-
 @pytest.mark.anyio
 async def test_streams_over_mutual_tls_and_a_certificate_it_does_not_trust_is_refused(https_worker, pki):  # noqa: F811
     trusted = caller_for({"tls": {"ca_bundle": str(pki["ca"]), "client_cert": str(pki["client"])}})
-    outputs = await take(trusted.stream(route(https_worker.port), "/generate_stream", CHAT))
+    chat = {**CHAT, "model": "chatgpt-test"}  # the model that worker serves
+    outputs = await take(trusted.stream(route(https_worker.port), "/generate_stream", chat))
     assert outputs and all(o.error_code == 0 for o in outputs)
     await trusted.aclose()
     stranger = caller_for({"tls": {"ca_bundle": str(pki["stranger_ca"]), "client_cert": str(pki["client"])}})
     with pytest.raises(MaybeReceived, match="TLS handshake failed"):  # not resent: it would fail the same way
-        await take(stranger.stream(route(https_worker.port), "/generate_stream", CHAT))
+        await take(stranger.stream(route(https_worker.port), "/generate_stream", chat))
     await stranger.aclose()
 
 

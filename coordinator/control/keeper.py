@@ -355,13 +355,26 @@ class Keeper:
         policy = held.spec.autoscale if held is not None else None
         return policy.from_zero_timeout_s if policy is not None and policy.min_replicas == 0 else 0.0
 
-    def autoscale(self, load: dict[str, float]) -> None:
+    def wanted_from_zero(self, keys: Iterable[str]) -> bool:
+        """Whether any of ``keys`` (models with requests waiting) is a
+        deployment that scales from zero and is at zero now: its first request
+        is worth a decision at once, not at the next second's sample."""
+        for key in keys:
+            state = self._scale.get(key)
+            if self.hold_for(key) > 0 and state is not None and state.replicas == 0:
+                return True
+        return False
+
+    def autoscale(self, load: dict[str, float], keys: Iterable[str] | None = None) -> None:
         """One load sample per model@type (requests in flight and waiting, over
-        every caller): each autoscaled deployment's count follows it, and a
-        change gets a round at once."""
+        every caller): each autoscaled deployment's count follows it (only
+        those of ``keys`` when given), and a change gets a round at once."""
         now = self._clock()
         changed = False
+        only = None if keys is None else set(keys)
         for key, held in list(self._records.items()):
+            if only is not None and key not in only:
+                continue
             policy = held.spec.autoscale
             if policy is None:
                 self._scale.pop(key, None)

@@ -71,6 +71,9 @@ GAUGE_INTERVAL = 1.0
 #: Seconds a call made right after a (re)start waits for the watchers' first
 #: answers before it reads the live set.
 REBUILD_WAIT = 15.0
+#: Seconds between two decisions a model at zero gets from its callers'
+#: reports (between the autoscaler's own once-a-second samples).
+FROM_ZERO_EVERY = 1.0
 
 
 class WatcherLink(Protocol):
@@ -103,6 +106,7 @@ class CoordinatorService:
         #: which every parked route-table poll waits on — reports arrive many
         #: times a second while requests end.
         self._load_feed = ChangeFeed()
+        self._zero_asked: dict[str, float] = {}  # model@type -> when its reports last asked from zero
         self._rebuild_by: float | None = None  # loop time until which reads wait for the first answers
         #: Where the fleet page serves, once it does (set by the actor that serves it).
         self.page_url: str | None = None
@@ -301,9 +305,25 @@ class CoordinatorService:
             others: dict[tuple[str, str, int], int] = {}
         else:
             others = self.view.report_load(reporter, seq, counts, applied, queued)
+            if queued:
+                self._from_zero(queued)
         if self.view.draining():  # a drain waits on these counts
             self._load_feed.notify()
         return others
+
+    def _from_zero(self, queued: dict[str, int]) -> None:
+        """Requests held for a model at zero: its count is decided now, not at
+        the next of the autoscaler's once-a-second samples — that model only,
+        at most once a second (its other samples keep their pace)."""
+        if not (self.keeper.loaded and self.view.ready()):
+            return
+        now = self.view.now()
+        due = [key for key in queued if self.keeper.wanted_from_zero([key])
+               and now - self._zero_asked.get(key, -FROM_ZERO_EVERY) >= FROM_ZERO_EVERY]
+        if due:
+            self._zero_asked = {k: t for k, t in self._zero_asked.items() if now - t < FROM_ZERO_EVERY}
+            self._zero_asked.update(dict.fromkeys(due, now))
+            self.keeper.autoscale(self.view.load_by_model(), keys=due)
 
     def hold_for(self, key: str) -> float:
         """Seconds a caller should hold a request for ``key`` when it has no

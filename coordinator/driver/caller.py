@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+import threading
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -80,7 +81,7 @@ def classify(exc: aiohttp.ClientError, read_timeout: float, connect_timeout: flo
         return MaybeReceived(f"TLS handshake failed: {_detail(exc)}")
     if isinstance(exc, aiohttp.ClientConnectorError):
         return NeverSent(f"connection refused ({_detail(exc.os_error)})")
-    if isinstance(exc, aiohttp.ClientOSError) and str(exc).startswith(UNWRITTEN):
+    if isinstance(exc, aiohttp.ClientOSError) and (exc.strerror or "").startswith(UNWRITTEN):
         # The request could not be written whole: no server acts on a
         # request it has not read to the end of its body.
         return NeverSent(f"connection closed before the request was written ({_detail(exc.__cause__ or exc)})")
@@ -102,6 +103,8 @@ class _Session:
     http: aiohttp.ClientSession
     slots: asyncio.Semaphore
     limit: int
+    #: Requests holding a slot now (a session in use is never closed by retain).
+    busy: int = 0
 
 
 class WorkerCaller:
@@ -118,8 +121,12 @@ class WorkerCaller:
         # Held strongly (a session holds its loop anyway): the sessions of a
         # loop that has closed are let go at the next new loop, and all of
         # them quietly when this caller goes (see _forget).
+        # Loops of several threads share it (a manager's private loop, its
+        # callers' own): the lock guards the outer dict; a loop's own sessions
+        # are touched only from that loop.
         self._sessions: dict[asyncio.AbstractEventLoop, dict[tuple[tuple[str, int], str], _Session]] = {}
-        weakref.finalize(self, _forget_all, self._sessions)
+        self._lock = threading.Lock()
+        weakref.finalize(self, _forget_all, self._sessions, self._lock)
 
     @property
     def settings(self) -> CallerSettings:
@@ -129,9 +136,11 @@ class WorkerCaller:
         loop = asyncio.get_running_loop()
         per_loop = self._sessions.get(loop)
         if per_loop is None:
-            for ended in [other for other in self._sessions if other.is_closed()]:
-                _forget(self._sessions.pop(ended))
-            per_loop = self._sessions[loop] = {}
+            with self._lock:
+                ended = [self._sessions.pop(other) for other in list(self._sessions) if other.is_closed()]
+                per_loop = self._sessions.setdefault(loop, {})
+            for sessions in ended:
+                _forget(sessions)
         key = (route.endpoint, access.model_dump_json())
         session = per_loop.get(key)
         if session is None:
@@ -149,7 +158,9 @@ class WorkerCaller:
                 timeout=aiohttp.ClientTimeout(total=None, connect=connect, sock_connect=connect,
                                               sock_read=self._read_timeout),
                 json_serialize=_dumps,
-                skip_auto_headers=("User-Agent",),
+                # Not Accept-Encoding either: the answers are read as they
+                # come (a stream's chunks at once), never compressed.
+                skip_auto_headers=("User-Agent", "Accept-Encoding"),
                 auto_decompress=False,
             )
             session = per_loop[key] = _Session(http, asyncio.Semaphore(limit), limit)
@@ -168,16 +179,38 @@ class WorkerCaller:
         except TimeoutError:
             raise NeverSent(f"all {session.limit} connections to the worker busy for "
                             f"{self._settings.pool_timeout:.3g} s (never sent)") from None
+        session.busy += 1
+
+    @staticmethod
+    def _free(session: _Session) -> None:
+        session.busy -= 1
+        session.slots.release()
+
+    async def _answer_head(self, session: _Session, method: str, url: URL, **kwargs: Any) -> aiohttp.ClientResponse:
+        """Send the request; the answer once its status and headers came. The
+        whole of it — writing the request out (a worker that stops reading
+        leaves a large one half written), then the answer's head — within the
+        read timeout, as httpx's write and read timeouts did; past it, the
+        request may have arrived."""
+        try:
+            async with asyncio.timeout(self._read_timeout):
+                return await session.http.request(method, url, **kwargs)
+        except TimeoutError as exc:
+            if isinstance(exc, aiohttp.ClientError):  # aiohttp's own (connect) timeout: classified by the caller
+                raise
+            raise MaybeReceived(f"no answer within {self._read_timeout:.3g} s") from None
 
     def _failure(self, exc: aiohttp.ClientError) -> NeverSent | MaybeReceived:
         return classify(exc, self._read_timeout, self._config.timeouts.connect)
 
     async def retain(self, endpoints: set[tuple[str, int]]) -> None:
         """Close this loop's sessions of workers not in ``endpoints`` (gone from
-        the route table, nothing in flight)."""
+        the route table) that nothing is using."""
         per_loop = self._sessions.get(asyncio.get_running_loop(), {})
-        for key in [k for k in per_loop if k[0] not in endpoints]:
-            await per_loop.pop(key).http.close()
+        # Taken out before any await: a request meanwhile opens a new session.
+        gone = [per_loop.pop(k) for k, v in list(per_loop.items()) if k[0] not in endpoints and not v.busy]
+        for session in gone:
+            await session.http.close()
 
     @staticmethod
     def _url(route: Route, access: WorkerAccess, path: str) -> URL:
@@ -192,12 +225,13 @@ class WorkerCaller:
         session = self._session(route, access)
         await self._slot(session)
         try:
-            async with session.http.request(method, self._url(route, access, path), **kwargs) as resp:
+            resp = await self._answer_head(session, method, self._url(route, access, path), **kwargs)
+            async with resp:
                 body = await resp.read()
         except aiohttp.ClientError as exc:
             raise self._failure(exc) from exc
         finally:
-            session.slots.release()
+            self._free(session)
         text = body.decode(errors="replace")
         if not 200 <= resp.status < 300:
             raise MaybeReceived(f"HTTP {resp.status}: {excerpt(text) or '(empty body)'}")
@@ -216,7 +250,9 @@ class WorkerCaller:
         reader = ChunkReader()
         got = 0
         try:
-            async with session.http.post(self._url(route, access, path), json=body, headers=headers) as resp:
+            resp = await self._answer_head(session, "POST", self._url(route, access, path), json=body,
+                                           headers=headers)
+            async with resp:
                 if not 200 <= resp.status < 300:
                     text = (await resp.read()).decode(errors="replace")
                     raise MaybeReceived(f"HTTP {resp.status}: {excerpt(text, 200)}")
@@ -226,13 +262,13 @@ class WorkerCaller:
                         yield output
         except aiohttp.ClientError as exc:
             failure = self._failure(exc)
-            if isinstance(failure, NeverSent):
+            if isinstance(failure, NeverSent) and got == 0:  # never once output was seen, whatever aiohttp says
                 raise failure from exc
             raise MaybeReceived(f"stream broken after {got} chunks: {failure}") from exc
         except ValueError as exc:  # a chunk that is not a ModelOutput
             raise MaybeReceived(f"unreadable chunk after {got} chunks: {exc}") from exc
         finally:
-            session.slots.release()
+            self._free(session)
         if reader.pending.strip():
             raise MaybeReceived(f"stream ended mid-chunk after {got} chunks")
         if got == 0:
@@ -240,7 +276,9 @@ class WorkerCaller:
 
     async def aclose(self) -> None:
         """Close the sessions of the running loop."""
-        for session in self._sessions.pop(asyncio.get_running_loop(), {}).values():
+        with self._lock:
+            sessions = self._sessions.pop(asyncio.get_running_loop(), {})
+        for session in sessions.values():
             await session.http.close()
 
 
@@ -251,9 +289,10 @@ def _dumps(value: Any) -> str:
 
 def _forget(per_loop: dict[Any, _Session]) -> None:
     """Let go of sessions whose loop ended without :meth:`WorkerCaller.aclose`
-    (a driver's ``asyncio.run`` that returned): their sockets are closed
-    without awaiting, instead of each session logging "Unclosed client
-    session" when it is collected."""
+    (a driver's ``asyncio.run`` that returned), without awaiting: each is
+    marked closed instead of logging "Unclosed client session" when it is
+    collected. A closed loop's kept-open sockets close when they are
+    collected (asyncio can no longer close them); a live loop's close now."""
     for session in per_loop.values():
         connector = session.http.connector
         session.http.detach()
@@ -262,10 +301,15 @@ def _forget(per_loop: dict[Any, _Session]) -> None:
     per_loop.clear()
 
 
-def _forget_all(sessions: dict[asyncio.AbstractEventLoop, dict[Any, _Session]]) -> None:
-    for loop, per_loop in sessions.items():
+def _forget_all(sessions: dict[asyncio.AbstractEventLoop, dict[Any, _Session]], lock: threading.Lock) -> None:
+    with lock:
+        taken = list(sessions.items())
+        sessions.clear()
+    for loop, per_loop in taken:
         if loop.is_closed():
             _forget(per_loop)
         else:  # its sockets are the loop's to close, in its own thread
-            loop.call_soon_threadsafe(_forget, per_loop)
-    sessions.clear()
+            try:
+                loop.call_soon_threadsafe(_forget, per_loop)
+            except RuntimeError:  # closed meanwhile
+                _forget(per_loop)

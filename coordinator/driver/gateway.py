@@ -152,24 +152,32 @@ class _HeldStream(StreamingResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         streaming = asyncio.current_task()
         watch = asyncio.ensure_future(_client_gone(receive))
-        gone = False
+        gone = finished = False
 
         def cancel(_: asyncio.Future) -> None:
             nonlocal gone
-            if not watch.cancelled() and watch.exception() is None and streaming is not None:
-                gone = True
-                streaming.cancel()
+            # Not once the answer is over (a callback already queued when it
+            # ended must not cancel the handler's next await).
+            if finished or watch.cancelled() or watch.exception() is not None or streaming is None:
+                return
+            gone = True
+            streaming.cancel()
 
         watch.add_done_callback(cancel)
         try:
             await self.stream_response(send)
         except asyncio.CancelledError:
-            if not gone:
+            # Ours (the client went away) unless another cancel came too, as
+            # the server's shutdown does: that one goes on.
+            if not gone or streaming is None or streaming.uncancel():
                 raise
-            # The client went away: nothing more to send, and the body (closed
-            # with the cancellation) has let go of its worker call.
-            streaming.uncancel()
+            # Nothing more to send; the body lets go of its worker call now,
+            # wherever it stopped (at a yield, the send was cancelled).
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
         finally:
+            finished = True
             watch.remove_done_callback(cancel)
             watch.cancel()
             self._release()
