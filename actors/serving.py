@@ -58,6 +58,9 @@ class HttpServer:
             log_level="warning",
             lifespan="off",
             access_log=False,
+            # Nothing here reads the client's address: no X-Forwarded-* rewriting
+            # on every request (a middleware hop on the gateway's path).
+            proxy_headers=False,
             timeout_graceful_shutdown=1,
             ssl_certfile=str(tls.cert) if tls else None,
             ssl_keyfile=str(tls.key) if tls else None,
