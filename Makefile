@@ -86,14 +86,18 @@ rollout: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-token} $(PY) -m bench.rollout
 
-# Following demand (about 17 minutes, estimated): an autoscaled deployment
+# Following demand (about 25 minutes): an autoscaled deployment
 # beside fleets fixed at max and at min under step, spike and sine traces of
 # streamed load, on 8 reference worker managers with a 10 s cold start; and
-# the first request to a deployment at zero. A smoke run (about 4 minutes,
-# results kept apart): .venv/bin/python -m bench.demand --quick
+# the first request to a deployment at zero (alone: bench.demand
+# --only-from-zero, about a minute). Then a noisy tenant at 10x beside five
+# quiet ones through the gateway, with and without flow control (bench.fairness,
+# about 8 minutes). A smoke run (about 4 minutes, results kept apart):
+# .venv/bin/python -m bench.demand --quick
 demand: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-token} $(PY) -m bench.demand
+	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-token} $(PY) -m bench.fairness
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis  # .venv-dbgpt is kept: rebuilding it takes a while
