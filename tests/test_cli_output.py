@@ -360,3 +360,43 @@ def test_no_ray_on_this_machine_says_how_to_start_one(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     line = one_line(CliRunner().invoke(cli, ["status"]))
     assert "no Ray cluster is running on this machine: start one with 'ray start --head'" in line
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["config", "--set", "gateway.port=["], "gateway.port: '[' is not a YAML value"),
+        (["apply", "m", "restart", "--param", "x=["], "the value is not YAML"),
+    ],
+)
+def test_a_value_that_is_not_yaml_is_one_line_before_connecting(run, args, needle):
+    result = run(*args)
+    assert result.exit_code == 2 and needle in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_checks_its_config_before_connecting_and_names_the_file(run, tmp_path):
+    config = tmp_path / "gw.yaml"
+    config.write_text("gateway:\n  port: notaport\n")
+    line = one_line(run("serve", "--config", str(config)))
+    assert f"{config}: gateway: port" in line and "--port" not in line
+
+
+def test_a_typo_in_a_coordinator_variable_is_one_line(monkeypatch):
+    monkeypatch.setenv("COORDINATOR_GATEWAY_PORT", "8200")  # one underscore: sets nothing
+    result = CliRunner().invoke(cli, ["config"])
+    assert result.exit_code == 2 and "COORDINATOR_GATEWAY_PORT" in result.stderr
+    assert "ValueError" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_token_mode_with_no_token_says_so_in_one_line(monkeypatch):
+    from ray._private import gcs_utils
+
+    class AuthenticationError(Exception):  # what Ray's client raises when it has no token to send
+        pass
+
+    def no_token(address):
+        raise AuthenticationError("no token")
+
+    monkeypatch.setattr(gcs_utils, "create_gcs_channel", no_token)
+    said = preflight.check(f"127.0.0.1:{free_port()}")
+    assert said is not None and "no token" in said and "RAY_AUTH_TOKEN" in said

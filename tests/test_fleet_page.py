@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from datetime import datetime, timezone
 
 import httpx
@@ -166,7 +167,8 @@ async def served():
 
     async def serve(keys: list[str]) -> tuple[FakeCoordinator, str]:
         fake = FakeCoordinator()
-        server = HttpServer(FleetPage(fake.snapshot, fake.changed, keys), "127.0.0.1", 0)
+        fake.page = FleetPage(fake.snapshot, fake.changed, keys)
+        server = HttpServer(fake.page, "127.0.0.1", 0)
         await server.start()
         servers.append(server)
         return fake, server.url
@@ -309,3 +311,35 @@ def test_a_session_expires():
     now[0] += 3601
     assert not sessions.valid(token)
     assert not Sessions(hours=1, clock=lambda: T0).valid(token)  # another server's (a restarted coordinator's)
+
+
+@pytest.mark.anyio
+async def test_an_open_page_on_loopback_answers_only_loopback_names(served):
+    """DNS rebinding: another site's name pointed at 127.0.0.1 reaches the
+    port, but says its own name in Host — an open page reads nothing to it."""
+    _, url = await served([])
+    port = url.rsplit(":", 1)[1]
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}"):
+            assert (await client.get("/api/fleet", headers={"host": host})).status_code == 200
+        for path in ("/api/fleet", "/api/events"):
+            assert (await client.get(path, headers={"host": f"evil.example:{port}"})).status_code == 401
+
+
+@pytest.mark.anyio
+async def test_a_stream_a_session_opened_ends_with_the_session(served, monkeypatch):
+    fake, url = await served([KEY])
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        assert (await client.post("/login", json={"key": KEY})).status_code == 200
+        page = fake.page
+        async with client.stream("GET", "/api/events") as response:
+            stream = events(response)
+            name, _ = await anext(stream)
+            assert name == "fleet"
+            # The session runs out while the page stays open: the stream ends.
+            monkeypatch.setattr(page._sessions, "_clock", lambda: time.time() + 10 * 86400)
+            fake.change.set()
+            with pytest.raises(StopAsyncIteration):
+                while True:
+                    await asyncio.wait_for(anext(stream), 10)
+        assert (await client.get("/api/fleet")).status_code == 401  # and it is refused when it comes back

@@ -34,7 +34,8 @@ from coordinator.driver.cli import cli
 from tests.conftest import ROOT, wait_until
 from tests.test_deployments_e2e import EMBEDDED, FAST, SIM
 
-pytestmark = pytest.mark.ray
+# The first test's set-up may install Chromium (apt-get, bounded at 900 s a step).
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200)]
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -96,10 +97,12 @@ class Browser:
 
 @pytest.fixture(scope="module")
 def browser():
+    # Playwright first: without it there is nothing to drive a browser with,
+    # and no reason to install one.
+    pytest.importorskip("playwright.sync_api", reason="playwright is in the test extras")
     why = _install_chromium()
     if why:
         pytest.skip(why)
-    pytest.importorskip("playwright.sync_api", reason="playwright is in the test extras")
     web = Browser()
     try:
         web.launch()

@@ -107,6 +107,7 @@ def _run(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float = 120) -
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # a cold install of ray from the package index, beyond the suite's 300 s
 def test_installed_from_the_wheel_into_a_clean_venv_the_command_and_the_worker_work(wheel, tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)

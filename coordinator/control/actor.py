@@ -14,6 +14,7 @@ the actor cleanly rather than leaving it answering from a frozen view.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import warnings
 from typing import Any
@@ -73,7 +74,9 @@ class CoordinatorActor:
     async def _serve_page(self) -> None:
         """Serve the fleet page (README, "The fleet page"). A port that is
         taken — by this actor's previous process, still closing — is tried
-        again, backing off; the coordinator works on without its page meanwhile."""
+        again, backing off; the coordinator works on without its page
+        meanwhile. Anything else (a TLS file that does not load) is logged
+        once, and the page stays off."""
         config = self._service.config
         settings = config.page
         keys = config.page_keys()
@@ -86,6 +89,10 @@ class CoordinatorActor:
                 await server.start()
                 break
             except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    log.error("the fleet page cannot serve on %s:%s (%s); it stays off", settings.host,
+                              settings.port, exc)
+                    return
                 failures += 1
                 if failures == 1:
                     log.warning("the fleet page cannot serve on %s:%s yet (%s); trying again",
@@ -129,6 +136,8 @@ class CoordinatorActor:
             await asyncio.wait_for(asyncio.shield(self._page_serving), timeout)
         except TimeoutError:
             pass
+        except Exception:  # it failed to start: logged there; no page
+            return None
         return self._service.page_url
 
     async def routes_since(self, since: tuple[str, int] | None, timeout: float) -> Change | None:

@@ -42,8 +42,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route, Router
 
+from coordinator.core.config import is_loopback
+
 #: Seconds a snapshot is shared between every reader before it is built again.
 SHARED_FOR = 0.5
+#: Event streams open at once at most (each page holds one).
+MAX_STREAMS = 64
 #: Seconds an event stream waits for a change before it looks again anyway
 #: (in-flight counts and probes change without waking the coordinator's feed).
 LOOK_EVERY = 1.0
@@ -93,28 +97,55 @@ class Sessions:
         return f"{expires}.{self._sign(expires)}"
 
     def valid(self, token: str) -> bool:
+        expiry = self.expiry(token)
+        return expiry is not None and expiry > self._clock()
+
+    def expiry(self, token: str) -> float | None:
+        """When a genuine token expires (None: not one of ours)."""
         expires, _, signature = token.partition(".")
         if not expires.isdigit() or len(expires) > 12:
-            return False
-        return hmac.compare_digest(signature.encode(), self._sign(expires).encode()) and int(expires) > self._clock()
+            return None
+        return float(expires) if hmac.compare_digest(signature.encode(), self._sign(expires).encode()) else None
+
+    def now(self) -> float:
+        return self._clock()
 
 
 class SharedSnapshot:
     """One snapshot for every reader at a time: built at most once per
-    ``SHARED_FOR`` seconds however many pages are open."""
+    ``SHARED_FOR`` seconds however many pages are open, and written out as
+    JSON once per change (``version`` moves only when more than its time
+    did), whatever the number of streams sending it."""
 
     def __init__(self, build: Callable[[], Awaitable[dict[str, Any]]]) -> None:
         self._build = build
         self._lock = asyncio.Lock()
         self._value: dict[str, Any] | None = None
         self._at = 0.0
+        self.version = 0
+        self.payload = b""
 
     async def get(self) -> dict[str, Any]:
         async with self._lock:
             if self._value is None or time.monotonic() - self._at >= SHARED_FOR:
-                self._value = await self._build()
+                value = await self._build()
+                if not _same(self._value, value):
+                    self.version += 1
+                    self.payload = json.dumps(value, separators=(",", ":")).encode()
+                self._value = value
                 self._at = time.monotonic()
             return self._value
+
+
+def _loopback_host(request: Request) -> bool:
+    """An open page (no keys) answers only requests addressed to a loopback
+    name when it listens on loopback: a site that points its own name at
+    127.0.0.1 (DNS rebinding) reaches the port but names itself in ``Host``."""
+    server = request.scope.get("server") or ("", 0)
+    if not is_loopback(str(server[0])):
+        return True  # open off loopback: page.allow_open said so
+    host = urlsplit(f"//{request.headers.get('host', '')}").hostname or ""
+    return is_loopback(host)
 
 
 def _same(a: dict[str, Any] | None, b: dict[str, Any]) -> bool:
@@ -135,6 +166,7 @@ class FleetPage:
         self._sessions = Sessions(session_hours)
         self._secure = secure_cookie
         self._assets = read_assets()
+        self._streams = 0
         self._router = Router([
             Route("/", self._index, methods=["GET"]),
             Route("/fleet.css", self._asset, methods=["GET"]),
@@ -181,7 +213,7 @@ class FleetPage:
 
     def allowed(self, request: Request) -> bool:
         if self.open:
-            return True
+            return _loopback_host(request)
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() == "bearer":
             return self._known(key)
@@ -231,24 +263,35 @@ class FleetPage:
     async def _events(self, request: Request) -> Response:
         if not self.allowed(request):
             return self._refused()
-        return StreamingResponse(self._stream(), media_type="text/event-stream",
+        if self._streams >= MAX_STREAMS:
+            return JSONResponse({"error": "busy", "message": f"{MAX_STREAMS} pages are open already"},
+                                status_code=503, headers={"retry-after": "10"})
+        # A stream a session opened ends with the session (the page then
+        # reconnects, is refused, and asks to log in again).
+        until = None if self.open or request.headers.get("authorization") else self._sessions.expiry(
+            request.cookies.get(self._cookie_name(request), ""))
+        return StreamingResponse(self._stream(until), media_type="text/event-stream",
                                  headers={"cache-control": "no-store", "x-accel-buffering": "no"})
 
-    async def _stream(self) -> AsyncIterator[str]:
-        yield "retry: 2000\n\n"  # the browser's wait before it reconnects
-        last: dict[str, Any] | None = None
-        sent = time.monotonic()
-        while True:
-            snapshot = await self._shared.get()
-            if not _same(last, snapshot):
-                last = snapshot
-                sent = time.monotonic()
-                yield f"event: fleet\ndata: {json.dumps(snapshot, separators=(',', ':'))}\n\n"
-            elif time.monotonic() - sent >= TICK_EVERY:
-                sent = time.monotonic()
-                yield f"event: tick\ndata: {json.dumps({'at': snapshot['at']})}\n\n"
-            await self._changed(LOOK_EVERY)
-            await asyncio.sleep(PACE)
+    async def _stream(self, until: float | None = None) -> AsyncIterator[bytes]:
+        self._streams += 1
+        try:
+            yield b"retry: 2000\n\n"  # the browser's wait before it reconnects
+            version = -1
+            sent = time.monotonic()
+            while until is None or self._sessions.now() < until:
+                snapshot = await self._shared.get()
+                if self._shared.version != version:
+                    version = self._shared.version
+                    sent = time.monotonic()
+                    yield b"event: fleet\ndata: " + self._shared.payload + b"\n\n"
+                elif time.monotonic() - sent >= TICK_EVERY:
+                    sent = time.monotonic()
+                    yield f"event: tick\ndata: {json.dumps({'at': snapshot['at']})}\n\n".encode()
+                await self._changed(LOOK_EVERY)
+                await asyncio.sleep(PACE)
+        finally:
+            self._streams -= 1
 
     async def _login(self, request: Request) -> Response:
         if not self._same_origin(request):

@@ -207,7 +207,11 @@ def parse_assignments(pairs: Iterable[str]) -> dict[str, Any]:
         path = key.strip().split(".")
         if not sep or not all(path):
             raise ValueError(f"{key.strip()!r} is not key=value with a dotted key (gateway.port=8200)")
-        leaf = yaml.safe_load(value) if value.strip() else ""
+        try:
+            leaf = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or type(exc).__name__
+            raise ValueError(f"{key.strip()}: {value!r} is not a YAML value ({problem})") from None
         out = merge(out, _nest(path, leaf))
     return out
 

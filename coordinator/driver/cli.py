@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -100,7 +101,11 @@ def _params(pairs: tuple[str, ...]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise click.BadParameter(f"{pair!r} is not key=value", param_hint="--param")
-        out[key] = yaml.safe_load(value) if value else ""
+        try:
+            out[key] = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or type(exc).__name__
+            raise click.BadParameter(f"{pair!r}: the value is not YAML ({problem})", param_hint="--param") from None
     return out
 
 
@@ -193,8 +198,12 @@ def _load(config_path: str | None, assignments: tuple[str, ...]) -> CoordinatorC
     except ConfigFileError as exc:
         raise UserError([str(exc)]) from None
     except ValidationError as exc:
-        where = config_path if config_path and not assignments else "the config (file, COORDINATOR_*, --set)"
+        from_env = any(name.startswith("COORDINATOR_") for name in os.environ)
+        where = (config_path if config_path and not assignments and not from_env
+                 else "the config (file, COORDINATOR_*, --set)")
         raise UserError(config_problems(exc, where)) from None
+    except ValueError as exc:  # a COORDINATOR_* variable that sets nothing, a --set that is not key=value
+        raise UserError([str(exc)]) from None
 
 
 @cli.command()
@@ -253,11 +262,20 @@ def show_config(config_path: str | None, assignments: tuple[str, ...], everythin
 def gateway_settings(config_path: str | None, **options: Any) -> GatewaySettings:
     """What ``serve`` starts: the file's ``gateway:`` section, the
     ``COORDINATOR_GATEWAY__*`` variables over it, the options given over both."""
-    section = config_data(config_path).get("gateway")
+    try:
+        section = config_data(config_path).get("gateway")
+    except ConfigFileError as exc:
+        raise UserError([str(exc)]) from None
+    except ValueError as exc:
+        raise UserError([str(exc)]) from None
     if config_path is not None and section is None:
         raise click.UsageError(f"{config_path} has no gateway: section (nor COORDINATOR_GATEWAY variables)")
     given = {k: v for k, v in options.items() if v is not None}
-    return GatewaySettings.model_validate(merge(section or {}, given))
+    try:
+        return GatewaySettings.model_validate(merge(section or {}, given))
+    except ValidationError as exc:
+        where = f"{config_path}: gateway" if config_path else "gateway (COORDINATOR_GATEWAY__*, options)"
+        raise UserError(config_problems(exc, where)) from None
 
 
 @cli.command()
@@ -273,7 +291,8 @@ def gateway_settings(config_path: str | None, **options: Any) -> GatewaySettings
 @click.pass_obj
 def serve(obj: Context, port: int | None, host: str | None, replicas: int | None, config_path: str | None) -> None:
     """Serve OpenAI's API over the fleet (the gateway), kept with the coordinator."""
-    url = obj.cluster().serve(settings=gateway_settings(config_path, port=port, host=host, replicas=replicas))
+    settings = gateway_settings(config_path, port=port, host=host, replicas=replicas)  # checked before Ray
+    url = obj.cluster().serve(settings=settings)
     console.print(f"gateway serving OpenAI's API at [bold]{escape(url)}/v1[/] "
                   f"(and {escape(url)}/api/v1); point an OpenAI client's base_url there")
 

@@ -31,7 +31,7 @@ def advice(code: str, address: str, local_mode: str) -> str | None:
                     f"head's token in ~/.ray/auth_token or RAY_AUTH_TOKEN")
         return (f"the Ray cluster at {address} refuses this shell's token: use the head's token (copy its "
                 f"~/.ray/auth_token here, or set RAY_AUTH_TOKEN to it)")
-    if code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+    if code == "UNAVAILABLE":  # a slow answer (DEADLINE_EXCEEDED) may still be a cluster: ray.init decides
         return (f"no Ray cluster answers at {address}: start one with 'ray start --head', or give its address "
                 f"with --address (or RAY_ADDRESS)")
     return None
@@ -54,14 +54,28 @@ def check(address: str | None) -> str | None:
         return None
     if gcs is None:
         return None
-    channel = create_gcs_channel(gcs)
+    try:
+        channel = create_gcs_channel(gcs)
+    except Exception as exc:  # e.g. token mode with no token to send, or TLS files that do not load
+        return _unusable(exc)
     try:
         stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
         stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=DEADLINE)
         code = "OK"
     except grpc.RpcError as exc:
         code = exc.code().name if exc.code() is not None else "UNKNOWN"
+    except Exception as exc:  # raised by Ray's client interceptors before anything is sent
+        return _unusable(exc)
     finally:
         channel.close()
     shown = gcs if address in (None, "auto") else address  # the address the user gave, when they gave one
     return advice(code, shown, os.environ.get("RAY_AUTH_MODE", ""))
+
+
+def _unusable(exc: Exception) -> str | None:
+    """What to say when the question could not even be asked: a token mode
+    with no token is worth a line; anything else, ``ray.init`` says its way."""
+    if type(exc).__name__ == "AuthenticationError":
+        return ("RAY_AUTH_MODE=token is set but this shell has no token: put the head's token in "
+                "~/.ray/auth_token or RAY_AUTH_TOKEN")
+    return None
