@@ -79,11 +79,18 @@ def test_the_wheel_holds_every_module_and_file_of_the_packages_and_nothing_else(
         metadata = email.parser.Parser().parsestr(_dist_info(names, zf, "METADATA"))
     assert "[console_scripts]" in entry_points
     assert "coordinator = coordinator.driver.cli:main" in entry_points
-    required = {r.split(";")[0].replace(" ", "") for r in metadata.get_all("Requires-Dist")
-                if "extra ==" not in r}
+    # As requirements, not strings: the wheel may write a range's bounds in another order.
+    required = {_requirement(r) for r in metadata.get_all("Requires-Dist") if "extra ==" not in r}
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    assert required == {d.replace(" ", "") for d in declared}
-    assert any(r.startswith("pydantic-settings>=") for r in required)
+    assert required == {_requirement(d) for d in declared}
+    assert any(name == "pydantic-settings" for name, _, _ in required)
+
+
+def _requirement(text: str) -> tuple[str, frozenset[str], str]:
+    from packaging.requirements import Requirement
+
+    req = Requirement(text)
+    return req.name, frozenset(str(s) for s in req.specifier), ",".join(sorted(req.extras))
 
 
 def test_pages_styles_scripts_and_data_anywhere_under_the_packages_go_into_the_wheel(tmp_path):
