@@ -40,7 +40,7 @@ from yarl import URL
 from coordinator.core.config import CallerSettings, CoordinatorConfig, WorkerAccess
 from coordinator.core.inference import ChunkReader, ModelOutput, Route
 from coordinator.core.models import Endpoint
-from coordinator.plumbing.transport import KEEPALIVE_EXPIRY, excerpt, ssl_context
+from coordinator.plumbing.transport import KEEPALIVE_EXPIRY, cause, excerpt, ssl_context
 
 __all__ = ["MaybeReceived", "NeverSent", "WorkerCaller", "classify"]
 
@@ -60,13 +60,6 @@ class MaybeReceived(Exception):
 UNWRITTEN = "Can not write request"
 
 
-def _detail(exc: BaseException) -> str:
-    """An exception as a reader wants it: its message, or its type's name
-    when it has none (``ServerDisconnectedError`` often has none)."""
-    text = str(exc).strip()
-    return text or type(exc).__name__
-
-
 def classify(exc: aiohttp.ClientError, read_timeout: float, connect_timeout: float) -> NeverSent | MaybeReceived:
     """What one of aiohttp's exceptions means for the request.
 
@@ -78,20 +71,20 @@ def classify(exc: aiohttp.ClientError, read_timeout: float, connect_timeout: flo
     connection was made may have reached the worker.
     """
     if isinstance(exc, aiohttp.ClientSSLError):  # before ClientConnectorError, its base
-        return MaybeReceived(f"TLS handshake failed: {_detail(exc)}")
+        return MaybeReceived(f"TLS handshake failed: {cause(exc)}")
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return NeverSent(f"connection refused ({_detail(exc.os_error)})")
+        return NeverSent(f"connection refused ({cause(exc.os_error)})")
     if isinstance(exc, aiohttp.ClientOSError) and (exc.strerror or "").startswith(UNWRITTEN):
         # The request could not be written whole: no server acts on a
         # request it has not read to the end of its body.
-        return NeverSent(f"connection closed before the request was written ({_detail(exc.__cause__ or exc)})")
+        return NeverSent(f"connection closed before the request was written ({cause(exc.__cause__ or exc)})")
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return NeverSent(f"connect timed out after {connect_timeout:.3g} s")
     if isinstance(exc, aiohttp.SocketTimeoutError):
         return MaybeReceived(f"no answer within {read_timeout:.3g} s")
     if isinstance(exc, aiohttp.ClientPayloadError):
-        return MaybeReceived(f"answer cut short ({_detail(exc)})")
-    return MaybeReceived(f"connection lost mid-call ({_detail(exc)})")  # disconnected, reset, ...
+        return MaybeReceived(f"answer cut short ({cause(exc)})")
+    return MaybeReceived(f"connection lost mid-call ({cause(exc)})")  # disconnected, reset, ...
 
 
 @dataclass
