@@ -3,9 +3,7 @@ a stopped rollout reports for the instances it never reached. No ray, no httpx."
 
 from __future__ import annotations
 
-from typing import Self
-
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from coordinator.core.models import ApplyType, Endpoint, WorkerApplyOutput
 
@@ -43,10 +41,13 @@ class ApplyOptions(BaseModel):
     #: restarted or reconfigured (None: the config's ``drain.timeout``; 0: no drain).
     drain_timeout: float | None = Field(None, ge=0)
 
-    @model_validator(mode="after")
-    def _rollable(self) -> Self:
-        check_rollable(self.apply_type, self.max_unavailable)
-        return self
+    @field_validator("max_unavailable", mode="after")
+    @classmethod
+    def _rollable(cls, max_unavailable: int | None, info: ValidationInfo) -> int | None:
+        # On the field, not the model: the error names max_unavailable.
+        if "apply_type" in info.data:  # else apply_type's own error says what is wrong
+            check_rollable(info.data["apply_type"], max_unavailable)
+        return max_unavailable
 
 
 class RolloutProgress(BaseModel):
