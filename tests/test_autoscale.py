@@ -5,6 +5,8 @@ at a constant load."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -91,9 +93,9 @@ loads = st.lists(st.tuples(st.floats(0.1, 10), st.floats(0, 40)), min_size=1, ma
 
 
 @settings(max_examples=200, deadline=None)
-@given(loads, st.integers(0, 8), st.one_of(st.none(), st.integers(0, 10)))
-def test_never_outside_the_bounds_and_never_back_and_forth_within_a_window(steps, start, placeable):
-    policy = POLICY.model_copy(update={"min_replicas": 0})
+@given(loads, st.integers(0, 8), st.one_of(st.none(), st.integers(0, 10)), st.sampled_from([0.0, 10.0]))
+def test_never_outside_the_bounds_and_never_back_and_forth_within_a_window(steps, start, placeable, startup_s):
+    policy = POLICY.model_copy(update={"min_replicas": 0, "startup_s": startup_s})
     state, now = ScaleState(replicas=start), 0.0
     changes: list[tuple[float, int]] = []  # (when, direction)
     last = None
@@ -116,9 +118,9 @@ def test_never_outside_the_bounds_and_never_back_and_forth_within_a_window(steps
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.floats(0, 30), st.integers(1, 8))
-def test_a_constant_load_settles_on_one_count(load, start):
-    counts = run(POLICY, every(1, 400, load=load), start=start)
+@given(st.floats(0, 30), st.integers(1, 8), st.sampled_from([0.0, 10.0]))
+def test_a_constant_load_settles_on_one_count(load, start, startup_s):
+    counts = run(POLICY.model_copy(update={"startup_s": startup_s}), every(1, 400, load=load), start=start)
     assert len(set(counts[-200:])) == 1  # settled, and stays
 
 
@@ -139,3 +141,56 @@ def test_managers_out_of_sight_bound_a_scale_up_but_never_cut_what_runs():
     assert state.replicas == 8
     up = run(POLICY, every(1, 10, load=100), start=2, placeable=3)
     assert up[-1] == 3
+
+
+# The trend: the load's slope, looked at over an upscale delay and a cold start.
+
+TRENDED = Autoscale(min_replicas=1, max_replicas=7, target_in_flight=3, upscale_delay_s=5, downscale_delay_s=30,
+                    startup_s=10)
+
+
+def sine(t: float) -> float:
+    """bench/demand.py's sine: 2 up to 20 and back every 120 s."""
+    return 2 + 9 * (1 - math.cos(2 * math.pi * t / 120))
+
+
+def changes(counts: list[int]) -> list[tuple[int, int]]:
+    """(sample, count) at each change."""
+    return [(i, c) for i, c in enumerate(counts) if i and c != counts[i - 1]]
+
+
+def test_a_ramp_is_followed_in_two_steps_not_one_a_window():
+    trace = [(t, sine(t)) for t in range(0, 61)]  # a rise: 2 to 20 over 60 s
+    trended = changes(run(TRENDED, trace))
+    seen = changes(run(TRENDED.model_copy(update={"startup_s": 0.0}), trace))
+    assert [c for _, c in trended] == [3, 7]  # ahead of the load, to the top in two steps
+    assert len(seen) >= 3  # the load seen alone: a step per delay or so
+    # Never more than the top of the ramp asks for.
+    assert max(c for _, c in trended) == math.ceil(20 / 3)
+
+
+def test_a_step_is_not_taken_for_a_ramp():
+    big = TRENDED.model_copy(update={"max_replicas": 100})
+    trace = every(1, 59, load=2) + every(1, 120, load=20, start=60)
+    assert changes(run(big, trace)) == [(65, 7)]  # 20 / 3, though the last 10 s rose by 18
+
+
+def test_a_load_turning_upward_is_not_cut():
+    # 7 replicas at 20 in flight; the load falls to 2, then turns back up right as
+    # the downscale delay passes: the scale-down waits while the trend would ask
+    # for the replicas back before a scale-up could have them serving.
+    fall = [(t, 20 - 18 * t / 35) for t in range(0, 36)]
+    rise = [(t, 2 + 0.6 * (t - 35)) for t in range(36, 66)]
+    counts = run(TRENDED, fall + rise, start=7)
+    assert min(counts) == 7
+    # The same fall with a load that stays down: down, as soon as the delay has passed.
+    flat = every(1, 100, load=2, start=36)
+    counts = run(TRENDED, fall + flat, start=7)
+    assert changes(counts)[0][0] <= 45 and counts[-1] == 1
+
+
+def test_the_benchmarks_sine_in_at_most_two_actions_per_change():
+    # Two periods (four changes), then the callers stop: the pure function's count of
+    # actions, as bench/demand.py counts the fleet's.
+    trace = [(t, sine(t) if t < 240 else 0.0) for t in range(0, 361)]
+    assert len(changes(run(TRENDED, trace))) <= 2 * 4

@@ -16,6 +16,14 @@ downscale during upscale, kubeai #67 flapping 0↔1):
   load just at a boundary does not flip between two counts;
 - **one direction per window**: after a change, no change the other way for
   that direction's delay (the wait starts after the change);
+- **the trend** (the load's slope over its last ``TREND_S``), looked at
+  over the time a scale-up takes to serve (``upscale_delay_s`` and the
+  model's cold start, ``startup_s``): a scale-up goes to the load a rising
+  trend reaches by then, so a ramp is followed in one or two steps, not one
+  step per delay (measured: a sine's 60 s rise took six); a scale-down waits
+  while the trend would ask for the count back by then, so a load turning
+  upward is not cut (measured: a sine's trough took 7 -> 4 replicas, and
+  three steps back up 15 s later);
 - **to zero** only after no request at all for ``downscale_to_zero_delay_s``,
   and **from zero** at once: a request waiting for a model with no replica is
   demand that cannot wait for a delay (the cold start is long enough);
@@ -35,6 +43,8 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, 
 #: share of ``target_in_flight`` (hysteresis: the count after a scale-down is
 #: never one that would ask to scale up again at the same load).
 DOWN_BAND = 0.8
+#: Seconds of samples the load's trend (its least-squares slope) is taken over.
+TREND_S = 10.0
 #: Seconds of its last samples a scale-down goes by: the most they asked for.
 #: Not the whole delay's: a sharp drop's first samples, while callers finish
 #: what they started, ask for more than the load that stays (measured: a
@@ -53,6 +63,9 @@ class Autoscale(BaseModel):
     target_in_flight: float = Field(2.0, gt=0)
     #: Seconds the load must ask for more replicas before they are started.
     upscale_delay_s: float = Field(5.0, ge=0)
+    #: Seconds a new replica takes to serve: the model's cold start. With the
+    #: upscale delay, how far ahead the load's trend is looked at (``horizon``).
+    startup_s: float = Field(0.0, ge=0)
     #: Seconds the load must ask for fewer before they are (drained and) stopped.
     downscale_delay_s: float = Field(60.0, ge=0)
     #: Seconds without any request before the last replica is stopped
@@ -86,6 +99,14 @@ class ScaleState:
     asked: tuple[tuple[float, int], ...] = ()
     #: When the last request was seen (for the delay to zero).
     busy_at: float | None = None
+    #: The last ``TREND_S`` of (time, load) samples: the load's trend.
+    trend: tuple[tuple[float, float], ...] = ()
+
+
+def horizon(policy: Autoscale) -> float:
+    """Seconds from a load asking for more to the replicas a scale-up then
+    starts serving: the upscale delay and a cold start."""
+    return policy.upscale_delay_s + policy.startup_s
 
 
 def wanted(policy: Autoscale, load: float) -> tuple[int, int]:
@@ -93,6 +114,24 @@ def wanted(policy: Autoscale, load: float) -> tuple[int, int]:
     up = math.ceil(load / policy.target_in_flight)
     down = math.ceil(load / (policy.target_in_flight * DOWN_BAND))
     return up, down
+
+
+def slope(samples: tuple[tuple[float, float], ...]) -> float:
+    """Load per second: the least-squares slope of (time, load) samples (0
+    for fewer than three, or all at one time)."""
+    if len(samples) < 3:
+        return 0.0
+    mean_t = sum(t for t, _ in samples) / len(samples)
+    mean_l = sum(x for _, x in samples) / len(samples)
+    spread = sum((t - mean_t) ** 2 for t, _ in samples)
+    if spread == 0:
+        return 0.0
+    return sum((t - mean_t) * (x - mean_l) for t, x in samples) / spread
+
+
+def ahead(load: float, rate: float, seconds: float) -> float:
+    """The load ``seconds`` on if it keeps rising at ``rate`` (a falling load: as it is)."""
+    return load + max(rate, 0.0) * seconds
 
 
 def next_replicas(policy: Autoscale, state: ScaleState, load: float, now: float,
@@ -114,7 +153,9 @@ def next_replicas(policy: Autoscale, state: ScaleState, load: float, now: float,
     up, down = wanted(policy, load)
     up = min(max(up, floor), ceiling)
     down = min(max(down, floor), ceiling)
-    state = replace(state, replicas=current, busy_at=busy_at)
+    trend = (*((t, x) for t, x in state.trend if now - t < TREND_S), (now, load))
+    rate = slope(trend)
+    state = replace(state, replicas=current, busy_at=busy_at, trend=trend)
 
     if current == 0:  # from zero: at once, for any demand
         return replace(state, replicas=max(up, 1 if load > 0 and ceiling else 0), up_since=None, down_since=None)
@@ -123,7 +164,12 @@ def next_replicas(policy: Autoscale, state: ScaleState, load: float, now: float,
         since = now if state.up_since is None else state.up_since
         most = max(up, state.up_to if state.up_since is not None else 0)
         if now - since >= policy.upscale_delay_s:
-            return ScaleState(replicas=most, busy_at=busy_at)
+            # Sized for the load when a next scale-up could be serving, if the
+            # load keeps rising as it has while it asked: one step for a ramp,
+            # not one a window (and a step, flat since, is not taken for a ramp).
+            rising = slope(tuple((t, x) for t, x in trend if t >= since))
+            projected = wanted(policy, ahead(load, rising, horizon(policy)))[0]
+            return ScaleState(replicas=min(max(most, projected), ceiling), busy_at=busy_at, trend=trend)
         return replace(state, up_since=since, up_to=most, down_since=None, asked=())
 
     if down < current:
@@ -134,8 +180,11 @@ def next_replicas(policy: Autoscale, state: ScaleState, load: float, now: float,
         if target == 0:
             if now - busy_at < policy.downscale_to_zero_delay_s:
                 target = 1  # not idle long enough for zero: one stays
-        if target < current and now - since >= policy.downscale_delay_s:
-            return ScaleState(replicas=target, busy_at=busy_at)
+        # A load on its way back up would ask for the count again before a
+        # scale-up could bring it: wait (the window stays; the next sample may act).
+        turning = wanted(policy, ahead(load, rate, horizon(policy)))[0] > target
+        if target < current and now - since >= policy.downscale_delay_s and not turning:
+            return ScaleState(replicas=target, busy_at=busy_at, trend=trend)
         return replace(state, down_since=since, asked=asked, up_since=None, up_to=0)
 
     return replace(state, up_since=None, up_to=0, down_since=None, asked=())
