@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from typing import get_args
 
 import pytest
 
-from coordinator.core.flow import FlowPolicy
-from coordinator.driver.flow_gate import ClientGone, FlowGate, FlowRefused
+from coordinator.core.config import FlowSettings
+from coordinator.core.flow import FlowPolicy, FlowRequest, Reason
+from coordinator.driver.flow_gate import ClientGone, FlowGate, FlowRefused, refusal_message
 from tests.conftest import poll
 
 pytestmark = pytest.mark.anyio
@@ -188,3 +190,45 @@ async def test_a_refused_or_cancelled_waiting_request_is_no_longer_demand():
     with pytest.raises(asyncio.CancelledError):
         await cancelled
     assert demand.waiting["m@llm"] == 0 and gate.queued() == 0
+
+
+# ---- why a request was refused, in the gateway's and a caller's words ----
+
+GATEWAY = {"section": "gateway.flow", "who": "this key's tenant", "retry": "try again shortly"}
+CALLER = {"section": "caller.flow", "who": "tenant 'batch'", "where": " in this process", "retry": "try again in 2 s"}
+
+
+@pytest.mark.parametrize("reason, waited, wording, sentence", [
+    ("deadline", 29.96, GATEWAY,
+     "m: no place freed within 30.0 s of waiting (gateway.flow.max_wait 30 s); try again shortly"),
+    ("tenant_limit", 0, GATEWAY,
+     "this key's tenant already has 5 requests waiting, its limit (gateway.flow max_queued); try again shortly"),
+    ("displaced", 0.4, GATEWAY,
+     "m: the queue is full (gateway.flow.max_queued 8) and this request gave its place to one of a higher "
+     "priority or of a tenant with less of the queue; try again shortly"),
+    ("queue_full", 0, GATEWAY,
+     "m: 8 requests already wait for it (gateway.flow.max_queued) and none ranks after this one; try again shortly"),
+    ("deadline", 29.96, CALLER,
+     "m: no place freed within 30.0 s of waiting (caller.flow.max_wait 30 s); try again in 2 s"),
+    ("tenant_limit", 0, CALLER,
+     "tenant 'batch' already has 5 requests waiting in this process, its limit (caller.flow max_queued); "
+     "try again in 2 s"),
+    ("displaced", 0.4, CALLER,
+     "m: the queue is full (caller.flow.max_queued 8) and this request gave its place to one of a higher "
+     "priority or of a tenant with less of the queue; try again in 2 s"),
+    ("queue_full", 0, CALLER,
+     "m: 8 requests already wait for it in this process (caller.flow.max_queued) and none ranks after this one; "
+     "try again in 2 s"),
+])
+def test_a_refusal_says_why_in_the_words_of_its_caller(reason, waited, wording, sentence):
+    flow = FlowSettings(capacity=2, max_queued=8, max_wait=30, retry_after=2,
+                        tenants=[{"name": "batch", "max_queued": 5}])
+    refused = FlowRefused(FlowRequest(1, "batch", "m", 0, 1.0, FAR), reason, waited)
+    assert refusal_message(refused, flow, **wording) == sentence
+
+
+def test_every_reason_of_refusal_has_its_own_sentence():
+    flow = FlowSettings(capacity=1)
+    sentences = {refusal_message(FlowRefused(FlowRequest(1, "a", "m", 0, 1.0, FAR), reason, 0), flow, **GATEWAY)
+                 for reason in get_args(Reason)}
+    assert len(sentences) == len(get_args(Reason))  # a new reason needs a sentence of its own

@@ -217,6 +217,40 @@ async def test_the_sources_headers_and_token_are_sent(monkeypatch):
     assert seen[0].startswith(b"POST /api/worker/count_token HTTP/1.1")
 
 
+@pytest.mark.anyio
+async def test_equal_access_settings_share_a_workers_connections_and_changed_ones_get_their_own():
+    """Sources s and u give the same settings (two equal objects), t others:
+    a worker listed by s, by u, or by s and t (s comes first) is called over
+    one kept-open connection; listed by t alone it gets a session, and a
+    connection, of its own with t's headers."""
+    connections: list[list[bytes]] = []
+
+    async def keep_open(reader, writer):
+        heads = []
+        connections.append(heads)
+        while True:
+            try:
+                heads.append(await read_request(reader))
+            except asyncio.IncompleteReadError:  # the caller closed it
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\n7")
+            await writer.drain()
+
+    def source(name: str, fleet: str) -> dict:
+        return {"kind": "static", "name": name, "instances": [], "workers": {"headers": {"X-Fleet": fleet}}}
+
+    caller = WorkerCaller(CoordinatorConfig.model_validate(
+        {"registries": [source("s", "a"), source("t", "b"), source("u", "a")]}), read_timeout=30)
+    listings = [("s",), ("u",), ("s", "t"), ("t",), ("u",), ("t",)]
+    async with RawServer(keep_open) as server:
+        for sources in listings:
+            listed = Route("chat@llm", "127.0.0.1", server.port, 1.0, sources)
+            assert await caller.call(listed, "POST", "/count_token", json={}) == 7
+        await caller.aclose()
+    fleets = [[h.lower().split(b"x-fleet: ")[1][:1] for h in heads] for heads in connections]
+    assert fleets == [[b"a", b"a", b"a", b"a"], [b"b", b"b"]]
+
+
 # ---- TLS, against a reference worker that asks for a client certificate ---
 
 

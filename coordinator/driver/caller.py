@@ -115,9 +115,14 @@ class WorkerCaller:
         # loop that has closed are let go at the next new loop, and all of
         # them quietly when this caller goes (see _forget).
         # Loops of several threads share it (a manager's private loop, its
-        # callers' own): the lock guards the outer dict; a loop's own sessions
-        # are touched only from that loop.
+        # callers' own): the lock guards the outer dict (and changes to
+        # _accesses); a loop's own sessions are touched only from that loop.
         self._sessions: dict[asyncio.AbstractEventLoop, dict[tuple[tuple[str, int], str], _Session]] = {}
+        # Each worker's access settings and their JSON (what its sessions are
+        # told apart by), by endpoint and listing sources: worked out on a
+        # worker's first request, not on every one (the config is this
+        # caller's for its life); let go with the worker (retain).
+        self._accesses: dict[tuple[tuple[str, int], tuple[str, ...]], tuple[WorkerAccess, str]] = {}
         self._lock = threading.Lock()
         weakref.finalize(self, _forget_all, self._sessions, self._lock)
 
@@ -125,7 +130,10 @@ class WorkerCaller:
     def settings(self) -> CallerSettings:
         return self._settings
 
-    def _session(self, route: Route, access: WorkerAccess) -> _Session:
+    def _session(self, route: Route, access: WorkerAccess, access_json: str) -> _Session:
+        """This loop's session for ``route``'s worker called with ``access``
+        (whose JSON is ``access_json``): equal settings share one, whichever
+        sources listed the worker; changed settings get a new one."""
         loop = asyncio.get_running_loop()
         per_loop = self._sessions.get(loop)
         if per_loop is None:
@@ -134,7 +142,7 @@ class WorkerCaller:
                 per_loop = self._sessions.setdefault(loop, {})
             for sessions in ended:
                 _forget(sessions)
-        key = (route.endpoint, access.model_dump_json())
+        key = (route.endpoint, access_json)
         session = per_loop.get(key)
         if session is None:
             limit = self._settings.max_connections_per_worker
@@ -202,6 +210,9 @@ class WorkerCaller:
         per_loop = self._sessions.get(asyncio.get_running_loop(), {})
         # Taken out before any await: a request meanwhile opens a new session.
         gone = [per_loop.pop(k) for k, v in list(per_loop.items()) if k[0] not in endpoints and not v.busy]
+        with self._lock:
+            for key in [k for k in self._accesses if k[0] not in endpoints]:
+                del self._accesses[key]
         for session in gone:
             await session.http.close()
 
@@ -209,13 +220,20 @@ class WorkerCaller:
     def _url(route: Route, access: WorkerAccess, path: str) -> URL:
         return URL.build(scheme=access.scheme, host=route.host, port=route.port, path=f"/api/worker{path}")
 
-    def _access(self, route: Route) -> WorkerAccess:
-        return self._config.access_for(Endpoint(route.host, route.port), route.sources)
+    def _access(self, route: Route) -> tuple[WorkerAccess, str]:
+        """How to call ``route``'s worker, and that as JSON."""
+        found = self._accesses.get((route.endpoint, route.sources))
+        if found is None:
+            access = self._config.access_for(Endpoint(route.host, route.port), route.sources)
+            found = (access, access.model_dump_json())
+            with self._lock:
+                self._accesses[route.endpoint, route.sources] = found
+        return found
 
     async def call(self, route: Route, method: str, path: str, **kwargs: Any) -> Any:
         """One call; its JSON answer. Raises :class:`NeverSent` or :class:`MaybeReceived`."""
-        access = self._access(route)
-        session = self._session(route, access)
+        access, access_json = self._access(route)
+        session = self._session(route, access, access_json)
         await self._slot(session)
         try:
             resp = await self._answer_head(session, method, self._url(route, access, path), **kwargs)
@@ -237,8 +255,8 @@ class WorkerCaller:
                      headers: dict[str, str] | None = None) -> AsyncIterator[ModelOutput]:
         """The ModelOutputs of one streamed call, as they arrive. Raises
         :class:`NeverSent` before the first, :class:`MaybeReceived` at any point."""
-        access = self._access(route)
-        session = self._session(route, access)
+        access, access_json = self._access(route)
+        session = self._session(route, access, access_json)
         await self._slot(session)
         reader = ChunkReader()
         got = 0

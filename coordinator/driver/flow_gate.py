@@ -21,6 +21,9 @@ Requests waiting here are demand: with ``demand``, the gate counts each
 waiting request for the model@type its caller names (``key``), so the
 router's load reports show them as ``queued`` and the autoscaler adds them
 to the model's load.
+
+:func:`refusal_message` says why a request was refused, in the same words
+for the gateway's 429 and a caller's ``OverloadedError``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Protocol
 
+from coordinator.core.config import FlowSettings
 from coordinator.core.flow import Admitted, Decision, FlowPolicy, FlowRequest, FlowScheduler, Queued, Reason, Refused
 
 
@@ -42,6 +46,27 @@ class FlowRefused(Exception):
     def __init__(self, request: FlowRequest, reason: Reason, waited: float) -> None:
         super().__init__(f"{request.pool}: refused ({reason}) after {waited:.3f} s")
         self.request, self.reason, self.waited = request, reason, waited
+
+
+def refusal_message(refused: FlowRefused, flow: FlowSettings, *, section: str, who: str, retry: str,
+                    where: str = "") -> str:
+    """Why flow control would not run ``refused``'s request, under the
+    settings ``flow`` found at ``section`` (``gateway.flow``, ``caller.flow``):
+    ``who`` names the one whose limit it reached (``this key's tenant``),
+    ``where`` says where its requests wait (`` in this process``, or nothing),
+    ``retry`` ends the sentence (``try again shortly``)."""
+    model = refused.request.pool
+    if refused.reason == "deadline":
+        return (f"{model}: no place freed within {refused.waited:.1f} s of waiting ({section}.max_wait "
+                f"{flow.max_wait:g} s); {retry}")
+    if refused.reason == "tenant_limit":
+        limit = flow.share(refused.request.tenant).max_queued
+        return f"{who} already has {limit} requests waiting{where}, its limit ({section} max_queued); {retry}"
+    if refused.reason == "displaced":
+        return (f"{model}: the queue is full ({section}.max_queued {flow.max_queued}) and this request gave its "
+                f"place to one of a higher priority or of a tenant with less of the queue; {retry}")
+    return (f"{model}: {flow.max_queued} requests already wait for it{where} ({section}.max_queued) and none "
+            f"ranks after this one; {retry}")
 
 
 class ClientGone(Exception):

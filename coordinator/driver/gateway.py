@@ -85,7 +85,7 @@ from coordinator.core.openai import (
     validation_error_body,
     worker_error,
 )
-from coordinator.driver.flow_gate import ClientGone, FlowGate, FlowRefused
+from coordinator.driver.flow_gate import ClientGone, FlowGate, FlowRefused, refusal_message
 from coordinator.plumbing.metrics import GatewayMetrics, NoGatewayMetrics
 from coordinator.plumbing.process import process_info
 
@@ -352,25 +352,10 @@ class GatewayApp:
             await self._flow.enter(ticket, gone=lambda: _client_gone(request.receive),
                                    key=worker_key(seen.model, worker_type))
         except FlowRefused as refused:
-            raise _error("overloaded", self._refusal(refused), retry_after=flow.retry_after) from None
+            why = refusal_message(refused, flow, section="gateway.flow", who="this key's tenant",
+                                  retry="try again shortly")
+            raise _error("overloaded", why, retry_after=flow.retry_after) from None
         seen.ticket = ticket
-
-    def _refusal(self, refused: FlowRefused) -> str:
-        """Why flow control would not run a request, for its 429."""
-        flow = self._settings.flow
-        assert flow is not None
-        model = refused.request.pool
-        if refused.reason == "deadline":
-            return (f"{model}: no place freed within {refused.waited:.1f} s of waiting (gateway.flow.max_wait "
-                    f"{flow.max_wait:g} s); try again shortly")
-        if refused.reason == "tenant_limit":
-            limit = flow.share(refused.request.tenant).max_queued
-            return f"this key already has {limit} requests waiting, its tenant's limit (max_queued); try again shortly"
-        if refused.reason == "displaced":
-            return (f"{model}: the queue is full (gateway.flow.max_queued {flow.max_queued}) and this request gave "
-                    "its place to one of a higher priority or of a tenant with less of the queue; try again shortly")
-        return (f"{model}: {flow.max_queued} requests already wait for it (gateway.flow.max_queued) and none "
-                "ranks after this one; try again shortly")
 
     def _leave(self, seen: _Seen) -> None:
         """Let go of ``seen``'s place under flow control, charging its tenant

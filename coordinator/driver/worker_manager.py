@@ -73,7 +73,7 @@ from coordinator.core.models import (
 )
 from coordinator.core.routing import prompt_text
 from coordinator.driver.caller import MaybeReceived, NeverSent, WorkerCaller
-from coordinator.driver.flow_gate import FlowGate, FlowRefused
+from coordinator.driver.flow_gate import FlowGate, FlowRefused, refusal_message
 from coordinator.driver.router import MAX_SENDS, Router
 
 T = TypeVar("T")
@@ -446,7 +446,9 @@ class RayWorkerManager:
         try:
             await gate.enter(ticket, key=key)
         except FlowRefused as refused:
-            raise OverloadedError(_refusal(refused, flow), refused.reason, self.tenant, flow.retry_after) from None
+            why = refusal_message(refused, flow, section="caller.flow", who=f"tenant {self.tenant!r}",
+                                  where=" in this process", retry=f"try again in {flow.retry_after} s")
+            raise OverloadedError(why, refused.reason, self.tenant, flow.retry_after) from None
         place = _Place(gate, ticket, chars)
         try:
             yield place
@@ -508,23 +510,6 @@ def _request_chars(params: dict[str, Any] | None) -> int:
     if isinstance(texts, str):
         return len(texts)
     return sum(len(str(t)) for t in texts) if isinstance(texts, list) else 0
-
-
-def _refusal(refused: FlowRefused, flow: FlowSettings) -> str:
-    """Why flow control would not run a caller's request."""
-    model, tenant = refused.request.pool, refused.request.tenant
-    if refused.reason == "deadline":
-        return (f"{model}: no place freed within {refused.waited:.1f} s of waiting (caller.flow.max_wait "
-                f"{flow.max_wait:g} s); try again in {flow.retry_after} s")
-    if refused.reason == "tenant_limit":
-        return (f"tenant {tenant!r} already has {flow.share(tenant).max_queued} requests waiting in this process, "
-                f"its limit (caller.flow max_queued); try again in {flow.retry_after} s")
-    if refused.reason == "displaced":
-        return (f"{model}: the queue is full (caller.flow.max_queued {flow.max_queued}) and this request gave its "
-                f"place to one of a higher priority or of a tenant with less of the queue; try again in "
-                f"{flow.retry_after} s")
-    return (f"{model}: {flow.max_queued} requests already wait for it in this process (caller.flow.max_queued) "
-            f"and none ranks after this one; try again in {flow.retry_after} s")
 
 
 def _key(params: dict[str, Any], worker_type: str) -> str | None:
