@@ -59,7 +59,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, Router
 from starlette.types import Receive, Scope, Send
 
-from actors.serving import BodyTooLarge, HttpServer
+from actors.serving import HttpServer
 from coordinator.core.config import OPEN_TENANT, GatewaySettings
 from coordinator.core.flow import FlowRequest, tokens_of, tokens_spent
 from coordinator.core.inference import ModelOutput
