@@ -6,13 +6,14 @@ at a constant load."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from coordinator.core.autoscale import Autoscale, ScaleState, next_replicas
+from coordinator.core.autoscale import Autoscale, ScaleState, next_replicas, why
 
 POLICY = Autoscale(min_replicas=1, max_replicas=8, target_in_flight=2, upscale_delay_s=5, downscale_delay_s=30,
                    downscale_to_zero_delay_s=120)
@@ -194,3 +195,16 @@ def test_the_benchmarks_sine_in_at_most_two_actions_per_change():
     # actions, as bench/demand.py counts the fleet's.
     trace = [(t, sine(t) if t < 240 else 0.0) for t in range(0, 361)]
     assert len(changes(run(TRENDED, trace))) <= 2 * 4
+
+
+def test_a_scale_up_ahead_of_the_load_says_it_follows_a_rise():
+    state, before = ScaleState(replicas=1), None
+    for t in range(0, 16):
+        before, state = state, next_replicas(TRENDED, state, sine(t), t)
+    assert state.replicas > before.replicas and state.replicas > math.ceil(sine(15) / 3)
+    assert re.fullmatch(r"\d+(\.\d+)? in flight, rising 0\.\d+/s, 3 per replica wanted",
+                        why(TRENDED, before, state, sine(15)))
+    flat = ScaleState(replicas=1)
+    for t in range(0, 6):
+        before, flat = flat, next_replicas(TRENDED, flat, 9, t)
+    assert why(TRENDED, before, flat, 9) == "9 in flight, 3 per replica wanted"

@@ -34,7 +34,7 @@ from typing import Protocol, TypeVar
 
 from pydantic import BaseModel, Field, TypeAdapter
 
-from coordinator.core.autoscale import ScaleState, next_replicas
+from coordinator.core.autoscale import ScaleState, next_replicas, why
 from coordinator.core.config import ReconcileSettings
 from coordinator.core.deployments import (
     EVENTS_KEPT,
@@ -392,7 +392,7 @@ class Keeper:
             self._scale[key] = after
             if after.replicas != before.replicas:
                 changed = True
-                reason = f"{load.get(key, 0.0):g} in flight, {policy.target_in_flight:g} per replica wanted"
+                reason = why(policy, before, after, load.get(key, 0.0))
                 self._event(key, "autoscale", None, reason, True, f"{before.replicas} -> {after.replicas} replicas")
                 log.info("deployment %s: autoscale %d -> %d replicas (%s)", key, before.replicas, after.replicas,
                          reason)

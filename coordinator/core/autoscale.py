@@ -188,3 +188,10 @@ def next_replicas(policy: Autoscale, state: ScaleState, load: float, now: float,
         return replace(state, down_since=since, asked=asked, up_since=None, up_to=0)
 
     return replace(state, up_since=None, up_to=0, down_since=None, asked=())
+
+
+def why(policy: Autoscale, before: ScaleState, after: ScaleState, load: float) -> str:
+    """What asked for the change from ``before`` to ``after``, for its event."""
+    rate = slope(after.trend)
+    trend = f", rising {rate:.2g}/s" if after.replicas > before.replicas and rate > 0 else ""
+    return f"{load:g} in flight{trend}, {policy.target_in_flight:g} per replica wanted"
