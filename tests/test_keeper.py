@@ -49,7 +49,7 @@ class FakeFleet:
     async def stop(self, ep, spec):
         self.sent.append(("stop", ep))
         self.running.discard(ep)
-        return self._ok(ep)
+        return self._ok(ep), None
 
     async def apply_one(self, ep, spec, apply_type: ApplyType):
         self.sent.append((f"apply {apply_type.value}", ep))

@@ -109,7 +109,12 @@ class Fleet(Protocol):
 
     async def start(self, ep: Endpoint, spec: Deployment) -> WorkerApplyOutput: ...
 
-    async def stop(self, ep: Endpoint, spec: Deployment) -> WorkerApplyOutput: ...
+    async def stop(self, ep: Endpoint, spec: Deployment) -> tuple[WorkerApplyOutput, WorkerApplyOutput | None]:
+        """Shut the instance down, drained first; if the shutdown fails, stop
+        it with an apply stop under the same drain (DB-GPT 0.8.2's shutdown
+        fails when its worker has no model storage, docs/protocol.md). The
+        shutdown's output, and the apply stop's if one was sent."""
+        ...
 
     async def apply_one(self, ep: Endpoint, spec: Deployment, apply_type: ApplyType) -> WorkerApplyOutput: ...
 
@@ -515,12 +520,8 @@ class Keeper:
             case "start":
                 await self._start(key, spec, action, view)
             case "stop":
-                out = await self._fleet.stop(action.endpoint, spec)
-                then = None
-                if not out.success:
-                    # DB-GPT 0.8.2's shutdown fails when its worker has no model
-                    # storage (see docs/protocol.md); an apply stop still stops it.
-                    then = ("apply stop", await self._fleet.apply_one(action.endpoint, spec, ApplyType.STOP))
+                out, fallback = await self._fleet.stop(action.endpoint, spec)
+                then = None if fallback is None else ("apply stop", fallback)
                 if self._done(key, action, "stop", out, then):
                     self._stopped.setdefault(key, {})[action.endpoint] = self._clock() + self._settings.appear_within
             case "adopt":
