@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from coordinator.core.deployments import Backoff, Deployment, Manager, Seen, View, backed_off, decide
+from coordinator.core.deployments import Backoff, Deployment, Manager, Seen, View, backed_off, decide, params_at
 from coordinator.core.models import Endpoint
 
 A, B, C, D = (Endpoint("10.0.0.1", 18001), Endpoint("10.0.0.2", 18001), Endpoint("10.0.0.3", 18001),
@@ -216,3 +216,44 @@ def test_max_surge_defaults_to_in_place_updates_and_cannot_be_negative():
         ("update_params", None)]
     with pytest.raises(ValidationError):
         spec(1, max_surge=-1)
+
+
+@pytest.mark.parametrize(
+    ("applied", "wanted", "started", "present", "current", "fresh"),
+    [
+        ("old", "old", {}, {A, B}, True, set()),  # nothing changed
+        ("old", "new", {B: "new"}, {A, B}, False, {B}),  # a surge under way: B has the new params
+        ("old", "third", {B: "new"}, {A, B}, False, set()),  # other params again mid-surge: both replaced
+        # Deployed back to what runs, mid-surge: B (ready or starting) runs neither, A is right.
+        ("old", "old", {B: "new"}, {A, B}, False, {A}),
+        ("old", "old", {B: "new"}, {A}, True, set()),  # ... and once B is gone, all is well
+        ("old", "new", {B: "new"}, {A, B}, False, {B}),  # forth once more: B is not replaced again
+    ],
+)
+def test_params_at_says_which_instances_run_the_wanted_params(applied, wanted, started, present, current, fresh):
+    assert params_at(applied, wanted, started, present) == (current, frozenset(fresh))
+
+
+def test_deployed_back_mid_surge_the_instances_the_surge_started_are_replaced():
+    one = spec(1, max_surge=1)
+    # A surge to new params had started B beside A; the old params are deployed back.
+    current, fresh = params_at("old", "old", {B: "new"}, {A, B})
+    back = View(instances=[up(A), up(B)], managers=[mgr(A, 1), mgr(B, 1)], params_current=current, fresh=fresh)
+    assert kinds(decide(one, back)) == [("stop", B)]  # not A, which ranks first otherwise
+    # Two replicas, one old one already replaced by B: a new one with the old params, then B goes.
+    two = spec(2, max_surge=1)
+    current, fresh = params_at("old", "old", {B: "new"}, {A, B})
+    managers = [mgr(A, 1), mgr(B, 1), mgr(C)]
+    assert kinds(decide(two, View(instances=[up(A), up(B)], managers=managers, params_current=current,
+                                  fresh=fresh))) == [("start", C)]
+    current, fresh = params_at("old", "old", {B: "new"}, {A, B, C})
+    assert kinds(decide(two, View(instances=[up(A), up(B), up(C)], managers=managers, params_current=current,
+                                  fresh=fresh))) == [("stop", B)]
+
+
+def test_a_scale_down_stops_an_instance_on_other_params_first():
+    # In place (no surge): A was started with params no longer wanted, B has them.
+    view = View(instances=[up(A), up(B)], managers=[mgr(A, 1), mgr(B, 1)], params_current=False,
+                fresh=frozenset({B}))
+    assert kinds(decide(spec(1), view)) == [("stop", A)]  # B ranks first otherwise
+    assert kinds(decide(spec(1), View(instances=[up(A), up(B)], managers=[mgr(A, 1), mgr(B, 1)]))) == [("stop", B)]

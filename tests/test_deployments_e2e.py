@@ -208,3 +208,34 @@ def test_a_manager_restarted_without_the_model_gets_it_again(clusters, worker_pr
     worker_process(controller=url, heartbeat_interval=1, port=pinned.port)
     wait_until(lambda: ready_ports(cluster, "pinned@llm") == [pinned.port], timeout=30,
                what="started again on the restarted manager")
+
+
+
+def params_of(port: int, model: str) -> dict | None:
+    """The params a reference worker holds for ``model``; None when it does
+    not serve it (a shutdown drops it; a stopped one answers 500 too)."""
+    got = httpx.get(f"http://127.0.0.1:{port}/api/worker/parameter/descriptions", params={"model": model},
+                    timeout=5)
+    if got.status_code == 500:
+        return None
+    got.raise_for_status()
+    return {p["param_name"]: p["default_value"] for p in got.json()}
+
+
+def test_params_deployed_back_mid_surge_leave_every_instance_on_them(clusters, worker_process):
+    cluster = clusters("deploy-back")
+    url = cluster.registry_url()
+    low, high = sorted(worker_process(controller=url, heartbeat_interval=1, load_s=2).port for _ in range(2))
+    cluster.wait_for("WorkerManager", count=2, worker_type="service", timeout=20)
+    old, new = {**SIM, "temperature": 0.1}, {**SIM, "temperature": 0.9}
+    # The old instance on the higher port: a plain scale-down would stop it, not the surge's.
+    cluster.deploy(Deployment(model="back", replicas=1, max_surge=1, params=old, hosts=[f"127.0.0.1:{high}"]),
+                   wait=True, timeout=30)
+    assert ready_ports(cluster, "back@llm") == [high]
+    cluster.deploy(Deployment(model="back", replicas=1, max_surge=1, params=new))
+    wait_until(lambda: startups(low, "back") == 1, timeout=15, what="the surge's start sent")
+    # Back to the old params while the surge's instance loads (2 s).
+    cluster.deploy(Deployment(model="back", replicas=1, max_surge=1, params=old), wait=True, timeout=60)
+    assert len(ready_ports(cluster, "back@llm")) == 1
+    held = {p: params_of(p, "back") for p in (low, high)}
+    assert [p for p in held.values() if p is not None] == [{**old, "name": "back"}], held

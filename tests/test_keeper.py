@@ -49,7 +49,7 @@ class FakeFleet:
     async def stop(self, ep, spec):
         self.sent.append(("stop", ep))
         self.running.discard(ep)
-        return self._ok(ep)
+        return self._ok(ep), None
 
     async def apply_one(self, ep, spec, apply_type: ApplyType):
         self.sent.append((f"apply {apply_type.value}", ep))
@@ -132,3 +132,16 @@ async def test_new_params_roll_once_and_undeploy_forgets():
     after = keeper(fleet, store)
     await after.load()
     assert after.statuses() == []  # forgotten in the store too
+
+
+@pytest.mark.anyio
+async def test_a_record_kept_by_an_older_coordinator_mid_surge_keeps_its_fresh_instances():
+    """Records once listed the instances a surge started as ``fresh`` (started
+    with the spec's params); loaded now, they are the same instances."""
+    from coordinator.control.keeper import Record
+
+    spec = Deployment(model="m", replicas=1, max_surge=1, params={"t": 2})
+    old = {"spec": spec.model_dump(mode="json"), "generation": 2, "applied": "0123456789abcdef",
+           "fresh": ["10.0.0.2:1"]}
+    assert Record.model_validate(old).started == {"10.0.0.2:1": spec.params_digest}
+    assert Record.model_validate({**old, "fresh": []}).started == {}

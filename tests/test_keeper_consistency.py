@@ -15,7 +15,7 @@ from actors.registry_state import MemoryStateStore
 from coordinator.core.config import ReconcileSettings
 from coordinator.core.deployments import Deployment, Manager, Seen
 from coordinator.control.keeper import Keeper
-from coordinator.core.models import Endpoint
+from coordinator.core.models import Endpoint, WorkerApplyOutput
 from tests.test_keeper import FakeFleet
 
 pytestmark = pytest.mark.anyio
@@ -163,3 +163,91 @@ async def test_an_unanswering_instance_is_replaced_only_after_replace_after_unle
     await k2.deploy([Deployment(model="m", replicas=1)])
     await k2._round("m@llm")
     assert [kind for kind, _ in k2._fleet.sent] == ["start"]
+
+
+class ParamsFleet(FakeFleet):
+    """Two managers; each instance's params as its worker holds them. A start
+    can be held in flight (``hold``)."""
+
+    def __init__(self, running: dict[Endpoint, dict]) -> None:
+        super().__init__()
+        self.params = dict(running)
+        self.running = set(running)
+        self.hold: asyncio.Event | None = None
+        self.starting = asyncio.Event()
+
+    async def start(self, ep, spec):
+        self.starting.set()
+        if self.hold is not None:
+            await self.hold.wait()
+        self.params[ep] = dict(spec.params)
+        return await super().start(ep, spec)
+
+    async def stop(self, ep, spec):
+        self.params.pop(ep, None)
+        return await super().stop(ep, spec)
+
+    async def roll(self, spec):
+        self.params.update({ep: dict(spec.params) for ep in self.running})
+        return await super().roll(spec)
+
+
+@pytest.mark.parametrize("when", ["surge ready", "surge starting"])
+async def test_params_deployed_back_mid_surge_leave_no_instance_running_the_newer_ones(when):
+    """A surge roll from t=1 to t=2 starts the new instance (A) beside the old
+    one (B); the operator deploys t=1 back before it is over — once A is
+    ready, or while its start is in flight. Once settled, every instance runs
+    t=1: the one started with t=2 does not stay as it is."""
+    old, new = {"t": 1}, {"t": 2}
+    store, fleet = MemoryStateStore(), ParamsFleet({B: old})  # B runs before it is deployed: adopted
+    k = keeper(fleet, store)
+    await k.load()
+    await k.deploy([Deployment(model="m", replicas=1, max_surge=1, params=old)])
+    await k._round("m@llm")
+    assert fleet.sent == [] and k.status("m@llm").state == "ready"
+    await k.deploy([Deployment(model="m", replicas=1, max_surge=1, params=new)])
+    if when == "surge ready":
+        await k._round("m@llm")
+        assert fleet.params == {A: new, B: old}
+    else:
+        fleet.hold = asyncio.Event()
+        surging = asyncio.ensure_future(k._round("m@llm"))
+        await asyncio.wait_for(fleet.starting.wait(), 5)
+    await k.deploy([Deployment(model="m", replicas=1, max_surge=1, params=old)])  # back, mid-roll
+    if when == "surge starting":
+        fleet.hold.set()
+        await asyncio.wait_for(surging, 5)
+    for _ in range(6):
+        await k._round("m@llm")
+    assert list(fleet.params.values()) == [old], fleet.params
+    assert k.status("m@llm").state == "ready"
+    after = keeper(fleet, store)  # and the store agrees: a restart does nothing more
+    await after.load()
+    await after._round("m@llm")
+    assert list(fleet.params.values()) == [old] and after.status("m@llm").state == "ready"
+
+
+async def test_params_deployed_back_after_a_roll_that_updated_some_instances_roll_those_back():
+    """An in-place roll to t=2 updates A, then fails on B; the operator deploys
+    t=1 back. A runs t=2: it is rolled back too, not left as it is."""
+    old, new = {"t": 1}, {"t": 2}
+    store, fleet = MemoryStateStore(), ParamsFleet({A: old, B: old})
+    k = keeper(fleet, store)
+    await k.load()
+    await k.deploy([Deployment(model="m", replicas=2, params=old)])
+    roll = fleet.roll
+
+    async def fails_on_b(spec):
+        fleet.params[A] = dict(spec.params)
+        fleet.roll = roll  # once
+        return [fleet._ok(A), WorkerApplyOutput(message="HTTP 500", success=False, host=B.host, port=B.port)]
+
+    fleet.roll = fails_on_b
+    await k.deploy([Deployment(model="m", replicas=2, params=new)])
+    await k._round("m@llm")
+    assert fleet.params == {A: new, B: old} and k.status("m@llm").state == "failing"
+    await k.deploy([Deployment(model="m", replicas=2, params=old)])
+    for _ in range(3):
+        await k._round("m@llm")
+    assert fleet.params == {A: old, B: old}
+    assert k.status("m@llm").state == "ready"

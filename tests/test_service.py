@@ -778,3 +778,55 @@ async def test_a_request_held_for_a_model_at_zero_is_decided_on_at_once():
     [status] = await svc.deployments()
     assert any(e.action == "autoscale" and "0 -> 1" in e.message for e in status.events)
     run.cancel()
+
+
+async def test_a_shutdown_refused_and_followed_by_an_apply_stop_drains_the_instance_once():
+    """DB-GPT 0.8.2 with its own controller answers a shutdown with a bare 500,
+    the model still running; the keeper then stops it with an apply stop. The
+    instance is drained once, before the shutdown, and stays out of the routes
+    and listed unhealthy until the apply stop has stopped it — not put back
+    between the two calls and drained again."""
+    from coordinator.core.deployments import Deployment
+
+    config = CoordinatorConfig.model_validate(
+        {"registries": [{"kind": "static", "name": "a", "instances": []}], "long_poll_timeout": 0.2,
+         "drain": {"grace": 0}})
+    watchers, proxies, registries = FakeWatchers(), FakeProxies(), FakeRegistries()
+    svc = CoordinatorService(config, watchers, proxies, registries=registries)
+    run = asyncio.create_task(svc.run())
+    fleet = {p: [inst("m@llm", p), inst("WorkerManager@service", p)] for p in (1, 2)}
+
+    def publish() -> None:
+        watchers.publish("a", *(i for p in sorted(fleet) for i in fleet[p]))
+
+    publish()
+    await settle(svc, 2)
+    answer = proxies.call
+    victim = ("m@llm", "h", 2)  # a scale-down to one stops the highest host:port
+    seen_draining: list[bool] = []  # at each worker call, whether the victim was draining
+
+    async def call(ep, method, *args, deadline):
+        if ep.port == 2 and method in ("shutdown", "apply"):
+            seen_draining.append(victim in svc.view.draining())
+        if method == "shutdown":  # refused: the model still runs and stays registered
+            proxies.calls.append((ep, method, args[0]))
+            return WorkerApplyOutput(message=f"{ep}: shutdown failed: HTTP 500: Internal Server Error",
+                                     success=False, host=ep.host, port=ep.port)
+        out = await answer(ep, method, *args, deadline=deadline)
+        if method == "apply":  # an apply stop stops it: listed unhealthy
+            fleet[ep.port][0] = inst("m@llm", ep.port, healthy=False)
+            publish()
+        return out
+
+    proxies.call = call
+    await asyncio.wait_for(svc.deploy([Deployment(model="m", replicas=1)], wait=True, timeout=20), 15)
+    assert [(ep.port, m) for ep, m, _ in proxies.calls if m in ("shutdown", "apply")] == [(2, "shutdown"), (2, "apply")]
+    drains = sum(1 for before, now in zip([frozenset(), *registries.drained], registries.drained)
+                 if victim in now and victim not in before)
+    assert drains == 1, registries.drained
+    assert seen_draining == [True, True]  # out of service through both calls
+    [status] = await svc.deployments()
+    [stop] = [e for e in status.events if e.action == "stop"]
+    assert stop.ok and "HTTP 500" in stop.message and "apply stop: succeeded" in stop.message, stop
+    assert victim not in svc.view.draining()
+    run.cancel()

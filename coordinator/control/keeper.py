@@ -30,9 +30,9 @@ import logging
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from pydantic import BaseModel, Field, TypeAdapter
+from pydantic import BaseModel, Field, TypeAdapter, model_validator
 
 from coordinator.core.autoscale import ScaleState, next_replicas, why
 from coordinator.core.config import ReconcileSettings
@@ -50,6 +50,7 @@ from coordinator.core.deployments import (
     backed_off,
     check_distinct,
     decide,
+    params_at,
 )
 from coordinator.core.errors import NotDeployedError
 from coordinator.plumbing.metrics import Metrics, NoMetrics
@@ -72,14 +73,27 @@ class Record(BaseModel):
     spec: Deployment
     generation: int
     observed_generation: int = 0
-    #: Digest of the params the running instances were started or updated with.
+    #: Digest of the params the running instances were started or updated
+    #: with (but those in ``started``).
     applied: str
     #: Starts in flight: "host:port" -> unix time after which, if its instance
     #: is still not ready, it counts as missing again.
     intents: dict[str, float] = Field(default_factory=dict)
-    #: "host:port" of the instances started with ``spec``'s params while
-    #: others still run ``applied`` ones (a surge roll replaces those).
-    fresh: list[str] = Field(default_factory=list)
+    #: "host:port" -> digest of the params an instance was started (or
+    #: updated) with, when that is not ``applied``: booked with its start,
+    #: before it is sent, and kept across redeploys — deployed back to
+    #: ``applied`` mid-surge, these are the instances on other params.
+    started: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_fresh(cls, data: Any) -> Any:
+        """A record kept by an older coordinator lists ``fresh``: the
+        instances started with its spec's params."""
+        if isinstance(data, dict) and "fresh" in data and "started" not in data:
+            digest = Deployment.model_validate(data["spec"]).params_digest
+            data = {**data, "started": dict.fromkeys(data["fresh"], digest)}
+        return data
 
 
 _RECORDS = TypeAdapter(dict[str, Record])
@@ -109,7 +123,12 @@ class Fleet(Protocol):
 
     async def start(self, ep: Endpoint, spec: Deployment) -> WorkerApplyOutput: ...
 
-    async def stop(self, ep: Endpoint, spec: Deployment) -> WorkerApplyOutput: ...
+    async def stop(self, ep: Endpoint, spec: Deployment) -> tuple[WorkerApplyOutput, WorkerApplyOutput | None]:
+        """Shut the instance down, drained first; if the shutdown fails, stop
+        it with an apply stop under the same drain (DB-GPT 0.8.2's shutdown
+        fails when its worker has no model storage, docs/protocol.md). The
+        shutdown's output, and the apply stop's if one was sent."""
+        ...
 
     async def apply_one(self, ep: Endpoint, spec: Deployment, apply_type: ApplyType) -> WorkerApplyOutput: ...
 
@@ -177,11 +196,14 @@ class Keeper:
         await self._loaded.wait()
         generations: list[int] = []
         changed: dict[str, Record | None] = {}
+        held_digests: dict[str, str] = {}
 
         def replace(records: dict[str, Record]) -> dict[str, Record | None]:
-            generations.clear(), changed.clear()
+            generations.clear(), changed.clear(), held_digests.clear()
             for spec in specs:
                 held = records.get(spec.key)
+                if held is not None:
+                    held_digests[spec.key] = held.spec.params_digest
                 if held is not None and held.spec == spec:
                     generations.append(held.generation)
                     continue
@@ -193,8 +215,8 @@ class Keeper:
                     # redeploy keeps what they run, so new params roll out.
                     applied=held.applied if held else spec.params_digest,
                     intents=dict(held.intents) if held else {},
-                    # Started with these params already, if they are unchanged.
-                    fresh=list(held.fresh) if held and held.spec.params_digest == spec.params_digest else [],
+                    # What each instance was started with stays true whatever is deployed.
+                    started=dict(held.started) if held else {},
                 )
                 generations.append(changed[spec.key].generation)
             return changed or None
@@ -205,6 +227,9 @@ class Keeper:
         await self._commit(replace)
         for key, rec in changed.items():
             assert rec is not None
+            if rec.spec.params_digest != held_digests.get(key):
+                # A failed roll of other params says nothing of these: not waited for.
+                self._backoff.get(key, {}).pop(None, None)
             self._event(key, "deploy", None, f"generation {rec.generation}: {rec.spec.replicas} replicas", True)
         self.poke()
         return list(generations)
@@ -305,7 +330,8 @@ class Keeper:
         for spec in specs:
             held = self._records.get(spec.key)
             applied = held.applied if held else spec.params_digest
-            record = Record(spec=spec, generation=0, applied=applied, intents=held.intents if held else {})
+            record = Record(spec=spec, generation=0, applied=applied, intents=held.intents if held else {},
+                            started=held.started if held else {})
             out.append((spec.key, self._decide(spec.key, record)[0]))
         return out
 
@@ -327,10 +353,10 @@ class Keeper:
         stopped = self._stopped.get(key, {})
         for ep in [ep for ep, until in stopped.items() if until <= now or ep not in ready]:
             del stopped[ep]  # the registry caught up (or never will: then it counts again)
+        current, fresh = params_at(held.applied, held.spec.params_digest,
+                                   {_endpoint(t): d for t, d in held.started.items()}, ready | starting)
         return View(instances=instances, managers=managers, starting=starting, stopping=frozenset(stopped),
-                    backoff=self._backoff.get(key, {}), now=now,
-                    params_current=held.applied == held.spec.params_digest,
-                    fresh=frozenset(_endpoint(t) for t in held.fresh),
+                    backoff=self._backoff.get(key, {}), now=now, params_current=current, fresh=fresh,
                     operating=self._fleet.operating(key), replace_after=self._settings.replace_after)
 
     def _decide(self, key: str, held: Record) -> tuple[Decision, View]:
@@ -460,8 +486,15 @@ class Keeper:
             alive = {str(ep) for ep in view.starting}
             intents = {t: u for t, u in held.intents.items() if t in alive}
             until = self._clock() + self._startup_timeout + self._settings.appear_within
-            intents.update({str(a.endpoint): until for a in decision.actions if a.kind == "start"})
-            booked = held.model_copy(update={"observed_generation": held.generation, "intents": intents})
+            starts = [str(a.endpoint) for a in decision.actions if a.kind == "start"]
+            intents.update(dict.fromkeys(starts, until))
+            # What they start with, on record before it is sent (a deploy
+            # meanwhile does not change what they run).
+            started = {t: d for t, d in held.started.items() if t not in starts}
+            if held.spec.params_digest != held.applied:
+                started.update(dict.fromkeys(starts, held.spec.params_digest))
+            booked = held.model_copy(update={"observed_generation": held.generation, "intents": intents,
+                                             "started": started})
             outcome.append((booked, decision, view))
             # The starts are on record before they are sent; memory changes
             # only once the store took it (a refused save sends nothing).
@@ -515,17 +548,18 @@ class Keeper:
             case "start":
                 await self._start(key, spec, action, view)
             case "stop":
-                out = await self._fleet.stop(action.endpoint, spec)
-                then = None
-                if not out.success:
-                    # DB-GPT 0.8.2's shutdown fails when its worker has no model
-                    # storage (see docs/protocol.md); an apply stop still stops it.
-                    then = ("apply stop", await self._fleet.apply_one(action.endpoint, spec, ApplyType.STOP))
+                out, fallback = await self._fleet.stop(action.endpoint, spec)
+                then = None if fallback is None else ("apply stop", fallback)
                 if self._done(key, action, "stop", out, then):
                     self._stopped.setdefault(key, {})[action.endpoint] = self._clock() + self._settings.appear_within
+                    gone = str(action.endpoint)
+                    if gone in getattr(self._records.get(key), "started", {}):  # nothing runs there any more
+                        await self._book(key, lambda held: held.model_copy(update={"started": {
+                            t: d for t, d in held.started.items() if t != gone}}))
             case "adopt":
                 self._event(key, "adopt", None, action.reason, True, "every instance runs the new params")
-                await self._book(key, lambda held: held.model_copy(update={"applied": spec.params_digest, "fresh": []})
+                await self._book(key, lambda held: held.model_copy(update={"applied": spec.params_digest,
+                                                                           "started": {}})
                                  if held.spec.params_digest == spec.params_digest else held)
             case "update_params":
                 outs = await self._fleet.roll(spec)
@@ -539,8 +573,13 @@ class Keeper:
                     per.pop(None, None)
                     # what the instances run now, whatever was deployed meanwhile
                     await self._book(key, lambda held: held.model_copy(update={"applied": spec.params_digest,
-                                                                               "fresh": []}))
+                                                                               "started": {}}))
                 else:
+                    # Those it did update run the new params, whatever is deployed next.
+                    updated = [str(Endpoint(o.host, o.port)) for o in outs if o.success]
+                    await self._book(key, lambda held: held.model_copy(update={"started": {
+                        **{t: d for t, d in held.started.items() if t not in updated},
+                        **({} if held.applied == spec.params_digest else dict.fromkeys(updated, spec.params_digest))}}))
                     per[None] = backed_off(per.get(None), self._clock(), failed, self._settings.backoff_initial,
                                            self._settings.backoff_max)
                     self._last_error[key] = f"params update failed: {failed}"
@@ -565,14 +604,13 @@ class Keeper:
 
         def outcome(held: Record) -> Record:
             intents = dict(held.intents)
-            fresh = list(held.fresh)
+            started = dict(held.started)
             if ok:
                 intents[str(ep)] = until  # now it has a while to appear
-                if held.applied != spec.params_digest == held.spec.params_digest and str(ep) not in fresh:
-                    fresh.append(str(ep))  # started with params the others do not run yet
             else:
                 intents.pop(str(ep), None)
-            return held.model_copy(update={"intents": intents, "fresh": fresh})
+                started.pop(str(ep), None)  # nothing runs there with those params
+            return held.model_copy(update={"intents": intents, "started": started})
 
         await self._book(key, outcome)
 

@@ -6,7 +6,8 @@
   models, identical waiting operations merged.
 - **Fan-out.** One proxy call per target endpoint, all at once, under the
   caller's deadline; one output per target, a proxy's failure being that
-  target's failed output (:meth:`Operations.fan_out`).
+  target's failed output (:meth:`Operations.fan_out`); or one call with a
+  second one if it fails, both under one drain (:meth:`Operations.one_or_else`).
 - **Rollouts.** Batches with a health gate between them that takes only
   evidence newer than the batch (:meth:`Operations.roll`).
 - **What is being operated on**, for the keeper: an instance under an
@@ -28,7 +29,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
 from coordinator.core.config import CoordinatorConfig
@@ -71,6 +74,24 @@ class Drain(NamedTuple):
 
     key: str
     timeout: float
+
+
+class Call(NamedTuple):
+    """One proxy operation: its name, its argument, and what it is, in words."""
+
+    op: str
+    req: Any
+    what: str
+
+
+@dataclass
+class _Held:
+    """An operation's hold on its targets: what the drain took, the time left
+    after it (seconds; None: no deadline), and the outputs once there are."""
+
+    drained: str = ""
+    budget: float | None = None
+    outputs: list[WorkerApplyOutput] = field(default_factory=list)
 
 
 def ends_at(timeout: float | None) -> float | None:
@@ -344,33 +365,67 @@ class Operations:
         if budget is not None and budget <= 0:
             return [WorkerApplyOutput(message=f"{ep}: {what} not sent: the caller's deadline passed before its turn",
                                       success=False, timecost=0, host=ep.host, port=ep.port) for ep in targets]
+        async with self._held(targets, ends, key, kind or op, drain, on_drained) as held:
+            held.outputs = await self._send(targets, Call(op, req, what), held.budget)
+        return self._account(op, held.outputs, held.drained)
+
+    async def one_or_else(self, ep: Endpoint, first: Call, second: Call, key: str, kind: str,
+                          drain: Drain | None = None) -> tuple[WorkerApplyOutput, WorkerApplyOutput | None]:
+        """``first`` on one instance and, only if it fails, ``second`` — one
+        operation on ``key`` (counted after it as ``kind`` says), under one
+        drain: the instance leaves the route table once, stays out between the
+        two calls, and comes back only if neither worked. The outputs of both
+        (None: ``second`` was not needed)."""
+        async with self._held([ep], None, key, kind, drain, lambda: None) as held:
+            [out] = await self._send([ep], first, held.budget)
+            held.outputs = [out]
+            then = None
+            if not out.success:
+                [then] = await self._send([ep], second, held.budget)
+                held.outputs = [then]
+        [out] = self._account(first.op, [out], held.drained)
+        if then is not None:
+            [then] = self._account(second.op, [then], held.drained)
+        return out, then
+
+    @asynccontextmanager
+    async def _held(self, targets: list[Endpoint], ends: float | None, key: str | None, kind: str,
+                    drain: Drain | None, on_drained: Callable[[], None]) -> AsyncIterator[_Held]:
+        """The targets held for an operation while the block runs: counted as
+        operated on under ``key``, drained first with ``drain``; the block
+        sets ``outputs`` — what counts as done once it ends (a target a
+        ``kind`` that does not come back worked on stays out of the routes)."""
+        held = _Held()
         if key is not None:
             self._begin(key, targets)
-        outputs: list[WorkerApplyOutput] = []
-        drained = "" if drain is None else None
         try:
             if drain is not None:
                 self._view.drain((drain.key, ep.host, ep.port) for ep in targets)
-                drained = await self._drain(drain, targets, ends)
+                held.drained = await self._drain(drain, targets, ends)
                 on_drained()
-                if ends is not None:
-                    budget = ends - asyncio.get_running_loop().time()
-            # To the proxies as a wall-clock time: it counts the time a call
-            # takes to reach its proxy (one that is still starting, say).
-            deadline_at = None if budget is None else time.time() + budget
-            outputs = await self.each(
-                targets, op, (req, deadline_at), budget,
-                lambda ep, exc: WorkerApplyOutput(
-                    message=f"{ep}: {what} failed: {exc}", success=False, timecost=-1, host=ep.host, port=ep.port
-                ),
-            )
+            held.budget = None if ends is None else ends - asyncio.get_running_loop().time()
+            yield held
         finally:
             if drain is not None:
-                gone = [] if (kind or op) in _COMES_BACK else [
-                    (drain.key, ep.host, ep.port) for ep, out in zip(targets, outputs) if out.success]
+                gone = [] if kind in _COMES_BACK else [
+                    (drain.key, ep.host, ep.port) for ep, out in zip(targets, held.outputs) if out.success]
                 self._view.undrain(((drain.key, ep.host, ep.port) for ep in targets), stopped=gone)
             if key is not None:
-                self._end(key, kind or op, outputs, targets)
+                self._end(key, kind, held.outputs, targets)
+
+    async def _send(self, targets: list[Endpoint], call: Call, budget: float | None) -> list[WorkerApplyOutput]:
+        # To the proxies as a wall-clock time: it counts the time a call
+        # takes to reach its proxy (one that is still starting, say).
+        deadline_at = None if budget is None else time.time() + budget
+        return await self.each(
+            targets, call.op, (call.req, deadline_at), budget,
+            lambda ep, exc: WorkerApplyOutput(
+                message=f"{ep}: {call.what} failed: {exc}", success=False, timecost=-1, host=ep.host, port=ep.port
+            ),
+        )
+
+    def _account(self, op: str, outputs: list[WorkerApplyOutput], drained: str) -> list[WorkerApplyOutput]:
+        """The outputs, each saying what the drain took; counted in the metrics."""
         if drained:
             outputs = [o.model_copy(update={"message": f"{o.message} ({drained})"}) for o in outputs]
         for o in outputs:

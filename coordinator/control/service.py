@@ -53,7 +53,7 @@ from coordinator.core.models import (
     WorkerStartupRequest,
     worker_key,
 )
-from coordinator.control.operations import Drain, Operations
+from coordinator.control.operations import Call, Drain, Operations
 from coordinator.core.rollout import ApplyOptions, ApplyPlan, plan_batches
 from coordinator.core.status import ClusterStatus, WatcherStatus
 from coordinator.core.supervisor import Supervisor
@@ -428,11 +428,16 @@ class _Fleet:
     def changed(self) -> None:
         self._s._feed.notify()
 
+    @staticmethod
+    def _unlisted(ep: Endpoint, what: str) -> WorkerApplyOutput:
+        """It left the registries meanwhile: no proxy to ask."""
+        return WorkerApplyOutput(message=f"{ep}: {what} not sent: no registry lists it any more",
+                                 success=False, timecost=0, host=ep.host, port=ep.port)
+
     async def _one(self, ep: Endpoint, op: str, req: Any, what: str, key: str, kind: str,
                    drain: Drain | None = None) -> WorkerApplyOutput:
-        if not self._s.view.live.has_endpoint(ep):  # left the registries meanwhile: no proxy to ask
-            return WorkerApplyOutput(message=f"{ep}: {what} not sent: no registry lists it any more",
-                                     success=False, timecost=0, host=ep.host, port=ep.port)
+        if not self._s.view.live.has_endpoint(ep):
+            return self._unlisted(ep, what)
         # Under the model's key, as a driver's operation: what it leaves behind
         # (an instance coming back, or one stopped) is known the same way —
         # a stop clears the "coming back" a driver's earlier restart left.
@@ -445,10 +450,16 @@ class _Fleet:
                                    params={"name": spec.model, **spec.params})
         return await self._one(ep, "startup", req, f"startup {spec.key}", spec.key, "startup")
 
-    async def stop(self, ep: Endpoint, spec: Deployment) -> WorkerApplyOutput:
+    async def stop(self, ep: Endpoint, spec: Deployment) -> tuple[WorkerApplyOutput, WorkerApplyOutput | None]:
+        what = f"shutdown {spec.key}"
+        if not self._s.view.live.has_endpoint(ep):
+            return self._unlisted(ep, what), None
         req = WorkerStartupRequest(host=ep.host, port=ep.port, model=spec.model, worker_type=spec.worker_type)
-        return await self._one(ep, "shutdown", req, f"shutdown {spec.key}", spec.key, "shutdown",
-                               self._s.operations.drain_for(spec.key, "shutdown"))
+        stop = WorkerApplyRequest(model=spec.model, worker_type=spec.worker_type, apply_type=ApplyType.STOP)
+        # One drain for both: the instance stays out of service between them.
+        return await self._s.operations.one_or_else(
+            ep, Call("shutdown", req, what), Call("apply", stop.model_dump_json(), f"apply stop {spec.key}"),
+            spec.key, "shutdown", self._s.operations.drain_for(spec.key, "shutdown"))
 
     async def apply_one(self, ep: Endpoint, spec: Deployment, apply_type: ApplyType) -> WorkerApplyOutput:
         req = WorkerApplyRequest(model=spec.model, worker_type=spec.worker_type, apply_type=apply_type)

@@ -24,11 +24,14 @@ move one step closer, and the state to report:
 - a start that failed on a manager **backs off** there exponentially
   (:func:`backed_off`), and meanwhile the others are preferred;
 - **scale-down** (including a dead instance that came back, leaving one too
-  many) stops the extras on the busiest managers first: most models on the
-  manager, then most replicas of this model on its host, then the highest
-  ``host:port``;
+  many) stops the extras on other params than the deployment's first, then
+  those on the busiest managers: most models on the manager, then most
+  replicas of this model on its host, then the highest ``host:port``;
 - new ``params`` roll through the instances as ``update_params`` in batches of
-  ``max_unavailable``, once the count is right.
+  ``max_unavailable``, once the count is right (or, with ``max_surge``, new
+  instances replace the old); :func:`params_at` says which instances run
+  them — after a deploy back to the old params mid-surge, the ones the surge
+  started are the ones that do not.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple, Self
@@ -236,8 +239,9 @@ class View:
     #: Seconds an unreachable instance whose death is not certain is waited
     #: for before it is replaced (``reconcile.replace_after``).
     replace_after: float = 15.0
-    #: Instances started with the deployment's params since they changed (a
-    #: surge roll replaces the others).
+    #: When ``params_current`` is false: the instances known to run the
+    #: deployment's params (a surge roll replaces the others; a scale-down
+    #: stops the others first). See :func:`params_at`.
     fresh: frozenset[Endpoint] = frozenset()
 
 
@@ -259,6 +263,22 @@ class Decision(NamedTuple):
     #: When (unix time) this decision may change with nothing else changing:
     #: a held instance's wait ends.
     recheck_at: float | None = None
+
+
+def params_at(applied: str, wanted: str, started: Mapping[Endpoint, str],
+              present: Iterable[Endpoint]) -> tuple[bool, frozenset[Endpoint]]:
+    """Whether the instances run the ``wanted`` params, and which of them are
+    known to (:attr:`View.params_current`, :attr:`View.fresh`). Every
+    instance runs ``applied`` but those in ``started`` (instance -> the digest
+    of the params it was started or updated with); of those, only the ones
+    ``present`` (ready or starting) count. Deployed back to ``applied`` in
+    the middle of a surge, the instances the surge started run neither: they
+    are the ones to replace."""
+    if applied != wanted:
+        return False, frozenset(ep for ep, digest in started.items() if digest == wanted)
+    present = frozenset(present)
+    other = {ep for ep, digest in started.items() if digest != wanted} & present
+    return (True, frozenset()) if not other else (False, present - other)
 
 
 def decide(spec: Deployment, view: View) -> Decision:
@@ -318,7 +338,9 @@ def decide(spec: Deployment, view: View) -> Decision:
         if starting:
             return Decision([], "progressing", f"{len(starting)} starting")
         excess = have - spec.replicas
-        ranked = sorted(ready, key=lambda ep: (models_on.get(ep, 0), replicas_on_host[ep.host], ep), reverse=True)
+        # An instance on other params first: stopped, it needs no update.
+        ranked = sorted(ready, key=lambda ep: (not view.params_current and ep not in view.fresh,
+                                               models_on.get(ep, 0), replicas_on_host[ep.host], ep), reverse=True)
         why = f"{len(ready)} ready, {spec.replicas} wanted"
         return Decision([Action("stop", ep, why) for ep in ranked[:excess]], "progressing", why)
 
