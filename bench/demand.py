@@ -487,7 +487,10 @@ def measure(run: TraceRun, runners: tuple[Contender, ...], samples: list[tuple],
         if i in autos:
             points, events, ready_after, decided_after = autos[i]
             tail = shapes_of(samples, i, end - 2 * SAMPLE_EVERY, aftermath)
-            at_min = back_at_min(points, end, c.deployment.autoscale.min_replicas)
+            # The settle may see the minimum a sample before the sampler does; the
+            # next trace begins low, at the minimum still, so a second more of samples tells.
+            later = shapes_of(samples, i, end - 2 * SAMPLE_EVERY, aftermath + 2)
+            at_min = back_at_min(later, end, c.deployment.autoscale.min_replicas)
             row.update({
                 # Counted until it was back at its minimum: a scale-down the trace set off may come after its end.
                 "scale_actions": len(events), "load_changes": len(run.trace.changes),
