@@ -20,8 +20,9 @@ moments by its own callers):
   ``target_in_flight`` 3 of the 4 slots);
 - **fixed at min**: 1 replica;
 - **autoscaled**: ``Autoscale(min_replicas=1, max_replicas=7,
-  target_in_flight=3, upscale_delay_s=5, startup_s=10,
-  downscale_delay_s=30)``: the models' 10 s cold start as ``startup_s``;
+  target_in_flight=3, upscale_delay_s=5, downscale_delay_s=30)``; no
+  ``startup_s``: the keeper times the model's cold start (its first start
+  when the contenders are deployed);
 - **autoscaled, 60 s down**: the same with ``downscale_delay_s=60``: what a
   longer wait before a scale-down costs and saves.
 
@@ -207,11 +208,12 @@ class Contender:
 
 
 def policy(quick: bool, downscale_delay_s: float = 30) -> Autoscale:
-    """The autoscaled contenders' policy: ``startup_s`` is the models' cold
-    start. The quick run's traces are a quarter as long as the full run's, and
-    so are its downscale delays (else they would not scale down within them)."""
+    """The autoscaled contenders' policy, the cold start left to the keeper
+    to time (no ``startup_s``: the models' first start, ~10 s). A quick
+    run's traces are a quarter as long as the full run's, and so are its
+    downscale delays (else they would not scale down within them)."""
     return Autoscale(min_replicas=MIN_REPLICAS, max_replicas=MAX_REPLICAS, target_in_flight=TARGET_IN_FLIGHT,
-                     upscale_delay_s=5, startup_s=LOAD_S,
+                     upscale_delay_s=5,
                      downscale_delay_s=downscale_delay_s / 4 if quick else downscale_delay_s)
 
 

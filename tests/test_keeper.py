@@ -145,3 +145,35 @@ async def test_a_record_kept_by_an_older_coordinator_mid_surge_keeps_its_fresh_i
            "fresh": ["10.0.0.2:1"]}
     assert Record.model_validate(old).started == {"10.0.0.2:1": spec.params_digest}
     assert Record.model_validate({**old, "fresh": []}).started == {}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("startup_s, wanted", [(None, 10), (0.0, 4)])
+async def test_the_autoscaler_looks_as_far_ahead_as_the_deployments_starts_took(startup_s, wanted):
+    """A policy without ``startup_s`` takes the cold start the keeper timed
+    (30 s here): a load rising 0.5/s is met with what it will ask 32 s on."""
+    from coordinator.core.autoscale import Autoscale
+
+    now = [0.0]
+    managers = [Endpoint("10.0.1.1", p) for p in range(1, 13)]
+
+    class Fleet(FakeFleet):
+        def observe(self, key):
+            return ([Seen(ep, True, True) for ep in sorted(self.running)],
+                    [Manager(ep, True, int(ep in self.running)) for ep in managers])
+
+        async def start(self, ep, spec):
+            now[0] += 30  # a 30 s cold start
+            return await super().start(ep, spec)
+
+    k = Keeper(Fleet(), MemoryStateStore(), "deployments/t", ReconcileSettings(), startup_timeout=60,
+               clock=lambda: now[0])
+    await k.load()
+    policy = Autoscale(min_replicas=1, max_replicas=10, target_in_flight=1, upscale_delay_s=2,
+                       downscale_delay_s=60, startup_s=startup_s)
+    await k.deploy([Deployment(model="m", replicas=1, autoscale=policy)])
+    await k._round("m@llm")  # the first replica: its start is timed
+    for t in range(4):  # 1, 1.5, 2, 2.5 in flight: more asked from the second sample, for 2 s
+        now[0] += 1
+        k.autoscale({"m@llm": 1 + 0.5 * t})
+    assert k.status("m@llm").replicas == wanted

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable
@@ -65,6 +66,8 @@ T = TypeVar("T")
 #: worker manager, so on a large fleet this keeps a burst from costing a
 #: round per change.
 ROUND_PACE = 0.1
+#: Starts of a deployment timed for its autoscaler (their median is its cold start).
+STARTS_TIMED = 5
 
 
 class Record(BaseModel):
@@ -175,6 +178,9 @@ class Keeper:
         #: Autoscaled deployments: what their load asks for (soft: a restarted
         #: coordinator starts again from ``replicas``, and from the first sample).
         self._scale: dict[str, ScaleState] = {}
+        #: Seconds the last starts of each deployment took, up to STARTS_TIMED
+        #: (an autoscale policy without ``startup_s`` looks that far ahead).
+        self._startups: dict[str, deque[float]] = {}
 
     # ---- the desired state ----------------------------------------------
 
@@ -249,7 +255,7 @@ class Keeper:
         last = self.status(key)
         await self._commit(lambda records: {key: None})
         for soft in (self._backoff, self._last_error, self._events, self._stopped, self._recheck, self._shown,
-                     self._scale):
+                     self._scale, self._startups):
             soft.pop(key, None)
         self._metrics.deployment(key, 0, 0, False, present=False)
         return last
@@ -414,7 +420,9 @@ class Keeper:
             before = self._scale.get(key) or ScaleState(
                 replicas=min(max(ready, policy.min_replicas), policy.max_replicas) if ready else held.spec.replicas)
             # Managers not seen (yet) are not a reason to stop what runs.
-            after = next_replicas(policy, before, load.get(key, 0.0), now, max(placeable, ready))
+            timed = self._startups.get(key)
+            after = next_replicas(policy, before, load.get(key, 0.0), now, max(placeable, ready),
+                                  statistics.median(timed) if timed else None)
             self._scale[key] = after
             if after.replicas != before.replicas:
                 changed = True
@@ -586,7 +594,10 @@ class Keeper:
 
     async def _start(self, key: str, spec: Deployment, action: Action, view: View) -> None:
         ep = action.endpoint
+        began = self._clock()
         out = await self._fleet.start(ep, spec)
+        if out.success:  # a cold start, timed (a fallback's apply start is not one)
+            self._startups.setdefault(key, deque(maxlen=STARTS_TIMED)).append(self._clock() - began)
         then = None
         if not out.success and any(s.endpoint == ep for s in view.instances):
             # Listed there but not ready: a worker manager that holds the model

@@ -18,7 +18,8 @@ downscale during upscale, kubeai #67 flapping 0↔1):
   that direction's delay (the wait starts after the change);
 - **the trend** (the load's slope over its last ``TREND_S``), looked at
   over the time a scale-up takes to serve (``upscale_delay_s`` and the
-  model's cold start, ``startup_s``): a scale-up goes to the load a rising
+  model's cold start: ``startup_s``, or as long as the deployment's last
+  starts took): a scale-up goes to the load a rising
   trend reaches by then, so a ramp is followed in one or two steps, not one
   step per delay (measured: a sine's 60 s rise took six); a scale-down waits
   while the trend would ask for the count back by then, so a load turning
@@ -65,7 +66,9 @@ class Autoscale(BaseModel):
     upscale_delay_s: float = Field(5.0, ge=0)
     #: Seconds a new replica takes to serve: the model's cold start. With the
     #: upscale delay, how far ahead the load's trend is looked at (``horizon``).
-    startup_s: float = Field(0.0, ge=0)
+    #: None: as long as this deployment's last starts took (the keeper times
+    #: them; 0 until it has timed one).
+    startup_s: float | None = Field(None, ge=0)
     #: Seconds the load must ask for fewer before they are (drained and) stopped.
     downscale_delay_s: float = Field(60.0, ge=0)
     #: Seconds without any request before the last replica is stopped
@@ -103,10 +106,12 @@ class ScaleState:
     trend: tuple[tuple[float, float], ...] = ()
 
 
-def horizon(policy: Autoscale) -> float:
+def horizon(policy: Autoscale, measured: float | None = None) -> float:
     """Seconds from a load asking for more to the replicas a scale-up then
-    starts serving: the upscale delay and a cold start."""
-    return policy.upscale_delay_s + policy.startup_s
+    starts serving: the upscale delay and a cold start (``startup_s``, or the
+    ``measured`` one when it is None)."""
+    startup = policy.startup_s if policy.startup_s is not None else measured
+    return policy.upscale_delay_s + (startup or 0.0)
 
 
 def wanted(policy: Autoscale, load: float) -> tuple[int, int]:
@@ -135,11 +140,12 @@ def ahead(load: float, rate: float, seconds: float) -> float:
 
 
 def next_replicas(policy: Autoscale, state: ScaleState, load: float, now: float,
-                  placeable: int | None = None) -> ScaleState:
+                  placeable: int | None = None, startup_s: float | None = None) -> ScaleState:
     """The state after one load sample; its ``replicas`` is the count wanted now.
 
     ``load``: requests in flight plus waiting for the model, over every caller;
-    ``placeable``: the most replicas the worker managers can hold (None: no bound)."""
+    ``placeable``: the most replicas the worker managers can hold (None: no bound);
+    ``startup_s``: how long the model's starts were seen to take (for a policy without one)."""
     # The managers available bound a scale-up, never what runs: an outage of
     # some managers must not cut the count (their instances are waited for,
     # and stopped if the count dropped, when they come back).
@@ -168,7 +174,7 @@ def next_replicas(policy: Autoscale, state: ScaleState, load: float, now: float,
             # load keeps rising as it has while it asked: one step for a ramp,
             # not one a window (and a step, flat since, is not taken for a ramp).
             rising = slope(tuple((t, x) for t, x in trend if t >= since))
-            projected = wanted(policy, ahead(load, rising, horizon(policy)))[0]
+            projected = wanted(policy, ahead(load, rising, horizon(policy, startup_s)))[0]
             return ScaleState(replicas=min(max(most, projected), ceiling), busy_at=busy_at, trend=trend)
         return replace(state, up_since=since, up_to=most, down_since=None, asked=())
 
@@ -182,7 +188,7 @@ def next_replicas(policy: Autoscale, state: ScaleState, load: float, now: float,
                 target = 1  # not idle long enough for zero: one stays
         # A load on its way back up would ask for the count again before a
         # scale-up could bring it: wait (the window stays; the next sample may act).
-        turning = wanted(policy, ahead(load, rate, horizon(policy)))[0] > target
+        turning = wanted(policy, ahead(load, rate, horizon(policy, startup_s)))[0] > target
         if target < current and now - since >= policy.downscale_delay_s and not turning:
             return ScaleState(replicas=target, busy_at=busy_at, trend=trend)
         return replace(state, down_since=since, asked=asked, up_since=None, up_to=0)
