@@ -13,7 +13,10 @@ on until an operation it began after the last fault has succeeded (within
 1. every call returned within its deadline (plus a second);
 2. every result had one output per instance, none twice;
 3. no two operations on one model overlapped on any worker (the workers'
-   journals: when each call arrived and when it stopped running);
+   journals: when each call arrived and when it stopped running), unless
+   the coordinator had given up on the first (its deadline passed, or its
+   proxy or the coordinator was killed: the worker's journal says when its
+   client went away) before the second arrived — those are counted apart;
 4. every failed output names its worker and a cause;
 5. the registry lost no instance that kept heartbeating;
 6. no proxy leaked: one live proxy actor per endpoint.
@@ -107,6 +110,9 @@ class Soak:
     #: When the chaos loop ended (time.monotonic()); None while it runs.
     chaos_ended: float | None = None
     violations: list[str] = field(default_factory=list)
+    #: Calls that reached a worker while one on the same model was still running
+    #: there that its client (a proxy) had given up on: see ``check``.
+    after_given_up: list[str] = field(default_factory=list)
 
     def fault(self, kind: str) -> None:
         self.faults[kind] += 1
@@ -245,8 +251,17 @@ def check(soak: Soak, workers: list[Worker], url: str, before: set[str]) -> None
             calls.sort(key=lambda e: e["t"])
             for a, b in zip(calls, calls[1:]):
                 if b["t"] < a["t_end"] - 0.001:
-                    v.append(f"{model} on :{w.port}: {b['path']} arrived {a['t_end'] - b['t']:.3f} s "
-                             f"before {a['path']} ended")
+                    overlap = (f"{model} on :{w.port}: {b['path']} arrived {a['t_end'] - b['t']:.3f} s "
+                               f"before {a['path']} ended")
+                    # Both times are this worker's clock. A call its client had
+                    # given up on (deadline passed, proxy or coordinator killed)
+                    # before the next arrived had ended for the coordinator: the
+                    # limit the README states, counted, not a broken promise.
+                    gone = a.get("t_client_gone")
+                    if gone is not None and gone <= b["t"]:
+                        soak.after_given_up.append(f"{overlap} (its client gone {b['t'] - gone:.3f} s before)")
+                    else:
+                        v.append(overlap)
     listed = {(i["model_name"], i["port"], i["healthy"])
               for i in httpx.get(f"{url}/api/controller/models", timeout=10).json()}
     for w in workers:
@@ -328,6 +343,7 @@ def summary(soak: Soak) -> dict:
         "succeeded_by_kind": dict(Counter(c["kind"] for c in soak.calls if succeeded(c))),
         "faults": dict(soak.faults), "unrecovered_faults": unrecovered(soak),
         "violations": len(soak.violations), "violation_examples": soak.violations[:20],
+        "overlaps_after_a_call_was_given_up": soak.after_given_up[:20],
     }
 
 

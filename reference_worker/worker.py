@@ -96,6 +96,21 @@ def cut_stream(why: str) -> NoReturn:
     raise ConnectionAbortedError(f"stream cut ({why})")
 
 
+#: Control calls: their journal entries say when the client went away before the
+#: answer (``t_client_gone``). Not the streamed routes, which listen for that themselves.
+CONTROL_PATHS = frozenset({"/api/worker/apply", "/api/worker/models/startup", "/api/worker/models/shutdown"})
+
+
+async def client_gone(receive, entry: dict[str, Any]) -> None:
+    """Once the body is read, the connection's ``receive`` returns only when
+    the answer has been sent or the client has gone: in the second case (no
+    ``t_end`` yet), put the time in the journal entry."""
+    while (await receive())["type"] != "http.disconnect":
+        pass  # each call waits for the connection's next event
+    if "t_end" not in entry:
+        entry["t_client_gone"] = time.time()
+
+
 class ReferenceWorker:
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
@@ -517,10 +532,19 @@ class ReferenceWorker:
             entry = {"t": time.time(), "path": scope["path"], "body": body.decode(),
                      "authorization": authorization}
             self.journal.append(entry)
+            # A control call's client may give up on it (its deadline, its
+            # process killed) while it still runs here: note when.
+            watch = (asyncio.get_running_loop().create_task(client_gone(receive, entry))
+                     if scope["path"] in CONTROL_PATHS else None)
             try:
                 await self._answer(app, entry, {**scope, JOURNAL_ENTRY: entry}, receive, send, body)
             finally:
-                entry["t_end"] = time.time()  # when this call stopped running here
+                # When this call stopped running here: stamped in the same step
+                # as the answer's last write (nothing awaits after it), so no
+                # client can read the answer and send its next call first.
+                entry["t_end"] = time.time()
+                if watch is not None:
+                    watch.cancel()
 
         return layer
 

@@ -117,6 +117,19 @@ async def test_fault_knobs(fleet):
     assert [e["path"] for e in worker.journal][-1] == "/api/worker/models/supports"
 
 
+async def test_the_journal_says_when_a_client_gave_up_on_a_control_call_still_running(fleet):
+    _, worker, client = fleet
+    body = {"model": "chatgpt-test", "apply_type": "restart", "worker_type": "llm", "params": {}}
+    assert (await client.post("/apply", json=body)).status_code == 200  # answered: the client was there
+    worker.set_faults(latency=1.0)
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up; the apply runs on here
+        await client.post("/apply", json=body, timeout=0.3)
+    answered, given_up = [e for e in worker.journal if e["path"] == "/api/worker/apply"]
+    await poll(lambda: "t_end" in given_up, timeout=5, what="the given-up apply ended")
+    assert "t_client_gone" not in answered
+    assert given_up["t"] < given_up["t_client_gone"] < given_up["t_end"]
+
+
 async def test_heartbeats_bring_a_worker_back_into_a_fresh_registry(fleet):
     reg, worker, _ = fleet
     await reg.deregister("WorkerManager@service", "127.0.0.1", worker.port, remove=True)
