@@ -154,13 +154,11 @@ class EmbeddedRegistry:
                               draining: list[tuple[str, str, int]] | None = None) -> int:
         """The endpoints the coordinator's probes find unreachable, and the
         instances it is draining (each the whole set, replacing the last):
-        their entries are listed unhealthy until that word is lifted (see
-        RegistryStore.set_unreachable). Not saved: a restarted registry hears
-        it again from the coordinator."""
-        changed = self._store.set_unreachable(endpoints, draining or ())
-        if changed:
-            self._publish()
-        return changed
+        their entries are listed unhealthy to DB-GPT's readers until that
+        word is lifted (see RegistryStore.set_unreachable). Not saved, and not
+        a change the coordinator's watcher hears: it said it. A restarted
+        registry hears it again from the coordinator."""
+        return self._store.set_unreachable(endpoints, draining or ())
 
     async def quiet_for(self, instances: list[tuple[str, str, int]]) -> float | None:
         """Seconds since any of ``instances`` was last listed healthy to a

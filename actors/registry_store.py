@@ -10,8 +10,8 @@ Every write costs what it changes, whatever the registry's size: entries are
 keyed by ``(model_name, host, port)``; the entries that can expire wait in a
 queue ordered by their last heartbeat, so an expiry pass looks only at the
 ones that are due; and every visible change is recorded in :attr:`changes`
-(a :class:`~coordinator.core.changes.ChangeLog`), from which watchers and the
-journal take deltas. Heartbeats that only move ``last_heartbeat`` record
+(a :class:`~coordinator.core.changes.ChangeLog`), from which the
+coordinator's watcher and the journal take deltas. Heartbeats that only move ``last_heartbeat`` record
 nothing, so a quiet fleet produces no changes — and allocate nothing that
 outlives the request: heartbeat times are kept as floats beside the entries,
 which change only when something visible does (a steady turnover of long-lived
@@ -20,13 +20,17 @@ The listing puts the heartbeat times back in.
 
 Beyond DB-GPT: the coordinator tells the store which endpoints its probes find
 unreachable (:meth:`set_unreachable`). Every entry at such an endpoint is
-*listed* unhealthy — in the HTTP listing DB-GPT's servers read, and in the
-change log the watchers follow — whatever its heartbeats say, until the probes
-find it answering again. The entry's own state (what heartbeats and
-registrations set) is kept underneath, so the verdict lifting restores it.
-The same holds for the instances the coordinator is *draining* before it
-stops, restarts or reconfigures them (``draining`` of :meth:`set_unreachable`):
-listed unhealthy, so DB-GPT's servers stop choosing them.
+*listed* unhealthy in the HTTP listing DB-GPT's servers read, whatever its
+heartbeats say, until the probes find it answering again. The same holds for
+the instances the coordinator is *draining* before it stops, restarts or
+reconfigures them (``draining`` of :meth:`set_unreachable`): listed
+unhealthy, so DB-GPT's servers stop choosing them. The change log holds the
+entries' own state (what heartbeats and registrations set), not that word:
+the coordinator knows what it said, and reading it back from its watcher
+would only echo it, late — a rolling restart's health gate passed on a
+listing from before its drain, then the drain's echo took the replica out of
+the deployment's ready count. So does the journal: the word is not saved (a
+restarted registry hears it again).
 
 And the store remembers when it last handed each entry out as healthy in a
 listing (:meth:`quiet_for`): a drain waits until readers that report nothing
@@ -155,13 +159,15 @@ class RegistryStore:
         """The endpoints the probes now find unreachable, and the instances
         being drained (all of them: it replaces the last word). Entries there
         are listed unhealthy; the others as their own state says. Returns how
-        many listed entries changed. Costs what the verdicts changed."""
+        many listed entries changed (the change log records none of it).
+        Costs what the verdicts changed."""
         down = frozenset((h, int(p)) for h, p in endpoints)
         drained = frozenset((m, h, int(p)) for m, h, p in draining)
         touched = {i for ep in down ^ self._down for i in self._at.get(ep, ())}
         touched |= {i for i in drained ^ self._draining if i in self._entries}
+        was = {ident: self._listed(self._entries[ident]).healthy for ident in touched}
         self._down, self._draining = down, drained
-        return sum(self.changes.put(self._listed(self._entries[ident])) for ident in sorted(touched))
+        return sum(1 for ident, healthy in was.items() if self._listed(self._entries[ident]).healthy != healthy)
 
     def quiet_for(self, idents: Iterable[tuple[str, str, int]]) -> float | None:
         """Seconds since any of ``idents`` was last listed healthy to a reader
@@ -221,13 +227,12 @@ class RegistryStore:
     # ---- internals ------------------------------------------------------
 
     def _set(self, ident: Identity, inst: ModelInstance, beat: float) -> None:
-        """A change of the entry's own state: replaced, and its listing recorded
-        (a change the probes' verdict hides records nothing new)."""
+        """A change of the entry's own state: replaced, and recorded."""
         if ident not in self._entries:
             self._at.setdefault(ident[1:], set()).add(ident)
         self._entries[ident] = inst
         self._beat(ident, inst, beat)
-        self.changes.put(self._listed(inst))
+        self.changes.put(inst)
 
     def _listed(self, inst: ModelInstance) -> ModelInstance:
         """How an entry is listed: unhealthy while its endpoint is found

@@ -196,7 +196,8 @@ def test_entries_at_an_unreachable_endpoint_are_listed_unhealthy_until_it_answer
     store.register(entry("m@llm", port=2))
     before = store.changes.version
     assert store.set_unreachable([("127.0.0.1", 1)]) == 2
-    assert store.changes.version > before  # the watchers hear it
+    # DB-GPT's readers see it; the coordinator's watcher does not hear its own word back.
+    assert store.changes.version == before
     assert [i.port for i in store.query("m@llm", healthy_only=True)] == [2]
     assert {(i.model_name, i.healthy) for i in store.query() if i.port == 1} == {
         ("m@llm", False), ("WorkerManager@service", False)}
@@ -207,9 +208,8 @@ def test_entries_at_an_unreachable_endpoint_are_listed_unhealthy_until_it_answer
     # The probes find it answering again: listed as its heartbeats say.
     assert store.set_unreachable([]) == 2
     assert [i.port for i in store.query("m@llm", healthy_only=True)] == [1, 2]
-    # A verdict that changes nothing costs nothing.
-    version = store.changes.version
-    assert store.set_unreachable([]) == 0 and store.changes.version == version
+    # A verdict that changes nothing changes nothing.
+    assert store.set_unreachable([]) == 0 and store.changes.version == before
 
 
 def test_an_entry_deregistered_or_expired_while_unreachable_stays_unhealthy_after():
@@ -221,3 +221,23 @@ def test_an_entry_deregistered_or_expired_while_unreachable_stays_unhealthy_afte
     store.expire()
     store.set_unreachable([])
     assert store.query("m@llm", healthy_only=True) == []  # its own state: expired
+
+
+def test_the_change_log_holds_the_entries_own_state_not_the_coordinators_word():
+    """The coordinator's watcher follows the change log: its own word (drained,
+    unreachable) never comes back to it late, as an echo, yet what the entry
+    itself does meanwhile does."""
+    store = RegistryStore(heartbeat_timeout=60, clock=Clock())
+    store.register(entry("m@llm", port=1))
+    before = store.changes.version
+    store.set_unreachable([], draining=[("m@llm", "127.0.0.1", 1)])
+    assert store.query("m@llm", healthy_only=True) == []  # DB-GPT's servers stop choosing it
+    assert store.changes.version == before
+    assert [i.healthy for i in store.changes.since(None).instances] == [True]
+    store.deregister("m@llm", "127.0.0.1", 1, remove=False)  # the worker's own word, during the drain
+    assert store.changes.version > before
+    assert [i.healthy for i in store.changes.since(None).instances] == [False]
+    store.register(entry("m@llm", port=1))
+    store.set_unreachable([])  # the drain is over
+    assert [i.healthy for i in store.query("m@llm")] == [True]
+    assert [i.healthy for i in store.changes.since(None).instances] == [True]

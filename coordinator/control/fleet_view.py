@@ -49,10 +49,12 @@ from coordinator.core.status import InstanceStatus
 log = logging.getLogger(__name__)
 
 #: Seconds after an endpoint answers again during which the registry's
-#: "unhealthy" is taken for the echo of the probes' own verdict (the embedded
-#: registry lists it healthy again a moment after it is told): its instances
-#: are still shown as within their outage. Past this, an unhealthy listing is
-#: the registry's own word (a model that did not come back with its worker).
+#: "unhealthy" is taken for the outage's tail (a registry whose heartbeat
+#: timeout passed during it lists the worker healthy at its next heartbeat):
+#: its instances are still shown as within their outage. Past this, an
+#: unhealthy listing is the registry's own word (a model that did not come
+#: back with its worker). The embedded registry's feed never echoes the
+#: probes' verdict (actors/registry_store.py).
 ECHO_WINDOW = 5.0
 #: Seconds an instance an operation stopped stays out of the route table while
 #: its registry still lists it healthy (a polled DB-GPT controller catches up

@@ -187,8 +187,8 @@ class Seen(NamedTuple):
         """Not ready, within ``replace_after`` of an outage that began without
         proof of death: maybe a blip. The route table has dropped it already;
         a deployment waits before replacing it. (Its registry health is not
-        asked: the embedded registry lists it unhealthy because the probes
-        said so, and catches up a moment after they find it answering.)"""
+        asked: a registry may list it unhealthy because its heartbeats were
+        overdue during the outage, and catch up at the next one.)"""
         return (not self.ready and not self.refused and self.down_since is not None
                 and now - self.down_since < replace_after)
 
