@@ -780,6 +780,31 @@ async def test_a_request_held_for_a_model_at_zero_is_decided_on_at_once():
     run.cancel()
 
 
+async def test_a_caller_asking_whether_to_hold_a_request_for_a_model_at_zero_starts_one():
+    """The question itself says a request waits: no load report needed (a new
+    process's first one can take most of a second)."""
+    from coordinator.core.autoscale import Autoscale
+    from coordinator.core.deployments import Deployment
+
+    config = CoordinatorConfig.model_validate(
+        {"registries": [{"kind": "static", "name": "a", "instances": []}], "long_poll_timeout": 0.2})
+    watchers, proxies = FakeWatchers(), FakeProxies()
+    svc = CoordinatorService(config, watchers, proxies, registries=FakeRegistries())
+    run = asyncio.create_task(svc.run())
+    watchers.publish("a", inst("WorkerManager@service", 1))
+    await svc.wait_for("WorkerManager", 1, "service", timeout=5)
+    policy = Autoscale(min_replicas=0, max_replicas=2, target_in_flight=1, downscale_to_zero_delay_s=60,
+                       from_zero_timeout_s=30)
+    await svc.deploy([Deployment(model="m", replicas=0, autoscale=policy), Deployment(model="n", replicas=0)])
+    await eventually(lambda: svc.keeper.wanted_from_zero(["m@llm"]), "the deployment sampled at zero")
+    assert svc.hold_for("n@llm") == 0 and svc.hold_for("x@llm") == 0  # not autoscaled, not deployed: no hold
+    assert svc.hold_for("m@llm") == 30
+    assert not svc.keeper.wanted_from_zero(["m@llm"])  # decided in the question's own call
+    statuses = {s.key: s for s in await svc.deployments()}
+    assert statuses["m@llm"].replicas == 1 and statuses["n@llm"].replicas == 0
+    run.cancel()
+
+
 async def test_a_shutdown_refused_and_followed_by_an_apply_stop_drains_the_instance_once():
     """DB-GPT 0.8.2 with its own controller answers a shutdown with a bare 500,
     the model still running; the keeper then stops it with an apply stop. The

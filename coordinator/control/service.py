@@ -312,9 +312,10 @@ class CoordinatorService:
         return others
 
     def _from_zero(self, queued: dict[str, int]) -> None:
-        """Requests held for a model at zero: its count is decided now, not at
-        the next of the autoscaler's once-a-second samples — that model only,
-        at most once a second (its other samples keep their pace)."""
+        """Requests held for a model at zero (``queued``: at least that many
+        each): its count is decided now, not at the next of the autoscaler's
+        once-a-second samples — that model only, at most once a second (its
+        other samples keep their pace)."""
         if not (self.keeper.loaded and self.view.ready()):
             return
         now = self.view.now()
@@ -323,13 +324,23 @@ class CoordinatorService:
         if due:
             self._zero_asked = {k: t for k, t in self._zero_asked.items() if now - t < FROM_ZERO_EVERY}
             self._zero_asked.update(dict.fromkeys(due, now))
-            self.keeper.autoscale(self.view.load_by_model(), keys=due)
+            load = self.view.load_by_model()
+            for key in due:  # a caller's report may not have counted them yet
+                load[key] = max(load.get(key, 0.0), float(queued[key]))
+            self.keeper.autoscale(load, keys=due)
 
     def hold_for(self, key: str) -> float:
         """Seconds a caller should hold a request for ``key`` when it has no
         instance: the deployment's ``autoscale.from_zero_timeout_s`` when it
-        scales from zero (its load then starts one), else 0 (fail at once)."""
-        return self.keeper.hold_for(key)
+        scales from zero (its load then starts one), else 0 (fail at once).
+        Asked because a request is about to be held: for a deployment at
+        zero, that request is the demand, decided on now (a caller's first
+        load report — a new process's first call on another thread — can take
+        most of a second to arrive)."""
+        wait = self.keeper.hold_for(key)
+        if wait > 0:
+            self._from_zero({key: 1})
+        return wait
 
     # ---- operations -----------------------------------------------------
 
