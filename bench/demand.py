@@ -493,6 +493,8 @@ def measure(run: TraceRun, runners: tuple[Contender, ...], samples: list[tuple],
             # next trace begins low, at the minimum still, so a second more of samples tells.
             later = shapes_of(samples, i, end - 2 * SAMPLE_EVERY, aftermath + 2)
             at_min = back_at_min(later, end, c.deployment.autoscale.min_replicas)
+            if at_min is None and run.settled and run.settled["settled"]:
+                at_min = aftermath  # the last trace: the sampler stopped with the settle, which saw it
             row.update({
                 # Counted until it was back at its minimum: a scale-down the trace set off may come after its end.
                 "scale_actions": len(events), "load_changes": len(run.trace.changes),
