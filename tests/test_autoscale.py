@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from coordinator.core.autoscale import Autoscale, ScaleState, next_replicas, why
+from coordinator.core.autoscale import Autoscale, ScaleState, next_replicas, slope, why
 
 POLICY = Autoscale(min_replicas=1, max_replicas=8, target_in_flight=2, upscale_delay_s=5, downscale_delay_s=30,
                    downscale_to_zero_delay_s=120)
@@ -161,19 +161,43 @@ def changes(counts: list[int]) -> list[tuple[int, int]]:
 
 
 def test_a_ramp_is_followed_in_two_steps_not_one_a_window():
+    big = TRENDED.model_copy(update={"max_replicas": 100})  # no cap hides an overshoot
     trace = [(t, sine(t)) for t in range(0, 61)]  # a rise: 2 to 20 over 60 s
-    trended = changes(run(TRENDED, trace))
-    seen = changes(run(TRENDED.model_copy(update={"startup_s": 0.0}), trace))
+    trended = changes(run(big, trace))
+    seen = changes(run(big.model_copy(update={"startup_s": 0.0}), trace))
     assert [c for _, c in trended] == [3, 7]  # ahead of the load, to the top in two steps
     assert len(seen) >= 3  # the load seen alone: a step per delay or so
-    # Never more than the top of the ramp asks for.
-    assert max(c for _, c in trended) == math.ceil(20 / 3)
 
 
-def test_a_step_is_not_taken_for_a_ramp():
+@pytest.mark.parametrize("seen_as", [[20], [11, 20], [8, 14, 20]])
+def test_a_step_is_not_taken_for_a_ramp(seen_as):
+    """However many samples the callers' reports bring it in: a rise that
+    stopped is no trend to project (20 / 3 -> 7, though the last 10 s rose by 18)."""
     big = TRENDED.model_copy(update={"max_replicas": 100})
-    trace = every(1, 59, load=2) + every(1, 120, load=20, start=60)
-    assert changes(run(big, trace)) == [(65, 7)]  # 20 / 3, though the last 10 s rose by 18
+    trace = every(1, 59, load=2) + [(60 + k, x) for k, x in enumerate(seen_as)]
+    trace += every(1, 120, load=20, start=60 + len(seen_as))
+    for startup_s in (10.0, 60.0):
+        counts = run(big.model_copy(update={"startup_s": startup_s}), trace)
+        assert [c for _, c in changes(counts)] == [7], (seen_as, startup_s)
+
+
+def test_samples_close_together_make_no_trend():
+    assert slope(((0.0, 0.0), (0.001, 1.0), (0.002, 1.0))) == 0.0
+    assert slope(((0.0, 0.0), (1.0, 1.0), (2.0, 2.0))) == pytest.approx(1.0)
+
+
+def test_a_burst_from_zero_gets_its_count_at_once():
+    """The first request takes the count from zero to one; the rest of the
+    burst, arriving while that replica still starts, takes it to what they
+    ask at once (no replica serves: no delay proves anything)."""
+    policy = TRENDED.model_copy(update={"min_replicas": 0})
+    state = next_replicas(policy, ScaleState(replicas=0), 1, now=0, ready=0)
+    assert state.replicas == 1
+    state = next_replicas(policy, state, 20, now=0.3, ready=0)
+    assert state.replicas == 7
+    # Once one serves, more load waits for the upscale delay again.
+    state = next_replicas(policy, ScaleState(replicas=1), 20, now=1, ready=1)
+    assert state.replicas == 1
 
 
 def test_a_load_turning_upward_is_not_cut():
@@ -208,3 +232,9 @@ def test_a_scale_up_ahead_of_the_load_says_it_follows_a_rise():
     for t in range(0, 6):
         before, flat = flat, next_replicas(TRENDED, flat, 9, t)
     assert why(TRENDED, before, flat, 9) == "9 in flight, 3 per replica wanted"
+    # A step: the last 10 s rose, but the count went to the load seen — no "rising".
+    step = ScaleState(replicas=1)
+    for t, x in every(1, 9, load=2) + every(1, 16, load=20, start=10):
+        before, step = step, next_replicas(TRENDED, step, x, t)
+        if step.replicas != before.replicas:
+            assert step.replicas == 7 and why(TRENDED, before, step, x) == "20 in flight, 3 per replica wanted"

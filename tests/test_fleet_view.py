@@ -119,3 +119,50 @@ async def test_a_stopped_instance_stays_out_of_the_routes_until_its_registry_cat
     v.absorb("a", Snapshot("e", 2, (ModelInstance(model_name="m@llm", host="h", port=1, healthy=False),)))
     v.absorb("a", Snapshot("e", 3, (ModelInstance(model_name="m@llm", host="h", port=1, healthy=True),)))
     assert [r.port for r in v.routes.values()] == [1]  # it showed the stop, then came back on its own
+
+
+class Registries:
+    """What the embedded registries are told."""
+
+    present = True
+
+    def __init__(self) -> None:
+        self.told: list[tuple[frozenset, frozenset]] = []
+
+    def tell(self, unreachable, draining=frozenset()):
+        self.told.append((unreachable, draining))
+
+    async def quiet_for(self, instances):
+        return None
+
+
+async def test_the_coordinators_listing_shows_drained_and_unreachable_instances_unhealthy_as_dbgpts_does():
+    """The embedded registry's feed carries each entry's own state; the
+    coordinator's own listing (cluster.instances(), RayWorkerManager) says
+    what the registry's HTTP listing says to DB-GPT's servers."""
+    config = CoordinatorConfig.model_validate({"registries": [{"kind": "static", "name": "a", "instances": []}]})
+    v = FleetView(config, Proxies(), registries=Registries())
+    v.absorb("a", Snapshot("e", 1, tuple(ModelInstance(model_name="m@llm", host="h", port=p, healthy=True)
+                                         for p in (1, 2, 3))))
+    v.drain([("m@llm", "h", 2)])
+    v.report_probe(Endpoint("h", 3), probe(False))
+    assert [i.port for i in v.select("m", "llm", healthy_only=True)] == [1]
+    assert [(i.port, i.healthy) for i in v.select("m", "llm", healthy_only=False)] == [(1, True), (2, False), (3, False)]
+    v.undrain([("m@llm", "h", 2)])
+    assert [i.port for i in v.select("m", "llm", healthy_only=True)] == [1, 2]
+
+
+async def test_a_registry_that_starts_over_is_told_at_once_what_is_drained():
+    """Its word is not saved: a restarted registry (a new snapshot) hears it
+    again at once, not at the next resync."""
+    registries = Registries()
+    config = CoordinatorConfig.model_validate({"registries": [{"kind": "static", "name": "a", "instances": []}]})
+    v = FleetView(config, Proxies(), registries=registries)
+    instance = ModelInstance(model_name="m@llm", host="h", port=1, healthy=True)
+    v.absorb("a", Snapshot("e", 1, (instance,)))
+    assert registries.told == [(frozenset(), frozenset())]  # the first word goes out, empty or not
+    v.drain([("m@llm", "h", 1)])
+    assert registries.told[-1][1] == {("m@llm", "h", 1)}
+    told = len(registries.told)
+    v.absorb("a", Snapshot("restarted", 1, (instance,)))
+    assert len(registries.told) == told + 1 and registries.told[-1][1] == {("m@llm", "h", 1)}

@@ -202,7 +202,8 @@ CALLER = {"section": "caller.flow", "who": "tenant 'batch'", "where": " in this 
     ("deadline", 29.96, GATEWAY,
      "m: no place freed within 30.0 s of waiting (gateway.flow.max_wait 30 s); try again shortly"),
     ("tenant_limit", 0, GATEWAY,
-     "this key's tenant already has 5 requests waiting, its limit (gateway.flow max_queued); try again shortly"),
+     "this key's tenant already has 5 requests waiting, its limit (the max_queued of 'batch' in "
+     "gateway.flow.tenants); try again shortly"),
     ("displaced", 0.4, GATEWAY,
      "m: the queue is full (gateway.flow.max_queued 8) and this request gave its place to one of a higher "
      "priority or of a tenant with less of the queue; try again shortly"),
@@ -211,8 +212,8 @@ CALLER = {"section": "caller.flow", "who": "tenant 'batch'", "where": " in this 
     ("deadline", 29.96, CALLER,
      "m: no place freed within 30.0 s of waiting (caller.flow.max_wait 30 s); try again in 2 s"),
     ("tenant_limit", 0, CALLER,
-     "tenant 'batch' already has 5 requests waiting in this process, its limit (caller.flow max_queued); "
-     "try again in 2 s"),
+     "tenant 'batch' already has 5 requests waiting in this process, its limit (the max_queued of 'batch' in "
+     "caller.flow.tenants); try again in 2 s"),
     ("displaced", 0.4, CALLER,
      "m: the queue is full (caller.flow.max_queued 8) and this request gave its place to one of a higher "
      "priority or of a tenant with less of the queue; try again in 2 s"),
@@ -225,6 +226,14 @@ def test_a_refusal_says_why_in_the_words_of_its_caller(reason, waited, wording, 
                         tenants=[{"name": "batch", "max_queued": 5}])
     refused = FlowRefused(FlowRequest(1, "batch", "m", 0, 1.0, FAR), reason, waited)
     assert refusal_message(refused, flow, **wording) == sentence
+
+
+def test_a_tenant_not_listed_is_pointed_at_the_default_share():
+    flow = FlowSettings(capacity=2, default={"max_queued": 3})
+    refused = FlowRefused(FlowRequest(1, "someone", "m", 0, 1.0, FAR), "tenant_limit", 0)
+    assert refusal_message(refused, flow, **GATEWAY) == (
+        "this key's tenant already has 3 requests waiting, its limit (gateway.flow.default.max_queued); "
+        "try again shortly")
 
 
 def test_every_reason_of_refusal_has_its_own_sentence():

@@ -386,8 +386,8 @@ async def running(proxies: FakeProxies | None = None, metrics: Any = None, **set
         run.cancel()
 
 
-async def eventually(condition, what: str = "") -> None:
-    deadline = asyncio.get_running_loop().time() + 5
+async def eventually(condition, what: str = "", timeout: float = 5) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
     while not condition():
         assert asyncio.get_running_loop().time() < deadline, what
         await asyncio.sleep(0.01)
@@ -774,7 +774,7 @@ async def test_a_request_held_for_a_model_at_zero_is_decided_on_at_once():
     await eventually(lambda: svc.keeper.wanted_from_zero(["m@llm"]), "the deployment sampled at zero")
     svc.report_load("driver", 1, {}, applied=svc.view.routes.position, queued={"m@llm": 1})
     # Decided in the report's own call: no sample in between.
-    assert not svc.keeper.wanted_from_zero(["m@llm"])
+    assert svc.keeper.status("m@llm").replicas == 1
     [status] = await svc.deployments()
     assert any(e.action == "autoscale" and "0 -> 1" in e.message for e in status.events)
     run.cancel()
@@ -799,9 +799,41 @@ async def test_a_caller_asking_whether_to_hold_a_request_for_a_model_at_zero_sta
     await eventually(lambda: svc.keeper.wanted_from_zero(["m@llm"]), "the deployment sampled at zero")
     assert svc.hold_for("n@llm") == 0 and svc.hold_for("x@llm") == 0  # not autoscaled, not deployed: no hold
     assert svc.hold_for("m@llm") == 30
-    assert not svc.keeper.wanted_from_zero(["m@llm"])  # decided in the question's own call
+    assert svc.keeper.status("m@llm").replicas == 1  # decided in the question's own call
     statuses = {s.key: s for s in await svc.deployments()}
     assert statuses["m@llm"].replicas == 1 and statuses["n@llm"].replicas == 0
+    run.cancel()
+
+
+async def test_a_burst_for_a_model_at_zero_gets_its_count_not_one_replica_and_a_delay():
+    """The first request's question takes the count to one; the burst behind
+    it, reported while that replica starts, takes it to what it asks without
+    the upscale delay (60 s here: never within the test's 10 s)."""
+    from coordinator.core.autoscale import Autoscale
+    from coordinator.core.deployments import Deployment
+
+    config = CoordinatorConfig.model_validate(
+        {"registries": [{"kind": "static", "name": "a", "instances": []}], "long_poll_timeout": 0.2})
+    watchers, proxies = FakeWatchers(), FakeProxies()
+    svc = CoordinatorService(config, watchers, proxies, registries=FakeRegistries())
+    run = asyncio.create_task(svc.run())
+    watchers.publish("a", *(inst("WorkerManager@service", p) for p in range(1, 9)))
+    await svc.wait_for("WorkerManager", 8, "service", timeout=5)
+    started = asyncio.Event()
+
+    async def slow_start(ep, method, *args, deadline):  # the starts never finish: nothing serves
+        started.set()
+        await asyncio.Event().wait()
+
+    proxies.call = slow_start
+    policy = Autoscale(min_replicas=0, max_replicas=8, target_in_flight=3, upscale_delay_s=60,
+                       downscale_to_zero_delay_s=300)
+    await svc.deploy([Deployment(model="m", replicas=0, autoscale=policy)])
+    await eventually(lambda: svc.keeper.wanted_from_zero(["m@llm"]), "the deployment sampled at zero")
+    assert svc.hold_for("m@llm") > 0
+    assert svc.keeper.status("m@llm").replicas == 1
+    svc.report_load("driver", 1, {}, applied=svc.view.routes.position, queued={"m@llm": 20})
+    await eventually(lambda: svc.keeper.status("m@llm").replicas == 7, "20 waiting: 7 replicas", timeout=10)
     run.cancel()
 
 

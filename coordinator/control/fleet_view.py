@@ -36,7 +36,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from coordinator.core.changes import Change, ChangeLog
+from coordinator.core.changes import Change, ChangeLog, Snapshot
 from coordinator.core.config import CoordinatorConfig, WorkerAccess
 from coordinator.core.deployments import Manager, Seen
 from coordinator.core.inference import Route, route_identity
@@ -132,7 +132,9 @@ class FleetView:
         self.sources = [s.name for s in config.registries]
         self.heard: set[str] = set()  # sources whose watcher has answered once
         self.live = LiveSet(self.sources)
-        self._told: tuple[frozenset[Endpoint], frozenset[Instance]] = (frozenset(), frozenset())
+        # What the embedded registries were last told (None: nothing yet, so
+        # the first word goes out even if empty: a registry may hold an old one).
+        self._told: tuple[frozenset[Endpoint], frozenset[Instance]] | None = None
         #: Instances being drained -> how many operations drain them now.
         self._draining: dict[Instance, int] = {}
         #: Instances an operation stopped -> until when they stay out of the
@@ -160,6 +162,11 @@ class FleetView:
         """One watcher's change into the live set; proxies follow the endpoints
         it touched. Costs what the change carries."""
         self.heard.add(source)
+        if isinstance(change, Snapshot):
+            # A registry new to this watcher, or restarted: it may not know what
+            # is unreachable or draining (that word is not saved). Tell it now,
+            # not at the next resync.
+            self.tell_registries(always=True)
         absorbed = self.live.absorb(source, change)
         self._gauge_keys |= absorbed.keys
         self._reroute(absorbed.identities)
@@ -363,7 +370,16 @@ class FleetView:
         """The instances asked for, sorted; one key's instances only when the
         key is known (no scan of the fleet)."""
         live = self.live.of_key(worker_key(model, worker_type)) if model and worker_type else self.live.instances()
-        return sorted(filter_instances(live, model, worker_type, healthy_only, self.unreachable()),
+        draining = self._draining
+
+        def shown(i: ModelInstance) -> ModelInstance:
+            # As the embedded registry lists it to DB-GPT's servers: unhealthy
+            # while drained or found unreachable (its feed here has its own state).
+            if i.healthy and (i.endpoint in self._down or i.identity in draining):
+                return i.model_copy(update={"healthy": False})
+            return i
+
+        return sorted(filter_instances(map(shown, live), model, worker_type, healthy_only, self.unreachable()),
                       key=lambda i: i.identity)
 
     def observe(self, key: str) -> tuple[list[Seen], list[Manager]]:

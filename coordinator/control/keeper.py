@@ -389,11 +389,13 @@ class Keeper:
 
     def wanted_from_zero(self, keys: Iterable[str]) -> bool:
         """Whether any of ``keys`` (models with requests waiting) is a
-        deployment that scales from zero and is at zero now: its first request
-        is worth a decision at once, not at the next second's sample."""
+        deployment that scales from zero and has no replica serving now (at
+        zero, or its first ones still starting): its requests are worth a
+        decision at once, not at the next second's sample."""
         for key in keys:
             state = self._scale.get(key)
-            if self.hold_for(key) > 0 and state is not None and state.replicas == 0:
+            if self.hold_for(key) > 0 and state is not None and (
+                    state.replicas == 0 or not any(s.ready for s in self._fleet.observe(key)[0])):
                 return True
         return False
 
@@ -422,7 +424,7 @@ class Keeper:
             # Managers not seen (yet) are not a reason to stop what runs.
             timed = self._startups.get(key)
             after = next_replicas(policy, before, load.get(key, 0.0), now, max(placeable, ready),
-                                  statistics.median(timed) if timed else None)
+                                  statistics.median(timed) if timed else None, ready)
             self._scale[key] = after
             if after.replicas != before.replicas:
                 changed = True
@@ -596,8 +598,11 @@ class Keeper:
         ep = action.endpoint
         began = self._clock()
         out = await self._fleet.start(ep, spec)
-        if out.success:  # a cold start, timed (a fallback's apply start is not one)
-            self._startups.setdefault(key, deque(maxlen=STARTS_TIMED)).append(self._clock() - began)
+        took = self._clock() - began
+        # A cold start, timed (a fallback's apply start is not one); a clock
+        # that stepped meanwhile says nothing.
+        if out.success and 0 <= took <= self._startup_timeout:
+            self._startups.setdefault(key, deque(maxlen=STARTS_TIMED)).append(took)
         then = None
         if not out.success and any(s.endpoint == ep for s in view.instances):
             # Listed there but not ready: a worker manager that holds the model

@@ -27,7 +27,9 @@ downscale during upscale, kubeai #67 flapping 0↔1):
   three steps back up 15 s later);
 - **to zero** only after no request at all for ``downscale_to_zero_delay_s``,
   and **from zero** at once: a request waiting for a model with no replica is
-  demand that cannot wait for a delay (the cold start is long enough);
+  demand that cannot wait for a delay (the cold start is long enough); so is
+  more of it while none of the replicas serves yet (a burst from zero gets
+  its count, not one replica and the rest a delay later);
 - bounded by ``min_replicas``/``max_replicas`` and by the worker managers
   available (never a count that cannot be placed).
 """
@@ -46,6 +48,10 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, 
 DOWN_BAND = 0.8
 #: Seconds of samples the load's trend (its least-squares slope) is taken over.
 TREND_S = 10.0
+#: Seconds a slope's samples must span: samples milliseconds apart (a decision
+#: a caller's report or question asked for, beside the once-a-second one) say
+#: nothing of a trend.
+MIN_SPAN_S = 2.0
 #: Seconds of its last samples a scale-down goes by: the most they asked for.
 #: Not the whole delay's: a sharp drop's first samples, while callers finish
 #: what they started, ask for more than the load that stays (measured: a
@@ -104,6 +110,9 @@ class ScaleState:
     busy_at: float | None = None
     #: The last ``TREND_S`` of (time, load) samples: the load's trend.
     trend: tuple[tuple[float, float], ...] = ()
+    #: The slope (load per second) the last change went ahead of the load by;
+    #: 0: it went to the load seen.
+    rising: float = 0.0
 
 
 def horizon(policy: Autoscale, measured: float | None = None) -> float:
@@ -123,8 +132,8 @@ def wanted(policy: Autoscale, load: float) -> tuple[int, int]:
 
 def slope(samples: tuple[tuple[float, float], ...]) -> float:
     """Load per second: the least-squares slope of (time, load) samples (0
-    for fewer than three, or all at one time)."""
-    if len(samples) < 3:
+    for fewer than three, or spanning less than MIN_SPAN_S)."""
+    if len(samples) < 3 or samples[-1][0] - samples[0][0] < MIN_SPAN_S:
         return 0.0
     mean_t = sum(t for t, _ in samples) / len(samples)
     mean_l = sum(x for _, x in samples) / len(samples)
@@ -134,18 +143,27 @@ def slope(samples: tuple[tuple[float, float], ...]) -> float:
     return sum((t - mean_t) * (x - mean_l) for t, x in samples) / spread
 
 
+def sustained(samples: tuple[tuple[float, float], ...]) -> float:
+    """The slope of ``samples`` that their later half keeps up (the smaller of
+    the two): a step that reached the callers' reports over two or three
+    samples rises steeply across them, then not at all — no ramp to project."""
+    return min(slope(samples), slope(samples[len(samples) // 2:]))
+
+
 def ahead(load: float, rate: float, seconds: float) -> float:
     """The load ``seconds`` on if it keeps rising at ``rate`` (a falling load: as it is)."""
     return load + max(rate, 0.0) * seconds
 
 
 def next_replicas(policy: Autoscale, state: ScaleState, load: float, now: float,
-                  placeable: int | None = None, startup_s: float | None = None) -> ScaleState:
+                  placeable: int | None = None, startup_s: float | None = None,
+                  ready: int | None = None) -> ScaleState:
     """The state after one load sample; its ``replicas`` is the count wanted now.
 
     ``load``: requests in flight plus waiting for the model, over every caller;
     ``placeable``: the most replicas the worker managers can hold (None: no bound);
-    ``startup_s``: how long the model's starts were seen to take (for a policy without one)."""
+    ``startup_s``: how long the model's starts were seen to take (for a policy without one);
+    ``ready``: its replicas serving (None: not known)."""
     # The managers available bound a scale-up, never what runs: an outage of
     # some managers must not cut the count (their instances are waited for,
     # and stopped if the count dropped, when they come back).
@@ -164,7 +182,12 @@ def next_replicas(policy: Autoscale, state: ScaleState, load: float, now: float,
     state = replace(state, replicas=current, busy_at=busy_at, trend=trend)
 
     if current == 0:  # from zero: at once, for any demand
-        return replace(state, replicas=max(up, 1 if load > 0 and ceiling else 0), up_since=None, down_since=None)
+        return replace(state, replicas=max(up, 1 if load > 0 and ceiling else 0), up_since=None, down_since=None,
+                       rising=0.0)
+    if ready == 0 and up > current:
+        # Nothing serves yet (a start from zero under way, say, with the rest
+        # of a burst arriving): every request waits, no delay proves anything.
+        return ScaleState(replicas=up, busy_at=busy_at, trend=trend)
 
     if up > current:
         since = now if state.up_since is None else state.up_since
@@ -173,9 +196,10 @@ def next_replicas(policy: Autoscale, state: ScaleState, load: float, now: float,
             # Sized for the load when a next scale-up could be serving, if the
             # load keeps rising as it has while it asked: one step for a ramp,
             # not one a window (and a step, flat since, is not taken for a ramp).
-            rising = slope(tuple((t, x) for t, x in trend if t >= since))
-            projected = wanted(policy, ahead(load, rising, horizon(policy, startup_s)))[0]
-            return ScaleState(replicas=min(max(most, projected), ceiling), busy_at=busy_at, trend=trend)
+            rising = sustained(tuple((t, x) for t, x in trend if t >= since))
+            projected = min(wanted(policy, ahead(load, rising, horizon(policy, startup_s)))[0], ceiling)
+            return ScaleState(replicas=max(most, projected), busy_at=busy_at, trend=trend,
+                              rising=rising if projected > most else 0.0)
         return replace(state, up_since=since, up_to=most, down_since=None, asked=())
 
     if down < current:
@@ -198,6 +222,5 @@ def next_replicas(policy: Autoscale, state: ScaleState, load: float, now: float,
 
 def why(policy: Autoscale, before: ScaleState, after: ScaleState, load: float) -> str:
     """What asked for the change from ``before`` to ``after``, for its event."""
-    rate = slope(after.trend)
-    trend = f", rising {rate:.2g}/s" if after.replicas > before.replicas and rate > 0 else ""
+    trend = f", rising {after.rising:.2g}/s" if after.replicas > before.replicas and after.rising > 0 else ""
     return f"{load:g} in flight{trend}, {policy.target_in_flight:g} per replica wanted"

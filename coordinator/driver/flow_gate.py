@@ -60,8 +60,11 @@ def refusal_message(refused: FlowRefused, flow: FlowSettings, *, section: str, w
         return (f"{model}: no place freed within {refused.waited:.1f} s of waiting ({section}.max_wait "
                 f"{flow.max_wait:g} s); {retry}")
     if refused.reason == "tenant_limit":
-        limit = flow.share(refused.request.tenant).max_queued
-        return f"{who} already has {limit} requests waiting{where}, its limit ({section} max_queued); {retry}"
+        tenant = refused.request.tenant
+        limit = flow.share(tenant).max_queued
+        setting = (f"the max_queued of {tenant!r} in {section}.tenants" if any(t.name == tenant for t in flow.tenants)
+                   else f"{section}.default.max_queued")
+        return f"{who} already has {limit} requests waiting{where}, its limit ({setting}); {retry}"
     if refused.reason == "displaced":
         return (f"{model}: the queue is full ({section}.max_queued {flow.max_queued}) and this request gave its "
                 f"place to one of a higher priority or of a tenant with less of the queue; {retry}")
