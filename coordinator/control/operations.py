@@ -23,6 +23,12 @@
 
 It reads and updates the fleet's view (:class:`FleetView`) and calls proxies
 through the :class:`ProxyLink`; it owns no other state.
+
+Why this module is long: the five above are one mechanism — a turn holds the
+instances it operates on, drains them, fans the calls out and tells the
+keeper what it left behind — and each part reads the others' bookkeeping
+(the operating marks, the drain's note on every output, the deadline it
+leaves). Split into modules they would pass that state back and forth.
 """
 
 from __future__ import annotations
