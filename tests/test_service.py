@@ -756,10 +756,9 @@ async def test_a_restarted_coordinators_drains_wait_to_hear_from_the_callers_fir
         run.cancel()
 
 
-async def test_a_request_held_for_a_model_at_zero_is_decided_on_at_once():
-    """Not at the autoscaler's next once-a-second sample: the report that
-    says a request waits for a model at zero sets its count to one itself."""
-    from coordinator.core.autoscale import Autoscale
+async def at_zero(policy, *also, managers: int = 1):
+    """A service with ``managers`` worker managers and model ``m`` deployed
+    with ``policy`` (and the deployments ``also``), sampled at zero."""
     from coordinator.core.deployments import Deployment
 
     config = CoordinatorConfig.model_validate(
@@ -767,11 +766,20 @@ async def test_a_request_held_for_a_model_at_zero_is_decided_on_at_once():
     watchers, proxies = FakeWatchers(), FakeProxies()
     svc = CoordinatorService(config, watchers, proxies, registries=FakeRegistries())
     run = asyncio.create_task(svc.run())
-    watchers.publish("a", inst("WorkerManager@service", 1))
-    await svc.wait_for("WorkerManager", 1, "service", timeout=5)
-    policy = Autoscale(min_replicas=0, max_replicas=2, target_in_flight=1, downscale_to_zero_delay_s=60)
-    await svc.deploy([Deployment(model="m", replicas=0, autoscale=policy)])
+    watchers.publish("a", *(inst("WorkerManager@service", p) for p in range(1, managers + 1)))
+    await svc.wait_for("WorkerManager", managers, "service", timeout=5)
+    await svc.deploy([Deployment(model="m", replicas=0, autoscale=policy), *also])
     await eventually(lambda: svc.keeper.wanted_from_zero(["m@llm"]), "the deployment sampled at zero")
+    return svc, proxies, run
+
+
+async def test_a_request_held_for_a_model_at_zero_is_decided_on_at_once():
+    """Not at the autoscaler's next once-a-second sample: the report that
+    says a request waits for a model at zero sets its count to one itself."""
+    from coordinator.core.autoscale import Autoscale
+
+    svc, _, run = await at_zero(Autoscale(min_replicas=0, max_replicas=2, target_in_flight=1,
+                                          downscale_to_zero_delay_s=60))
     svc.report_load("driver", 1, {}, applied=svc.view.routes.position, queued={"m@llm": 1})
     # Decided in the report's own call: no sample in between.
     assert svc.keeper.status("m@llm").replicas == 1
@@ -786,17 +794,9 @@ async def test_a_caller_asking_whether_to_hold_a_request_for_a_model_at_zero_sta
     from coordinator.core.autoscale import Autoscale
     from coordinator.core.deployments import Deployment
 
-    config = CoordinatorConfig.model_validate(
-        {"registries": [{"kind": "static", "name": "a", "instances": []}], "long_poll_timeout": 0.2})
-    watchers, proxies = FakeWatchers(), FakeProxies()
-    svc = CoordinatorService(config, watchers, proxies, registries=FakeRegistries())
-    run = asyncio.create_task(svc.run())
-    watchers.publish("a", inst("WorkerManager@service", 1))
-    await svc.wait_for("WorkerManager", 1, "service", timeout=5)
-    policy = Autoscale(min_replicas=0, max_replicas=2, target_in_flight=1, downscale_to_zero_delay_s=60,
-                       from_zero_timeout_s=30)
-    await svc.deploy([Deployment(model="m", replicas=0, autoscale=policy), Deployment(model="n", replicas=0)])
-    await eventually(lambda: svc.keeper.wanted_from_zero(["m@llm"]), "the deployment sampled at zero")
+    svc, _, run = await at_zero(Autoscale(min_replicas=0, max_replicas=2, target_in_flight=1,
+                                          downscale_to_zero_delay_s=60, from_zero_timeout_s=30),
+                                Deployment(model="n", replicas=0))
     assert svc.hold_for("n@llm") == 0 and svc.hold_for("x@llm") == 0  # not autoscaled, not deployed: no hold
     assert svc.hold_for("m@llm") == 30
     assert svc.keeper.status("m@llm").replicas == 1  # decided in the question's own call
@@ -810,26 +810,14 @@ async def test_a_burst_for_a_model_at_zero_gets_its_count_not_one_replica_and_a_
     it, reported while that replica starts, takes it to what it asks without
     the upscale delay (60 s here: never within the test's 10 s)."""
     from coordinator.core.autoscale import Autoscale
-    from coordinator.core.deployments import Deployment
 
-    config = CoordinatorConfig.model_validate(
-        {"registries": [{"kind": "static", "name": "a", "instances": []}], "long_poll_timeout": 0.2})
-    watchers, proxies = FakeWatchers(), FakeProxies()
-    svc = CoordinatorService(config, watchers, proxies, registries=FakeRegistries())
-    run = asyncio.create_task(svc.run())
-    watchers.publish("a", *(inst("WorkerManager@service", p) for p in range(1, 9)))
-    await svc.wait_for("WorkerManager", 8, "service", timeout=5)
-    started = asyncio.Event()
+    svc, proxies, run = await at_zero(Autoscale(min_replicas=0, max_replicas=8, target_in_flight=3,
+                                                upscale_delay_s=60, downscale_to_zero_delay_s=300), managers=8)
 
-    async def slow_start(ep, method, *args, deadline):  # the starts never finish: nothing serves
-        started.set()
+    async def never_done(ep, method, *args, deadline):  # the starts never finish: nothing serves
         await asyncio.Event().wait()
 
-    proxies.call = slow_start
-    policy = Autoscale(min_replicas=0, max_replicas=8, target_in_flight=3, upscale_delay_s=60,
-                       downscale_to_zero_delay_s=300)
-    await svc.deploy([Deployment(model="m", replicas=0, autoscale=policy)])
-    await eventually(lambda: svc.keeper.wanted_from_zero(["m@llm"]), "the deployment sampled at zero")
+    proxies.call = never_done
     assert svc.hold_for("m@llm") > 0
     assert svc.keeper.status("m@llm").replicas == 1
     svc.report_load("driver", 1, {}, applied=svc.view.routes.position, queued={"m@llm": 20})
