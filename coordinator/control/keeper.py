@@ -181,6 +181,8 @@ class Keeper:
         #: Seconds the last starts of each deployment took, up to STARTS_TIMED
         #: (an autoscale policy without ``startup_s`` looks that far ahead).
         self._startups: dict[str, deque[float]] = {}
+        #: Each autoscaled deployment's replicas serving at its last sample.
+        self._ready: dict[str, int] = {}
 
     # ---- the desired state ----------------------------------------------
 
@@ -255,7 +257,7 @@ class Keeper:
         last = self.status(key)
         await self._commit(lambda records: {key: None})
         for soft in (self._backoff, self._last_error, self._events, self._stopped, self._recheck, self._shown,
-                     self._scale, self._startups):
+                     self._scale, self._startups, self._ready):
             soft.pop(key, None)
         self._metrics.deployment(key, 0, 0, False, present=False)
         return last
@@ -394,8 +396,9 @@ class Keeper:
         decision at once, not at the next second's sample."""
         for key in keys:
             state = self._scale.get(key)
-            if self.hold_for(key) > 0 and state is not None and (
-                    state.replicas == 0 or not any(s.ready for s in self._fleet.observe(key)[0])):
+            # Its replicas serving as of the last sample (a report's question
+            # must not cost a look over the fleet).
+            if self.hold_for(key) > 0 and state is not None and (state.replicas == 0 or not self._ready.get(key)):
                 return True
         return False
 
@@ -412,11 +415,12 @@ class Keeper:
             policy = held.spec.autoscale
             if policy is None:
                 self._scale.pop(key, None)
+                self._ready.pop(key, None)
                 continue
             instances, managers = self._fleet.observe(key)
             allowed = held.spec.allowed
             placeable = sum(1 for m in managers if m.eligible and (allowed is None or m.endpoint in allowed))
-            ready = sum(1 for s in instances if s.ready)
+            ready = self._ready[key] = sum(1 for s in instances if s.ready)
             # First sample (a new deployment, or a coordinator that restarted):
             # from what runs, so a restart does not reset the count to ``replicas``.
             before = self._scale.get(key) or ScaleState(
