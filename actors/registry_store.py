@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 
 from coordinator.core.changes import ChangeLog, identity
-from coordinator.core.liveset import screen_entries
+from coordinator.core.liveset import as_listed, screen_entries
 from coordinator.core.models import ModelInstance
 
 Identity = tuple[str, str, int]
@@ -237,9 +237,7 @@ class RegistryStore:
     def _listed(self, inst: ModelInstance) -> ModelInstance:
         """How an entry is listed: unhealthy while its endpoint is found
         unreachable, or while it is being drained."""
-        if inst.healthy and ((inst.host, inst.port) in self._down or identity(inst) in self._draining):
-            return inst.model_copy(update={"healthy": False})
-        return inst
+        return as_listed(inst, self._down, self._draining)
 
     def _beat(self, ident: Identity, inst: ModelInstance, beat: float) -> None:
         self._beats[ident] = beat

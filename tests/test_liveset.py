@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from coordinator.core.changes import ChangeLog, identity
 from coordinator.core.liveset import (
     LiveSet,
+    as_listed,
     apply_targets,
     filter_instances,
     manager_endpoints,
@@ -95,10 +96,13 @@ def test_supports_goes_to_healthy_worker_managers_only():
     assert manager_endpoints(live, healthy_only=False) == [Endpoint("h", 1), Endpoint("h", 2)]
 
 
-def test_healthy_means_registry_healthy_and_not_found_unreachable():
+def test_healthy_means_registry_healthy_and_not_found_unreachable_or_drained():
     live = [inst("m@llm", 1), inst("m@llm", 2), inst("m@llm", 3, healthy=False)]
-    found = filter_instances(live, "m", "llm", healthy_only=True, unreachable=frozenset({Endpoint("h", 2)}))
+    shown = [as_listed(i, {Endpoint("h", 2)}, set()) for i in live]
+    found = filter_instances(shown, "m", "llm", healthy_only=True)
     assert [i.port for i in found] == [1]
+    assert live[1].healthy  # the entry's own state is left as it is
+    assert not as_listed(inst("m@llm", 4), set(), {("m@llm", "h", 4)}).healthy  # drained
     assert len(filter_instances(live, "m", None, healthy_only=False)) == 3
     assert filter_instances(live, "m", "text2vec", healthy_only=False) == []
 

@@ -40,7 +40,7 @@ from coordinator.core.changes import Change, ChangeLog, Snapshot
 from coordinator.core.config import CoordinatorConfig, WorkerAccess
 from coordinator.core.deployments import Manager, Seen
 from coordinator.core.inference import Route, route_identity
-from coordinator.core.liveset import LiveSet, filter_instances
+from coordinator.core.liveset import LiveSet, as_listed, filter_instances
 from coordinator.core.load import Instance, LoadBook
 from coordinator.plumbing.metrics import Metrics, live_counts
 from coordinator.core.models import WORKER_MANAGER_KEY, Endpoint, ModelInstance, parse_worker_key, worker_key
@@ -370,17 +370,10 @@ class FleetView:
         """The instances asked for, sorted; one key's instances only when the
         key is known (no scan of the fleet)."""
         live = self.live.of_key(worker_key(model, worker_type)) if model and worker_type else self.live.instances()
-        draining = self._draining
-
-        def shown(i: ModelInstance) -> ModelInstance:
-            # As the embedded registry lists it to DB-GPT's servers: unhealthy
-            # while drained or found unreachable (its feed here has its own state).
-            if i.healthy and (i.endpoint in self._down or i.identity in draining):
-                return i.model_copy(update={"healthy": False})
-            return i
-
-        return sorted(filter_instances(map(shown, live), model, worker_type, healthy_only, self.unreachable()),
-                      key=lambda i: i.identity)
+        # As the embedded registry lists them to DB-GPT's servers (its feed
+        # here carries each entry's own state).
+        shown = (as_listed(i, self._down, self._draining) for i in live)
+        return sorted(filter_instances(shown, model, worker_type, healthy_only), key=lambda i: i.identity)
 
     def observe(self, key: str) -> tuple[list[Seen], list[Manager]]:
         """A deployment's view: its model's instances (with the probes' verdict,

@@ -178,7 +178,6 @@ def next_replicas(policy: Autoscale, state: ScaleState, load: float, now: float,
     up = min(max(up, floor), ceiling)
     down = min(max(down, floor), ceiling)
     trend = (*((t, x) for t, x in state.trend if now - t < TREND_S), (now, load))
-    rate = slope(trend)
     state = replace(state, replicas=current, busy_at=busy_at, trend=trend)
 
     if current == 0:  # from zero: at once, for any demand
@@ -212,7 +211,7 @@ def next_replicas(policy: Autoscale, state: ScaleState, load: float, now: float,
                 target = 1  # not idle long enough for zero: one stays
         # A load on its way back up would ask for the count again before a
         # scale-up could bring it: wait (the window stays; the next sample may act).
-        turning = wanted(policy, ahead(load, rate, horizon(policy, startup_s)))[0] > target
+        turning = wanted(policy, ahead(load, slope(trend), horizon(policy, startup_s)))[0] > target
         if target < current and now - since >= policy.downscale_delay_s and not turning:
             return ScaleState(replicas=target, busy_at=busy_at, trend=trend)
         return replace(state, down_since=since, asked=asked, up_since=None, up_to=0)

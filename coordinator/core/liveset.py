@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import NamedTuple
 
@@ -125,15 +125,23 @@ def manager_endpoints(
     )
 
 
+def as_listed(inst: ModelInstance, down: Container[tuple[str, int]],
+              draining: Container[tuple[str, str, int]]) -> ModelInstance:
+    """``inst`` as the embedded registry lists it to DB-GPT's servers: unhealthy
+    while its endpoint is found unreachable (``down``) or it is being drained,
+    whatever its own state says."""
+    if inst.healthy and (inst.endpoint in down or inst.identity in draining):
+        return inst.model_copy(update={"healthy": False})
+    return inst
+
+
 def filter_instances(
     instances: Iterable[ModelInstance],
     model: str | None = None,
     worker_type: str | None = None,
     healthy_only: bool = True,
-    unreachable: frozenset[Endpoint] = frozenset(),
 ) -> list[ModelInstance]:
-    """The instances a caller asked for. An instance counts as healthy when its
-    registry says so *and* its proxy has not found the endpoint unreachable."""
+    """The instances a caller asked for (healthy as listed: see :func:`as_listed`)."""
     out = []
     for inst in instances:
         name, _, wtype = inst.model_name.rpartition("@")
@@ -141,7 +149,7 @@ def filter_instances(
             continue
         if worker_type is not None and wtype != worker_type:
             continue
-        if healthy_only and not (inst.healthy and inst.endpoint not in unreachable):
+        if healthy_only and not inst.healthy:
             continue
         out.append(inst)
     return out
